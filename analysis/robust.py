@@ -1,0 +1,133 @@
+"""Robust defaults: the defense config that is good across victims, judged honestly.
+
+Selection rule: among trials that meet the study's clean-accuracy constraint on every victim,
+take the one with the best aggregate (worst case by default) of the objective metric across
+victims; ties go to the better mean.
+
+Honest evidence: the chosen config was tuned on the very victims whose metrics the study shows,
+so those figures are in-sample. For each victim group (each attack, each seed, each
+architecture, each dataset that has at least two values), the rule is re-run on the other
+groups' victims only, and the config it picks is reported on the held-out group: figures of a
+config that never saw that attack (or seed, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bdx_study.defense import DefenseConfig
+from bdx_study.metrics import HIGHER_IS_BETTER
+from bdx_study.space import StudySpec
+from bdx_study.tables import StudyTables
+
+GROUP_COLUMNS = ("attack", "victim_seed", "architecture", "dataset")
+
+
+@dataclass
+class Selection:
+    trial_id: str
+    score: float  # the aggregate objective on the victims it was selected on
+    mean: float
+    feasible: bool
+
+
+@dataclass
+class RobustDefaults:
+    objective: str  # per-victim metric name
+    aggregate: str  # worst | mean
+    max_clean_acc_drop: float | None
+    chosen: Selection
+    config: dict[str, Any]  # the full DefenseConfig of the chosen trial
+    per_victim: pd.DataFrame  # the chosen trial's rows (in-sample)
+    leaderboard: pd.DataFrame  # one row per trial
+    held_out: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_trials(study_dir: Path) -> pd.DataFrame:
+    return StudyTables(study_dir).read("trials").to_pandas()
+
+
+def _per_trial(df: pd.DataFrame, metric: str, aggregate: str, max_drop: float | None) -> pd.DataFrame:
+    higher = metric in HIGHER_IS_BETTER
+    g = df.groupby("trial_id")
+    worst = g[metric].min() if higher else g[metric].max()
+    out = pd.DataFrame({
+        "worst": worst,
+        "mean": g[metric].mean(),
+        "worst_clean_acc_drop": g["clean_acc_drop"].max(),
+        "victims": g.size(),
+    })
+    out["score"] = out["worst"] if aggregate == "worst" else out["mean"]
+    out["feasible"] = True if max_drop is None else out["worst_clean_acc_drop"] <= max_drop + 1e-12
+    return out
+
+
+def select(df: pd.DataFrame, metric: str, aggregate: str, max_drop: float | None) -> tuple[Selection, pd.DataFrame]:
+    """Apply the selection rule to the rows ``df`` (trial x victim) and return the pick."""
+    board = _per_trial(df.dropna(subset=[metric]), metric, aggregate, max_drop)
+    if board.empty:
+        raise ValueError(f"no trial has a defined {metric} (are all victims clean?)")
+    higher = metric in HIGHER_IS_BETTER
+    sign = 1 if higher else -1
+    board = board.assign(_key=sign * board["score"], _key2=sign * board["mean"])
+    pool = board[board["feasible"]] if board["feasible"].any() else board
+    best = pool.sort_values(["_key", "_key2"], ascending=False).index[0]
+    row = board.loc[best]
+    board = board.drop(columns=["_key", "_key2"]).sort_values("score", ascending=not higher)
+    return Selection(str(best), float(row["score"]), float(row["mean"]), bool(row["feasible"])), board
+
+
+def robust_defaults(study_dir: Path, spec: StudySpec) -> RobustDefaults:
+    df = load_trials(study_dir)
+    obj = spec.search.objective
+    max_drop = spec.search.constraint.max_clean_acc_drop
+    chosen, board = select(df, obj.metric, obj.aggregate, max_drop)
+    rows = df[df["trial_id"] == chosen.trial_id]
+    config = {k: rows.iloc[0][k] for k in DefenseConfig.model_fields if k in rows.columns}
+    config = DefenseConfig.model_validate(_restore_types(config)).model_dump(mode="json")
+
+    held_out = []
+    for col in GROUP_COLUMNS:
+        values = sorted(df[col].dropna().unique().tolist())
+        if len(values) < 2:
+            continue
+        for v in values:
+            train, test = df[df[col] != v], df[df[col] == v]
+            try:
+                pick, _ = select(train, obj.metric, obj.aggregate, max_drop)
+            except ValueError:
+                continue
+            test_rows = test[test["trial_id"] == pick.trial_id]
+            vals = test_rows[obj.metric].dropna()
+            if vals.empty:
+                continue
+            higher = obj.metric in HIGHER_IS_BETTER
+            held_out.append({
+                "held_out": f"{col}={v}",
+                "picked_trial": pick.trial_id,
+                "tuned_on_score": pick.score,
+                f"held_out_worst_{obj.metric}": float(vals.min() if higher else vals.max()),
+                f"held_out_mean_{obj.metric}": float(vals.mean()),
+                "held_out_worst_clean_acc_drop": float(test_rows["clean_acc_drop"].max()),
+                "held_out_victims": int(len(test_rows)),
+            })
+    return RobustDefaults(obj.metric, obj.aggregate, max_drop, chosen, config, rows, board, held_out)
+
+
+def _restore_types(config: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, str) and v.startswith("["):
+            v = [int(x) for x in v.strip("[]").split(",") if x.strip()]
+        elif isinstance(v, float) and math.isnan(v):
+            v = None
+        elif isinstance(v, np.generic):
+            v = v.item()
+        out[k] = v
+    return out

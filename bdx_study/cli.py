@@ -1,0 +1,232 @@
+"""The ``bdx-study`` command line: the top of the flow.
+
+search_spaces/*.yaml --launch--> trials on Ray (bdx_study.trials) --> MLflow + Parquet
+                     --analyze--> robust defaults + recipe (bdx_study.analysis)
+                     --export--> detector bundle --detect--> per-input flags
+
+The library modules never import trials or analysis; only this CLI ties them together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bdx_study.space import SpaceError, StudySpec, builtin_space, load_space
+
+
+def _space_path(arg: str | None) -> Path:
+    return Path(arg) if arg else builtin_space("quickstart")
+
+
+def _load(arg: str | None) -> tuple[StudySpec, Path]:
+    path = _space_path(arg)
+    return load_space(path), path
+
+
+def _study_dir(spec: StudySpec) -> Path:
+    return spec.storage_root() / "studies" / spec.study.name
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    spec, path = _load(args.space)
+    victims = spec.victim_configs()
+    print(f"{path}: OK: study {spec.study.name!r}, {len(victims)} victim(s), {spec.num_trials} trial(s), "
+          f"searching {', '.join(spec.searched) or 'nothing'}")
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    spec, path = _load(args.space)  # validated before Ray is imported
+    from bdx_study.trials.launch import launch
+
+    result = launch(spec, source=path, address=args.address, resume=args.resume)
+    return 0 if result.num_errors == 0 else 1
+
+
+def _analyze(spec: StudySpec, quiet: bool = False) -> Path:
+    from bdx_study.analysis.report import plot_params, recipe, render, write_recipe
+    from bdx_study.analysis.robust import load_trials, robust_defaults
+
+    study_dir = _study_dir(spec)
+    rd = robust_defaults(study_dir, spec)
+    out = write_recipe(recipe(rd, spec, study_dir), study_dir / "recipe.yaml")
+    plot = plot_params(load_trials(study_dir), spec, spec.search.objective.metric,
+                       study_dir / "analysis" / "objective_vs_params.png")
+    if not quiet:
+        print(render(rd, spec))
+        print(f"\nrecipe: {out}" + (f"\nplot: {plot}" if plot else ""))
+    return out
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    spec, _ = _load(args.space)
+    _analyze(spec)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    spec, _ = _load(args.space)
+    from bdx_study.analysis.export import export_detector
+
+    study_dir = _study_dir(spec)
+    out = Path(args.out) if args.out else study_dir / "detector"
+    bundle, metrics = export_detector(spec, study_dir, out, victim=args.victim,
+                                      recipe_path=Path(args.recipe) if args.recipe else None,
+                                      log_to_mlflow=not args.no_mlflow)
+    print(f"detector bundle: {bundle}")
+    keys = ["threshold", "auroc_correct_only", "tpr_at_threshold_correct_only", "fpr_at_threshold_correct_only",
+            "clean_acc_before", "clean_acc_after", "attack_success_before", "attack_success_after"]
+    print("measured on the victim's evaluation split: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys))
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from bdx_study.detector import Detector
+
+    det = Detector.load(args.detector)
+    x = np.load(args.input, allow_pickle=False)
+    result = det.detect(x)
+    records = result.records()
+    out = Path(args.output) if args.output else None
+    fmt = args.format or (out.suffix.lstrip(".") if out and out.suffix in (".csv", ".json") else "csv")
+    if fmt == "json":
+        text = json.dumps({"threshold": det.threshold, "results": records}, indent=1)
+    else:
+        text = "index,prediction,flagged,score\n" + "".join(
+            f"{r['index']},{r['prediction']},{int(r['flagged'])},{r['score']:.6g}\n" for r in records
+        )
+    if out:
+        out.write_text(text)
+        print(f"{len(records)} input(s), {int(result.flagged.sum())} flagged; written to {out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """launch (embedded quickstart study) -> analyze -> export -> detect on fresh inputs."""
+    import numpy as np
+
+    from bdx_study.analysis.export import pick_victim
+    from bdx_study.detector import Detector
+    from bdx_study.trials.launch import launch
+
+    t0 = time.perf_counter()
+    spec, path = _load(args.space)
+    resume = (_study_dir(spec) / "tune").exists()
+    result = launch(spec, source=path, resume=resume)
+    print()
+    _analyze(spec)
+    from bdx_study.analysis.export import export_detector
+
+    study_dir = _study_dir(spec)
+    bundle, _ = export_detector(spec, study_dir, study_dir / "detector")
+    print(f"\ndetector bundle: {bundle}")
+    # Use the exported detector as a user would: clean and triggered evaluation inputs as .npy files.
+    vcfg = pick_victim(spec, None)
+    splits = vcfg.data.splits(vcfg.dataset)
+    attack = vcfg.build_attack()
+    clean = splits.evaluation.x.numpy()
+    triggered = attack.apply_trigger(splits.evaluation.x[attack.counts_toward_asr(splits.evaluation.y)]).numpy()
+    det = Detector.load(bundle)
+    for name, arr in (("clean", clean), ("triggered", triggered)):
+        f = study_dir / f"demo_{name}.npy"
+        np.save(f, arr)
+        d = det.detect(np.load(f, allow_pickle=False))
+        print(f"detect {f.name}: {int(d.flagged.sum())}/{len(arr)} flagged ({d.flagged.mean():.1%}; "
+              f"target FPR {det.manifest['target_fpr']:.0%})")
+    print(f"\nquickstart finished in {time.perf_counter() - t0:.0f} s. Try:\n"
+          f"  bdx-study detect --detector {bundle} --input {study_dir / 'demo_triggered.npy'} --output flags.csv")
+    if result.experiment_id:
+        from bdx_study.trials.tracking import runs_link, ui_command
+
+        print(f"  {ui_command(result.tracking_uri)}   # then open {runs_link(result.tracking_uri, result.experiment_id)}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from bdx_study.archs import list_architectures
+    from bdx_study.attacks import list_attacks
+    from bdx_study.data import list_datasets
+    from bdx_study.defense import DefenseConfig
+
+    print("datasets:      " + ", ".join(list_datasets()))
+    print("architectures: " + ", ".join(list_architectures()))
+    print("attacks:       " + ", ".join(list_attacks()))
+    print("defense hyperparameters:")
+    for name, f in DefenseConfig.model_fields.items():
+        print(f"  {name:24s} default {f.default!r:12s} {f.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bdx-study", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def space_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--space", help="study file (YAML); default: the embedded quickstart study")
+
+    sp = sub.add_parser("launch", help="run (or --resume) a study on Ray")
+    space_arg(sp)
+    sp.add_argument("--address", help="join an existing Ray cluster at HOST:PORT (default: a local Ray)")
+    sp.add_argument("--resume", action="store_true", help="continue an interrupted study")
+    sp.set_defaults(fn=cmd_launch)
+
+    sp = sub.add_parser("validate", help="check a study file and exit")
+    space_arg(sp)
+    sp.set_defaults(fn=cmd_validate)
+
+    sp = sub.add_parser("analyze", help="pick robust defaults; print them and write recipe.yaml")
+    space_arg(sp)
+    sp.set_defaults(fn=cmd_analyze)
+
+    sp = sub.add_parser("export", help="write the detector bundle for one victim model")
+    space_arg(sp)
+    sp.add_argument("--victim", help="victim name or id (default: the first backdoored victim)")
+    sp.add_argument("--recipe", help="recipe file (default: the study's recipe.yaml)")
+    sp.add_argument("--out", help="bundle folder (default: <study>/detector)")
+    sp.add_argument("--no-mlflow", action="store_true", help="do not log the detector to MLflow")
+    sp.set_defaults(fn=cmd_export)
+
+    sp = sub.add_parser("detect", help="flag inputs (.npy, (N, C, H, W) in [0, 1]) with a detector bundle")
+    sp.add_argument("--detector", required=True, help="bundle folder")
+    sp.add_argument("--input", required=True, help=".npy file of inputs")
+    sp.add_argument("--output", help="output file (.csv or .json); default: CSV on stdout")
+    sp.add_argument("--format", choices=["csv", "json"])
+    sp.set_defaults(fn=cmd_detect)
+
+    sp = sub.add_parser("quickstart", help="launch + analyze + export + detect on the embedded study")
+    space_arg(sp)
+    sp.set_defaults(fn=cmd_quickstart)
+
+    sp = sub.add_parser("list", help="registered datasets, architectures, attacks and hyperparameters")
+    sp.set_defaults(fn=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    args = build_parser().parse_args(argv)
+    try:
+        rc: Any = args.fn(args)
+    except SpaceError as e:
+        print(f"bdx-study: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"bdx-study: error: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

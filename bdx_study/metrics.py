@@ -1,0 +1,127 @@
+"""Detection and task metrics: pure functions of scores, predictions and labels (numpy in,
+floats out). Every detection metric names its protocol:
+
+- ``correct_only`` (the paper's): negatives are clean inputs the model classifies correctly,
+  positives are triggered inputs that actually flip the model to the attack label;
+- ``all_inputs``: every clean input is a negative and every triggered input a positive.
+
+Scores are "higher = more suspicious"; an input is flagged iff its score > threshold. AUROC is a
+ranking AUROC from the continuous scores (scikit-learn), never from hard decisions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+PROTOCOLS = ("correct_only", "all_inputs")
+FIXED_FPRS = {"1pct": 0.01, "5pct": 0.05}
+
+
+def fit_threshold(calibration_scores: np.ndarray, target_fpr: float) -> float:
+    """tau = the (1 - target_fpr) quantile (linear interpolation) of clean calibration scores;
+    flagging ``s > tau`` then flags about ``target_fpr`` of clean calibration inputs."""
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
+    if len(calibration_scores) == 0:
+        raise ValueError("no calibration scores to fit a threshold on")
+    return float(np.quantile(np.asarray(calibration_scores, dtype=np.float64), 1.0 - target_fpr, method="linear"))
+
+
+def _rate(mask: np.ndarray) -> float:
+    return float(mask.mean()) if mask.size else math.nan
+
+
+def tpr_at_fpr(negatives: np.ndarray, positives: np.ndarray, fpr: float) -> float:
+    """The highest TPR on the ROC curve whose FPR is <= ``fpr`` (an oracle threshold on the
+    evaluation data itself: a property of the scores, not of the calibrated detector)."""
+    if negatives.size == 0 or positives.size == 0:
+        return math.nan
+    y = np.r_[np.zeros(negatives.size), np.ones(positives.size)]
+    f, t, _ = roc_curve(y, np.r_[negatives, positives])
+    return float(t[f <= fpr + 1e-12].max())
+
+
+def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
+    if negatives.size == 0 or positives.size == 0:
+        return math.nan
+    y = np.r_[np.zeros(negatives.size), np.ones(positives.size)]
+    return float(roc_auc_score(y, np.r_[negatives, positives]))
+
+
+def detection_metrics(
+    *,
+    clean_scores: np.ndarray,
+    clean_pred: np.ndarray,
+    clean_label: np.ndarray,
+    poison_scores: np.ndarray,
+    poison_pred: np.ndarray,
+    poison_attack_label: np.ndarray,
+    threshold: float,
+) -> dict[str, float]:
+    """All evaluation metrics of one detector on one victim.
+
+    Clean arrays cover every clean evaluation input; poison arrays cover every triggered input that
+    counts toward attack success. CA/ASR share the no-defense denominators: CA after defense =
+    #{clean: correct and not flagged} / #{clean}; ASR after = #{poison: attack label and not
+    flagged} / #{poison}.
+    """
+    clean_flag = clean_scores > threshold
+    poison_flag = poison_scores > threshold
+    correct = clean_pred == clean_label
+    success = poison_pred == poison_attack_label
+    out: dict[str, float] = {
+        "threshold": float(threshold),
+        "clean_acc_before": _rate(correct),
+        "clean_acc_after": _rate(correct & ~clean_flag),
+        "attack_success_before": _rate(success),
+        "attack_success_after": _rate(success & ~poison_flag),
+    }
+    out["clean_acc_drop"] = out["clean_acc_before"] - out["clean_acc_after"]
+    groups = {
+        "correct_only": (clean_scores[correct], poison_scores[success]),
+        "all_inputs": (clean_scores, poison_scores),
+    }
+    for proto, (neg, pos) in groups.items():
+        out[f"auroc_{proto}"] = auroc(neg, pos)
+        out[f"tpr_at_threshold_{proto}"] = _rate(pos > threshold)
+        out[f"fpr_at_threshold_{proto}"] = _rate(neg > threshold)
+        for name, fpr in FIXED_FPRS.items():
+            out[f"tpr_at_{name}_fpr_{proto}"] = tpr_at_fpr(neg, pos, fpr)
+    return out
+
+
+# Aggregation across victims: for each metric, which direction is "worse".
+HIGHER_IS_BETTER = {
+    "auroc_correct_only",
+    "auroc_all_inputs",
+    "tpr_at_threshold_correct_only",
+    "tpr_at_threshold_all_inputs",
+    "tpr_at_1pct_fpr_correct_only",
+    "tpr_at_5pct_fpr_correct_only",
+    "tpr_at_1pct_fpr_all_inputs",
+    "tpr_at_5pct_fpr_all_inputs",
+    "clean_acc_after",
+}
+LOWER_IS_BETTER = {
+    "clean_acc_drop",
+    "attack_success_after",
+    "fpr_at_threshold_correct_only",
+    "fpr_at_threshold_all_inputs",
+}
+
+
+def aggregate(per_victim: list[dict[str, float]]) -> dict[str, float]:
+    """``mean/<metric>`` and ``worst/<metric>`` across victims, skipping undefined (nan) values
+    (e.g. detection metrics on a clean victim); worst = min for higher-is-better metrics, max
+    for lower-is-better ones."""
+    out: dict[str, float] = {}
+    for name in sorted(HIGHER_IS_BETTER | LOWER_IS_BETTER):
+        vals = [v[name] for v in per_victim if name in v and math.isfinite(v[name])]
+        if not vals:
+            continue
+        out[f"mean/{name}"] = float(np.mean(vals))
+        out[f"worst/{name}"] = float(min(vals) if name in HIGHER_IS_BETTER else max(vals))
+    return out

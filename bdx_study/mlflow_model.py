@@ -1,0 +1,31 @@
+"""MLflow "models from code" entry for an exported detector bundle (no pickled objects).
+
+``mlflow.pyfunc.load_model(uri).predict(x)`` takes a float array (N, C, H, W) in [0, 1] and
+returns a DataFrame with the model's prediction, the flag and the score per input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+
+class DetectorModel(PythonModel):
+    def load_context(self, context: Any) -> None:
+        from bdx_study.detector import Detector
+
+        self.detector = Detector.load(context.artifacts["bundle"])
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        x = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
+        if x.ndim == 2:  # flattened rows, e.g. from a DataFrame
+            x = x.reshape((len(x), *self.detector.input_shape))
+        d = self.detector.detect(x.astype(np.float32))
+        return pd.DataFrame({"prediction": d.prediction, "flagged": d.flagged, "score": d.score})
+
+
+mlflow.models.set_model(DetectorModel())

@@ -1,0 +1,270 @@
+"""Victim models: one backdoored classifier per victim config, trained once and cached under a
+hash of that config (any node that sees the cache folder finds it again).
+
+Cache layout: ``<cache>/<key>/model.safetensors`` and ``victim.json`` (config, metrics, sha256
+of the weights). Entries are written to a temporary folder and renamed into place, so a cache
+entry is either complete or absent; a corrupted entry fails its hash check and is retrained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from safetensors.torch import load_file, save_file
+
+from bdx_study.archs import ARCHITECTURES, Classifier, create_model
+from bdx_study.attacks import ATTACKS, create_attack
+from bdx_study.data import DATASETS, Splits, load_splits
+from bdx_study.training import accuracy, fit, pick_device, predict_proba
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Where the data comes from and how it is split (shared by all victims of a study)."""
+
+    root: str | None = Field(None, description="data root; null = built-in (digits) or system locations")
+    download: bool = Field(False, description="let torchvision download missing files (needs network)")
+    reserve_size: int = Field(300, ge=2, description="defender's reserved clean pool, images from the test portion")
+    eval_size: int | None = Field(None, ge=1, description="evaluation images; null = the rest of the test portion")
+    train_size: int | None = Field(None, ge=1, description="cap on the victim's training images; null = all")
+    split_seed: int = Field(0, description="seed of the split permutation, fixed across the study")
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that change the data a victim sees (not where the files lie)."""
+        return self.model_dump(exclude={"root", "download"})
+
+    def splits(self, dataset: str) -> Splits:
+        return load_splits(
+            dataset,
+            root=self.root,
+            reserve_size=self.reserve_size,
+            eval_size=self.eval_size,
+            train_size=self.train_size,
+            split_seed=self.split_seed,
+            download=self.download,
+        )
+
+
+class TrainingConfig(_Strict):
+    """How the victim is trained (by the attacker; not a defense hyperparameter)."""
+
+    epochs: int = Field(40, ge=1, description="passes over the (poisoned) training set")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="Adam was stable on digits; SGD is the CIFAR recipe")
+    lr: float = Field(1e-3, gt=0, description="learning rate")
+    batch_size: int = Field(64, ge=1, description="mini-batch size")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
+    milestones: tuple[int, ...] = Field((), description="epochs at which lr is multiplied by 0.1")
+    augment: bool = Field(True, description="random crop (and flip on CIFAR) while training")
+
+
+class AttackSpec(_Strict):
+    name: str = Field(description="registered attack name")
+    params: dict[str, Any] = Field(default_factory=dict, description="the attack's own parameters")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        ATTACKS.get(v)  # raises with the known names
+        return v
+
+    def label(self) -> str:
+        rate = self.params.get("poison_rate")
+        return self.name if rate is None else f"{self.name}@{rate}"
+
+
+class VictimConfig(_Strict):
+    """Everything that determines a victim model; its hash is the cache key."""
+
+    dataset: str
+    architecture: str
+    attack: AttackSpec
+    seed: int = Field(0, description="training seed; also the trigger seed unless the attack sets one")
+    training: TrainingConfig = TrainingConfig()
+    data: DataConfig = DataConfig()
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        DATASETS.get(v)
+        return v
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        ARCHITECTURES.get(v)
+        return v
+
+    def identity(self) -> dict[str, Any]:
+        d = self.model_dump(mode="json", exclude={"data"})
+        d["data"] = self.data.identity()
+        return d
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def name(self) -> str:
+        """Readable and unique within a study: dataset-arch-attack-seed-key."""
+        return f"{self.dataset}-{self.architecture}-{self.attack.name}-s{self.seed}-{self.key[:6]}"
+
+    def build_attack(self):  # type: ignore[no-untyped-def]
+        from bdx_study.data import dataset_info
+
+        info = dataset_info(self.dataset)
+        return create_attack(self.attack.name, self.attack.params, info.input_shape, info.num_classes, self.seed)
+
+    def build_model(self) -> Classifier:
+        from bdx_study.data import dataset_info
+
+        info = dataset_info(self.dataset)
+        return create_model(self.architecture, info.input_shape, info.num_classes, info.mean, info.std)
+
+
+@dataclass(frozen=True)
+class VictimRecord:
+    """A trained, cached victim: where its weights are and what it measured."""
+
+    config: VictimConfig
+    path: Path  # the cache entry's folder
+    clean_acc: float  # on the evaluation split, all clean inputs
+    attack_success: float  # on triggered evaluation inputs that count toward ASR; nan for 'none'
+    train_seconds: float
+    weights_sha256: str
+
+    @property
+    def weights(self) -> Path:
+        return self.path / "model.safetensors"
+
+    def load_model(self, device: torch.device | str = "cpu") -> Classifier:
+        model = self.config.build_model()
+        model.load_state_dict(load_file(self.weights, device=str(device)))
+        return model.to(device).eval()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def attack_success_rate(model: torch.nn.Module, config: VictimConfig, splits: Splits) -> float:
+    attack = config.build_attack()
+    y = splits.evaluation.y
+    mask = attack.counts_toward_asr(y)
+    if not bool(mask.any()):
+        return float("nan")
+    xp = attack.apply_trigger(splits.evaluation.x[mask])
+    pred = predict_proba(model, xp).argmax(1)
+    return float((pred == attack.attack_label(y[mask])).float().mean())
+
+
+def train_victim(config: VictimConfig, *, device: torch.device | None = None) -> tuple[Classifier, dict[str, float]]:
+    """Poison the training split, train the victim, and measure clean accuracy and attack success."""
+    device = device or pick_device()
+    start = time.perf_counter()
+    splits = config.data.splits(config.dataset)
+    poisoned = config.build_attack().poison(splits.train)
+    torch.manual_seed(config.seed)
+    model = config.build_model().to(device)
+    t = config.training
+    opt: torch.optim.Optimizer
+    if t.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(t.milestones), 0.1) if t.milestones else None
+    gen = torch.Generator().manual_seed(config.seed)
+    fit(
+        model,
+        poisoned.data,
+        opt,
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        gen=gen,
+        augment=splits.info if t.augment else None,
+        scheduler=sched,
+        device=device,
+    )
+    model.eval()
+    metrics = {
+        "clean_acc": accuracy(model, splits.evaluation, device=device),
+        "attack_success": attack_success_rate(model, config, splits),
+        "train_seconds": time.perf_counter() - start,
+        "poisoned_count": float(len(poisoned.poison_indices)),
+    }
+    return model, metrics
+
+
+class VictimCache:
+    """Content-addressed store of trained victims: ``<root>/<config key>/``."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def entry(self, config: VictimConfig) -> Path:
+        return self.root / config.key
+
+    def load(self, config: VictimConfig) -> VictimRecord | None:
+        """The cached record, or None when absent or when its weights fail the hash check."""
+        folder = self.entry(config)
+        meta_path = folder / "victim.json"
+        if not meta_path.is_file():
+            return None
+        meta = json.loads(meta_path.read_text())
+        weights = folder / "model.safetensors"
+        if not weights.is_file() or sha256_file(weights) != meta["weights_sha256"]:
+            return None
+        return VictimRecord(
+            config=config,
+            path=folder,
+            clean_acc=meta["metrics"]["clean_acc"],
+            attack_success=meta["metrics"]["attack_success"],
+            train_seconds=meta["metrics"]["train_seconds"],
+            weights_sha256=meta["weights_sha256"],
+        )
+
+    def get_or_train(self, config: VictimConfig, *, device: torch.device | None = None) -> tuple[VictimRecord, bool]:
+        """Return (record, trained_now). Trains and stores the victim only when no valid entry exists."""
+        record = self.load(config)
+        if record is not None:
+            return record, False
+        model, metrics = train_victim(config, device=device)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{config.key}.", dir=self.root))
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        meta = {
+            "key": config.key,
+            "name": config.name,
+            "config": config.model_dump(mode="json"),
+            "metrics": metrics,
+            "weights_sha256": sha256_file(tmp / "model.safetensors"),
+        }
+        (tmp / "victim.json").write_text(json.dumps(meta, indent=2))
+        final = self.entry(config)
+        if final.exists():  # a stale or corrupted entry (a valid one was returned above)
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process stored it first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+        record = self.load(config)
+        if record is None:
+            raise RuntimeError(f"victim cache entry {final} could not be written")
+        return record, True

@@ -1,0 +1,1 @@
+"""Study files shipped with bdx-study (installed as bdx_study.search_spaces)."""

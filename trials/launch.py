@@ -1,0 +1,243 @@
+"""Run or resume a study: validate, train victims, sweep BaDExpert with Ray Tune + OptunaSearch,
+track in MLflow, keep Parquet tables.
+
+Storage layout under ``<study.storage>``:
+    victims/<key>/                 the victim cache, shared by every study under this storage
+    studies/<name>/study.yaml      the study file as launched
+    studies/<name>/study.json      ids: MLflow tracking URI, experiment and parent run
+    studies/<name>/tune/           Ray Tune's experiment state (what --resume restores)
+    studies/<name>/optuna.db       the Optuna study (SQLite, written by the driver only)
+    studies/<name>/tables/         Parquet tables (see bdx_study.tables)
+    studies/<name>/artifacts/<trial>/confidence_plane.png
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bdx_study.space import SpaceError, StudySpec
+from bdx_study.tables import StudyTables
+from bdx_study.victims import VictimCache
+
+from .context import StudyContext
+
+
+@dataclass
+class LaunchResult:
+    study_dir: Path
+    tracking_uri: str
+    experiment_id: str | None
+    parent_run_id: str | None
+    num_trials: int
+    num_errors: int
+    best: dict[str, Any]
+    seconds: float
+
+
+def study_dir_for(spec: StudySpec) -> Path:
+    return spec.storage_root() / "studies" / spec.study.name
+
+
+def _check_data(spec: StudySpec) -> None:
+    """Fail before Ray starts if a dataset cannot be read or a split cannot be cut."""
+    from bdx_study.data import DataError
+
+    for ds in spec.victims.datasets:
+        try:
+            spec.data.splits(ds)
+        except (DataError, OSError) as e:
+            raise SpaceError(f"data for dataset {ds!r}: {e}") from None
+
+
+def _init_ray(address: str | None, spec: StudySpec) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "logging_level": "WARNING"}
+    if address:
+        kwargs["address"] = address
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster on loopback
+        kwargs["object_store_memory"] = 256 * 2**20
+    ray.init(**kwargs)
+
+
+def _searcher(spec: StudySpec, study_dir: Path) -> Any:
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    s = spec.search
+    sampler: optuna.samplers.BaseSampler
+    if s.sampler == "grid":
+        sampler = optuna.samplers.GridSampler(spec.grid(), seed=s.seed)
+    elif s.sampler == "random":
+        sampler = optuna.samplers.RandomSampler(seed=s.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=s.seed)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / 'optuna.db'}")
+    return OptunaSearch(
+        space=spec.optuna_space(),
+        metric="objective",
+        mode=s.objective.mode,
+        sampler=sampler,
+        study_name=spec.study.name,
+        storage=storage,
+    )
+
+
+def launch(
+    spec: StudySpec,
+    *,
+    source: Path | None = None,
+    address: str | None = None,
+    resume: bool = False,
+) -> LaunchResult:
+    """Run the study described by ``spec`` (already validated), or resume it."""
+    from ray import tune
+
+    from .tracking import MlflowStudyCallback, StudyTracker, resolve_tracking_uri, runs_link, ui_command
+    from .trainable import defense_trial, victim_columns
+    from .victim_stage import ensure_victims
+
+    t0 = time.perf_counter()
+    study_dir = study_dir_for(spec)
+    tune_dir = study_dir / "tune"
+    exists = tune_dir.exists()
+    if exists and not resume:
+        raise SpaceError(
+            f"study {spec.study.name!r} already exists at {study_dir}; pass --resume to continue it, "
+            "or change study.name (or delete that folder) to start over"
+        )
+    if resume and not exists:
+        print(f"[bdx-study] nothing to resume at {study_dir}; starting the study", flush=True)
+        resume = False
+    _check_data(spec)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    if source is not None and not resume:
+        shutil.copyfile(source, study_dir / "study.yaml")
+
+    ids_path = study_dir / "study.json"
+    ids = json.loads(ids_path.read_text()) if ids_path.is_file() else {}
+    uri = ids.get("tracking_uri") or resolve_tracking_uri(spec.tracking.uri)
+    tracker = StudyTracker(uri, spec.experiment_name, spec.study.name)
+    victims = spec.victim_configs()
+    tracking_ok = True
+    try:
+        tracker.start(
+            {"space_file": str(source or ""), "sampler": spec.search.sampler, "num_trials": spec.num_trials,
+             "objective": spec.search.objective.key, "objective_mode": spec.search.objective.mode,
+             "max_clean_acc_drop": spec.search.constraint.max_clean_acc_drop, "num_victims": len(victims),
+             **{f"fixed.{k}": v for k, v in spec.fixed.items()}},
+            description=spec.study.description,
+        )
+    except Exception as e:
+        tracking_ok = False
+        print(f"[bdx-study] WARNING: MLflow at {uri} is unavailable ({e}); results are kept in Parquet only",
+              flush=True)
+    ids.update(tracking_uri=uri, experiment_id=tracker.experiment_id, parent_run_id=tracker.parent_run_id,
+               study=spec.study.name)
+    tmp = ids_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(ids, indent=2))
+    tmp.replace(ids_path)
+    print(f"[bdx-study] study {spec.study.name!r}: {len(victims)} victim(s) x {spec.num_trials} trial(s); "
+          f"storage {study_dir}", flush=True)
+
+    _init_ray(address, spec)
+    cache = VictimCache(spec.storage_root() / "victims")
+    res = spec.resources
+    records = ensure_victims(victims, cache, cpu=res.cpu, gpu=res.gpu)
+    tables = StudyTables(study_dir)
+    tables.write_victims([
+        {**victim_columns(r.config), "clean_acc": r.clean_acc, "attack_success": r.attack_success,
+         "train_seconds": r.train_seconds, "weights_sha256": r.weights_sha256, "cache_path": str(r.path)}
+        for r, _ in records
+    ])
+    if tracking_ok:
+        for rec, trained in records:
+            try:
+                run_id, created = tracker.child_run(
+                    "victim", rec.config.key, f"victim-{rec.config.name}",
+                    {**victim_columns(rec.config), **{f"attack.{k}": v for k, v in rec.config.attack.params.items()},
+                     **{f"training.{k}": v for k, v in rec.config.training.model_dump().items()}},
+                )
+                if created:
+                    tracker.log_metrics(run_id, {"clean_acc": rec.clean_acc, "attack_success": rec.attack_success,
+                                                 "train_seconds": rec.train_seconds})
+                    tracker.client.set_tag(run_id, "bdx.trained_now", str(trained).lower())
+                    tracker.finish(run_id)
+            except Exception as e:
+                print(f"[bdx-study] WARNING: MLflow logging of victim {rec.config.name} failed: {e}", flush=True)
+
+    ctx = StudyContext(spec=spec, study_dir=study_dir, victim_cache=cache.root, victims=tuple(victims))
+    trainable = tune.with_resources(
+        tune.with_parameters(defense_trial, ctx=ctx), {"cpu": res.cpu, "gpu": res.gpu}
+    )
+    callback = MlflowStudyCallback(tracker, spec.fixed, spec.num_trials) if tracking_ok else None
+    if resume and tune.Tuner.can_restore(str(tune_dir)):
+        done = len(tables.finished_trials())
+        print(f"[bdx-study] resuming: {done} finished trial(s) kept, the rest run now", flush=True)
+        if callback is not None:
+            callback.done = done
+        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                metric="objective",
+                mode=spec.search.objective.mode,
+                search_alg=_searcher(spec, study_dir),
+                num_samples=spec.num_trials,
+                max_concurrent_trials=spec.search.max_concurrent,
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=str(study_dir),
+                callbacks=[callback] if callback is not None else [],
+                failure_config=tune.FailureConfig(max_failures=res.max_failures),
+                verbose=0,
+            ),
+        )
+    grid = tuner.fit()
+    tables.consolidate()
+
+    best: dict[str, Any] = {}
+    try:
+        r = grid.get_best_result(metric="objective", mode=spec.search.objective.mode)
+        best = {"trial_id": r.metrics.get("trial_id"), "objective": r.metrics.get("objective"),
+                "feasible": bool(r.metrics.get("feasible")), "config": r.config}
+    except RuntimeError:
+        pass
+    if tracking_ok and tracker.parent_run_id:
+        try:
+            if best.get("objective") is not None and math.isfinite(best["objective"]):
+                tracker.log_metrics(tracker.parent_run_id, {"best_objective": best["objective"]})
+            for p in (study_dir / "tables" / "trials.parquet", study_dir / "tables" / "victims.parquet",
+                      study_dir / "study.yaml"):
+                tracker.log_artifact(tracker.parent_run_id, p, "study")
+            tracker.finish(tracker.parent_run_id, ok=grid.num_errors == 0)
+        except Exception as e:
+            print(f"[bdx-study] WARNING: MLflow logging of the study run failed: {e}", flush=True)
+
+    seconds = time.perf_counter() - t0
+    print(f"[bdx-study] study {spec.study.name!r} done in {seconds:.0f} s: "
+          f"{grid.num_terminated} trial(s) finished, {grid.num_errors} failed", flush=True)
+    if best:
+        print(f"[bdx-study] best trial {best['trial_id']}: objective ({spec.search.objective.key}) "
+              f"{best['objective']:.4f}{'' if best['feasible'] else ' (infeasible)'}", flush=True)
+    print(f"[bdx-study] tables: {study_dir / 'tables'}", flush=True)
+    if tracking_ok and tracker.experiment_id:
+        print(f"[bdx-study] MLflow: {ui_command(uri)}  then open {runs_link(uri, tracker.experiment_id)}",
+              flush=True)
+    return LaunchResult(study_dir, uri, tracker.experiment_id, tracker.parent_run_id, grid.num_terminated,
+                        grid.num_errors, best, seconds)

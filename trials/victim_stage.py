@@ -1,0 +1,52 @@
+"""Phase 1 of a study: make sure every victim is trained and cached, training the missing ones
+as Ray tasks (in parallel, on any node) before the defense trials start."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import ray
+import torch
+
+from bdx_study.training import pick_device
+from bdx_study.victims import VictimCache, VictimConfig, VictimRecord
+
+
+def _train_one(cache_root: str, config: VictimConfig, threads: int, use_gpu: bool) -> tuple[VictimRecord, bool]:
+    torch.set_num_threads(threads)
+    return VictimCache(cache_root).get_or_train(config, device=pick_device(prefer_gpu=use_gpu))
+
+
+def ensure_victims(
+    configs: list[VictimConfig], cache: VictimCache, *, cpu: float, gpu: float
+) -> list[tuple[VictimRecord, bool]]:
+    """Return (record, trained_now) per config, in order; cached victims are not retrained."""
+    records: dict[str, tuple[VictimRecord, bool]] = {}
+    missing = []
+    for cfg in configs:
+        rec = cache.load(cfg)
+        if rec is None:
+            missing.append(cfg)
+        else:
+            records[cfg.key] = (rec, False)
+    if missing:
+        print(f"[bdx-study] training {len(missing)} victim(s) ({len(configs) - len(missing)} cached)", flush=True)
+        threads = max(1, math.floor(cpu))
+        task = ray.remote(_train_one).options(num_cpus=cpu, num_gpus=gpu, max_retries=2)
+        start = time.perf_counter()
+        refs = {task.remote(str(cache.root), cfg, threads, gpu > 0): cfg for cfg in missing}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            rec, trained = ray.get(done[0])
+            records[rec.config.key] = (rec, trained)
+            print(
+                f"[bdx-study] victim {rec.config.name}: clean acc {rec.clean_acc:.3f}, attack success "
+                f"{rec.attack_success:.3f} ({rec.train_seconds:.0f} s; {len(records)}/{len(configs)} ready, "
+                f"{time.perf_counter() - start:.0f} s elapsed)",
+                flush=True,
+            )
+    else:
+        print(f"[bdx-study] all {len(configs)} victim(s) found in the cache {cache.root}", flush=True)
+    return [records[c.key] for c in configs]
