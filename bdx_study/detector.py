@@ -84,6 +84,7 @@ def save_bundle(
         "provenance": provenance,
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    tmp.chmod(0o755)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -20,7 +20,7 @@ class DetectorModel(PythonModel):
 
         self.detector = Detector.load(context.artifacts["bundle"])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # no hints: MLflow infers none
         x = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
         if x.ndim == 2:  # flattened rows, e.g. from a DataFrame
             x = x.reshape((len(x), *self.detector.input_shape))

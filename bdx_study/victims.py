@@ -248,6 +248,7 @@ class VictimCache:
         model, metrics = train_victim(config, device=device)
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{config.key}.", dir=self.root))
+        tmp.chmod(0o755)
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
         meta = {
             "key": config.key,

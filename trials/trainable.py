@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import socket
@@ -35,18 +34,26 @@ PER_VICTIM_REPORTED = (
 )
 
 
-@functools.lru_cache(maxsize=16)
+# Victims and splits are loaded once per worker process: Ray reuses trial actors.
+_MODELS: dict[tuple[str, str, str], Classifier] = {}
+_SPLITS: dict[str, Splits] = {}
+
+
 def _victim_model(cache_root: str, config: VictimConfig, device: str) -> Classifier:
-    """Victims loaded once per worker process (Ray reuses trial actors)."""
-    record = VictimCache(cache_root).load(config)
-    if record is None:
-        raise RuntimeError(f"victim {config.name} is missing or corrupt in {cache_root}; relaunch to retrain it")
-    return record.load_model(device)
+    key = (cache_root, config.key, device)
+    if key not in _MODELS:
+        record = VictimCache(cache_root).load(config)
+        if record is None:
+            raise RuntimeError(f"victim {config.name} is missing or corrupt in {cache_root}; relaunch to retrain it")
+        _MODELS[key] = record.load_model(device)
+    return _MODELS[key]
 
 
-@functools.lru_cache(maxsize=8)
-def _splits(config_data: Any, dataset: str) -> Splits:
-    return config_data.splits(dataset)  # type: ignore[no-any-return]
+def _splits(config: VictimConfig) -> Splits:
+    key = config.dataset + config.data.model_dump_json()
+    if key not in _SPLITS:
+        _SPLITS[key] = config.data.splits(config.dataset)
+    return _SPLITS[key]
 
 
 def run_defense(
@@ -56,7 +63,7 @@ def run_defense(
     out = []
     for victim in ctx.victims:
         model = _victim_model(str(ctx.victim_cache), victim, str(device))
-        splits = _splits(victim.data, victim.dataset)
+        splits = _splits(victim)
         det, diag = fit_badexpert(model, splits, cfg, device=device)
         out.append((victim, evaluate_badexpert(det, splits, victim.build_attack(), device=device), diag))
     return out
