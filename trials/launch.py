@@ -109,6 +109,9 @@ def launch(
     from .victim_stage import ensure_victims
 
     t0 = time.perf_counter()
+    # Snapshot Tune's experiment state at most 1 s apart (default: >= 10 s), so a killed driver
+    # loses as little bookkeeping as possible; finished trials are also recognised by their tables.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     study_dir = study_dir_for(spec)
     tune_dir = study_dir / "tune"
     exists = tune_dir.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -9,6 +10,7 @@ import time
 from typing import Any
 
 import pyarrow as pa
+import ray
 import torch
 from ray import tune
 
@@ -85,9 +87,15 @@ def victim_columns(v: VictimConfig) -> dict[str, Any]:
 def defense_trial(config: dict[str, Any], *, ctx: StudyContext) -> None:
     """Ray Tune function trainable. ``config`` holds the sampled hyperparameters; the study's fixed
     ones come from ``ctx``. Writes Parquet parts and a plot, then reports once."""
-    start = time.perf_counter()
-    tune_ctx = tune.get_context()
-    trial_id = tune_ctx.get_trial_id()
+    start, started_at = time.perf_counter(), time.time()
+    trial_id = tune.get_context().get_trial_id()
+    artifacts = ctx.study_dir / "artifacts" / trial_id
+    tables = StudyTables(ctx.study_dir)
+    if trial_id in tables.finished_trials() and (artifacts / "report.json").is_file():
+        # A restored study restarted a trial that had already finished (its result was written
+        # after Tune's last experiment snapshot): report the stored result instead of re-running.
+        tune.report(json.loads((artifacts / "report.json").read_text()))
+        return
     torch.set_num_threads(max(1, math.floor(ctx.spec.resources.cpu)))
     device = pick_device(prefer_gpu=ctx.spec.resources.gpu > 0)
     cfg = ctx.spec.defense_config(config)
@@ -100,7 +108,8 @@ def defense_trial(config: dict[str, Any], *, ctx: StudyContext) -> None:
         per_victim.append(ev.metrics)
         rows.append(
             {"study": ctx.name, "trial_id": trial_id, **victim_columns(victim), **params, **ev.metrics, **diag,
-             "node": node, "device": str(device)}
+             "node": node, "device": str(device), "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
+             "started_at": started_at}
         )
         n = len(ev.samples["score"])
         cols = {"trial_id": pa.array([trial_id] * n), "victim_id": pa.array([victim.key] * n)}
@@ -109,16 +118,12 @@ def defense_trial(config: dict[str, Any], *, ctx: StudyContext) -> None:
     aggregates = aggregate(per_victim)
     objective, feasible = objective_value(ctx.spec, aggregates)
 
-    artifacts = ctx.study_dir / "artifacts" / trial_id
     plot_path = plot_confidence_planes(
         [(v.name, ev, cfg) for v, ev, _ in results], artifacts / "confidence_plane.png", title=f"trial {trial_id}"
     )
     elapsed = time.perf_counter() - start
     for r in rows:
-        r.update(objective=objective, feasible=feasible, trial_seconds=elapsed)
-    tables = StudyTables(ctx.study_dir)
-    tables.write_trial(trial_id, rows, pa.concat_tables(score_tables))
-
+        r.update(objective=objective, feasible=feasible, trial_seconds=elapsed, finished_at=time.time())
     report: dict[str, Any] = {"objective": objective, "feasible": float(feasible), "trial_seconds": elapsed}
     report.update(aggregates)
     for victim, ev, _ in results:
@@ -130,6 +135,8 @@ def defense_trial(config: dict[str, Any], *, ctx: StudyContext) -> None:
     report["plot_path"] = str(plot_path)
     report["node"] = node
     assert all(math.isfinite(v) for v in report.values() if isinstance(v, float)), "non-finite metric reported"
+    (artifacts / "report.json").write_text(json.dumps(report))
+    tables.write_trial(trial_id, rows, pa.concat_tables(score_tables))  # the trial counts as finished now
     tune.report(report)
 
 

@@ -1,0 +1,168 @@
+"""A real tiny study end to end: local Ray, SQLite MLflow store, Optuna, Parquet; then analyze,
+export, detect, and the MLflow pyfunc model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+from bdx_study import Detector
+from bdx_study.cli import main as cli
+from bdx_study.space import load_space
+from bdx_study.trials.launch import launch
+
+from .conftest import tiny_study, write_study
+
+N_TRIALS = 3
+
+
+@pytest.fixture(scope="module")
+def study(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    doc = tiny_study(tmp, victims__attacks=[{"name": "badnet", "poison_rate": 0.1}, {"name": "none"}],
+                     search__num_trials=N_TRIALS)
+    path = write_study(tmp, doc)
+    spec = load_space(path)
+    result = launch(spec, source=path)
+    return {"tmp": tmp, "path": path, "spec": spec, "result": result, "doc": doc}
+
+
+def test_study_finishes(study: dict[str, Any]) -> None:
+    r = study["result"]
+    assert r.num_errors == 0
+    assert r.num_trials == N_TRIALS
+    assert r.best["objective"] is not None
+
+
+def test_mlflow_holds_study_trials_and_victims(study: dict[str, Any]) -> None:
+    r = study["result"]
+    client = MlflowClient(r.tracking_uri)
+    assert r.tracking_uri.startswith("sqlite:////")
+    runs = client.search_runs([r.experiment_id], max_results=100)
+    by_kind: dict[str, list[Any]] = {}
+    for run in runs:
+        by_kind.setdefault(run.data.tags.get("bdx.kind", "?"), []).append(run)
+    assert len(by_kind["study"]) == 1
+    assert len(by_kind["victim"]) == 2
+    trials = by_kind["trial"]
+    assert len(trials) == N_TRIALS
+    assert len({t.data.tags["bdx.trial_id"] for t in trials}) == N_TRIALS
+    for t in trials + by_kind["victim"]:
+        assert t.data.tags["mlflow.parentRunId"] == r.parent_run_id
+    for t in trials:
+        assert t.info.status == "FINISHED"
+        # params are named exactly as in the YAML (searched and fixed)
+        assert {"unlearn_lr", "aux_lr", "unlearn_batch_size", "clean_set_size", "target_fpr"} <= set(t.data.params)
+        assert float(t.data.params["unlearn_lr"]) > 0
+        m = t.data.metrics
+        assert 0.0 <= m["worst/auroc_correct_only"] <= 1.0
+        assert "mean/auroc_all_inputs" in m
+        assert any(k.endswith("/auroc_correct_only") and "badnet" in k for k in m)
+        artifacts = {a.path for a in client.list_artifacts(t.info.run_id, "plots")}
+        artifacts |= {a.path for a in client.list_artifacts(t.info.run_id, "scores")}
+        assert "plots/confidence_plane.png" in artifacts
+        assert any(a.startswith("scores/") and a.endswith(".parquet") for a in artifacts)
+    victim_metrics = [v.data.metrics for v in by_kind["victim"]]
+    assert all("clean_acc" in m for m in victim_metrics)
+
+
+def test_parquet_tables(study: dict[str, Any]) -> None:
+    tables = study["result"].study_dir / "tables"
+    trials = pq.read_table(tables / "trials.parquet").to_pandas()
+    assert len(trials) == N_TRIALS * 2  # one row per trial x victim
+    assert not trials.duplicated(["trial_id", "victim_id"]).any()
+    for col in ["unlearn_lr", "aux_lr", "clean_set_size", "auroc_correct_only", "auroc_all_inputs",
+                "tpr_at_threshold_correct_only", "tpr_at_1pct_fpr_correct_only", "tpr_at_5pct_fpr_all_inputs",
+                "fpr_at_threshold_correct_only", "clean_acc_before", "clean_acc_after", "attack_success_before",
+                "attack_success_after", "threshold", "attack", "victim_seed", "objective"]:
+        assert col in trials.columns, col
+    backdoored = trials[trials.attack == "badnet"]
+    assert backdoored["auroc_correct_only"].between(0, 1).all()
+    clean = trials[trials.attack == "none"]
+    assert clean["auroc_correct_only"].isna().all()  # no triggered inputs: undefined, not faked
+    scores = pq.read_table(tables / "scores.parquet").to_pandas()
+    assert set(scores["split"]) == {"calibration", "clean", "poisoned"}
+    assert scores.groupby("trial_id").ngroups == N_TRIALS
+    # the per-sample table reproduces the per-victim metric (AUROC from continuous scores)
+    from sklearn.metrics import roc_auc_score
+
+    row = backdoored.iloc[0]
+    s = scores[(scores.trial_id == row.trial_id) & (scores.victim_id == row.victim_id)]
+    neg = s[(s.split == "clean") & (s.pred == s.label)].score
+    pos = s[(s.split == "poisoned") & (s.pred == s.attack_label)].score
+    y = np.r_[np.zeros(len(neg)), np.ones(len(pos))]
+    assert roc_auc_score(y, np.r_[neg, pos]) == pytest.approx(row.auroc_correct_only)
+
+
+def test_victims_trained_once_across_trials_and_studies(study: dict[str, Any], capsys: Any) -> None:
+    spec = study["spec"]
+    cache = spec.storage_root() / "victims"
+    entries = sorted(p for p in cache.iterdir() if not p.name.startswith("."))
+    assert len(entries) == 2  # two victims, however many trials used them
+    mtimes = {p: (p / "model.safetensors").stat().st_mtime_ns for p in entries}
+    doc = dict(study["doc"], study=dict(study["doc"]["study"], name="tiny-again"))
+    doc["search"] = dict(doc["search"], num_trials=1)
+    path = write_study(study["tmp"], doc, "again.yaml")
+    again = launch(load_space(path), source=path)
+    assert again.num_errors == 0
+    out = capsys.readouterr().out
+    assert "all 2 victim(s) found in the cache" in out
+    assert {p: (p / "model.safetensors").stat().st_mtime_ns for p in entries} == mtimes
+
+
+def test_analyze_export_detect(study: dict[str, Any], tmp_path: Path, capsys: Any) -> None:
+    path = str(study["path"])
+    assert cli(["analyze", "--space", path]) == 0
+    out = capsys.readouterr().out
+    assert "Robust defaults" in out and "unlearn_lr" in out
+    study_dir = study["result"].study_dir
+    recipe = (study_dir / "recipe.yaml").read_text()
+    assert "defaults:" in recipe and "held_out" in recipe
+
+    assert cli(["export", "--space", path, "--out", str(tmp_path / "bundle")]) == 0
+    det = Detector.load(tmp_path / "bundle")
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["provenance"]["study"] == "tiny"
+    assert manifest["provenance"]["mlflow"]["model_uri"]
+
+    spec = study["spec"]
+    victim = next(v for v in spec.victim_configs() if v.attack.name == "badnet")
+    splits = victim.data.splits(victim.dataset)
+    attack = victim.build_attack()
+    triggered = attack.apply_trigger(splits.evaluation.x[attack.counts_toward_asr(splits.evaluation.y)])
+    np.save(tmp_path / "trig.npy", triggered.numpy())
+    assert cli(["detect", "--detector", str(tmp_path / "bundle"), "--input", str(tmp_path / "trig.npy"),
+                "--output", str(tmp_path / "out.json")]) == 0
+    res = json.loads((tmp_path / "out.json").read_text())["results"]
+    assert len(res) == len(triggered)
+    direct = det.detect(triggered.numpy())
+    assert [r["flagged"] for r in res] == direct.flagged.tolist()
+
+    # the MLflow pyfunc model serves the same scores as the bundle
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(manifest["provenance"]["mlflow"]["model_uri"])
+    served = model.predict(triggered.numpy()[:16])
+    np.testing.assert_allclose(served["score"].to_numpy(), direct.score[:16], rtol=1e-6)
+
+
+def test_resume_of_finished_study_reruns_nothing(study: dict[str, Any]) -> None:
+    spec = study["spec"]
+    parts = study["result"].study_dir / "tables" / "parts" / "trials"
+    before = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet")}
+    again = launch(spec, source=study["path"], resume=True)
+    assert again.num_errors == 0
+    assert {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet")} == before
+
+
+def test_existing_study_without_resume_is_refused(study: dict[str, Any]) -> None:
+    from bdx_study.space import SpaceError
+
+    with pytest.raises(SpaceError, match="--resume"):
+        launch(study["spec"], source=study["path"])
