@@ -6,7 +6,7 @@ Storage layout under ``<study.storage>``:
     studies/<name>/study.yaml      the study file as launched
     studies/<name>/study.json      ids: MLflow tracking URI, experiment and parent run
     studies/<name>/tune/           Ray Tune's experiment state (what --resume restores)
-    studies/<name>/optuna.db       the Optuna study (SQLite, written by the driver only)
+    studies/<name>/optuna.db       an Optuna study rebuilt from the tables by `bdx-study analyze`
     studies/<name>/tables/         Parquet tables (see bdx_study.tables)
     studies/<name>/artifacts/<trial>/confidence_plane.png
 """
@@ -71,6 +71,12 @@ def _init_ray(address: str | None, spec: StudySpec) -> None:
     ray.init(**kwargs)
 
 
+def trial_resources(spec: StudySpec) -> dict[str, float]:
+    """Ray resources of one trial (and one victim-training task): fractions of a GPU pack several
+    trials on one device; they are logical, so each trial must fit in its share of memory."""
+    return {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+
+
 def _searcher(spec: StudySpec, study_dir: Path) -> Any:
     import optuna
     from ray.tune.search.optuna import OptunaSearch
@@ -83,14 +89,16 @@ def _searcher(spec: StudySpec, study_dir: Path) -> Any:
         sampler = optuna.samplers.RandomSampler(seed=s.seed)
     else:
         sampler = optuna.samplers.TPESampler(seed=s.seed)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / 'optuna.db'}")
+    # The Optuna study lives in memory inside the searcher, which Tune snapshots together with
+    # its own experiment state: after a killed driver both are restored from the same moment.
+    # (An RDB storage outlives the snapshot and then disagrees with it: Optuna refuses to update
+    # trials it already saw finish.) `bdx-study analyze` writes optuna.db from the Parquet tables.
     return OptunaSearch(
         space=spec.optuna_space(),
         metric="objective",
         mode=s.objective.mode,
         sampler=sampler,
         study_name=spec.study.name,
-        storage=storage,
     )
 
 
@@ -182,7 +190,7 @@ def launch(
 
     ctx = StudyContext(spec=spec, study_dir=study_dir, victim_cache=cache.root, victims=tuple(victims))
     trainable = tune.with_resources(
-        tune.with_parameters(defense_trial, ctx=ctx), {"cpu": res.cpu, "gpu": res.gpu}
+        tune.with_parameters(defense_trial, ctx=ctx), trial_resources(spec)
     )
     callback = MlflowStudyCallback(tracker, spec.fixed, spec.num_trials) if tracking_ok else None
     if resume and tune.Tuner.can_restore(str(tune_dir)):

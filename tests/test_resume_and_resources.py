@@ -1,0 +1,127 @@
+"""A killed driver resumes without re-running finished trials or retraining victims; fractional
+GPU trials pack onto one (logical) GPU and run on the CPU when no CUDA device exists."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from mlflow.tracking import MlflowClient
+
+from bdx_study.space import load_space
+from bdx_study.trials.launch import launch
+
+from .conftest import tiny_study, write_study
+
+
+def test_killed_driver_resumes_without_rerunning(ray_cluster: Any, tmp_path: Path) -> None:
+    n = 5
+    doc = tiny_study(tmp_path, name="killed", search__num_trials=n, search__max_concurrent=1)
+    path = write_study(tmp_path, doc)
+    spec = load_space(path)
+    study_dir = spec.storage_root() / "studies" / "killed"
+    parts = study_dir / "tables" / "parts" / "trials"
+    env = dict(os.environ)
+    env.pop("TUNE_DISABLE_AUTO_INIT", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bdx_study.cli", "launch", "--space", str(path)],
+        cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and len(list(parts.glob("*.parquet"))) < 2:
+            assert proc.poll() is None, "the study ended before it could be interrupted"
+            time.sleep(0.2)
+        assert len(list(parts.glob("*.parquet"))) >= 2
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait()
+    finished = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet")}
+    assert 2 <= len(finished) < n
+    victims = spec.storage_root() / "victims"
+    weights = {p: p.stat().st_mtime_ns for p in victims.glob("*/model.safetensors")}
+    assert len(weights) == 1
+
+    result = launch(spec, source=path, resume=True)
+    assert result.num_errors == 0
+    assert result.num_trials == n
+    after = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet")}
+    for name, mtime in finished.items():  # finished trials were kept, not re-run
+        assert after[name] == mtime
+    assert len(after) >= n
+    assert {p: p.stat().st_mtime_ns for p in victims.glob("*/model.safetensors")} == weights  # not retrained
+    table = pq.read_table(study_dir / "tables" / "trials.parquet").to_pandas()
+    assert not table.duplicated(["trial_id", "victim_id"]).any()
+    runs = MlflowClient(result.tracking_uri).search_runs(
+        [result.experiment_id], filter_string="tags.`bdx.kind` = 'trial'", max_results=100
+    )
+    ids = [r.data.tags["bdx.trial_id"] for r in runs]
+    assert len(ids) == len(set(ids))  # no duplicate MLflow run for a resumed trial
+    assert {p.removesuffix(".parquet") for p in after} <= set(ids)
+
+
+def test_four_quarter_gpu_trials_pack_on_one_gpu(ray_cluster: Any) -> None:
+    """Scheduling side only (no CUDA here): 4 trials asking for 0.25 GPU each must all run at
+    once on a cluster with one logical GPU; each waits at a barrier until all four are in."""
+    import ray
+    from ray import tune
+
+    from bdx_study.space import parse_space
+    from bdx_study.trials.launch import trial_resources
+
+    spec = parse_space(tiny_study(Path("/tmp"), resources={"cpu": 0.5, "gpu": 0.25}), "inline")
+    res = trial_resources(spec)
+    assert res == {"cpu": 0.5, "gpu": 0.25}
+
+    @ray.remote(num_cpus=0)
+    class Barrier:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def arrive(self) -> int:
+            self.n += 1
+            return self.n
+
+        def count(self) -> int:
+            return self.n
+
+    barrier = Barrier.options(name="bdx-test-barrier").remote()  # type: ignore[attr-defined]
+
+    def trial(config: dict[str, Any]) -> None:
+        b = ray.get_actor("bdx-test-barrier")
+        ray.get(b.arrive.remote())
+        deadline = time.time() + 60
+        while ray.get(b.count.remote()) < 4 and time.time() < deadline:
+            time.sleep(0.1)
+        from bdx_study.training import pick_device
+
+        tune.report({"together": float(ray.get(b.count.remote()) >= 4), "gpus": float(len(ray.get_gpu_ids())),
+                     "cpu_device": float(pick_device(prefer_gpu=True).type == "cpu")})
+
+    grid = tune.Tuner(
+        tune.with_resources(trial, res),
+        tune_config=tune.TuneConfig(num_samples=4, max_concurrent_trials=4),
+        run_config=tune.RunConfig(storage_path="/tmp/bdx-test-gpu", name="pack", verbose=0),
+    ).fit()
+    assert grid.num_errors == 0
+    for r in grid:
+        assert r.metrics["together"] == 1.0  # all four ran concurrently on the single GPU
+        assert r.metrics["gpus"] == 1.0  # each saw the one GPU id
+        assert r.metrics["cpu_device"] == 1.0  # and fell back to the CPU: no CUDA here
+    ray.kill(barrier)
+
+
+def test_gpu_study_runs_on_cpu_without_cuda(ray_cluster: Any, tmp_path: Path) -> None:
+    doc = tiny_study(tmp_path, name="gpu", search__num_trials=2, resources={"cpu": 0.5, "gpu": 0.25})
+    path = write_study(tmp_path, doc)
+    result = launch(load_space(path), source=path)
+    assert result.num_errors == 0
+    table = pq.read_table(result.study_dir / "tables" / "trials.parquet").to_pandas()
+    assert set(table["device"]) == {"cpu"}
+    assert set(table["gpu_ids"]) == {"0"}
