@@ -63,12 +63,16 @@ def export_detector(
         "victim": vcfg.name,
         "victim_id": vcfg.key,
         "victim_config": vcfg.model_dump(mode="json", exclude={"data": {"root"}}),
-        "mlflow": {"tracking_uri": ids.get("tracking_uri"), "experiment_id": ids.get("experiment_id"),
-                   "parent_run_id": ids.get("parent_run_id")},
+        "mlflow": {
+            "tracking_uri": ids.get("tracking_uri"),
+            "experiment_id": ids.get("experiment_id"),
+            "parent_run_id": ids.get("parent_run_id"),
+        },
         "metrics_protocol": "evaluation split of the victim's dataset, disjoint from the defender's clean data",
     }
-    bundle = save_bundle(out, det, architecture=vcfg.architecture, info=splits.info, metrics=metrics,
-                         provenance=provenance)
+    bundle = save_bundle(
+        out, det, architecture=vcfg.architecture, info=splits.info, metrics=metrics, provenance=provenance
+    )
     if log_to_mlflow and ids.get("tracking_uri") and ids.get("experiment_id"):
         try:
             model_uri = log_bundle_to_mlflow(bundle, ids, name=f"detector-{vcfg.name}")
@@ -90,13 +94,25 @@ def log_bundle_to_mlflow(bundle: Path, ids: dict[str, Any], *, name: str) -> str
 
     mlflow.set_tracking_uri(ids["tracking_uri"])
     code = Path(bdx_study.__file__).parent / "mlflow_model.py"
-    with mlflow.start_run(experiment_id=ids["experiment_id"], run_name=name,
-                          tags={"mlflow.parentRunId": ids.get("parent_run_id") or "", "bdx.kind": "export",
-                                "bdx.study": ids.get("study", "")}):
+    with mlflow.start_run(
+        experiment_id=ids["experiment_id"],
+        run_name=name,
+        tags={
+            "mlflow.parentRunId": ids.get("parent_run_id") or "",
+            "bdx.kind": "export",
+            "bdx.study": ids.get("study", ""),
+        },
+    ):
         manifest = json.loads((bundle / "manifest.json").read_text())
-        mlflow.log_params({"threshold": manifest["threshold"], "score": manifest["score"]["kind"],
-                           "ensemble_alpha": manifest["score"]["alpha"], "ensemble_beta": manifest["score"]["beta"],
-                           "target_fpr": manifest["target_fpr"]})
+        mlflow.log_params(
+            {
+                "threshold": manifest["threshold"],
+                "score": manifest["score"]["kind"],
+                "ensemble_alpha": manifest["score"]["alpha"],
+                "ensemble_beta": manifest["score"]["beta"],
+                "target_fpr": manifest["target_fpr"],
+            }
+        )
         mlflow.log_metrics({k: v for k, v in manifest["metrics"].items() if v is not None})
         info = mlflow.pyfunc.log_model(
             name="detector",

@@ -37,8 +37,12 @@ def _clean(v: Any) -> Any:
 def recipe(rd: RobustDefaults, spec: StudySpec, study_dir: Path) -> dict[str, Any]:
     """The recipe: chosen hyperparameters, the rule that chose them and the per-victim evidence."""
     per_victim = [
-        {"victim": r["victim_name"], "victim_id": r["victim_id"], "attack": r["attack"],
-         **{m: _clean(r[m]) for m in SHOWN_METRICS if m in r}}
+        {
+            "victim": r["victim_name"],
+            "victim_id": r["victim_id"],
+            "attack": r["attack"],
+            **{m: _clean(r[m]) for m in SHOWN_METRICS if m in r},
+        }
         for _, r in rd.per_victim.iterrows()
     ]
     return {
@@ -77,9 +81,12 @@ def write_recipe(data: dict[str, Any], path: Path) -> Path:
 
 
 def render(rd: RobustDefaults, spec: StudySpec) -> str:
-    lines = [f"Robust defaults for study {spec.study.name!r} (trial {rd.chosen.trial_id}; "
-             f"{rd.aggregate}-case {rd.objective} = {rd.chosen.score:.4f}, mean {rd.chosen.mean:.4f}"
-             f"{'' if rd.chosen.feasible else '; NO trial met the clean-accuracy constraint'})", ""]
+    lines = [
+        f"Robust defaults for study {spec.study.name!r} (trial {rd.chosen.trial_id}; "
+        f"{rd.aggregate}-case {rd.objective} = {rd.chosen.score:.4f}, mean {rd.chosen.mean:.4f}"
+        f"{'' if rd.chosen.feasible else '; NO trial met the clean-accuracy constraint'})",
+        "",
+    ]
     searched = list(spec.searched)
     lines.append("Hyperparameters (* = searched):")
     for k, v in rd.config.items():

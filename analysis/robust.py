@@ -57,12 +57,14 @@ def _per_trial(df: pd.DataFrame, metric: str, aggregate: str, max_drop: float | 
     higher = metric in HIGHER_IS_BETTER
     g = df.groupby("trial_id")
     worst = g[metric].min() if higher else g[metric].max()
-    out = pd.DataFrame({
-        "worst": worst,
-        "mean": g[metric].mean(),
-        "worst_clean_acc_drop": g["clean_acc_drop"].max(),
-        "victims": g.size(),
-    })
+    out = pd.DataFrame(
+        {
+            "worst": worst,
+            "mean": g[metric].mean(),
+            "worst_clean_acc_drop": g["clean_acc_drop"].max(),
+            "victims": g.size(),
+        }
+    )
     out["score"] = out["worst"] if aggregate == "worst" else out["mean"]
     out["feasible"] = True if max_drop is None else out["worst_clean_acc_drop"] <= max_drop + 1e-12
     return out
@@ -108,15 +110,17 @@ def robust_defaults(study_dir: Path, spec: StudySpec) -> RobustDefaults:
             if vals.empty:
                 continue
             higher = obj.metric in HIGHER_IS_BETTER
-            held_out.append({
-                "held_out": f"{col}={v}",
-                "picked_trial": pick.trial_id,
-                "tuned_on_score": pick.score,
-                f"held_out_worst_{obj.metric}": float(vals.min() if higher else vals.max()),
-                f"held_out_mean_{obj.metric}": float(vals.mean()),
-                "held_out_worst_clean_acc_drop": float(test_rows["clean_acc_drop"].max()),
-                "held_out_victims": int(len(test_rows)),
-            })
+            held_out.append(
+                {
+                    "held_out": f"{col}={v}",
+                    "picked_trial": pick.trial_id,
+                    "tuned_on_score": pick.score,
+                    f"held_out_worst_{obj.metric}": float(vals.min() if higher else vals.max()),
+                    f"held_out_mean_{obj.metric}": float(vals.mean()),
+                    "held_out_worst_clean_acc_drop": float(test_rows["clean_acc_drop"].max()),
+                    "held_out_victims": int(len(test_rows)),
+                }
+            )
     return RobustDefaults(obj.metric, obj.aggregate, max_drop, chosen, config, rows, board, held_out)
 
 
@@ -131,3 +135,46 @@ def _restore_types(config: dict[str, Any]) -> dict[str, Any]:
             v = v.item()
         out[k] = v
     return out
+
+
+def write_optuna_study(df: pd.DataFrame, spec: StudySpec, path: Path) -> Path:
+    """Rebuild the sweep as an Optuna study in SQLite (``optuna-dashboard sqlite:///PATH``, or
+    ``optuna.load_study``), one completed trial per study trial: params = the searched
+    hyperparameters, value = the objective Tune optimized, per-victim figures as user attrs."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    storage = f"sqlite:///{tmp}"
+    study = optuna.create_study(
+        study_name=spec.study.name,
+        storage=storage,
+        direction="maximize" if spec.search.objective.mode == "max" else "minimize",
+    )
+    dists = spec.optuna_space()
+    metric = spec.search.objective.metric
+    trials = []
+    for tid, rows in df.groupby("trial_id", sort=False):
+        first = rows.iloc[0]
+        params = {k: _restore_types({k: first[k]})[k] for k in dists if k in rows.columns}
+        trials.append(
+            optuna.trial.create_trial(
+                params=params,
+                distributions={k: dists[k] for k in params},
+                value=float(first["objective"]),
+                user_attrs={
+                    "trial_id": str(tid),
+                    "feasible": bool(first["feasible"]),
+                    **{f"{r['victim_name']}/{metric}": _none_if_nan(r[metric]) for _, r in rows.iterrows()},
+                },
+            )
+        )
+    study.add_trials(trials)
+    del study
+    tmp.replace(path)
+    return path
+
+
+def _none_if_nan(v: Any) -> Any:
+    return None if isinstance(v, float) and math.isnan(v) else v

@@ -39,9 +39,7 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise UnknownNameError(
-                f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._entries))}"
-            ) from None
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._entries))}") from None
 
     def names(self) -> list[str]:
         return sorted(self._entries)

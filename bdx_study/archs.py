@@ -24,7 +24,8 @@ class Classifier(nn.Module):
         self.body = body
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.body((x - self.mean) / self.std)  # type: ignore[no-any-return]
+        mean, std = self.get_buffer("mean"), self.get_buffer("std")
+        return self.body((x - mean) / std)  # type: ignore[no-any-return]
 
 
 def create_model(

@@ -36,8 +36,10 @@ def _study_dir(spec: StudySpec) -> Path:
 def cmd_validate(args: argparse.Namespace) -> int:
     spec, path = _load(args.space)
     victims = spec.victim_configs()
-    print(f"{path}: OK: study {spec.study.name!r}, {len(victims)} victim(s), {spec.num_trials} trial(s), "
-          f"searching {', '.join(spec.searched) or 'nothing'}")
+    print(
+        f"{path}: OK: study {spec.study.name!r}, {len(victims)} victim(s), {spec.num_trials} trial(s), "
+        f"searching {', '.join(spec.searched) or 'nothing'}"
+    )
     return 0
 
 
@@ -51,16 +53,21 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def _analyze(spec: StudySpec, quiet: bool = False) -> Path:
     from bdx_study.analysis.report import plot_params, recipe, render, write_recipe
-    from bdx_study.analysis.robust import load_trials, robust_defaults
+    from bdx_study.analysis.robust import load_trials, robust_defaults, write_optuna_study
 
     study_dir = _study_dir(spec)
     rd = robust_defaults(study_dir, spec)
     out = write_recipe(recipe(rd, spec, study_dir), study_dir / "recipe.yaml")
-    plot = plot_params(load_trials(study_dir), spec, spec.search.objective.metric,
-                       study_dir / "analysis" / "objective_vs_params.png")
+    trials = load_trials(study_dir)
+    plot = plot_params(trials, spec, spec.search.objective.metric, study_dir / "analysis" / "objective_vs_params.png")
+    optuna_db = write_optuna_study(trials, spec, study_dir / "optuna.db") if spec.searched else None
     if not quiet:
         print(render(rd, spec))
-        print(f"\nrecipe: {out}" + (f"\nplot: {plot}" if plot else ""))
+        print(
+            f"\nrecipe: {out}"
+            + (f"\nplot: {plot}" if plot else "")
+            + (f"\noptuna study: sqlite:///{optuna_db}" if optuna_db else "")
+        )
     return out
 
 
@@ -76,12 +83,25 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     study_dir = _study_dir(spec)
     out = Path(args.out) if args.out else study_dir / "detector"
-    bundle, metrics = export_detector(spec, study_dir, out, victim=args.victim,
-                                      recipe_path=Path(args.recipe) if args.recipe else None,
-                                      log_to_mlflow=not args.no_mlflow)
+    bundle, metrics = export_detector(
+        spec,
+        study_dir,
+        out,
+        victim=args.victim,
+        recipe_path=Path(args.recipe) if args.recipe else None,
+        log_to_mlflow=not args.no_mlflow,
+    )
     print(f"detector bundle: {bundle}")
-    keys = ["threshold", "auroc_correct_only", "tpr_at_threshold_correct_only", "fpr_at_threshold_correct_only",
-            "clean_acc_before", "clean_acc_after", "attack_success_before", "attack_success_after"]
+    keys = [
+        "threshold",
+        "auroc_correct_only",
+        "tpr_at_threshold_correct_only",
+        "fpr_at_threshold_correct_only",
+        "clean_acc_before",
+        "clean_acc_after",
+        "attack_success_before",
+        "attack_success_after",
+    ]
     print("measured on the victim's evaluation split: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys))
     return 0
 
@@ -141,14 +161,20 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         f = study_dir / f"demo_{name}.npy"
         np.save(f, arr)
         d = det.detect(np.load(f, allow_pickle=False))
-        print(f"detect {f.name}: {int(d.flagged.sum())}/{len(arr)} flagged ({d.flagged.mean():.1%}; "
-              f"target FPR {det.manifest['target_fpr']:.0%})")
-    print(f"\nquickstart finished in {time.perf_counter() - t0:.0f} s. Try:\n"
-          f"  bdx-study detect --detector {bundle} --input {study_dir / 'demo_triggered.npy'} --output flags.csv")
+        print(
+            f"detect {f.name}: {int(d.flagged.sum())}/{len(arr)} flagged ({d.flagged.mean():.1%}; "
+            f"target FPR {det.manifest['target_fpr']:.0%})"
+        )
+    print(
+        f"\nquickstart finished in {time.perf_counter() - t0:.0f} s. Try:\n"
+        f"  bdx-study detect --detector {bundle} --input {study_dir / 'demo_triggered.npy'} --output flags.csv"
+    )
     if result.experiment_id:
         from bdx_study.trials.tracking import runs_link, ui_command
 
-        print(f"  {ui_command(result.tracking_uri)}   # then open {runs_link(result.tracking_uri, result.experiment_id)}")
+        print(
+            f"  {ui_command(result.tracking_uri)}   # then open {runs_link(result.tracking_uri, result.experiment_id)}"
+        )
     return 0
 
 

@@ -179,9 +179,7 @@ def _load_mnist(root: Path | None, download: bool) -> tuple[ImageData, ImageData
     return _load_idx_dataset("mnist", "MNIST", ["mnist", "MNIST/raw"], root, download, None)
 
 
-@_register(
-    DatasetInfo("fashion_mnist", (1, 28, 28), 10, (0.2860,), (0.3530,), crop_padding=2, horizontal_flip=False)
-)
+@_register(DatasetInfo("fashion_mnist", (1, 28, 28), 10, (0.2860,), (0.3530,), crop_padding=2, horizontal_flip=False))
 def _load_fashion_mnist(root: Path | None, download: bool) -> tuple[ImageData, ImageData]:
     return _load_idx_dataset(
         "fashion_mnist",
@@ -212,9 +210,7 @@ def read_cifar_binary(path: Path) -> ImageData:
 
 
 @_register(
-    DatasetInfo(
-        "cifar10", (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 4, horizontal_flip=True
-    )
+    DatasetInfo("cifar10", (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 4, horizontal_flip=True)
 )
 def _load_cifar10(root: Path | None, download: bool) -> tuple[ImageData, ImageData]:
     if root is None:

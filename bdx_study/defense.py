@@ -146,8 +146,17 @@ def finetune_auxiliary(
     )
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.aux_milestones), 0.1)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    fit(aux, finetune, opt, epochs=cfg.aux_epochs, batch_size=cfg.aux_batch_size, gen=gen, augment=augment,
-        scheduler=sched, device=device)
+    fit(
+        aux,
+        finetune,
+        opt,
+        epochs=cfg.aux_epochs,
+        batch_size=cfg.aux_batch_size,
+        gen=gen,
+        augment=augment,
+        scheduler=sched,
+        device=device,
+    )
     return aux.eval()
 
 
@@ -209,8 +218,12 @@ def fit_badexpert(
     aux = finetune_auxiliary(model, finetune, cfg, augment=augment, device=device)
     det = BaDExpert(model, expert, aux, cfg)
     det.calibrate(calibration, device)
-    diag = {"expert_steps": float(steps), "fit_seconds": time.perf_counter() - t0,
-            "finetune_size": float(len(finetune)), "calibration_size": float(len(calibration))}
+    diag = {
+        "expert_steps": float(steps),
+        "fit_seconds": time.perf_counter() - t0,
+        "finetune_size": float(len(finetune)),
+        "calibration_size": float(len(calibration)),
+    }
     return det, diag
 
 
@@ -222,9 +235,7 @@ class Evaluation:
     samples: dict[str, np.ndarray]  # equal-length columns, one row per evaluated input
 
 
-def evaluate_badexpert(
-    det: BaDExpert, splits: Splits, attack: Attack, *, device: torch.device
-) -> Evaluation:
+def evaluate_badexpert(det: BaDExpert, splits: Splits, attack: Attack, *, device: torch.device) -> Evaluation:
     """Score clean evaluation inputs, triggered evaluation inputs (those counting toward ASR) and,
     for the record, the calibration inputs; compute every metric on the evaluation rows only."""
     cfg = det.cfg
@@ -239,8 +250,20 @@ def evaluate_badexpert(
         "clean": (ev.x, ev.y, ev.y, torch.arange(len(ev))),
         "poisoned": (x_poison, ev.y[poison_idx], y_attack, poison_idx),
     }
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in
-        ["split", "sample_index", "label", "attack_label", "pred", "expert_conf", "aux_conf", "score", "flagged"]}
+    cols: dict[str, list[np.ndarray]] = {
+        k: []
+        for k in [
+            "split",
+            "sample_index",
+            "label",
+            "attack_label",
+            "pred",
+            "expert_conf",
+            "aux_conf",
+            "score",
+            "flagged",
+        ]
+    }
     per: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     expert_hits: dict[str, float] = {}
     for name, (x, y, y_target, idx) in parts.items():

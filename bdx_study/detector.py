@@ -135,7 +135,7 @@ class Detector:
         if manifest.get("format") != FORMAT:
             raise BundleError(f"{mpath}: format {manifest.get('format')!r} is not {FORMAT!r}")
         expected = manifest.get("sha256", {})
-        models = {}
+        models: dict[str, nn.Module] = {}
         dev = torch.device(device)
         for role, fname in WEIGHT_FILES.items():
             f = root / fname

@@ -23,7 +23,7 @@ import itertools
 import math
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import optuna
 import yaml
@@ -95,14 +95,12 @@ class _UnknownDist(_Strict):
 
 
 Distribution = Annotated[
-    Union[
-        Annotated[LogUniform, Tag("loguniform")],
-        Annotated[Uniform, Tag("uniform")],
-        Annotated[IntRange, Tag("int")],
-        Annotated[Choice, Tag("choice")],
-        Annotated[_UnknownDist, Tag("unknown")],
-        Annotated[Any, Tag("fixed")],
-    ],
+    Annotated[LogUniform, Tag("loguniform")]
+    | Annotated[Uniform, Tag("uniform")]
+    | Annotated[IntRange, Tag("int")]
+    | Annotated[Choice, Tag("choice")]
+    | Annotated[_UnknownDist, Tag("unknown")]
+    | Annotated[Any, Tag("fixed")],
     Discriminator(_dist_tag),
 ]
 SearchDistribution = LogUniform | Uniform | IntRange | Choice
@@ -372,8 +370,9 @@ def _check_defense_values(spec: StudySpec, source: str) -> None:
     """Each fixed value and each bound or choice of a distribution must be a valid DefenseConfig
     value (e.g. lr > 0), and the clean set must fit in the reserved pool."""
     problems: list[str] = []
+    searched = spec.searched
     for key, d in spec.defense.items():
-        cases = _extremes(d) if key in spec.searched else [("", d)]
+        cases = _extremes(searched[key]) if key in searched else [("", d)]
         for where, value in cases:
             try:
                 DefenseConfig.model_validate({key: value})
@@ -387,9 +386,11 @@ def _check_defense_values(spec: StudySpec, source: str) -> None:
             if not isinstance(d, Choice) and not (isinstance(d, IntRange) and not d.log):
                 problems.append(f"{source}: defense.{key}: the grid sampler needs choice or int distributions")
     if not problems:
-        sizes = [v for _, v in _extremes(spec.searched["clean_set_size"])] if "clean_set_size" in spec.searched else [
-            spec.fixed.get("clean_set_size", DefenseConfig.model_fields["clean_set_size"].default)
-        ]
+        sizes = (
+            [v for _, v in _extremes(spec.searched["clean_set_size"])]
+            if "clean_set_size" in spec.searched
+            else [spec.fixed.get("clean_set_size", DefenseConfig.model_fields["clean_set_size"].default)]
+        )
         for n in sizes:
             if n > spec.data.reserve_size:
                 problems.append(
@@ -426,7 +427,12 @@ def load_space(path: str | os.PathLike[str]) -> StudySpec:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise SpaceError(f"{p}: not valid YAML: {e}") from None
-    return parse_space(raw, str(p))
+    spec = parse_space(raw, str(p))
+    # Relative paths are taken from where the user runs the command (trials run elsewhere).
+    root = spec.data.root
+    if root is not None and not Path(os.path.expandvars(root)).expanduser().is_absolute():
+        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"root": str(Path(root).resolve())})})
+    return spec
 
 
 def builtin_space(name: str = "quickstart") -> Path:

@@ -144,62 +144,92 @@ def launch(
     tracking_ok = True
     try:
         tracker.start(
-            {"space_file": str(source or ""), "sampler": spec.search.sampler, "num_trials": spec.num_trials,
-             "objective": spec.search.objective.key, "objective_mode": spec.search.objective.mode,
-             "max_clean_acc_drop": spec.search.constraint.max_clean_acc_drop, "num_victims": len(victims),
-             **{f"fixed.{k}": v for k, v in spec.fixed.items()}},
+            {
+                "space_file": str(source or ""),
+                "sampler": spec.search.sampler,
+                "num_trials": spec.num_trials,
+                "objective": spec.search.objective.key,
+                "objective_mode": spec.search.objective.mode,
+                "max_clean_acc_drop": spec.search.constraint.max_clean_acc_drop,
+                "num_victims": len(victims),
+                **{f"fixed.{k}": v for k, v in spec.fixed.items()},
+            },
             description=spec.study.description,
         )
     except Exception as e:
         tracking_ok = False
-        print(f"[bdx-study] WARNING: MLflow at {uri} is unavailable ({e}); results are kept in Parquet only",
-              flush=True)
-    ids.update(tracking_uri=uri, experiment_id=tracker.experiment_id, parent_run_id=tracker.parent_run_id,
-               study=spec.study.name)
+        print(
+            f"[bdx-study] WARNING: MLflow at {uri} is unavailable ({e}); results are kept in Parquet only", flush=True
+        )
+    ids.update(
+        tracking_uri=uri,
+        experiment_id=tracker.experiment_id,
+        parent_run_id=tracker.parent_run_id,
+        study=spec.study.name,
+    )
     tmp = ids_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(ids, indent=2))
     tmp.replace(ids_path)
-    print(f"[bdx-study] study {spec.study.name!r}: {len(victims)} victim(s) x {spec.num_trials} trial(s); "
-          f"storage {study_dir}", flush=True)
+    print(
+        f"[bdx-study] study {spec.study.name!r}: {len(victims)} victim(s) x {spec.num_trials} trial(s); "
+        f"storage {study_dir}",
+        flush=True,
+    )
 
     _init_ray(address, spec)
     cache = VictimCache(spec.storage_root() / "victims")
     res = spec.resources
     records = ensure_victims(victims, cache, cpu=res.cpu, gpu=res.gpu)
     tables = StudyTables(study_dir)
-    tables.write_victims([
-        {**victim_columns(r.config), "clean_acc": r.clean_acc, "attack_success": r.attack_success,
-         "train_seconds": r.train_seconds, "weights_sha256": r.weights_sha256, "cache_path": str(r.path)}
-        for r, _ in records
-    ])
+    tables.write_victims(
+        [
+            {
+                **victim_columns(r.config),
+                "clean_acc": r.clean_acc,
+                "attack_success": r.attack_success,
+                "train_seconds": r.train_seconds,
+                "weights_sha256": r.weights_sha256,
+                "cache_path": str(r.path),
+            }
+            for r, _ in records
+        ]
+    )
     if tracking_ok:
         for rec, trained in records:
             try:
                 run_id, created = tracker.child_run(
-                    "victim", rec.config.key, f"victim-{rec.config.name}",
-                    {**victim_columns(rec.config), **{f"attack.{k}": v for k, v in rec.config.attack.params.items()},
-                     **{f"training.{k}": v for k, v in rec.config.training.model_dump().items()}},
+                    "victim",
+                    rec.config.key,
+                    f"victim-{rec.config.name}",
+                    {
+                        **victim_columns(rec.config),
+                        **{f"attack.{k}": v for k, v in rec.config.attack.params.items()},
+                        **{f"training.{k}": v for k, v in rec.config.training.model_dump().items()},
+                    },
                 )
                 if created:
-                    tracker.log_metrics(run_id, {"clean_acc": rec.clean_acc, "attack_success": rec.attack_success,
-                                                 "train_seconds": rec.train_seconds})
+                    tracker.log_metrics(
+                        run_id,
+                        {
+                            "clean_acc": rec.clean_acc,
+                            "attack_success": rec.attack_success,
+                            "train_seconds": rec.train_seconds,
+                        },
+                    )
                     tracker.client.set_tag(run_id, "bdx.trained_now", str(trained).lower())
                     tracker.finish(run_id)
             except Exception as e:
                 print(f"[bdx-study] WARNING: MLflow logging of victim {rec.config.name} failed: {e}", flush=True)
 
     ctx = StudyContext(spec=spec, study_dir=study_dir, victim_cache=cache.root, victims=tuple(victims))
-    trainable = tune.with_resources(
-        tune.with_parameters(defense_trial, ctx=ctx), trial_resources(spec)
-    )
+    trainable = tune.with_resources(tune.with_parameters(defense_trial, ctx=ctx), trial_resources(spec))
     callback = MlflowStudyCallback(tracker, spec.fixed, spec.num_trials) if tracking_ok else None
     if resume and tune.Tuner.can_restore(str(tune_dir)):
         done = len(tables.finished_trials())
         print(f"[bdx-study] resuming: {done} finished trial(s) kept, the rest run now", flush=True)
         if callback is not None:
             callback.done = done
-        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
+        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -225,30 +255,51 @@ def launch(
     best: dict[str, Any] = {}
     try:
         r = grid.get_best_result(metric="objective", mode=spec.search.objective.mode)
-        best = {"trial_id": r.metrics.get("trial_id"), "objective": r.metrics.get("objective"),
-                "feasible": bool(r.metrics.get("feasible")), "config": r.config}
+        m = r.metrics or {}
+        best = {
+            "trial_id": m.get("trial_id"),
+            "objective": m.get("objective"),
+            "feasible": bool(m.get("feasible")),
+            "config": r.config,
+        }
     except RuntimeError:
         pass
     if tracking_ok and tracker.parent_run_id:
         try:
             if best.get("objective") is not None and math.isfinite(best["objective"]):
                 tracker.log_metrics(tracker.parent_run_id, {"best_objective": best["objective"]})
-            for p in (study_dir / "tables" / "trials.parquet", study_dir / "tables" / "victims.parquet",
-                      study_dir / "study.yaml"):
+            for p in (
+                study_dir / "tables" / "trials.parquet",
+                study_dir / "tables" / "victims.parquet",
+                study_dir / "study.yaml",
+            ):
                 tracker.log_artifact(tracker.parent_run_id, p, "study")
             tracker.finish(tracker.parent_run_id, ok=grid.num_errors == 0)
         except Exception as e:
             print(f"[bdx-study] WARNING: MLflow logging of the study run failed: {e}", flush=True)
 
     seconds = time.perf_counter() - t0
-    print(f"[bdx-study] study {spec.study.name!r} done in {seconds:.0f} s: "
-          f"{grid.num_terminated} trial(s) finished, {grid.num_errors} failed", flush=True)
+    print(
+        f"[bdx-study] study {spec.study.name!r} done in {seconds:.0f} s: "
+        f"{grid.num_terminated} trial(s) finished, {grid.num_errors} failed",
+        flush=True,
+    )
     if best:
-        print(f"[bdx-study] best trial {best['trial_id']}: objective ({spec.search.objective.key}) "
-              f"{best['objective']:.4f}{'' if best['feasible'] else ' (infeasible)'}", flush=True)
+        print(
+            f"[bdx-study] best trial {best['trial_id']}: objective ({spec.search.objective.key}) "
+            f"{best['objective']:.4f}{'' if best['feasible'] else ' (infeasible)'}",
+            flush=True,
+        )
     print(f"[bdx-study] tables: {study_dir / 'tables'}", flush=True)
     if tracking_ok and tracker.experiment_id:
-        print(f"[bdx-study] MLflow: {ui_command(uri)}  then open {runs_link(uri, tracker.experiment_id)}",
-              flush=True)
-    return LaunchResult(study_dir, uri, tracker.experiment_id, tracker.parent_run_id, grid.num_terminated,
-                        grid.num_errors, best, seconds)
+        print(f"[bdx-study] MLflow: {ui_command(uri)}  then open {runs_link(uri, tracker.experiment_id)}", flush=True)
+    return LaunchResult(
+        study_dir,
+        uri,
+        tracker.experiment_id,
+        tracker.parent_run_id,
+        grid.num_terminated,
+        grid.num_errors,
+        best,
+        seconds,
+    )

@@ -14,9 +14,7 @@ if TYPE_CHECKING:
     from bdx_study.defense import DefenseConfig, Evaluation
 
 
-def plot_confidence_planes(
-    panels: list[tuple[str, Evaluation, DefenseConfig]], path: Path, *, title: str = ""
-) -> Path:
+def plot_confidence_planes(panels: list[tuple[str, Evaluation, DefenseConfig]], path: Path, *, title: str = "") -> Path:
     """One panel per victim: clean and triggered evaluation inputs in the (b, m) plane, where
     b = expert confidence and m = auxiliary confidence in M's predicted class, and the boundary
     score = threshold (inputs on the high-score side, the lower-right corner, are flagged)."""
@@ -37,7 +35,7 @@ def plot_confidence_planes(
         z = badexpert_score(bb, mm, cfg.score, cfg.ensemble_alpha, cfg.ensemble_beta).numpy()
         thr = ev.metrics["threshold"]
         if np.isfinite(thr) and z.min() < thr < z.max():
-            ax.contour(grid.numpy(), grid.numpy(), z, levels=[thr], colors="k", linewidths=1)
+            ax.contour(grid.numpy(), grid.numpy(), z, levels=[thr], colors="k", linewidths=1, linestyles="solid")
         ax.set_title(f"{name}\nAUROC(correct-only) {ev.metrics['auroc_correct_only']:.3f}", fontsize=7)
         ax.set_xlabel("expert confidence b")
         ax.set_xlim(-0.02, 1.02)

@@ -155,8 +155,9 @@ class MlflowStudyCallback(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         params = {**self.fixed_params, **trial.config}
-        got = self._safe("run creation", self.tracker.child_run, "trial", trial.trial_id, f"trial-{trial.trial_id}",
-                         params)
+        got = self._safe(
+            "run creation", self.tracker.child_run, "trial", trial.trial_id, f"trial-{trial.trial_id}", params
+        )
         if got:
             self._runs[trial.trial_id] = got[0]
 
@@ -165,8 +166,11 @@ class MlflowStudyCallback(tune.Callback):
         result = trial.last_result or {}
         run_id = self._runs.get(trial.trial_id)
         if run_id is not None:
-            metrics = {k: v for k, v in result.items() if _finite(v) and ("/" in k or k in
-                       ("objective", "feasible", "trial_seconds", "time_total_s"))}
+            metrics = {
+                k: v
+                for k, v in result.items()
+                if _finite(v) and ("/" in k or k in ("objective", "feasible", "trial_seconds", "time_total_s"))
+            }
 
             def _log() -> None:
                 self.tracker.log_metrics(run_id, metrics)

@@ -107,9 +107,18 @@ def defense_trial(config: dict[str, Any], *, ctx: StudyContext) -> None:
     for victim, ev, diag in results:
         per_victim.append(ev.metrics)
         rows.append(
-            {"study": ctx.name, "trial_id": trial_id, **victim_columns(victim), **params, **ev.metrics, **diag,
-             "node": node, "device": str(device), "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
-             "started_at": started_at}
+            {
+                "study": ctx.name,
+                "trial_id": trial_id,
+                **victim_columns(victim),
+                **params,
+                **ev.metrics,
+                **diag,
+                "node": node,
+                "device": str(device),
+                "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
+                "started_at": started_at,
+            }
         )
         n = len(ev.samples["score"])
         cols = {"trial_id": pa.array([trial_id] * n), "victim_id": pa.array([victim.key] * n)}
