@@ -12,8 +12,9 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
-    """An unknown registry name; the message lists the known ones."""
+class UnknownNameError(KeyError, ValueError):
+    """An unknown registry name; the message lists the known ones (a ValueError too, so that
+    schema validation reports it like any other bad value)."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0])

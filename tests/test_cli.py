@@ -1,0 +1,82 @@
+"""The command line as a user meets it: bad input fails fast with a message naming the file,
+key and value, before Ray starts; list and validate work without a cluster."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import tiny_study
+
+
+def run_cli(*args: str, cwd: Path) -> tuple[int, str, float]:
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "bdx_study.cli", *args], cwd=cwd, capture_output=True, text=True,
+                       timeout=120)
+    return p.returncode, p.stdout + p.stderr, time.perf_counter() - t
+
+
+BAD_CASES = {
+    "unknown_key": ({"search__colour": "red"}, ["search.colour", "Extra inputs are not permitted"]),
+    "wrong_type": ({"search__num_trials": "many"}, ["search.num_trials", "'many'"]),
+    "unknown_attack": ({"victims__attacks": [{"name": "badnett"}]}, ["unknown attack 'badnett'", "badnet, blend"]),
+    "lr_not_positive": ({"defense": {"unlearn_lr": -0.001}}, ["defense.unlearn_lr", "greater than 0", "-0.001"]),
+    "lr_bound": ({"defense": {"aux_lr": {"dist": "loguniform", "low": 0, "high": 0.1}}}, ["defense.aux_lr.low"]),
+    "unknown_hparam": ({"defense": {"unlearn_rate": 0.1}}, ["unknown defense hyperparameter 'unlearn_rate'"]),
+    "fpr_range": ({"defense": {"target_fpr": 1.5}}, ["defense.target_fpr", "1.5"]),
+    "clean_set_too_big": ({"defense": {"clean_set_size": 5000}}, ["clean_set_size", "5000", "reserve_size"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_study_files_fail_fast_before_ray(tmp_path: Path, case: str) -> None:
+    overrides, expected = BAD_CASES[case]
+    doc = tiny_study(tmp_path, **overrides)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    code, out, seconds = run_cli("launch", "--space", str(path), cwd=tmp_path)
+    assert code == 2, out
+    assert str(path) in out
+    for text in expected:
+        assert text in out, (text, out)
+    assert "Traceback" not in out
+    assert "Ray" not in out and not (tmp_path / "runs").exists()  # nothing started, nothing written
+    assert seconds < 30  # interpreter + torch import dominate; validation itself is instant
+
+
+def test_malformed_yaml_and_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("study: {name: x\nvictims: [")
+    code, out, _ = run_cli("validate", "--space", str(path), cwd=tmp_path)
+    assert code == 2 and "not valid YAML" in out and str(path) in out
+    code, out, _ = run_cli("validate", "--space", str(tmp_path / "nope.yaml"), cwd=tmp_path)
+    assert code == 2 and "no such study file" in out
+
+
+def test_missing_data_root_fails_before_ray(tmp_path: Path) -> None:
+    doc = tiny_study(tmp_path)
+    doc["victims"]["datasets"] = ["mnist"]
+    doc["data"]["root"] = str(tmp_path / "no-data-here")
+    path = tmp_path / "mnist.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    code, out, _ = run_cli("launch", "--space", str(path), cwd=tmp_path)
+    assert code == 2, out
+    assert "mnist" in out and "no-data-here" in out and "Traceback" not in out
+    assert not (tmp_path / "runs" / "victims").exists()
+
+
+def test_validate_and_list_shipped_studies(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1] / "search_spaces"
+    for name in ("quickstart.yaml", "ablation.yaml"):
+        code, out, _ = run_cli("validate", "--space", str(root / name), cwd=tmp_path)
+        assert code == 0 and "OK" in out, out
+    code, out, _ = run_cli("validate", cwd=tmp_path)  # the embedded default
+    assert code == 0 and "quickstart" in out
+    code, out, _ = run_cli("list", cwd=tmp_path)
+    assert code == 0
+    assert "badnet" in out and "small_cnn" in out and "digits" in out and "unlearn_lr" in out
