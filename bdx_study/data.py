@@ -264,11 +264,11 @@ def load_splits(
     """
     info = dataset_info(name)
     train, test = _load_cached(name, resolve_root(root), download)
-    gen = torch.Generator().manual_seed(split_seed)
     if train_size is not None:
         if train_size > len(train):
             raise DataError(f"dataset {name!r}: train_size {train_size} > {len(train)} training images")
-        train = train.take(torch.randperm(len(train), generator=gen)[:train_size])
+        sub_gen = torch.Generator().manual_seed(split_seed + 1)  # independent of the test permutation
+        train = train.take(torch.randperm(len(train), generator=sub_gen)[:train_size])
     available = len(test) - reserve_size
     if reserve_size < 1 or available < 1:
         raise DataError(
@@ -278,7 +278,7 @@ def load_splits(
     n_eval = available if eval_size is None else eval_size
     if not 1 <= n_eval <= available:
         raise DataError(f"dataset {name!r}: eval_size {eval_size} must be in [1, {available}]")
-    perm = torch.randperm(len(test), generator=gen)
+    perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(split_seed))
     return Splits(
         info=info,
         train=train,

@@ -169,6 +169,8 @@ class Detector:
                 f"inputs of shape {tuple(t.shape)} do not fit this detector: expected (N, {c}, {h}, {w})"
                 + (f" or (N, {h}, {w})" if c == 1 else "")
             )
+        if not bool(torch.isfinite(t).all()):
+            raise BundleError("inputs contain NaN or infinite values; expected pixels in [0, 1]")
         if t.numel() and (float(t.min()) < -1e-6 or float(t.max()) > 1 + 1e-6):
             raise BundleError(
                 f"input values span [{float(t.min()):.3g}, {float(t.max()):.3g}]; expected pixels in [0, 1] "

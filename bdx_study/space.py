@@ -386,17 +386,25 @@ def _check_defense_values(spec: StudySpec, source: str) -> None:
             if not isinstance(d, Choice) and not (isinstance(d, IntRange) and not d.log):
                 problems.append(f"{source}: defense.{key}: the grid sampler needs choice or int distributions")
     if not problems:
-        sizes = (
-            [v for _, v in _extremes(spec.searched["clean_set_size"])]
-            if "clean_set_size" in spec.searched
-            else [spec.fixed.get("clean_set_size", DefenseConfig.model_fields["clean_set_size"].default)]
-        )
-        for n in sizes:
+
+        def values(key: str) -> list[Any]:
+            if key in searched:
+                return [v for _, v in _extremes(searched[key])]
+            return [spec.fixed.get(key, DefenseConfig.model_fields[key].default)]
+
+        for n in values("clean_set_size"):
             if n > spec.data.reserve_size:
                 problems.append(
                     f"{source}: defense.clean_set_size: {n} exceeds data.reserve_size {spec.data.reserve_size} "
                     "(the clean data reserved for the defender)"
                 )
+            for f in values("calibration_fraction"):
+                n_cal = round(n * f)
+                if not 1 <= n_cal < n:
+                    problems.append(
+                        f"{source}: defense.calibration_fraction: {f} of clean_set_size {n} leaves {n_cal} "
+                        "image(s) to calibrate on; at least 1 and fewer than the clean set are needed"
+                    )
     if problems:
         raise SpaceError("\n".join(problems))
 

@@ -59,9 +59,10 @@ def predict_proba(model: nn.Module, x: Tensor, *, batch_size: int = 512, device:
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = [torch.softmax(model(x[i : i + batch_size].to(device)), dim=1).cpu() for i in range(0, len(x), batch_size)]
+    chunks = [x[i : i + batch_size] for i in range(0, len(x), batch_size)] or [x[:0]]
+    out = [torch.softmax(model(c.to(device)), dim=1).cpu() for c in chunks]
     model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, 0)
+    return torch.cat(out)
 
 
 def accuracy(model: nn.Module, data: ImageData, *, device: torch.device | None = None) -> float:

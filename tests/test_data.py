@@ -200,7 +200,9 @@ def _cifar_batch(n: int, first_label: int, seed: int) -> tuple[bytes, np.ndarray
     return rec.tobytes(), pixels, labels
 
 
-def _write_cifar(root: Path, per_batch: int = 3, n_test: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _write_cifar(
+    root: Path, per_batch: int = 3, n_test: int = 8
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     folder = root / "cifar-10-batches-bin"
     folder.mkdir(parents=True)
     xs, ys = [], []
@@ -307,12 +309,21 @@ def test_digits_evaluation_independent_of_clean_set_and_eval_size() -> None:
     assert set(_hashes(capped.train.x)) <= set(_hashes(s.train.x))
 
 
+def test_digits_evaluation_independent_of_train_size() -> None:
+    s = load_splits("digits", reserve_size=300)
+    capped = load_splits("digits", reserve_size=300, train_size=200)
+    assert torch.equal(capped.reserve.x, s.reserve.x)
+    assert torch.equal(capped.evaluation.x, s.evaluation.x)
+
+
 def _numbered(n: int) -> ImageData:
     x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous() / n
     return ImageData(x, torch.arange(n) % 10)
 
 
-@pytest.mark.parametrize(("size", "frac", "n_ft", "n_cal"), [(40, 0.5, 20, 20), (41, 0.25, 31, 10), (300, 0.5, 150, 150)])
+@pytest.mark.parametrize(
+    ("size", "frac", "n_ft", "n_cal"), [(40, 0.5, 20, 20), (41, 0.25, 31, 10), (300, 0.5, 150, 150)]
+)
 def test_defender_split_sizes_and_disjoint(size: int, frac: float, n_ft: int, n_cal: int) -> None:
     reserve = _numbered(300)
     ft, cal = defender_split(reserve, size, frac)

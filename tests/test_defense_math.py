@@ -199,8 +199,13 @@ def test_detection_metrics_without_poison() -> None:
         **{**case, "poison_scores": empty.astype(float), "poison_pred": empty, "poison_attack_label": empty}  # type: ignore[arg-type]
     )
     assert m["clean_acc_before"] == pytest.approx(0.8)
-    for k in ("attack_success_before", "attack_success_after", "auroc_correct_only", "tpr_at_threshold_all_inputs",
-              "tpr_at_1pct_fpr_correct_only"):
+    for k in (
+        "attack_success_before",
+        "attack_success_after",
+        "auroc_correct_only",
+        "tpr_at_threshold_all_inputs",
+        "tpr_at_1pct_fpr_correct_only",
+    ):
         assert math.isnan(m[k]), k
     assert m["fpr_at_threshold_all_inputs"] == pytest.approx(2 / 5)
 
@@ -208,8 +213,18 @@ def test_detection_metrics_without_poison() -> None:
 def test_aggregate_worst_and_mean() -> None:
     nan = float("nan")
     per = [
-        {"auroc_correct_only": 0.9, "clean_acc_drop": 0.01, "attack_success_after": 0.1, "fpr_at_threshold_all_inputs": nan},
-        {"auroc_correct_only": 0.7, "clean_acc_drop": 0.05, "attack_success_after": 0.3, "fpr_at_threshold_all_inputs": nan},
+        {
+            "auroc_correct_only": 0.9,
+            "clean_acc_drop": 0.01,
+            "attack_success_after": 0.1,
+            "fpr_at_threshold_all_inputs": nan,
+        },
+        {
+            "auroc_correct_only": 0.7,
+            "clean_acc_drop": 0.05,
+            "attack_success_after": 0.3,
+            "fpr_at_threshold_all_inputs": nan,
+        },
         {"auroc_correct_only": nan, "clean_acc_drop": 0.02, "unknown_metric": 5.0},
     ]
     out = aggregate(per)
@@ -227,8 +242,16 @@ def test_aggregate_worst_and_mean() -> None:
 # ------------------------------------------------------------------------------------- calibration
 
 
-TINY = DefenseConfig(clean_set_size=40, unlearn_epochs=1, aux_epochs=1, aux_milestones=(), unlearn_batch_size=16,
-                     aux_batch_size=16, target_fpr=0.1, seed=0)
+TINY = DefenseConfig(
+    clean_set_size=40,
+    unlearn_epochs=1,
+    aux_epochs=1,
+    aux_milestones=(),
+    unlearn_batch_size=16,
+    aux_batch_size=16,
+    target_fpr=0.1,
+    seed=0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -243,8 +266,14 @@ def model(digits_splits: Splits) -> torch.nn.Module:
     info = digits_splits.info
     torch.manual_seed(0)
     net = create_model("small_cnn", info.input_shape, info.num_classes, info.mean, info.std)
-    fit(net, digits_splits.train.take(slice(0, 500)), torch.optim.Adam(net.parameters(), lr=3e-3), epochs=1,
-        batch_size=50, gen=torch.Generator().manual_seed(0))
+    fit(
+        net,
+        digits_splits.train.take(slice(0, 500)),
+        torch.optim.Adam(net.parameters(), lr=3e-3),
+        epochs=1,
+        batch_size=50,
+        gen=torch.Generator().manual_seed(0),
+    )
     return net.eval()
 
 
@@ -265,11 +294,14 @@ def test_calibration_never_sees_evaluation(digits_splits: Splits, model: torch.n
     g = torch.Generator().manual_seed(1)
     ev = digits_splits.evaluation
     noise = dataclasses.replace(
-        digits_splits, evaluation=ImageData(torch.rand(ev.x.shape, generator=g), torch.randint(0, 10, (len(ev),), generator=g))
+        digits_splits,
+        evaluation=ImageData(torch.rand(ev.x.shape, generator=g), torch.randint(0, 10, (len(ev),), generator=g)),
     )
     # ... or by triggered inputs labelled as the attack wants
     attack = create_attack("badnet", {}, digits_splits.info.input_shape, 10, 0)
-    poisoned = dataclasses.replace(digits_splits, evaluation=ImageData(attack.apply_trigger(ev.x), torch.zeros_like(ev.y)))
+    poisoned = dataclasses.replace(
+        digits_splits, evaluation=ImageData(attack.apply_trigger(ev.x), torch.zeros_like(ev.y))
+    )
     # ... or dropped down to one input
     tiny_eval = dataclasses.replace(digits_splits, evaluation=ev.take(slice(0, 1)))
     for other in (noise, poisoned, tiny_eval):

@@ -16,7 +16,6 @@ POISON_RATE = 0.07
 N = 150  # int(150 * 0.07) = 10 (10.5 truncated)
 
 
-
 def _ids(v: object) -> str:
     return "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
 

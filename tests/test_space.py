@@ -1,0 +1,402 @@
+"""Study files: the shipped ones validate; bad ones fail fast, before any work, naming file and key."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+
+from bdx_study.attacks import ATTACKS
+from bdx_study.defense import DefenseConfig
+from bdx_study.space import SpaceError, StudySpec, builtin_space, load_space, parse_space
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "search_spaces" / "quickstart.yaml"
+ABLATION = REPO / "search_spaces" / "ablation.yaml"
+
+
+# A pinned study (the tests below know its values); the shipped files are checked generically.
+PINNED = """
+study: {name: pinned, storage: bdx_runs}
+tracking: {uri: null, experiment: bdx-pinned}
+data: {reserve_size: 300, eval_size: null}
+victims:
+  datasets: [digits]
+  architectures: [small_cnn]
+  attacks:
+    - {name: badnet}
+    - {name: blend, alpha: 0.2}
+  poison_rates: [0.05]
+  seeds: [0, 1]
+  training: {optimizer: adam, lr: 1.0e-3, epochs: 40, batch_size: 64}
+defense:
+  unlearn_lr: {dist: loguniform, low: 1.0e-4, high: 2.0e-3}
+  unlearn_epochs: {dist: int, low: 1, high: 3}
+  unlearn_batch_size: 32
+  aux_lr: {dist: loguniform, low: 0.01, high: 0.2}
+  ensemble_alpha: {dist: uniform, low: 1.0, high: 4.0}
+  ensemble_beta: {dist: uniform, low: 0.3, high: 0.7}
+  clean_set_size: 300
+  calibration_fraction: 0.5
+  target_fpr: 0.05
+search:
+  sampler: tpe
+  num_trials: 16
+  max_concurrent: 2
+  seed: 0
+  objective: {metric: auroc_correct_only, aggregate: worst}
+  constraint: {max_clean_acc_drop: 0.1}
+resources: {cpu: 1, gpu: 0}
+"""
+
+
+def _raw() -> dict[str, Any]:
+    return yaml.safe_load(PINNED)
+
+
+def _write(tmp_path: Path, raw: Any, name: str = "study.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw, sort_keys=False))
+    return p
+
+
+# ------------------------------------------------------------------------------------- shipped files
+
+
+def test_pinned_validates() -> None:
+    spec = parse_space(_raw(), "pinned")
+    assert isinstance(spec, StudySpec)
+    assert spec.study.name == "pinned"
+    assert spec.experiment_name == "bdx-pinned"
+    assert spec.num_trials == 16
+    assert spec.search.objective.key == "worst/auroc_correct_only"
+    assert spec.search.objective.mode == "max"
+
+
+@pytest.mark.parametrize("path", [QUICKSTART, ABLATION], ids=["quickstart", "ablation"])
+def test_shipped_study_validates(path: Path) -> None:
+    if not path.is_file():
+        pytest.skip(f"{path.name} not written yet")
+    spec = load_space(path)
+    raw = yaml.safe_load(path.read_text())
+    assert spec.study.name == raw["study"]["name"]
+    assert spec.victim_configs()
+    assert spec.num_trials >= 1
+    searched = {k for k, v in (raw.get("defense") or {}).items() if isinstance(v, dict) and "dist" in v}
+    assert set(spec.optuna_space()) == searched
+    # every fixed value and every bound makes a valid DefenseConfig
+    assert isinstance(spec.defense_config({}), DefenseConfig)
+    # the packaged copy is the same file
+    assert load_space(builtin_space(path.stem)) == spec
+
+
+# ------------------------------------------------------------------------------------- bad files
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    keys = path.split(".")
+
+    def mutate(raw: dict[str, Any]) -> None:
+        d = raw
+        for k in keys[:-1]:
+            d = d.setdefault(k, {})
+        d[keys[-1]] = value
+
+    return mutate
+
+
+# (id, mutation, substrings the message must contain besides the file name)
+BAD_CASES: list[tuple[str, Callable[[dict[str, Any]], None], list[str]]] = [
+    ("unknown_top_level_key", _set("serach", {"sampler": "tpe"}), ["serach"]),
+    ("unknown_section_key", _set("study.nmae", "x"), ["study.nmae"]),
+    ("unknown_defense_hyperparameter", _set("defense.unlearn_rate", 0.1), ["defense", "unlearn_rate", "unlearn_lr"]),
+    ("wrong_type_num_trials", _set("search.num_trials", "many"), ["search.num_trials", "many"]),
+    ("wrong_type_reserve", _set("data.reserve_size", [1, 2]), ["data.reserve_size"]),
+    ("unknown_sampler", _set("search.sampler", "bayes"), ["search.sampler", "bayes"]),
+    ("unknown_objective_metric", _set("search.objective.metric", "accuracy"), ["search.objective.metric", "accuracy"]),
+    ("fixed_lr_zero", _set("defense.aux_lr", 0), ["defense.aux_lr", "greater than 0"]),
+    ("fixed_lr_negative", _set("defense.unlearn_lr", -0.001), ["defense.unlearn_lr", "-0.001"]),
+    (
+        "loguniform_lr_low_nonpositive",
+        _set("defense.unlearn_lr", {"dist": "loguniform", "low": 0.0, "high": 0.1}),
+        ["defense.unlearn_lr", "low"],
+    ),
+    (
+        "uniform_lr_low_negative",
+        _set("defense.unlearn_lr", {"dist": "uniform", "low": -1.0, "high": 0.1}),
+        ["defense.unlearn_lr.low", "-1.0"],
+    ),
+    (
+        "choice_lr_negative",
+        _set("defense.aux_lr", {"dist": "choice", "values": [0.1, -0.1]}),
+        ["defense.aux_lr.values[1]"],
+    ),
+    (
+        "low_above_high",
+        _set("defense.ensemble_alpha", {"dist": "uniform", "low": 4.0, "high": 1.0}),
+        ["defense.ensemble_alpha", "low 4.0 > high 1.0"],
+    ),
+    (
+        "unknown_dist",
+        _set("defense.aux_lr", {"dist": "gaussian", "low": 0.1, "high": 0.2}),
+        ["defense.aux_lr", "loguniform"],
+    ),
+    (
+        "clean_set_beyond_reserve",
+        _set("defense.clean_set_size", 301),
+        ["defense.clean_set_size", "301", "data.reserve_size"],
+    ),
+    (
+        "searched_clean_set_beyond_reserve",
+        _set("defense.clean_set_size", {"dist": "choice", "values": [100, 500]}),
+        ["defense.clean_set_size", "500"],
+    ),
+    (
+        "reserve_smaller_than_clean_set",
+        _set("data.reserve_size", 200),
+        ["defense.clean_set_size", "data.reserve_size 200"],
+    ),
+    ("target_fpr_one", _set("defense.target_fpr", 1.0), ["defense.target_fpr"]),
+    ("target_fpr_zero", _set("defense.target_fpr", 0.0), ["defense.target_fpr"]),
+    (
+        "target_fpr_bound",
+        _set("defense.target_fpr", {"dist": "uniform", "low": 0.01, "high": 1.2}),
+        ["defense.target_fpr.high"],
+    ),
+    ("file_store_uri", _set("tracking.uri", "file:///tmp/mlruns"), ["tracking.uri", "file-store"]),
+    ("bare_path_uri", _set("tracking.uri", "./mlruns"), ["tracking.uri", "file-store"]),
+    ("unknown_attack_param", _set("victims.attacks", [{"name": "badnet", "patch": 4}]), ["victims.attacks", "patch"]),
+    (
+        "attack_target_out_of_range",
+        _set("victims.attacks", [{"name": "badnet", "target": 10}]),
+        ["victims.attacks", "target"],
+    ),
+    ("poison_rate_out_of_range", _set("victims.poison_rates", [1.5]), ["victims.poison_rates", "1.5"]),
+    ("bad_study_name", _set("study.name", "my study!"), ["study.name"]),
+    ("grid_with_continuous", _set("search.sampler", "grid"), ["grid sampler", "defense.unlearn_lr"]),
+    ("missing_victims", lambda raw: raw.pop("victims"), ["victims"]),
+    ("bad_milestones", _set("defense.aux_milestones", [4, 2]), ["defense.aux_milestones"]),
+]
+
+
+def _assert_fails_fast(path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SpaceError:
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    t0 = time.perf_counter()
+    with pytest.raises(SpaceError) as ei:
+        load_space(path)
+    assert time.perf_counter() - t0 < 5.0
+    # nothing else happened: no storage folder, no MLflow database, no Ray
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    ray = sys.modules.get("ray")
+    if ray is not None and hasattr(ray, "is_initialized"):
+        assert not ray.is_initialized()
+    msg = str(ei.value)
+    assert str(path) in msg
+    return ei.value
+
+
+@pytest.mark.parametrize(("mutate", "needles"), [c[1:] for c in BAD_CASES], ids=[c[0] for c in BAD_CASES])
+def test_bad_study_fails_fast_naming_file_and_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mutate: Callable[[dict[str, Any]], None], needles: list[str]
+) -> None:
+    raw = _raw()
+    raw["study"]["storage"] = str(tmp_path / "runs")
+    mutate(raw)
+    path = _write(tmp_path, raw)
+    msg = str(_assert_fails_fast(path, monkeypatch, tmp_path))
+    for needle in needles:
+        assert needle in msg, f"{needle!r} not in {msg!r}"
+
+
+def test_malformed_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path, "study: {name: x\nvictims: [unclosed\n")
+    msg = str(_assert_fails_fast(path, monkeypatch, tmp_path))
+    assert "not valid YAML" in msg
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", ""])
+def test_not_a_mapping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    msg = str(_assert_fails_fast(_write(tmp_path, text), monkeypatch, tmp_path))
+    assert "mapping" in msg
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(SpaceError, match="no such study file"):
+        load_space(tmp_path / "nope.yaml")
+
+
+def test_parse_space_names_source() -> None:
+    raw = _raw()
+    raw["search"]["num_trials"] = "many"
+    with pytest.raises(SpaceError, match=r"^my-source: search\.num_trials"):
+        parse_space(raw, "my-source")
+
+
+# Unknown registry names: a SpaceError naming the file and the key, listing the known names.
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "known"),
+    [
+        ("attacks", [{"name": "trojan"}], ATTACKS.names()),
+        ("attacks", ["trojan"], ATTACKS.names()),
+        ("datasets", ["svhn"], ["cifar10", "digits", "fashion_mnist", "mnist"]),
+        ("architectures", ["vgg16"], ["resnet18", "small_cnn"]),
+    ],
+)
+def test_unknown_registry_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str, value: Any, known: list[str]
+) -> None:
+    raw = _raw()
+    raw["study"]["storage"] = str(tmp_path / "runs")
+    raw["victims"][key] = value
+    path = _write(tmp_path, raw)
+    msg = str(_assert_fails_fast(path, monkeypatch, tmp_path))
+    assert f"victims.{key}" in msg
+    bad = value[0]["name"] if isinstance(value[0], dict) else value[0]
+    assert repr(bad) in msg
+    for k in known:
+        assert k in msg
+
+
+def test_attack_given_by_name_string() -> None:
+    raw = _raw()
+    raw["victims"]["attacks"] = ["badnet", "none"]
+    spec = parse_space(raw)
+    assert {v.attack.name for v in spec.victim_configs()} == {"badnet", "none"}
+
+
+def test_sqlite_and_http_uris_accepted() -> None:
+    for uri in ("sqlite:///mlflow.db", "http://127.0.0.1:5000", "databricks"):
+        raw = _raw()
+        raw["tracking"]["uri"] = uri
+        assert parse_space(raw).tracking.uri == uri
+
+
+# ------------------------------------------------------------------------------------- derived views
+
+
+def test_victim_configs_enumerate_grid() -> None:
+    spec = parse_space(_raw())
+    victims = spec.victim_configs()
+    # digits x small_cnn x {badnet, blend} x {0.05} x seeds {0, 1}
+    assert len(victims) == 4
+    assert len({v.key for v in victims}) == 4
+    assert {(v.attack.name, v.seed) for v in victims} == {("badnet", 0), ("badnet", 1), ("blend", 0), ("blend", 1)}
+    for v in victims:
+        assert v.dataset == "digits" and v.architecture == "small_cnn"
+        assert v.attack.params["poison_rate"] == 0.05
+        assert v.training.epochs == 40 and v.training.optimizer == "adam"
+        assert v.data == spec.data
+        if v.attack.name == "blend":
+            assert v.attack.params["alpha"] == 0.2
+
+
+def test_victim_grid_product_and_none_collapse() -> None:
+    raw = _raw()
+    raw["victims"].update(
+        attacks=[{"name": "badnet"}, {"name": "blend", "poison_rate": 0.2}, "none"],
+        poison_rates=[0.05, 0.1],
+        seeds=[0],
+        epochs=[1, 2],
+    )
+    victims = parse_space(raw).victim_configs()
+    # badnet: 2 rates x 2 epochs; blend sets its own rate: 1 x 2 epochs; none ignores rates: 2 epochs
+    assert len(victims) == 4 + 2 + 2
+    assert len({v.key for v in victims}) == len(victims)
+    by_attack: dict[str, set[tuple[Any, int]]] = {}
+    for v in victims:
+        by_attack.setdefault(v.attack.name, set()).add((v.attack.params.get("poison_rate"), v.training.epochs))
+    assert by_attack["badnet"] == {(0.05, 1), (0.05, 2), (0.1, 1), (0.1, 2)}
+    assert by_attack["blend"] == {(0.2, 1), (0.2, 2)}
+    assert by_attack["none"] == {(None, 1), (None, 2)}
+
+
+def test_optuna_space_distributions() -> None:
+    spec = parse_space(_raw())
+    space = spec.optuna_space()
+    assert set(space) == {"unlearn_lr", "unlearn_epochs", "aux_lr", "ensemble_alpha", "ensemble_beta"}
+    assert space["unlearn_lr"] == optuna.distributions.FloatDistribution(1e-4, 2e-3, log=True)
+    assert space["aux_lr"] == optuna.distributions.FloatDistribution(0.01, 0.2, log=True)
+    assert space["unlearn_epochs"] == optuna.distributions.IntDistribution(1, 3)
+    assert space["ensemble_alpha"] == optuna.distributions.FloatDistribution(1.0, 4.0)
+    assert space["ensemble_beta"] == optuna.distributions.FloatDistribution(0.3, 0.7)
+    assert spec.fixed == {
+        "unlearn_batch_size": 32,
+        "clean_set_size": 300,
+        "calibration_fraction": 0.5,
+        "target_fpr": 0.05,
+    }
+    cfg = spec.defense_config(
+        {"unlearn_lr": 1e-3, "unlearn_epochs": 2, "aux_lr": 0.05, "ensemble_alpha": 2.0, "ensemble_beta": 0.5}
+    )
+    assert isinstance(cfg, DefenseConfig)
+    assert cfg.unlearn_batch_size == 32 and cfg.unlearn_epochs == 2 and cfg.target_fpr == 0.05
+
+
+def test_optuna_choice_and_int_step() -> None:
+    raw = _raw()
+    raw["defense"] = {
+        "score": {"dist": "choice", "values": ["ensemble", "expert"]},
+        "augment": {"dist": "choice", "values": [True, False]},
+        "aux_epochs": {"dist": "int", "low": 2, "high": 8, "step": 2},
+        "unlearn_lr": {"dist": "int", "low": 1, "high": 4, "log": True},
+    }
+    space = parse_space(raw).optuna_space()
+    assert space["score"] == optuna.distributions.CategoricalDistribution(["ensemble", "expert"])
+    assert space["augment"] == optuna.distributions.CategoricalDistribution([True, False])
+    assert space["aux_epochs"] == optuna.distributions.IntDistribution(2, 8, step=2)
+    assert space["unlearn_lr"] == optuna.distributions.IntDistribution(1, 4, log=True)
+
+
+def test_grid_sampler_needs_choice_or_int() -> None:
+    raw = _raw()
+    raw["search"].update(sampler="grid", num_trials=None)
+    raw["defense"] = {
+        "aux_lr": {"dist": "choice", "values": [0.01, 0.1]},
+        "unlearn_epochs": {"dist": "int", "low": 1, "high": 3},
+        "ensemble_alpha": 2.0,
+    }
+    spec = parse_space(raw)
+    assert spec.grid() == {"aux_lr": [0.01, 0.1], "unlearn_epochs": [1, 2, 3]}
+    assert spec.num_trials == 6  # the whole grid
+    raw["defense"]["unlearn_epochs"] = {"dist": "int", "low": 1, "high": 3, "log": True}
+    with pytest.raises(SpaceError, match="grid sampler needs choice or int"):
+        parse_space(raw)
+    raw["defense"]["unlearn_epochs"] = {"dist": "uniform", "low": 1.0, "high": 3.0}
+    with pytest.raises(SpaceError, match=r"defense\.unlearn_epochs"):
+        parse_space(raw)
+
+
+def test_spec_is_frozen_and_parse_does_not_mutate_input() -> None:
+    raw = _raw()
+    snapshot = copy.deepcopy(raw)
+    spec = parse_space(raw)
+    assert raw == snapshot
+    with pytest.raises(ValueError):
+        spec.study.name = "other"  # type: ignore[misc]
+
+
+def test_storage_root_relative_to_base(tmp_path: Path) -> None:
+    spec = parse_space(_raw())
+    assert spec.storage_root(tmp_path) == (tmp_path / "bdx_runs").resolve()
+    assert not (tmp_path / "bdx_runs").exists()  # computing the path creates nothing
+
+
+def test_calibration_share_rounding_to_zero_rejected() -> None:
+    raw = _raw()
+    raw["defense"].update(clean_set_size=3, calibration_fraction=0.1)  # round(0.3) = 0 images to calibrate on
+    try:
+        parse_space(raw, "f.yaml")
+    except SpaceError as e:
+        assert "calibration_fraction" in str(e)
+    else:
+        raise AssertionError("accepted a clean set with no calibration images")
