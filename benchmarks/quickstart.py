@@ -73,11 +73,11 @@ def main() -> int:
 
     import pandas as pd
     import torch
-    from bdx_study.trials.context import StudyContext
-    from bdx_study.trials.trainable import bare_defense_seconds
 
     from bdx_study.space import builtin_space, load_space
     from bdx_study.tables import StudyTables
+    from bdx_study.trials.context import StudyContext
+    from bdx_study.trials.trainable import bare_defense_seconds
 
     torch.set_num_threads(1)
     spec = load_space(args.space or builtin_space("quickstart"))

@@ -22,8 +22,7 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_INIT", "1")
 def ray_cluster() -> Any:
     import ray
 
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, object_store_memory=200 * 2**20,
-             logging_level="WARNING")
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, object_store_memory=200 * 2**20, logging_level="WARNING")
     yield ray
     ray.shutdown()
 

@@ -16,8 +16,9 @@ from .conftest import tiny_study
 
 def run_cli(*args: str, cwd: Path) -> tuple[int, str, float]:
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "bdx_study.cli", *args], cwd=cwd, capture_output=True, text=True,
-                       timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "bdx_study.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
     return p.returncode, p.stdout + p.stderr, time.perf_counter() - t
 
 

@@ -31,7 +31,11 @@ def test_killed_driver_resumes_without_rerunning(ray_cluster: Any, tmp_path: Pat
     env.pop("TUNE_DISABLE_AUTO_INIT", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "bdx_study.cli", "launch", "--space", str(path)],
-        cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.time() + 240
@@ -101,8 +105,13 @@ def test_four_quarter_gpu_trials_pack_on_one_gpu(ray_cluster: Any) -> None:
             time.sleep(0.1)
         from bdx_study.training import pick_device
 
-        tune.report({"together": float(ray.get(b.count.remote()) >= 4), "gpus": float(len(ray.get_gpu_ids())),
-                     "cpu_device": float(pick_device(prefer_gpu=True).type == "cpu")})
+        tune.report(
+            {
+                "together": float(ray.get(b.count.remote()) >= 4),
+                "gpus": float(len(ray.get_gpu_ids())),
+                "cpu_device": float(pick_device(prefer_gpu=True).type == "cpu"),
+            }
+        )
 
     grid = tune.Tuner(
         tune.with_resources(trial, res),

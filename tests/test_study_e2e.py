@@ -25,8 +25,9 @@ N_TRIALS = 3
 @pytest.fixture(scope="module")
 def study(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("e2e")
-    doc = tiny_study(tmp, victims__attacks=[{"name": "badnet", "poison_rate": 0.1}, {"name": "none"}],
-                     search__num_trials=N_TRIALS)
+    doc = tiny_study(
+        tmp, victims__attacks=[{"name": "badnet", "poison_rate": 0.1}, {"name": "none"}], search__num_trials=N_TRIALS
+    )
     path = write_study(tmp, doc)
     spec = load_space(path)
     result = launch(spec, source=path)
@@ -77,10 +78,25 @@ def test_parquet_tables(study: dict[str, Any]) -> None:
     trials = pq.read_table(tables / "trials.parquet").to_pandas()
     assert len(trials) == N_TRIALS * 2  # one row per trial x victim
     assert not trials.duplicated(["trial_id", "victim_id"]).any()
-    for col in ["unlearn_lr", "aux_lr", "clean_set_size", "auroc_correct_only", "auroc_all_inputs",
-                "tpr_at_threshold_correct_only", "tpr_at_1pct_fpr_correct_only", "tpr_at_5pct_fpr_all_inputs",
-                "fpr_at_threshold_correct_only", "clean_acc_before", "clean_acc_after", "attack_success_before",
-                "attack_success_after", "threshold", "attack", "victim_seed", "objective"]:
+    for col in [
+        "unlearn_lr",
+        "aux_lr",
+        "clean_set_size",
+        "auroc_correct_only",
+        "auroc_all_inputs",
+        "tpr_at_threshold_correct_only",
+        "tpr_at_1pct_fpr_correct_only",
+        "tpr_at_5pct_fpr_all_inputs",
+        "fpr_at_threshold_correct_only",
+        "clean_acc_before",
+        "clean_acc_after",
+        "attack_success_before",
+        "attack_success_after",
+        "threshold",
+        "attack",
+        "victim_seed",
+        "objective",
+    ]:
         assert col in trials.columns, col
     backdoored = trials[trials.attack == "badnet"]
     assert backdoored["auroc_correct_only"].between(0, 1).all()
@@ -137,8 +153,20 @@ def test_analyze_export_detect(study: dict[str, Any], tmp_path: Path, capsys: An
     attack = victim.build_attack()
     triggered = attack.apply_trigger(splits.evaluation.x[attack.counts_toward_asr(splits.evaluation.y)])
     np.save(tmp_path / "trig.npy", triggered.numpy())
-    assert cli(["detect", "--detector", str(tmp_path / "bundle"), "--input", str(tmp_path / "trig.npy"),
-                "--output", str(tmp_path / "out.json")]) == 0
+    assert (
+        cli(
+            [
+                "detect",
+                "--detector",
+                str(tmp_path / "bundle"),
+                "--input",
+                str(tmp_path / "trig.npy"),
+                "--output",
+                str(tmp_path / "out.json"),
+            ]
+        )
+        == 0
+    )
     res = json.loads((tmp_path / "out.json").read_text())["results"]
     assert len(res) == len(triggered)
     direct = det.detect(triggered.numpy())
