@@ -11,8 +11,9 @@ from typing import Any
 import yaml
 
 from bdx_study.defense import DefenseConfig, evaluate_badexpert, fit_badexpert
-from bdx_study.detector import save_bundle
+from bdx_study.detector import save_bundle, update_provenance
 from bdx_study.space import StudySpec
+from bdx_study.tables import StudyTables
 from bdx_study.training import pick_device
 from bdx_study.victims import VictimCache, VictimConfig
 
@@ -55,10 +56,12 @@ def export_detector(
     metrics = evaluate_badexpert(det, splits, vcfg.build_attack(), device=device).metrics
     ids_path = study_dir / "study.json"
     ids = json.loads(ids_path.read_text()) if ids_path.is_file() else {}
+    trial_id = recipe.get("selection", {}).get("chosen_trial")
     provenance = {
         "study": spec.study.name,
         "study_dir": str(study_dir),
-        "trial": recipe.get("selection", {}).get("chosen_trial"),
+        "trial": trial_id,
+        "trial_metrics": _trial_row_metrics(study_dir, trial_id, vcfg.key),
         "recipe": str(recipe_path),
         "victim": vcfg.name,
         "victim_id": vcfg.key,
@@ -67,6 +70,7 @@ def export_detector(
             "tracking_uri": ids.get("tracking_uri"),
             "experiment_id": ids.get("experiment_id"),
             "parent_run_id": ids.get("parent_run_id"),
+            "trial_run_id": _trial_run_id(ids, trial_id),
         },
         "metrics_protocol": "evaluation split of the victim's dataset, disjoint from the defender's clean data",
     }
@@ -76,13 +80,36 @@ def export_detector(
     if log_to_mlflow and ids.get("tracking_uri") and ids.get("experiment_id"):
         try:
             model_uri = log_bundle_to_mlflow(bundle, ids, name=f"detector-{vcfg.name}")
-            provenance["mlflow"]["model_uri"] = model_uri
-            manifest = json.loads((bundle / "manifest.json").read_text())
-            manifest["provenance"] = provenance  # not hashed: weights are what the hashes protect
-            (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            update_provenance(bundle, mlflow={**provenance["mlflow"], "model_uri": model_uri})
         except Exception as e:
             warnings.warn(f"logging the detector to MLflow failed ({type(e).__name__}: {e})", stacklevel=2)
     return bundle, metrics
+
+
+def _trial_row_metrics(study_dir: Path, trial_id: str | None, victim_id: str) -> dict[str, Any]:
+    """The chosen trial's own figures for this victim (the export refits the same config with the
+    same seeds, so they should agree)."""
+    if trial_id is None:
+        return {}
+    try:
+        rows = StudyTables(study_dir).read_part("trials", trial_id).to_pylist()
+    except OSError:
+        return {}
+    keys = ("auroc_correct_only", "tpr_at_threshold_correct_only", "fpr_at_threshold_correct_only", "threshold")
+    return {k: r[k] for r in rows if r.get("victim_id") == victim_id for k in keys if k in r}
+
+
+def _trial_run_id(ids: dict[str, Any], trial_id: str | None) -> str | None:
+    if not (trial_id and ids.get("tracking_uri") and ids.get("experiment_id")):
+        return None
+    try:
+        from mlflow.tracking import MlflowClient
+
+        flt = f"tags.`mlflow.parentRunId` = '{ids.get('parent_run_id')}' and tags.`bdx.trial_id` = '{trial_id}'"
+        runs = MlflowClient(ids["tracking_uri"]).search_runs([ids["experiment_id"]], filter_string=flt, max_results=1)
+        return runs[0].info.run_id if runs else None
+    except Exception:
+        return None
 
 
 def log_bundle_to_mlflow(bundle: Path, ids: dict[str, Any], *, name: str) -> str:
@@ -105,19 +132,14 @@ def log_bundle_to_mlflow(bundle: Path, ids: dict[str, Any], *, name: str) -> str
     ):
         manifest = json.loads((bundle / "manifest.json").read_text())
         mlflow.log_params(
-            {
-                "threshold": manifest["threshold"],
-                "score": manifest["score"]["kind"],
-                "ensemble_alpha": manifest["score"]["alpha"],
-                "ensemble_beta": manifest["score"]["beta"],
-                "target_fpr": manifest["target_fpr"],
-            }
+            {**DefenseConfig.model_validate(manifest["defense_config"]).to_row(), "threshold": manifest["threshold"]}
         )
         mlflow.log_metrics({k: v for k, v in manifest["metrics"].items() if v is not None})
         info = mlflow.pyfunc.log_model(
             name="detector",
             python_model=str(code),
             artifacts={"bundle": str(bundle)},
-            pip_requirements=["bdx-study", "torch", "safetensors", "numpy", "pandas"],
+            code_paths=[str(Path(bdx_study.__file__).parent)],  # the library travels with the model
+            pip_requirements=["torch", "safetensors", "numpy", "pandas", "pydantic", "scikit-learn", "PyYAML"],
         )
     return str(info.model_uri)

@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from bdx_study.metrics import HIGHER_IS_BETTER
 from bdx_study.space import StudySpec
 
 from .robust import RobustDefaults
@@ -50,19 +51,20 @@ def recipe(rd: RobustDefaults, spec: StudySpec, study_dir: Path) -> dict[str, An
         "study_dir": str(study_dir),
         "defaults": {k: _clean(v) for k, v in rd.config.items()},
         "selection": {
-            "rule": f"best {rd.aggregate}-case {rd.objective} across victims among trials whose worst-case "
-            f"clean_acc_drop <= {rd.max_clean_acc_drop}; ties -> better mean",
+            "rule": f"best {rd.aggregate}-case {rd.objective} across victims on the selection split, among "
+            f"trials whose worst-case clean_acc_drop <= {rd.max_clean_acc_drop}; ties -> better mean",
             "chosen_trial": rd.chosen.trial_id,
-            "score": _clean(rd.chosen.score),
-            "mean": _clean(rd.chosen.mean),
+            f"selection_{rd.aggregate}_{rd.objective}": _clean(rd.chosen.score),
+            f"selection_mean_{rd.objective}": _clean(rd.chosen.mean),
             "feasible": rd.chosen.feasible,
             "trials_considered": int(len(rd.leaderboard)),
         },
         "evidence": {
-            "protocol_note": "metrics on each victim's evaluation split (disjoint from the defender's clean "
-            "finetune and calibration data); *_correct_only = the paper's protocol, *_all_inputs = every input",
-            "in_sample": {
-                "note": "the defaults were tuned on these victims: optimistic",
+            "protocol_note": "metrics on each victim's evaluation split, disjoint from the defender's clean "
+            "finetune and calibration data and from the selection split the search optimized on; "
+            "*_correct_only = the paper's protocol, *_all_inputs = every input",
+            "tuned_victims": {
+                "note": "unseen inputs, but the defaults were tuned on these victims",
                 "per_victim": per_victim,
             },
             "held_out": {
@@ -81,10 +83,13 @@ def write_recipe(data: dict[str, Any], path: Path) -> Path:
 
 
 def render(rd: RobustDefaults, spec: StudySpec) -> str:
+    vals = rd.per_victim[rd.objective].dropna()
+    ev = vals.min() if rd.objective in HIGHER_IS_BETTER else vals.max()
+    ev_value = ev if rd.aggregate == "worst" else vals.mean()
     lines = [
-        f"Robust defaults for study {spec.study.name!r} (trial {rd.chosen.trial_id}; "
-        f"{rd.aggregate}-case {rd.objective} = {rd.chosen.score:.4f}, mean {rd.chosen.mean:.4f}"
-        f"{'' if rd.chosen.feasible else '; NO trial met the clean-accuracy constraint'})",
+        f"Robust defaults for study {spec.study.name!r}: trial {rd.chosen.trial_id}, picked on the selection split "
+        f"({rd.aggregate}-case {rd.objective} {rd.chosen.score:.4f}); on the evaluation split: {ev_value:.4f}"
+        f"{'' if rd.chosen.feasible else ' (NO trial met the clean-accuracy constraint)'}",
         "",
     ]
     searched = list(spec.searched)
@@ -93,7 +98,9 @@ def render(rd: RobustDefaults, spec: StudySpec) -> str:
         if k in searched or k in spec.fixed:
             lines.append(f"  {'*' if k in searched else ' '} {k:24s} {v}")
     lines.append("")
-    lines.append("Per victim, in-sample (evaluation split; tuned on these victims):")
+    lines.append(
+        "Per victim (evaluation split: inputs the search never saw; the defaults were tuned on these victims):"
+    )
     cols = ["victim_name"] + [m for m in SHOWN_METRICS if m in rd.per_victim.columns]
     with pd.option_context("display.width", 250, "display.max_columns", 50, "display.float_format", "{:.3f}".format):
         lines.append(rd.per_victim[cols].to_string(index=False))
@@ -117,14 +124,15 @@ def plot_params(df: pd.DataFrame, spec: StudySpec, metric: str, path: Path) -> P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    per_trial = df.groupby("trial_id").agg({**{k: "first" for k in searched}, metric: "min"})
+    worst = "min" if metric in HIGHER_IS_BETTER else "max"
+    per_trial = df.groupby("trial_id").agg({**{k: "first" for k in searched}, metric: worst})
     fig, axes = plt.subplots(1, len(searched), figsize=(3 * len(searched), 2.8), squeeze=False)
     for ax, k in zip(axes[0], searched, strict=True):
         ax.scatter(per_trial[k].astype(str) if per_trial[k].dtype == object else per_trial[k], per_trial[metric], s=12)
         if spec.searched[k].dist == "loguniform":
             ax.set_xscale("log")
         ax.set_xlabel(k)
-    axes[0][0].set_ylabel(f"worst-case {metric}")
+    axes[0][0].set_ylabel(f"worst-case {metric}\n(evaluation split)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)

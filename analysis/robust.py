@@ -2,13 +2,15 @@
 
 Selection rule: among trials that meet the study's clean-accuracy constraint on every victim,
 take the one with the best aggregate (worst case by default) of the objective metric across
-victims; ties go to the better mean.
+victims; ties go to the better mean. Selection uses the *selection* split's metrics only.
 
-Honest evidence: the chosen config was tuned on the very victims whose metrics the study shows,
-so those figures are in-sample. For each victim group (each attack, each seed, each
-architecture, each dataset that has at least two values), the rule is re-run on the other
-groups' victims only, and the config it picks is reported on the held-out group: figures of a
-config that never saw that attack (or seed, ...).
+Honest evidence, at two levels:
+- inputs: every reported figure comes from the *evaluation* split, which neither the search
+  nor this selection ever saw (the victims, however, are the ones the defaults were tuned on);
+- victims: for each victim group (each attack, each seed, each architecture, each dataset that
+  has at least two values), the rule is re-run on the other groups' victims only, and the config
+  it picks is reported on the held-out group: figures of a config that never saw that attack
+  (or seed, ...), on inputs it never saw either.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from bdx_study.defense import DefenseConfig
@@ -53,28 +54,27 @@ def load_trials(study_dir: Path) -> pd.DataFrame:
     return StudyTables(study_dir).read("trials").to_pandas()
 
 
-def _per_trial(df: pd.DataFrame, metric: str, aggregate: str, max_drop: float | None) -> pd.DataFrame:
+def _per_trial(df: pd.DataFrame, metric: str, aggregate: str, max_drop: float | None, prefix: str) -> pd.DataFrame:
+    """Per trial: worst and mean of ``prefix + metric`` over the victims where it is defined, and
+    feasibility from the clean-accuracy drop over *every* victim (clean victims included)."""
+    col = prefix + metric
     higher = metric in HIGHER_IS_BETTER
-    g = df.groupby("trial_id")
-    worst = g[metric].min() if higher else g[metric].max()
-    out = pd.DataFrame(
-        {
-            "worst": worst,
-            "mean": g[metric].mean(),
-            "worst_clean_acc_drop": g["clean_acc_drop"].max(),
-            "victims": g.size(),
-        }
-    )
+    g = df.dropna(subset=[col]).groupby("trial_id")[col]
+    out = pd.DataFrame({"worst": g.min() if higher else g.max(), "mean": g.mean(), "victims": g.size()})
+    out["worst_clean_acc_drop"] = df.groupby("trial_id")[prefix + "clean_acc_drop"].max()
     out["score"] = out["worst"] if aggregate == "worst" else out["mean"]
     out["feasible"] = True if max_drop is None else out["worst_clean_acc_drop"] <= max_drop + 1e-12
     return out
 
 
-def select(df: pd.DataFrame, metric: str, aggregate: str, max_drop: float | None) -> tuple[Selection, pd.DataFrame]:
-    """Apply the selection rule to the rows ``df`` (trial x victim) and return the pick."""
-    board = _per_trial(df.dropna(subset=[metric]), metric, aggregate, max_drop)
+def select(
+    df: pd.DataFrame, metric: str, aggregate: str, max_drop: float | None, prefix: str = "selection_"
+) -> tuple[Selection, pd.DataFrame]:
+    """Apply the selection rule to the rows ``df`` (trial x victim), using the metrics of the
+    selection split (``prefix``), and return the pick and the per-trial board."""
+    board = _per_trial(df, metric, aggregate, max_drop, prefix)
     if board.empty:
-        raise ValueError(f"no trial has a defined {metric} (are all victims clean?)")
+        raise ValueError(f"no trial has a defined {prefix + metric} (are all victims clean?)")
     higher = metric in HIGHER_IS_BETTER
     sign = 1 if higher else -1
     board = board.assign(_key=sign * board["score"], _key2=sign * board["mean"])
@@ -85,14 +85,23 @@ def select(df: pd.DataFrame, metric: str, aggregate: str, max_drop: float | None
     return Selection(str(best), float(row["score"]), float(row["mean"]), bool(row["feasible"])), board
 
 
+def _summary(rows: pd.DataFrame, metric: str) -> dict[str, float]:
+    vals = rows[metric].dropna()
+    higher = metric in HIGHER_IS_BETTER
+    return {
+        "worst": float(vals.min() if higher else vals.max()) if len(vals) else math.nan,
+        "mean": float(vals.mean()) if len(vals) else math.nan,
+        "worst_clean_acc_drop": float(rows["clean_acc_drop"].max()),
+    }
+
+
 def robust_defaults(study_dir: Path, spec: StudySpec) -> RobustDefaults:
     df = load_trials(study_dir)
     obj = spec.search.objective
     max_drop = spec.search.constraint.max_clean_acc_drop
     chosen, board = select(df, obj.metric, obj.aggregate, max_drop)
     rows = df[df["trial_id"] == chosen.trial_id]
-    config = {k: rows.iloc[0][k] for k in DefenseConfig.model_fields if k in rows.columns}
-    config = DefenseConfig.model_validate(_restore_types(config)).model_dump(mode="json")
+    config = DefenseConfig.from_row(rows.iloc[0]).model_dump(mode="json")
 
     held_out = []
     for col in GROUP_COLUMNS:
@@ -100,41 +109,27 @@ def robust_defaults(study_dir: Path, spec: StudySpec) -> RobustDefaults:
         if len(values) < 2:
             continue
         for v in values:
-            train, test = df[df[col] != v], df[df[col] == v]
+            tune_rows, test = df[df[col] != v], df[df[col] == v]
             try:
-                pick, _ = select(train, obj.metric, obj.aggregate, max_drop)
+                pick, _ = select(tune_rows, obj.metric, obj.aggregate, max_drop)
             except ValueError:
                 continue
             test_rows = test[test["trial_id"] == pick.trial_id]
-            vals = test_rows[obj.metric].dropna()
-            if vals.empty:
+            s = _summary(test_rows, obj.metric)
+            if math.isnan(s["worst"]):
                 continue
-            higher = obj.metric in HIGHER_IS_BETTER
             held_out.append(
                 {
                     "held_out": f"{col}={v}",
                     "picked_trial": pick.trial_id,
-                    "tuned_on_score": pick.score,
-                    f"held_out_worst_{obj.metric}": float(vals.min() if higher else vals.max()),
-                    f"held_out_mean_{obj.metric}": float(vals.mean()),
-                    "held_out_worst_clean_acc_drop": float(test_rows["clean_acc_drop"].max()),
+                    f"tuned_on_{obj.aggregate}_selection_{obj.metric}": pick.score,
+                    f"held_out_worst_{obj.metric}": s["worst"],
+                    f"held_out_mean_{obj.metric}": s["mean"],
+                    "held_out_worst_clean_acc_drop": s["worst_clean_acc_drop"],
                     "held_out_victims": int(len(test_rows)),
                 }
             )
     return RobustDefaults(obj.metric, obj.aggregate, max_drop, chosen, config, rows, board, held_out)
-
-
-def _restore_types(config: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in config.items():
-        if isinstance(v, str) and v.startswith("["):
-            v = [int(x) for x in v.strip("[]").split(",") if x.strip()]
-        elif isinstance(v, float) and math.isnan(v):
-            v = None
-        elif isinstance(v, np.generic):
-            v = v.item()
-        out[k] = v
-    return out
 
 
 def write_optuna_study(df: pd.DataFrame, spec: StudySpec, path: Path) -> Path:
@@ -157,7 +152,8 @@ def write_optuna_study(df: pd.DataFrame, spec: StudySpec, path: Path) -> Path:
     trials = []
     for tid, rows in df.groupby("trial_id", sort=False):
         first = rows.iloc[0]
-        params = {k: _restore_types({k: first[k]})[k] for k in dists if k in rows.columns}
+        full = DefenseConfig.from_row(first).model_dump()
+        params = {k: full[k] for k in dists}
         trials.append(
             optuna.trial.create_trial(
                 params=params,

@@ -29,10 +29,6 @@ def _load(arg: str | None) -> tuple[StudySpec, Path]:
     return load_space(path), path
 
 
-def _study_dir(spec: StudySpec) -> Path:
-    return spec.storage_root() / "studies" / spec.study.name
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
     spec, path = _load(args.space)
     victims = spec.victim_configs()
@@ -55,7 +51,7 @@ def _analyze(spec: StudySpec, quiet: bool = False) -> Path:
     from bdx_study.analysis.report import plot_params, recipe, render, write_recipe
     from bdx_study.analysis.robust import load_trials, robust_defaults, write_optuna_study
 
-    study_dir = _study_dir(spec)
+    study_dir = spec.study_dir
     rd = robust_defaults(study_dir, spec)
     out = write_recipe(recipe(rd, spec, study_dir), study_dir / "recipe.yaml")
     trials = load_trials(study_dir)
@@ -81,7 +77,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     spec, _ = _load(args.space)
     from bdx_study.analysis.export import export_detector
 
-    study_dir = _study_dir(spec)
+    study_dir = spec.study_dir
     out = Path(args.out) if args.out else study_dir / "detector"
     bundle, metrics = export_detector(
         spec,
@@ -141,13 +137,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     spec, path = _load(args.space)
-    resume = (_study_dir(spec) / "tune").exists()
+    resume = (spec.study_dir / "tune").exists()
     result = launch(spec, source=path, resume=resume)
     print()
     _analyze(spec)
     from bdx_study.analysis.export import export_detector
 
-    study_dir = _study_dir(spec)
+    study_dir = spec.study_dir
     bundle, _ = export_detector(spec, study_dir, study_dir / "detector")
     print(f"\ndetector bundle: {bundle}")
     # Use the exported detector as a user would: clean and triggered evaluation inputs as .npy files.
@@ -249,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     except SpaceError as e:
         print(f"bdx-study: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # includes DataError and BundleError
         print(f"bdx-study: error: {e}", file=sys.stderr)
         return 2
     return int(rc or 0)

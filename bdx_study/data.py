@@ -8,10 +8,12 @@ Splits, all disjoint:
 - ``reserve``: the defender's reserved clean pool; a trial takes its first ``clean_set_size``
   images and splits them into a part to finetune on and a part to calibrate the threshold on
   (:func:`defender_split`);
-- ``evaluation``: clean evaluation inputs, never seen by training, finetuning or calibration.
-Reserve and evaluation come from the dataset's test portion (as in the paper); the evaluation
-set does not depend on ``clean_set_size``, so trials with different clean-set sizes are judged on
-the same inputs.
+- ``selection``: inputs the hyperparameter search scores trials on (its objective);
+- ``evaluation``: inputs every reported figure comes from: never seen by training, finetuning,
+  calibration or the search that picked the hyperparameters.
+Reserve, selection and evaluation come from the dataset's test portion (as in the paper); none
+depends on ``clean_set_size``, so trials with different clean-set sizes are judged on the same
+inputs.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class Splits:
     info: DatasetInfo
     train: ImageData
     reserve: ImageData
+    selection: ImageData
     evaluation: ImageData
 
 
@@ -246,21 +249,28 @@ def _load_cached(name: str, root: Path | None, download: bool) -> tuple[ImageDat
     return loader(root, download)
 
 
+def load_test_portion(name: str, *, root: str | os.PathLike[str] | None = None, download: bool = False) -> ImageData:
+    """The whole test portion of ``name`` (reserve, selection and evaluation come from it)."""
+    return _load_cached(name, resolve_root(root), download)[1]
+
+
 def load_splits(
     name: str,
     *,
     root: str | os.PathLike[str] | None = None,
     reserve_size: int,
     eval_size: int | None = None,
+    selection_fraction: float = 0.5,
     train_size: int | None = None,
     split_seed: int = 0,
     download: bool = False,
 ) -> Splits:
     """Load ``name`` and cut its disjoint splits.
 
-    ``reserve_size`` test-portion images form the defender's pool, the next ``eval_size`` (default:
-    all the rest) the evaluation set; ``train_size`` (default: all) caps the victim's training set.
-    The permutation is fixed by ``split_seed``, so every trial and victim sees the same splits.
+    ``reserve_size`` test-portion images form the defender's pool; of the next ``eval_size``
+    (default: all the rest), ``selection_fraction`` form the selection split and the others the
+    evaluation split. ``train_size`` (default: all) caps the victim's training set. The
+    permutation is fixed by ``split_seed``, so every trial and victim sees the same splits.
     """
     info = dataset_info(name)
     train, test = _load_cached(name, resolve_root(root), download)
@@ -275,15 +285,20 @@ def load_splits(
             f"dataset {name!r}: reserve_size {reserve_size} must be in [1, {len(test) - 1}] "
             f"(the test portion has {len(test)} images)"
         )
-    n_eval = available if eval_size is None else eval_size
-    if not 1 <= n_eval <= available:
-        raise DataError(f"dataset {name!r}: eval_size {eval_size} must be in [1, {available}]")
+    n_held = available if eval_size is None else eval_size
+    if not 2 <= n_held <= available:
+        raise DataError(f"dataset {name!r}: eval_size {eval_size} must be in [2, {available}]")
+    n_sel = round(n_held * selection_fraction)
+    if not 1 <= n_sel < n_held:
+        raise DataError(f"selection_fraction {selection_fraction} leaves {n_sel} of {n_held} images for selection")
     perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(split_seed))
+    held = perm[reserve_size : reserve_size + n_held]
     return Splits(
         info=info,
         train=train,
         reserve=test.take(perm[:reserve_size]),
-        evaluation=test.take(perm[reserve_size : reserve_size + n_eval]),
+        selection=test.take(held[:n_sel]),
+        evaluation=test.take(held[n_sel:]),
     )
 
 

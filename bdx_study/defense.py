@@ -2,8 +2,9 @@
 
 1. Backdoor expert B: a copy of the model M finetuned with Adam on the defender's clean
    finetune part with deliberately wrong labels (y + 1) mod C, so it forgets the task and keeps
-   the backdoor; optional early stop once its accuracy on held-out clean data (the calibration
-   part) falls below a bound.
+   the backdoor; optional early stop once its accuracy on held-out clean data falls below a
+   bound. The held-out data is the calibration part of D_c (disjoint from the finetune part and
+   from all selection and evaluation data); it then only decides when B stops.
 2. Auxiliary model M': a copy of M finetuned with correct labels, aggressively (SGD Nesterov,
    large first lr, x0.1 at milestones), which weakens the backdoor.
 3. Score, for y_hat = argmax M(x), b = softmax(B(x))[y_hat], m = softmax(M'(x))[y_hat]
@@ -17,9 +18,12 @@ M itself is never modified.
 from __future__ import annotations
 
 import copy
+import json
+import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -47,6 +51,9 @@ class DefenseConfig(BaseModel):
     )
     unlearn_lr: float = Field(1e-4, gt=0, description="Adam lr of the backdoor expert (paper: 1e-4 ResNet-18)")
     unlearn_epochs: int = Field(1, ge=1, description="epochs of mislabeled finetuning (paper: 1)")
+    unlearn_steps: int | None = Field(
+        None, ge=1, description="cap on the expert's optimizer steps (ends finetuning early); null = epochs only"
+    )
     unlearn_batch_size: int = Field(128, ge=1, description="batch size of the expert's finetuning (paper: 128)")
     unlearn_early_stop_acc: float | None = Field(
         None, gt=0, le=1, description="stop B once its held-out clean accuracy < this (paper: 0.2); null = off"
@@ -58,11 +65,32 @@ class DefenseConfig(BaseModel):
     aux_momentum: float = Field(0.9, ge=0, lt=1, description="Nesterov momentum of the auxiliary SGD")
     aux_weight_decay: float = Field(1e-4, ge=0, description="weight decay of the auxiliary SGD")
     augment: bool = Field(True, description="training augmentation while finetuning B and M' (paper: on)")
-    score: ScoreKind = Field("ensemble", description="which score flags inputs")
+    score_kind: ScoreKind = Field("ensemble", description="which score flags inputs")
     ensemble_alpha: float = Field(2.0, gt=0, description="ensemble weight alpha (paper: 2 for ResNet-18)")
     ensemble_beta: float = Field(0.5, gt=0, le=1, description="ensemble weight beta (paper: 0.5 for ResNet-18)")
     target_fpr: float = Field(0.01, gt=0, lt=1, description="false-positive rate the threshold targets (paper: 1%)")
-    seed: int = Field(0, description="seed of the finetuning order and augmentation")
+    finetune_seed: int = Field(0, description="seed of the finetuning order and augmentation of B and M'")
+
+    def to_row(self) -> dict[str, Any]:
+        """Table cells (Parquet, MLflow params): lists become JSON text, e.g. "[2, 4, 6, 8]"."""
+        return {k: json.dumps(list(v)) if isinstance(v, tuple) else v for k, v in self.model_dump().items()}
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> DefenseConfig:
+        """Inverse of :meth:`to_row` for a table row (extra columns ignored; NaN cells = null)."""
+        vals: dict[str, Any] = {}
+        for k in cls.model_fields:
+            if k not in row:
+                continue
+            v = row[k]
+            if hasattr(v, "item"):
+                v = v.item()
+            if isinstance(v, float) and math.isnan(v):
+                v = None
+            elif isinstance(v, str) and v.startswith("["):
+                v = json.loads(v)
+            vals[k] = v
+        return cls.model_validate(vals)
 
     @model_validator(mode="after")
     def _milestones_sorted(self) -> DefenseConfig:
@@ -109,7 +137,7 @@ def finetune_expert(
     """The backdoor expert B: a copy of ``model`` finetuned towards (y + 1) mod C. Returns (B, steps)."""
     expert = copy.deepcopy(model).to(device)
     opt = torch.optim.Adam(expert.parameters(), lr=cfg.unlearn_lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.finetune_seed)
     stop = None
     if cfg.unlearn_early_stop_acc is not None and holdout is not None and len(holdout):
         bound = cfg.unlearn_early_stop_acc
@@ -123,6 +151,7 @@ def finetune_expert(
         ImageData(finetune.x, shifted_labels(finetune.y, num_classes)),
         opt,
         epochs=cfg.unlearn_epochs,
+        max_steps=cfg.unlearn_steps,
         batch_size=cfg.unlearn_batch_size,
         gen=gen,
         augment=augment,
@@ -145,7 +174,7 @@ def finetune_auxiliary(
         nesterov=cfg.aux_momentum > 0,
     )
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.aux_milestones), 0.1)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    gen = torch.Generator().manual_seed(cfg.finetune_seed + 1)
     fit(
         aux,
         finetune,
@@ -192,7 +221,7 @@ class BaDExpert:
 
     def scores(self, conf: Confidences) -> Tensor:
         c = self.cfg
-        return badexpert_score(conf.expert_conf, conf.aux_conf, c.score, c.ensemble_alpha, c.ensemble_beta)
+        return badexpert_score(conf.expert_conf, conf.aux_conf, c.score_kind, c.ensemble_alpha, c.ensemble_beta)
 
     def calibrate(self, calibration: ImageData, device: torch.device | None = None) -> float:
         """Fit tau on clean calibration inputs that M classifies correctly."""
@@ -231,68 +260,76 @@ def fit_badexpert(
 class Evaluation:
     """Per-sample arrays for one victim and the metrics computed from them."""
 
-    metrics: dict[str, float]
-    samples: dict[str, np.ndarray]  # equal-length columns, one row per evaluated input
+    metrics: dict[str, float]  # on the evaluation split: every reported figure
+    selection_metrics: dict[str, float]  # on the selection split: what the search optimizes
+    samples: dict[str, np.ndarray]  # equal-length columns, one row per scored input
+
+
+SAMPLE_COLUMNS = (
+    "split",  # calibration | selection | evaluation
+    "triggered",  # the attack's test-time trigger was applied
+    "sample_index",  # index within the split
+    "label",  # true class
+    "attack_label",  # class that counts as attack success (-1 for untriggered rows)
+    "pred",  # argmax M(x)
+    "expert_conf",  # b
+    "aux_conf",  # m
+    "score",  # higher = more suspicious
+    "flagged",  # score > threshold
+)
 
 
 def evaluate_badexpert(det: BaDExpert, splits: Splits, attack: Attack, *, device: torch.device) -> Evaluation:
-    """Score clean evaluation inputs, triggered evaluation inputs (those counting toward ASR) and,
-    for the record, the calibration inputs; compute every metric on the evaluation rows only."""
+    """Score the calibration inputs (for the record) and, on the selection and evaluation splits,
+    every clean input and the triggered version of every input that counts toward attack success;
+    compute the metrics of each split from its own rows only."""
     cfg = det.cfg
     _, calibration = defender_split(splits.reserve, cfg.clean_set_size, cfg.calibration_fraction)
-    ev = splits.evaluation
-    mask = attack.counts_toward_asr(ev.y)
-    poison_idx = torch.nonzero(mask).squeeze(1)
-    x_poison = attack.apply_trigger(ev.x[poison_idx])
-    y_attack = attack.attack_label(ev.y[poison_idx])
-    parts = {
-        "calibration": (calibration.x, calibration.y, calibration.y, torch.arange(len(calibration))),
-        "clean": (ev.x, ev.y, ev.y, torch.arange(len(ev))),
-        "poisoned": (x_poison, ev.y[poison_idx], y_attack, poison_idx),
-    }
-    cols: dict[str, list[np.ndarray]] = {
-        k: []
-        for k in [
-            "split",
-            "sample_index",
-            "label",
-            "attack_label",
-            "pred",
-            "expert_conf",
-            "aux_conf",
-            "score",
-            "flagged",
-        ]
-    }
-    per: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    expert_hits: dict[str, float] = {}
-    for name, (x, y, y_target, idx) in parts.items():
-        empty = torch.empty(0, dtype=torch.long)
-        conf = det.confidences(x, device) if len(x) else Confidences(empty, empty.float(), empty.float(), empty)
-        s = det.scores(conf)
-        per[name] = (s.numpy().astype(np.float64), conf.pred.numpy(), y_target.numpy())
-        expert_hits[name] = float((conf.expert_pred == y_target).float().mean()) if len(x) else float("nan")
-        cols["split"].append(np.array([name] * len(x), dtype=object))
-        cols["sample_index"].append(idx.numpy())
-        cols["label"].append(y.numpy())
-        cols["attack_label"].append(y_target.numpy() if name == "poisoned" else np.full(len(x), -1))
-        cols["pred"].append(conf.pred.numpy())
-        cols["expert_conf"].append(conf.expert_conf.numpy())
-        cols["aux_conf"].append(conf.aux_conf.numpy())
-        cols["score"].append(s.numpy())
-        cols["flagged"].append(s.numpy() > det.threshold)
-    metrics = detection_metrics(
-        clean_scores=per["clean"][0],
-        clean_pred=per["clean"][1],
-        clean_label=per["clean"][2],
-        poison_scores=per["poisoned"][0],
-        poison_pred=per["poisoned"][1],
-        poison_attack_label=per["poisoned"][2],
-        threshold=det.threshold,
-    )
-    # Diagnostics of step 1: the expert should have forgotten the task (low clean accuracy)
-    # while keeping the backdoor (high attack success) -- measured on evaluation data.
-    metrics["expert_clean_acc"] = expert_hits["clean"]
-    metrics["expert_attack_success"] = expert_hits["poisoned"]
-    samples = {k: np.concatenate(v) if v else np.empty(0) for k, v in cols.items()}
-    return Evaluation(metrics, samples)
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in SAMPLE_COLUMNS}
+    results: dict[str, dict[str, float]] = {}
+    for split, data in (
+        ("calibration", calibration),
+        ("selection", splits.selection),
+        ("evaluation", splits.evaluation),
+    ):
+        idx = torch.nonzero(attack.counts_toward_asr(data.y)).squeeze(1)
+        parts = [(False, data.x, data.y, data.y, torch.arange(len(data)))]
+        if split != "calibration":
+            parts.append((True, attack.apply_trigger(data.x[idx]), data.y[idx], attack.attack_label(data.y[idx]), idx))
+        per: dict[bool, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        expert_hits: dict[bool, float] = {}
+        for triggered, x, y, y_target, sample_index in parts:
+            empty = torch.empty(0, dtype=torch.long)
+            conf = det.confidences(x, device) if len(x) else Confidences(empty, empty.float(), empty.float(), empty)
+            s = det.scores(conf).numpy()
+            per[triggered] = (s.astype(np.float64), conf.pred.numpy(), y_target.numpy())
+            expert_hits[triggered] = float((conf.expert_pred == y_target).float().mean()) if len(x) else float("nan")
+            n = len(x)
+            cols["split"].append(np.array([split] * n, dtype=object))
+            cols["triggered"].append(np.full(n, triggered))
+            cols["sample_index"].append(sample_index.numpy())
+            cols["label"].append(y.numpy())
+            cols["attack_label"].append(y_target.numpy() if triggered else np.full(n, -1))
+            cols["pred"].append(conf.pred.numpy())
+            cols["expert_conf"].append(conf.expert_conf.numpy())
+            cols["aux_conf"].append(conf.aux_conf.numpy())
+            cols["score"].append(s)
+            cols["flagged"].append(s > det.threshold)
+        if split == "calibration":
+            continue
+        m = detection_metrics(
+            clean_scores=per[False][0],
+            clean_pred=per[False][1],
+            clean_label=per[False][2],
+            poison_scores=per[True][0],
+            poison_pred=per[True][1],
+            poison_attack_label=per[True][2],
+            threshold=det.threshold,
+        )
+        # Diagnostics of step 1: the expert should have forgotten the task (low clean accuracy)
+        # while keeping the backdoor (high attack success).
+        m["expert_clean_acc"] = expert_hits[False]
+        m["expert_attack_success"] = expert_hits[True]
+        results[split] = m
+    samples = {k: np.concatenate(v) for k, v in cols.items()}
+    return Evaluation(results["evaluation"], results["selection"], samples)

@@ -2,14 +2,14 @@
 
 A bundle is a folder holding ``model.safetensors``, ``expert.safetensors``,
 ``auxiliary.safetensors`` and ``manifest.json`` (architecture, input shape, normalization,
-classes, score kind, alpha, beta, threshold, target FPR, measured metrics, provenance and the
-sha256 of each weight file). Weights are safetensors only: nothing is unpickled. Loading checks
-every hash and refuses a bundle whose files were changed.
+classes, score kind, ensemble weights, threshold, target FPR, measured metrics, provenance and
+the sha256 of each weight file and of the manifest's decision fields). Weights are safetensors
+only: nothing is unpickled. Loading checks every hash and refuses a bundle whose weights or
+decision fields were changed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,22 +23,20 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from bdx_study._io import sha256_file, sha256_json, write_text_atomic
 from bdx_study.archs import create_model
 from bdx_study.data import DatasetInfo
-from bdx_study.defense import BaDExpert, badexpert_score
-from bdx_study.training import predict_proba
+from bdx_study.defense import BaDExpert, DefenseConfig
 
 FORMAT = "bdx-study/badexpert-detector"
 FORMAT_VERSION = 1
 WEIGHT_FILES = {"model": "model.safetensors", "expert": "expert.safetensors", "auxiliary": "auxiliary.safetensors"}
+# Manifest fields that decide what the detector does; their hash is checked at load.
+DECISION_FIELDS = ("architecture", "input_shape", "normalization", "num_classes", "defense_config", "threshold")
 
 
 class BundleError(ValueError):
     """A detector bundle that is incomplete, tampered with, or used with the wrong inputs."""
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def save_bundle(
@@ -50,17 +48,20 @@ def save_bundle(
     metrics: dict[str, float],
     provenance: dict[str, Any],
 ) -> Path:
-    """Write ``det`` as a bundle at ``path`` (replaced atomically if it exists)."""
+    """Write ``det`` as a bundle at ``path``. An existing bundle there is replaced; any other
+    existing, non-empty folder is refused (nothing of the user's is deleted)."""
     out = Path(path)
+    if out.exists() and any(out.iterdir()) and not _is_bundle(out):
+        raise BundleError(f"{out} exists and is not a detector bundle; choose an empty or new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     hashes = {}
     for role, fname in WEIGHT_FILES.items():
         module: nn.Module = getattr(det, role)
         save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, tmp / fname)
-        hashes[fname] = _sha256(tmp / fname)
+        hashes[fname] = sha256_file(tmp / fname)
     cfg = det.cfg
-    manifest = {
+    manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "architecture": architecture,
@@ -70,12 +71,10 @@ def save_bundle(
         "normalization": {"mean": list(info.mean), "std": list(info.std), "applied_inside_model": True},
         "num_classes": info.num_classes,
         "classes": list(range(info.num_classes)),
-        "score": {
-            "kind": cfg.score,
-            "alpha": cfg.ensemble_alpha,
-            "beta": cfg.ensemble_beta,
-            "direction": "higher = more suspicious; flagged iff score > threshold",
-        },
+        "score_kind": cfg.score_kind,
+        "ensemble_alpha": cfg.ensemble_alpha,
+        "ensemble_beta": cfg.ensemble_beta,
+        "score_direction": "higher = more suspicious; flagged iff score > threshold",
         "threshold": det.threshold,
         "target_fpr": cfg.target_fpr,
         "defense_config": cfg.model_dump(mode="json"),
@@ -83,12 +82,33 @@ def save_bundle(
         "sha256": hashes,
         "provenance": provenance,
     }
+    manifest["decision_sha256"] = sha256_json({k: manifest[k] for k in DECISION_FIELDS})
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     tmp.chmod(0o755)
     if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
     return out
+
+
+def _is_bundle(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "manifest.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def update_provenance(path: Path, **fields: Any) -> None:
+    """Add provenance fields (not covered by the hashes: they do not change decisions)."""
+    mpath = Path(path) / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    manifest["provenance"].update(fields)
+    write_text_atomic(mpath, json.dumps(manifest, indent=2))
 
 
 @dataclass
@@ -111,14 +131,14 @@ class Detection:
 class Detector:
     """A loaded bundle. ``Detector.load(path)`` verifies hashes; ``detect(x)`` serves inputs."""
 
-    def __init__(self, manifest: dict[str, Any], models: dict[str, nn.Module], device: torch.device) -> None:
+    def __init__(self, manifest: dict[str, Any], badexpert: BaDExpert, device: torch.device) -> None:
         self.manifest = manifest
-        self.model, self.expert, self.auxiliary = models["model"], models["expert"], models["auxiliary"]
+        self.badexpert = badexpert
         self.device = device
 
     @property
     def threshold(self) -> float:
-        return float(self.manifest["threshold"])
+        return self.badexpert.threshold
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -134,6 +154,15 @@ class Detector:
         manifest = json.loads(mpath.read_text())
         if manifest.get("format") != FORMAT:
             raise BundleError(f"{mpath}: format {manifest.get('format')!r} is not {FORMAT!r}")
+        try:
+            decision = sha256_json({k: manifest[k] for k in DECISION_FIELDS})
+        except KeyError as e:
+            raise BundleError(f"{mpath}: missing field {e}") from None
+        if decision != manifest.get("decision_sha256"):
+            raise BundleError(
+                f"{mpath}: decision fields (threshold, score, architecture, ...) do not match their "
+                "sha256; the manifest was modified, refusing it"
+            )
         expected = manifest.get("sha256", {})
         models: dict[str, nn.Module] = {}
         dev = torch.device(device)
@@ -141,7 +170,7 @@ class Detector:
             f = root / fname
             if not f.is_file():
                 raise BundleError(f"{root}: missing {fname}")
-            if fname not in expected or _sha256(f) != expected[fname]:
+            if fname not in expected or sha256_file(f) != expected[fname]:
                 raise BundleError(f"{f}: sha256 does not match the manifest; the bundle was modified, refusing it")
             m = create_model(
                 manifest["architecture"],
@@ -152,7 +181,9 @@ class Detector:
             )
             m.load_state_dict(load_file(f, device=str(dev)))
             models[role] = m.to(dev).eval()
-        return cls(manifest, models, dev)
+        cfg = DefenseConfig.model_validate(manifest["defense_config"])
+        det = BaDExpert(models["model"], models["expert"], models["auxiliary"], cfg, float(manifest["threshold"]))
+        return cls(manifest, det, dev)
 
     def _as_batch(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
@@ -182,9 +213,8 @@ class Detector:
     def detect(self, x: np.ndarray | torch.Tensor) -> Detection:
         """Score a batch of pixel-space inputs (N, C, H, W) in [0, 1] (uint8 0-255 also accepted)."""
         t = self._as_batch(x)
-        pred = predict_proba(self.model, t, device=self.device).argmax(1)
-        b = predict_proba(self.expert, t, device=self.device).gather(1, pred[:, None]).squeeze(1)
-        m = predict_proba(self.auxiliary, t, device=self.device).gather(1, pred[:, None]).squeeze(1)
-        sc = self.manifest["score"]
-        s = badexpert_score(b, m, sc["kind"], sc["alpha"], sc["beta"])
-        return Detection(pred.numpy(), (s > self.threshold).numpy(), s.numpy(), b.numpy(), m.numpy())
+        conf = self.badexpert.confidences(t, self.device)
+        s = self.badexpert.scores(conf)
+        return Detection(
+            conf.pred.numpy(), (s > self.threshold).numpy(), s.numpy(), conf.expert_conf.numpy(), conf.aux_conf.numpy()
+        )

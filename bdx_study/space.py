@@ -237,7 +237,13 @@ class Objective(_Strict):
 
     @property
     def key(self) -> str:
+        """The reported aggregate (evaluation split), e.g. worst/auroc_correct_only."""
         return f"{self.aggregate}/{self.metric}"
+
+    @property
+    def selection_key(self) -> str:
+        """What the search optimizes (selection split), e.g. worst/selection_auroc_correct_only."""
+        return f"{self.aggregate}/selection_{self.metric}"
 
 
 class Constraint(_Strict):
@@ -335,6 +341,11 @@ class StudySpec(_Strict):
     @property
     def experiment_name(self) -> str:
         return self.tracking.experiment or self.study.name
+
+    @property
+    def study_dir(self) -> Path:
+        """Where this study's tables, Ray and Optuna state live: <storage>/studies/<name>."""
+        return self.storage_root() / "studies" / self.study.name
 
     def storage_root(self, base: Path | None = None) -> Path:
         p = Path(os.path.expandvars(self.study.storage)).expanduser()
@@ -438,8 +449,9 @@ def load_space(path: str | os.PathLike[str]) -> StudySpec:
     spec = parse_space(raw, str(p))
     # Relative paths are taken from where the user runs the command (trials run elsewhere).
     root = spec.data.root
-    if root is not None and not Path(os.path.expandvars(root)).expanduser().is_absolute():
-        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"root": str(Path(root).resolve())})})
+    if root is not None:
+        resolved = str(Path(os.path.expandvars(root)).expanduser().resolve())
+        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"root": resolved})})
     return spec
 
 

@@ -71,6 +71,9 @@ class StudyTables:
         write_table_atomic(scores, self.part("scores", trial_id))
         write_table_atomic(rows_to_table(rows), self.part("trials", trial_id))
 
+    def read_part(self, kind: str, trial_id: str) -> pa.Table:
+        return pq.read_table(self.part(kind, trial_id))
+
     def finished_trials(self) -> set[str]:
         folder = self.root / "parts" / "trials"
         return {p.stem for p in folder.glob("*.parquet")} if folder.is_dir() else set()

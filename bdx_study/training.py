@@ -26,10 +26,12 @@ def fit(
     augment: DatasetInfo | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     stop: Callable[[], bool] | None = None,
+    max_steps: int | None = None,
     device: torch.device = torch.device("cpu"),
 ) -> int:
-    """Cross-entropy training in train() mode; ``scheduler`` steps once per epoch; ``stop`` is asked
-    after every step and ends training when it returns True. Returns the number of steps taken."""
+    """Cross-entropy training in train() mode; ``scheduler`` steps once per epoch; training ends
+    after ``epochs``, after ``max_steps`` optimizer steps, or once ``stop()`` (asked after every
+    step) returns True. Returns the number of steps taken."""
     loss_fn = nn.CrossEntropyLoss()
     steps = 0
     n = len(data)
@@ -46,7 +48,7 @@ def fit(
             loss_fn(model(x), y).backward()
             optimizer.step()
             steps += 1
-            if stop is not None and stop():
+            if (max_steps is not None and steps >= max_steps) or (stop is not None and stop()):
                 return steps
         if scheduler is not None:
             scheduler.step()

@@ -22,9 +22,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file, save_file
 
+from bdx_study._io import sha256_file
 from bdx_study.archs import ARCHITECTURES, Classifier, create_model
 from bdx_study.attacks import ATTACKS, create_attack
-from bdx_study.data import DATASETS, Splits, load_splits
+from bdx_study.data import DATASETS, ImageData, Splits, load_splits, load_test_portion
 from bdx_study.training import accuracy, fit, pick_device, predict_proba
 
 
@@ -38,13 +39,23 @@ class DataConfig(_Strict):
     root: str | None = Field(None, description="data root; null = built-in (digits) or system locations")
     download: bool = Field(False, description="let torchvision download missing files (needs network)")
     reserve_size: int = Field(300, ge=2, description="defender's reserved clean pool, images from the test portion")
-    eval_size: int | None = Field(None, ge=1, description="evaluation images; null = the rest of the test portion")
+    eval_size: int | None = Field(
+        None, ge=2, description="held-out images (selection + evaluation); null = the rest of the test portion"
+    )
+    selection_fraction: float = Field(
+        0.5, gt=0, lt=1, description="share of held-out images the search selects on; the rest report results"
+    )
     train_size: int | None = Field(None, ge=1, description="cap on the victim's training images; null = all")
     split_seed: int = Field(0, description="seed of the split permutation, fixed across the study")
 
     def identity(self) -> dict[str, Any]:
-        """The fields that change the data a victim sees (not where the files lie)."""
-        return self.model_dump(exclude={"root", "download"})
+        """The fields that change the data a victim is trained on (not how the held-out part is
+        divided, nor where the files lie): victims are shared by studies that split differently."""
+        return self.model_dump(include={"train_size", "split_seed"})
+
+    def test_portion(self, dataset: str) -> ImageData:
+        """The dataset's whole test portion: where a victim's own accuracy and ASR are measured."""
+        return load_test_portion(dataset, root=self.root, download=self.download)
 
     def splits(self, dataset: str) -> Splits:
         return load_splits(
@@ -52,6 +63,7 @@ class DataConfig(_Strict):
             root=self.root,
             reserve_size=self.reserve_size,
             eval_size=self.eval_size,
+            selection_fraction=self.selection_fraction,
             train_size=self.train_size,
             split_seed=self.split_seed,
             download=self.download,
@@ -141,8 +153,8 @@ class VictimRecord:
 
     config: VictimConfig
     path: Path  # the cache entry's folder
-    clean_acc: float  # on the evaluation split, all clean inputs
-    attack_success: float  # on triggered evaluation inputs that count toward ASR; nan for 'none'
+    clean_acc: float  # on the dataset's whole test portion
+    attack_success: float  # on triggered test inputs that count toward ASR; nan for 'none'
     train_seconds: float
     weights_sha256: str
 
@@ -156,21 +168,13 @@ class VictimRecord:
         return model.to(device).eval()
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def attack_success_rate(model: torch.nn.Module, config: VictimConfig, splits: Splits) -> float:
+def attack_success_rate(model: torch.nn.Module, config: VictimConfig, data: ImageData) -> float:
     attack = config.build_attack()
-    y = splits.evaluation.y
+    y = data.y
     mask = attack.counts_toward_asr(y)
     if not bool(mask.any()):
         return float("nan")
-    xp = attack.apply_trigger(splits.evaluation.x[mask])
+    xp = attack.apply_trigger(data.x[mask])
     pred = predict_proba(model, xp).argmax(1)
     return float((pred == attack.attack_label(y[mask])).float().mean())
 
@@ -203,9 +207,10 @@ def train_victim(config: VictimConfig, *, device: torch.device | None = None) ->
         device=device,
     )
     model.eval()
+    test = config.data.test_portion(config.dataset)
     metrics = {
-        "clean_acc": accuracy(model, splits.evaluation, device=device),
-        "attack_success": attack_success_rate(model, config, splits),
+        "clean_acc": accuracy(model, test, device=device),
+        "attack_success": attack_success_rate(model, config, test),
         "train_seconds": time.perf_counter() - start,
         "poisoned_count": float(len(poisoned.poison_indices)),
     }
@@ -259,7 +264,10 @@ class VictimCache:
         }
         (tmp / "victim.json").write_text(json.dumps(meta, indent=2))
         final = self.entry(config)
-        if final.exists():  # a stale or corrupted entry (a valid one was returned above)
+        if self.load(config) is not None:  # another process stored a valid entry meanwhile: keep it
+            shutil.rmtree(tmp, ignore_errors=True)
+            return self.load(config), True  # type: ignore[return-value]
+        if final.exists():  # a stale or corrupted entry
             shutil.rmtree(final, ignore_errors=True)
         try:
             os.rename(tmp, final)

@@ -32,7 +32,7 @@ def tiny_study(tmp: Path, name: str = "tiny", **overrides: Any) -> dict[str, Any
     doc: dict[str, Any] = {
         "study": {"name": name, "storage": str(tmp / "runs")},
         "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": f"exp-{name}"},
-        "data": {"reserve_size": 120, "eval_size": 150, "train_size": 400},
+        "data": {"reserve_size": 120, "eval_size": 200, "train_size": 400},
         "victims": {
             "datasets": ["digits"],
             "architectures": ["small_cnn"],

@@ -121,12 +121,12 @@ def test_idx_loaders(tmp_path: Path, name: str, subdir: str, gz: bool) -> None:
     assert splits.info == dataset_info(name)
     assert splits.info.input_shape == (1, 28, 28)
     _check_images(splits.train, arrays["train-images-idx3-ubyte"], arrays["train-labels-idx1-ubyte"])
-    assert len(splits.reserve) == 10 and len(splits.evaluation) == 15
-    # reserve + evaluation = the whole test portion, each image once
+    assert len(splits.reserve) == 10 and len(splits.selection) == 8 and len(splits.evaluation) == 7
+    # reserve + selection + evaluation = the whole test portion, each image once
     test_hashes = Counter(_hashes(torch.from_numpy(arrays["t10k-images-idx3-ubyte"].astype(np.float32) / 255.0)))
-    got = Counter(_hashes(splits.reserve.x[:, 0])) + Counter(_hashes(splits.evaluation.x[:, 0]))
+    got = sum((Counter(_hashes(p.x[:, 0])) for p in (splits.reserve, splits.selection, splits.evaluation)), Counter())
     assert got == test_hashes
-    for part in (splits.reserve, splits.evaluation):
+    for part in (splits.reserve, splits.selection, splits.evaluation):
         assert float(part.x.min()) >= 0.0 and float(part.x.max()) <= 1.0
         assert part.y.dtype == torch.int64
         assert bool(((part.y >= 0) & (part.y < 10)).all())
@@ -135,14 +135,14 @@ def test_idx_loaders(tmp_path: Path, name: str, subdir: str, gz: bool) -> None:
 def test_idx_splits_disjoint_and_labels_follow_images(tmp_path: Path) -> None:
     arrays = _write_idx_dataset(tmp_path, n_train=40, n_test=50, gz=True)
     splits = load_splits("mnist", root=tmp_path, reserve_size=12, eval_size=20, train_size=30)
-    tr, res, ev = (_hashes(p.x[:, 0]) for p in (splits.train, splits.reserve, splits.evaluation))
-    assert len(tr) == 30 and len(res) == 12 and len(ev) == 20
-    assert len(set(tr) | set(res) | set(ev)) == 62  # all distinct: the splits are disjoint
+    tr, res, sel, ev = (_hashes(p.x[:, 0]) for p in (splits.train, splits.reserve, splits.selection, splits.evaluation))
+    assert len(tr) == 30 and len(res) == 12 and len(sel) == 10 and len(ev) == 10
+    assert len(set(tr) | set(res) | set(sel) | set(ev)) == 62  # all distinct: the splits are disjoint
     # each image keeps its own label
     raw = arrays["t10k-images-idx3-ubyte"]
     lbl = arrays["t10k-labels-idx1-ubyte"]
     index_of = {h: i for i, h in enumerate(_hashes(torch.from_numpy(raw.astype(np.float32) / 255.0)))}
-    for part, hs in ((splits.reserve, res), (splits.evaluation, ev)):
+    for part, hs in ((splits.reserve, res), (splits.selection, sel), (splits.evaluation, ev)):
         assert [int(lbl[index_of[h]]) for h in hs] == part.y.tolist()
 
 
@@ -227,12 +227,13 @@ def test_cifar10_binary_loader(tmp_path: Path) -> None:
     np.testing.assert_allclose(tr.x.numpy(), train_x.astype(np.float32) / 255.0, rtol=0, atol=1e-7)
     np.testing.assert_array_equal(tr.y.numpy(), train_y)
     assert float(tr.x[:, 0].max()) <= 100 / 255 + 1e-6 and float(tr.x[:, 2].min()) >= 200 / 255 - 1e-6
-    assert len(splits.reserve) == 3 and len(splits.evaluation) == 5
-    got = Counter(_hashes(splits.reserve.x)) + Counter(_hashes(splits.evaluation.x))
+    parts = (splits.reserve, splits.selection, splits.evaluation)
+    assert [len(p) for p in parts] == [3, 2, 3]
+    got = sum((Counter(_hashes(p.x)) for p in parts), Counter())
     assert got == Counter(_hashes(torch.from_numpy(test_x.astype(np.float32) / 255.0)))
-    for part in (splits.reserve, splits.evaluation):
+    for part in parts:
         assert float(part.x.min()) >= 0.0 and float(part.x.max()) <= 1.0
-    assert sorted(splits.reserve.y.tolist() + splits.evaluation.y.tolist()) == sorted(test_y.tolist())
+    assert sorted(sum((p.y.tolist() for p in parts), [])) == sorted(test_y.tolist())
 
 
 def test_cifar_binary_bad_size(tmp_path: Path) -> None:
@@ -266,42 +267,47 @@ def test_cifar10_missing_root(tmp_path: Path) -> None:
 def test_digits_splits_disjoint_and_sized() -> None:
     s = load_splits("digits", reserve_size=300)
     assert s.info.input_shape == (1, 16, 16)
-    assert (len(s.train), len(s.reserve), len(s.evaluation)) == (1097, 300, 400)
-    for part in (s.train, s.reserve, s.evaluation):
+    assert (len(s.train), len(s.reserve), len(s.selection), len(s.evaluation)) == (1097, 300, 200, 200)
+    for part in (s.train, s.reserve, s.selection, s.evaluation):
         assert part.x.shape[1:] == (1, 16, 16) and part.x.dtype == torch.float32
         assert float(part.x.min()) >= 0.0 and float(part.x.max()) <= 1.0
         assert set(part.y.unique().tolist()) <= set(range(10))
-    tr, res, ev = (_hashes(p.x) for p in (s.train, s.reserve, s.evaluation))
+    hashes = [_hashes(p.x) for p in (s.train, s.reserve, s.selection, s.evaluation)]
     # digits' 1,797 images are distinct after resizing, so equal hashes would mean shared inputs
-    total = len(tr) + len(res) + len(ev)
+    total = sum(len(h) for h in hashes)
     assert total == 1797
-    assert len(set(tr) | set(res) | set(ev)) == total
+    assert len(set().union(*hashes)) == total
 
 
 def test_digits_deterministic_and_seeded() -> None:
     a = load_splits("digits", reserve_size=300)
     b = load_splits("digits", reserve_size=300)
-    for pa, pb in ((a.train, b.train), (a.reserve, b.reserve), (a.evaluation, b.evaluation)):
+    for pa, pb in (
+        (a.train, b.train),
+        (a.reserve, b.reserve),
+        (a.selection, b.selection),
+        (a.evaluation, b.evaluation),
+    ):
         assert torch.equal(pa.x, pb.x) and torch.equal(pa.y, pb.y)
     c = load_splits("digits", reserve_size=300, split_seed=1)
     assert not torch.equal(a.reserve.x, c.reserve.x)
     # a different split seed reshuffles the test portion, which stays the same set of images
-    assert Counter(_hashes(a.reserve.x) + _hashes(a.evaluation.x)) == Counter(
-        _hashes(c.reserve.x) + _hashes(c.evaluation.x)
+    assert Counter(_hashes(a.reserve.x) + _hashes(a.selection.x) + _hashes(a.evaluation.x)) == Counter(
+        _hashes(c.reserve.x) + _hashes(c.selection.x) + _hashes(c.evaluation.x)
     )
 
 
 def test_digits_evaluation_independent_of_clean_set_and_eval_size() -> None:
     s = load_splits("digits", reserve_size=300)
-    ev_hashes = set(_hashes(s.evaluation.x))
+    ev_hashes = set(_hashes(s.evaluation.x)) | set(_hashes(s.selection.x))
     for clean_set_size in (10, 40, 150, 300):
         ft, cal = defender_split(s.reserve, clean_set_size, 0.5)
         used = _hashes(ft.x) + _hashes(cal.x)
         assert len(used) == clean_set_size
         assert not set(used) & ev_hashes
-    # a smaller eval_size takes a prefix of the same evaluation order
+    # a smaller eval_size takes a prefix of the same held-out order (selection first)
     small = load_splits("digits", reserve_size=300, eval_size=100)
-    assert torch.equal(small.evaluation.x, s.evaluation.x[:100])
+    assert torch.equal(small.selection.x, s.selection.x[:50])
     assert torch.equal(small.reserve.x, s.reserve.x)
     # train_size caps the training set only
     capped = load_splits("digits", reserve_size=300, train_size=200)
@@ -313,6 +319,7 @@ def test_digits_evaluation_independent_of_train_size() -> None:
     s = load_splits("digits", reserve_size=300)
     capped = load_splits("digits", reserve_size=300, train_size=200)
     assert torch.equal(capped.reserve.x, s.reserve.x)
+    assert torch.equal(capped.selection.x, s.selection.x)
     assert torch.equal(capped.evaluation.x, s.evaluation.x)
 
 

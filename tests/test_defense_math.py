@@ -250,7 +250,7 @@ TINY = DefenseConfig(
     unlearn_batch_size=16,
     aux_batch_size=16,
     target_fpr=0.1,
-    seed=0,
+    finetune_seed=0,
 )
 
 
@@ -356,7 +356,7 @@ def test_scores_follow_config(digits_splits: Splits, model: torch.nn.Module) -> 
     other = [create_model("small_cnn", info.input_shape, 10, info.mean, info.std).eval() for _ in range(2)]
     x = digits_splits.reserve.x[:16]
     for kind in ("ensemble", "expert", "auxiliary"):
-        cfg = TINY.model_copy(update={"score": kind, "ensemble_alpha": 3.0, "ensemble_beta": 0.4})
+        cfg = TINY.model_copy(update={"score_kind": kind, "ensemble_alpha": 3.0, "ensemble_beta": 0.4})
         det = BaDExpert(model, other[0], other[1], cfg)
         conf = det.confidences(x)
         pred = predict_proba(model, x).argmax(1)

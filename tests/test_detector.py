@@ -66,7 +66,7 @@ def test_bundle_layout_and_manifest(bundle: Path, det: BaDExpert) -> None:
     assert man["input_shape"] == [1, 16, 16]
     assert man["num_classes"] == 10
     assert man["threshold"] == det.threshold
-    assert man["score"]["kind"] == "ensemble" and man["score"]["alpha"] == 2.5 and man["score"]["beta"] == 0.4
+    assert man["score_kind"] == "ensemble" and man["ensemble_alpha"] == 2.5 and man["ensemble_beta"] == 0.4
     assert man["metrics"] == {"auroc_correct_only": 0.9, "attack_success_after": None}
     assert set(man["sha256"]) == set(WEIGHT_FILES.values())
 
@@ -97,7 +97,7 @@ def test_detect_matches_badexpert(bundle: Path, det: BaDExpert) -> None:
 
 @pytest.mark.parametrize("kind", ["expert", "auxiliary"])
 def test_detect_other_score_kinds(tmp_path: Path, kind: str) -> None:
-    d = BaDExpert(_net(0), _net(1), _net(2), DefenseConfig(score=kind), threshold=0.0)  # type: ignore[arg-type]
+    d = BaDExpert(_net(0), _net(1), _net(2), DefenseConfig(score_kind=kind), threshold=0.0)  # type: ignore[arg-type]
     path = save_bundle(tmp_path / "b", d, architecture="small_cnn", info=INFO, metrics={}, provenance={})
     x = _inputs()
     np.testing.assert_array_equal(Detector.load(path).detect(x).score, d.scores(d.confidences(x)).numpy())
@@ -229,3 +229,32 @@ def test_bundle_readable_by_others(bundle: Path) -> None:
     if os.name != "posix":
         pytest.skip("POSIX permissions")
     assert bundle.stat().st_mode & 0o755 == 0o755
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("threshold", 1e9), ("architecture", "resnet18"), ("defense_config", {"ensemble_alpha": 100.0})],
+)
+def test_edited_decision_fields_refused(bundle: Path, field: str, value: object) -> None:
+    mpath = bundle / "manifest.json"
+    man = json.loads(mpath.read_text())
+    man[field] = {**man[field], **value} if isinstance(value, dict) else value
+    mpath.write_text(json.dumps(man))
+    with pytest.raises(BundleError, match="decision fields"):
+        Detector.load(bundle)
+
+
+def test_provenance_edit_is_allowed(bundle: Path) -> None:
+    from bdx_study.detector import update_provenance
+
+    update_provenance(bundle, note="re-exported")
+    assert Detector.load(bundle).manifest["provenance"]["note"] == "re-exported"
+
+
+def test_save_refuses_to_overwrite_other_folders(tmp_path: Path, det: BaDExpert) -> None:
+    keep = tmp_path / "project"
+    keep.mkdir()
+    (keep / "mlflow.db").write_text("precious")
+    with pytest.raises(BundleError, match="not a detector bundle"):
+        save_bundle(keep, det, architecture="small_cnn", info=dataset_info("digits"), metrics={}, provenance={})
+    assert (keep / "mlflow.db").read_text() == "precious"

@@ -70,7 +70,7 @@ def test_killed_driver_resumes_without_rerunning(ray_cluster: Any, tmp_path: Pat
     assert {p.removesuffix(".parquet") for p in after} <= set(ids)
 
 
-def test_four_quarter_gpu_trials_pack_on_one_gpu(ray_cluster: Any) -> None:
+def test_four_quarter_gpu_trials_pack_on_one_gpu(ray_cluster: Any, tmp_path: Path) -> None:
     """Scheduling side only (no CUDA here): 4 trials asking for 0.25 GPU each must all run at
     once on a cluster with one logical GPU; each waits at a barrier until all four are in."""
     import ray
@@ -79,7 +79,7 @@ def test_four_quarter_gpu_trials_pack_on_one_gpu(ray_cluster: Any) -> None:
     from bdx_study.space import parse_space
     from bdx_study.trials.launch import trial_resources
 
-    spec = parse_space(tiny_study(Path("/tmp"), resources={"cpu": 0.5, "gpu": 0.25}), "inline")
+    spec = parse_space(tiny_study(tmp_path, resources={"cpu": 0.5, "gpu": 0.25}), "inline")
     res = trial_resources(spec)
     assert res == {"cpu": 0.5, "gpu": 0.25}
 
@@ -116,7 +116,7 @@ def test_four_quarter_gpu_trials_pack_on_one_gpu(ray_cluster: Any) -> None:
     grid = tune.Tuner(
         tune.with_resources(trial, res),
         tune_config=tune.TuneConfig(num_samples=4, max_concurrent_trials=4),
-        run_config=tune.RunConfig(storage_path="/tmp/bdx-test-gpu", name="pack", verbose=0),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), name="pack", verbose=0),
     ).fit()
     assert grid.num_errors == 0
     for r in grid:
@@ -134,3 +134,44 @@ def test_gpu_study_runs_on_cpu_without_cuda(ray_cluster: Any, tmp_path: Path) ->
     table = pq.read_table(result.study_dir / "tables" / "trials.parquet").to_pandas()
     assert set(table["device"]) == {"cpu"}
     assert set(table["gpu_ids"]) == {"0"}
+
+
+def test_tracking_outage_then_resume_logs_everything(ray_cluster: Any, tmp_path: Path, capsys: Any) -> None:
+    """MLflow unreachable at launch: trials still finish into Parquet with a warning; a resume
+    once the store is back logs every finished trial exactly once."""
+    store = tmp_path / "store"
+    store.write_text("")  # a file where the store's folder should be: MLflow cannot reach it
+    doc = tiny_study(tmp_path, name="outage", search__num_trials=2)
+    doc["tracking"]["uri"] = f"sqlite:///{store / 'mlflow.db'}"
+    path = write_study(tmp_path, doc)
+    spec = load_space(path)
+    first = launch(spec, source=path)
+    assert first.num_errors == 0 and first.parent_run_id is None
+    assert "unavailable" in capsys.readouterr().out
+    parts = spec.study_dir / "tables" / "parts" / "trials"
+    assert len(list(parts.glob("*.parquet"))) == 2
+
+    store.unlink()
+    store.mkdir()  # the store is back
+    again = launch(spec, source=path, resume=True)
+    assert "logged 2 finished trial(s) MLflow was missing" in capsys.readouterr().out
+    runs = MlflowClient(again.tracking_uri).search_runs(
+        [again.experiment_id], filter_string="tags.`bdx.kind` = 'trial'", max_results=100
+    )
+    assert sorted(r.data.tags["bdx.trial_id"] for r in runs) == sorted(p.stem for p in parts.glob("*.parquet"))
+    assert all(r.info.status == "FINISHED" and "worst/auroc_correct_only" in r.data.metrics for r in runs)
+    assert all(r.data.tags["mlflow.parentRunId"] == again.parent_run_id for r in runs)
+
+
+def test_resume_refuses_an_edited_study_file(ray_cluster: Any, tmp_path: Path) -> None:
+    from bdx_study.space import SpaceError
+
+    doc = tiny_study(tmp_path, name="edited", search__num_trials=1)
+    path = write_study(tmp_path, doc)
+    launch(load_space(path), source=path)
+    doc["defense"]["aux_epochs"] = 3
+    edited = write_study(tmp_path, doc, "edited.yaml")
+    import pytest
+
+    with pytest.raises(SpaceError, match="differs from the one this study was launched with in defense"):
+        launch(load_space(edited), source=edited, resume=True)

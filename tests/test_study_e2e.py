@@ -103,17 +103,27 @@ def test_parquet_tables(study: dict[str, Any]) -> None:
     clean = trials[trials.attack == "none"]
     assert clean["auroc_correct_only"].isna().all()  # no triggered inputs: undefined, not faked
     scores = pq.read_table(tables / "scores.parquet").to_pandas()
-    assert set(scores["split"]) == {"calibration", "clean", "poisoned"}
+    assert set(scores["split"]) == {"calibration", "selection", "evaluation"}
+    assert not scores[scores.split == "calibration"]["triggered"].any()
     assert scores.groupby("trial_id").ngroups == N_TRIALS
-    # the per-sample table reproduces the per-victim metric (AUROC from continuous scores)
+    # the per-sample table reproduces the per-victim metrics, each from its own split's rows
+    # (AUROC from continuous scores): evaluation -> reported columns, selection -> selection_*
     from sklearn.metrics import roc_auc_score
 
     row = backdoored.iloc[0]
     s = scores[(scores.trial_id == row.trial_id) & (scores.victim_id == row.victim_id)]
-    neg = s[(s.split == "clean") & (s.pred == s.label)].score
-    pos = s[(s.split == "poisoned") & (s.pred == s.attack_label)].score
-    y = np.r_[np.zeros(len(neg)), np.ones(len(pos))]
-    assert roc_auc_score(y, np.r_[neg, pos]) == pytest.approx(row.auroc_correct_only)
+    for split, column in (("evaluation", "auroc_correct_only"), ("selection", "selection_auroc_correct_only")):
+        part = s[s.split == split]
+        neg = part[~part.triggered & (part.pred == part.label)].score
+        pos = part[part.triggered & (part.pred == part.attack_label)].score
+        y = np.r_[np.zeros(len(neg)), np.ones(len(pos))]
+        assert roc_auc_score(y, np.r_[neg, pos]) == pytest.approx(row[column])
+    # the threshold was fitted on calibration rows: about target_fpr of correct ones lie above it
+    cal = s[(s.split == "calibration") & (s.pred == s.label)]
+    assert (cal.score > row.threshold).mean() == pytest.approx(study["spec"].defense_config({}).target_fpr, abs=0.05)
+    # the search optimized the selection split, never the evaluation split
+    per_trial = trials.groupby("trial_id")
+    assert np.allclose(per_trial["objective"].first(), per_trial["selection_auroc_correct_only"].min())
 
 
 def test_victims_trained_once_across_trials_and_studies(study: dict[str, Any], capsys: Any) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from bdx_study.space import StudySpec
 from bdx_study.victims import VictimConfig
@@ -26,24 +25,21 @@ class StudyContext:
 def objective_value(spec: StudySpec, aggregates: dict[str, float]) -> tuple[float, bool]:
     """The value the search optimizes and whether the trial meets the constraint.
 
-    value = the objective's aggregate metric (e.g. worst/auroc_correct_only). A trial whose
-    worst-case clean-accuracy drop exceeds ``search.constraint.max_clean_acc_drop`` is
+    value = the objective's aggregate metric on the selection split (e.g.
+    worst/selection_auroc_correct_only): the evaluation split never steers the search. A trial
+    whose worst-case clean-accuracy drop (selection split) exceeds
+    ``search.constraint.max_clean_acc_drop`` is
     infeasible and is pushed behind every feasible one: value - 1 - excess for a maximized
     metric (value + 1 + excess for a minimized one), since per-victim metrics lie in [0, 1].
     Undefined objectives (no victim with a backdoor) report the worst finite value.
     """
     obj = spec.search.objective
     sign = 1.0 if obj.mode == "max" else -1.0
-    value = aggregates.get(obj.key, math.nan)
+    value = aggregates.get(obj.selection_key, math.nan)
     if not math.isfinite(value):
         return -sign * 2.0, False
     limit = spec.search.constraint.max_clean_acc_drop
-    drop = aggregates.get("worst/clean_acc_drop", 0.0)
+    drop = aggregates.get("worst/selection_clean_acc_drop", 0.0)
     if limit is not None and drop > limit:
         return value - sign * (1.0 + (drop - limit)), False
     return value, True
-
-
-def config_columns(params: dict[str, Any]) -> dict[str, Any]:
-    """Defense params as scalar table cells (tuples become strings)."""
-    return {k: (str(list(v)) if isinstance(v, tuple | list) else v) for k, v in params.items()}

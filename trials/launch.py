@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bdx_study._io import write_text_atomic
 from bdx_study.space import SpaceError, StudySpec
 from bdx_study.tables import StudyTables
 from bdx_study.victims import VictimCache
@@ -41,10 +42,6 @@ class LaunchResult:
     seconds: float
 
 
-def study_dir_for(spec: StudySpec) -> Path:
-    return spec.storage_root() / "studies" / spec.study.name
-
-
 def _check_data(spec: StudySpec) -> None:
     """Fail before Ray starts if a dataset cannot be read or a split cannot be cut."""
     from bdx_study.data import DataError
@@ -56,7 +53,23 @@ def _check_data(spec: StudySpec) -> None:
             raise SpaceError(f"data for dataset {ds!r}: {e}") from None
 
 
-def _init_ray(address: str | None, spec: StudySpec) -> None:
+def _check_same_study(spec: StudySpec, study_dir: Path) -> None:
+    """A resumed study must be the one that was launched (victims, defense, search unchanged)."""
+    from bdx_study.space import load_space
+
+    stored = study_dir / "study.yaml"
+    if not stored.is_file():
+        return
+    before = load_space(stored)
+    changed = [s for s in ("victims", "defense", "search", "data") if getattr(before, s) != getattr(spec, s)]
+    if changed:
+        raise SpaceError(
+            f"{stored}: the study file differs from the one this study was launched with in "
+            f"{', '.join(changed)}; resume it with the original file, or give the new one another study.name"
+        )
+
+
+def _init_ray(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():
@@ -77,7 +90,21 @@ def trial_resources(spec: StudySpec) -> dict[str, float]:
     return {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
 
 
-def _searcher(spec: StudySpec, study_dir: Path) -> Any:
+def _check_resources(spec: StudySpec) -> None:
+    """Fail fast when no node could ever run a trial (Ray would wait forever)."""
+    import ray
+
+    want = trial_resources(spec)
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if not any(n.get("CPU", 0) >= want["cpu"] and n.get("GPU", 0) >= want["gpu"] for n in nodes):
+        have = ", ".join(f"{n.get('CPU', 0):g} CPU / {n.get('GPU', 0):g} GPU" for n in nodes)
+        raise SpaceError(
+            f"resources: a trial asks for {want['cpu']:g} CPU and {want['gpu']:g} GPU but no Ray node has that "
+            f"(nodes: {have}); lower resources.cpu/gpu or join a cluster with --address"
+        )
+
+
+def _searcher(spec: StudySpec) -> Any:
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -102,6 +129,10 @@ def _searcher(spec: StudySpec, study_dir: Path) -> Any:
     )
 
 
+def _write_ids(path: Path, ids: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(ids, indent=2))
+
+
 def launch(
     spec: StudySpec,
     *,
@@ -120,7 +151,7 @@ def launch(
     # Snapshot Tune's experiment state at most 1 s apart (default: >= 10 s), so a killed driver
     # loses as little bookkeeping as possible; finished trials are also recognised by their tables.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    study_dir = study_dir_for(spec)
+    study_dir = spec.study_dir
     tune_dir = study_dir / "tune"
     exists = tune_dir.exists()
     if exists and not resume:
@@ -131,13 +162,15 @@ def launch(
     if resume and not exists:
         print(f"[bdx-study] nothing to resume at {study_dir}; starting the study", flush=True)
         resume = False
+    if resume:
+        _check_same_study(spec, study_dir)
     _check_data(spec)
     study_dir.mkdir(parents=True, exist_ok=True)
     if source is not None and not resume:
         shutil.copyfile(source, study_dir / "study.yaml")
 
     ids_path = study_dir / "study.json"
-    ids = json.loads(ids_path.read_text()) if ids_path.is_file() else {}
+    ids = json.loads(ids_path.read_text()) if resume and ids_path.is_file() else {}
     uri = ids.get("tracking_uri") or resolve_tracking_uri(spec.tracking.uri)
     tracker = StudyTracker(uri, spec.experiment_name, spec.study.name)
     victims = spec.victim_configs()
@@ -148,13 +181,14 @@ def launch(
                 "space_file": str(source or ""),
                 "sampler": spec.search.sampler,
                 "num_trials": spec.num_trials,
-                "objective": spec.search.objective.key,
+                "objective": spec.search.objective.selection_key,
                 "objective_mode": spec.search.objective.mode,
                 "max_clean_acc_drop": spec.search.constraint.max_clean_acc_drop,
                 "num_victims": len(victims),
                 **{f"fixed.{k}": v for k, v in spec.fixed.items()},
             },
             description=spec.study.description,
+            parent_run_id=ids.get("parent_run_id"),
         )
     except Exception as e:
         tracking_ok = False
@@ -167,16 +201,15 @@ def launch(
         parent_run_id=tracker.parent_run_id,
         study=spec.study.name,
     )
-    tmp = ids_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(ids, indent=2))
-    tmp.replace(ids_path)
+    _write_ids(ids_path, ids)
     print(
         f"[bdx-study] study {spec.study.name!r}: {len(victims)} victim(s) x {spec.num_trials} trial(s); "
         f"storage {study_dir}",
         flush=True,
     )
 
-    _init_ray(address, spec)
+    _init_ray(address)
+    _check_resources(spec)
     cache = VictimCache(spec.storage_root() / "victims")
     res = spec.resources
     records = ensure_victims(victims, cache, cpu=res.cpu, gpu=res.gpu)
@@ -195,40 +228,16 @@ def launch(
         ]
     )
     if tracking_ok:
-        for rec, trained in records:
-            try:
-                run_id, created = tracker.child_run(
-                    "victim",
-                    rec.config.key,
-                    f"victim-{rec.config.name}",
-                    {
-                        **victim_columns(rec.config),
-                        **{f"attack.{k}": v for k, v in rec.config.attack.params.items()},
-                        **{f"training.{k}": v for k, v in rec.config.training.model_dump().items()},
-                    },
-                )
-                if created:
-                    tracker.log_metrics(
-                        run_id,
-                        {
-                            "clean_acc": rec.clean_acc,
-                            "attack_success": rec.attack_success,
-                            "train_seconds": rec.train_seconds,
-                        },
-                    )
-                    tracker.client.set_tag(run_id, "bdx.trained_now", str(trained).lower())
-                    tracker.finish(run_id)
-            except Exception as e:
-                print(f"[bdx-study] WARNING: MLflow logging of victim {rec.config.name} failed: {e}", flush=True)
+        _log_victims(tracker, records)
 
     ctx = StudyContext(spec=spec, study_dir=study_dir, victim_cache=cache.root, victims=tuple(victims))
     trainable = tune.with_resources(tune.with_parameters(defense_trial, ctx=ctx), trial_resources(spec))
-    callback = MlflowStudyCallback(tracker, spec.fixed, spec.num_trials) if tracking_ok else None
     if resume and tune.Tuner.can_restore(str(tune_dir)):
-        done = len(tables.finished_trials())
-        print(f"[bdx-study] resuming: {done} finished trial(s) kept, the rest run now", flush=True)
-        if callback is not None:
-            callback.done = done
+        print(
+            f"[bdx-study] resuming: {len(tables.finished_trials())} finished trial(s) kept, the rest run now",
+            flush=True,
+        )
+        # Tune restores the callbacks pickled at the first launch (see MlflowStudyCallback).
         tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
@@ -236,7 +245,7 @@ def launch(
             tune_config=tune.TuneConfig(
                 metric="objective",
                 mode=spec.search.objective.mode,
-                search_alg=_searcher(spec, study_dir),
+                search_alg=_searcher(spec),
                 num_samples=spec.num_trials,
                 max_concurrent_trials=spec.search.max_concurrent,
                 reuse_actors=True,
@@ -244,12 +253,15 @@ def launch(
             run_config=tune.RunConfig(
                 name="tune",
                 storage_path=str(study_dir),
-                callbacks=[callback] if callback is not None else [],
+                callbacks=[MlflowStudyCallback(tracker, spec, study_dir)],
                 failure_config=tune.FailureConfig(max_failures=res.max_failures),
                 verbose=0,
             ),
         )
+    fit_start = time.perf_counter()
     grid = tuner.fit()
+    ids["tune_fit_seconds"] = time.perf_counter() - fit_start
+    _write_ids(ids_path, ids)
     tables.consolidate()
 
     best: dict[str, Any] = {}
@@ -264,19 +276,8 @@ def launch(
         }
     except RuntimeError:
         pass
-    if tracking_ok and tracker.parent_run_id:
-        try:
-            if best.get("objective") is not None and math.isfinite(best["objective"]):
-                tracker.log_metrics(tracker.parent_run_id, {"best_objective": best["objective"]})
-            for p in (
-                study_dir / "tables" / "trials.parquet",
-                study_dir / "tables" / "victims.parquet",
-                study_dir / "study.yaml",
-            ):
-                tracker.log_artifact(tracker.parent_run_id, p, "study")
-            tracker.finish(tracker.parent_run_id, ok=grid.num_errors == 0)
-        except Exception as e:
-            print(f"[bdx-study] WARNING: MLflow logging of the study run failed: {e}", flush=True)
+    if tracking_ok:
+        _finish_study(tracker, spec, study_dir, best, ok=grid.num_errors == 0)
 
     seconds = time.perf_counter() - t0
     print(
@@ -286,8 +287,9 @@ def launch(
     )
     if best:
         print(
-            f"[bdx-study] best trial {best['trial_id']}: objective ({spec.search.objective.key}) "
-            f"{best['objective']:.4f}{'' if best['feasible'] else ' (infeasible)'}",
+            f"[bdx-study] best trial {best['trial_id']}: {spec.search.objective.selection_key} "
+            f"{best['objective']:.4f}{'' if best['feasible'] else ' (infeasible)'} (selection split; "
+            "`bdx-study analyze` reports the evaluation split)",
             flush=True,
         )
     print(f"[bdx-study] tables: {study_dir / 'tables'}", flush=True)
@@ -303,3 +305,43 @@ def launch(
         best,
         seconds,
     )
+
+
+def _log_victims(tracker: Any, records: list[Any]) -> None:
+    from .trainable import victim_columns
+
+    for rec, trained in records:
+        try:
+            params = {
+                **victim_columns(rec.config),
+                **{f"attack.{k}": v for k, v in rec.config.attack.params.items() if k != "poison_rate"},
+                **{f"training.{k}": v for k, v in rec.config.training.model_dump().items() if k != "epochs"},
+            }
+            run_id, created = tracker.child_run("victim", rec.config.key, f"victim-{rec.config.name}", params)
+            if created:
+                tracker.log_metrics(
+                    run_id,
+                    {
+                        "clean_acc": rec.clean_acc,
+                        "attack_success": rec.attack_success,
+                        "train_seconds": rec.train_seconds,
+                    },
+                )
+                tracker.client.set_tag(run_id, "bdx.trained_now", str(trained).lower())
+                tracker.finish(run_id)
+        except Exception as e:
+            print(f"[bdx-study] WARNING: MLflow logging of victim {rec.config.name} failed: {e}", flush=True)
+
+
+def _finish_study(tracker: Any, spec: StudySpec, study_dir: Path, best: dict[str, Any], ok: bool) -> None:
+    try:
+        synced = tracker.sync(spec, study_dir)
+        if synced:
+            print(f"[bdx-study] logged {synced} finished trial(s) MLflow was missing", flush=True)
+        if best.get("objective") is not None and math.isfinite(best["objective"]):
+            tracker.log_metrics(tracker.parent_run_id, {"best_objective": best["objective"]})
+        for p in ("tables/trials.parquet", "tables/victims.parquet", "study.yaml"):
+            tracker.log_artifact(tracker.parent_run_id, study_dir / p, "study")
+        tracker.finish(tracker.parent_run_id, ok=ok)
+    except Exception as e:
+        print(f"[bdx-study] WARNING: MLflow logging of the study run failed: {e}", flush=True)

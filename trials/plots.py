@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 def plot_confidence_planes(panels: list[tuple[str, Evaluation, DefenseConfig]], path: Path, *, title: str = "") -> Path:
-    """One panel per victim: clean and triggered evaluation inputs in the (b, m) plane, where
+    """One panel per victim: clean and triggered inputs of the evaluation split in the (b, m) plane, where
     b = expert confidence and m = auxiliary confidence in M's predicted class, and the boundary
     score = threshold (inputs on the high-score side, the lower-right corner, are flagged)."""
     import matplotlib
@@ -29,10 +29,10 @@ def plot_confidence_planes(panels: list[tuple[str, Evaluation, DefenseConfig]], 
     bb, mm = torch.meshgrid(grid, grid, indexing="xy")
     for ax, (name, ev, cfg) in zip(axes[0], panels, strict=True):
         s = ev.samples
-        for split, color, label in (("clean", "tab:blue", "clean"), ("poisoned", "tab:red", "triggered")):
-            sel = s["split"] == split
+        for triggered, color, label in ((False, "tab:blue", "clean"), (True, "tab:red", "triggered")):
+            sel = (s["split"] == "evaluation") & (s["triggered"] == triggered)
             ax.scatter(s["expert_conf"][sel], s["aux_conf"][sel], s=4, alpha=0.5, c=color, label=label)
-        z = badexpert_score(bb, mm, cfg.score, cfg.ensemble_alpha, cfg.ensemble_beta).numpy()
+        z = badexpert_score(bb, mm, cfg.score_kind, cfg.ensemble_alpha, cfg.ensemble_beta).numpy()
         thr = ev.metrics["threshold"]
         if np.isfinite(thr) and z.min() < thr < z.max():
             ax.contour(grid.numpy(), grid.numpy(), z, levels=[thr], colors="k", linewidths=1, linestyles="solid")

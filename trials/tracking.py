@@ -2,27 +2,34 @@
 per victim. Trials never talk to MLflow, so the store has a single writer (SQLite is safe) and
 workers on other nodes need no tracking credentials.
 
-Runs are found again by tags (``bdx.study``, ``bdx.trial_id``, ``bdx.victim_id``), so a resumed
-study reuses its parent run and never duplicates a finished trial's run. If the tracking server
-is unreachable, the study goes on (results are in Parquet) and a warning says so.
+A fresh launch creates a new parent run; a resume continues the parent run recorded in the
+study's ``study.json``. Nested runs are found again by tags (``bdx.trial_id``, ``bdx.victim_id``)
+under that parent, so a resumed study never duplicates a run. If the tracking server is
+unreachable, the study goes on (results are in Parquet) and a warning says so; at the end of
+every launch, :meth:`StudyTracker.sync` logs any finished trial that MLflow is missing.
 """
 
 from __future__ import annotations
 
-import logging
+import json
 import math
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-log = logging.getLogger("bdx_study")
+from bdx_study.defense import DefenseConfig
+from bdx_study.space import StudySpec
+from bdx_study.tables import StudyTables
 
 PARENT_TAG = "mlflow.parentRunId"
+# Result keys logged as trial metrics besides the "<aggregate>/<metric>" and "<victim>/<metric>" ones.
+TRIAL_SCALARS = ("objective", "feasible", "trial_seconds")
 
 
 def resolve_tracking_uri(uri: str | None, cwd: Path | None = None) -> str:
@@ -47,8 +54,21 @@ def runs_link(uri: str, experiment_id: str) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
+def _key(k: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in k)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def trial_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The metrics of a trial's result worth logging: ours, not Ray's bookkeeping."""
+    return {k: float(v) for k, v in result.items() if _finite(v) and ("/" in k or k in TRIAL_SCALARS)}
+
+
 class StudyTracker:
-    """Thin wrapper over MlflowClient for one study's runs."""
+    """One study's runs in one MLflow experiment, through a single MlflowClient."""
 
     def __init__(self, tracking_uri: str, experiment: str, study: str) -> None:
         self.uri = tracking_uri
@@ -59,9 +79,7 @@ class StudyTracker:
         self.parent_run_id: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # the client is rebuilt after unpickling (resume)
-        d = dict(self.__dict__)
-        d["_client"] = None
-        return d
+        return {**self.__dict__, "_client": None}
 
     @property
     def client(self) -> MlflowClient:
@@ -69,47 +87,51 @@ class StudyTracker:
             self._client = MlflowClient(self.uri)
         return self._client
 
-    def start(self, params: dict[str, Any], description: str = "") -> str:
-        """Create (or find, on resume) the experiment and the study's parent run."""
+    def start(self, params: dict[str, Any], description: str = "", parent_run_id: str | None = None) -> str:
+        """Create the experiment if needed, and the study's parent run (or reopen ``parent_run_id``)."""
         exp = self.client.get_experiment_by_name(self.experiment_name)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment_name)
-        found = self._find({"bdx.study": self.study, "bdx.kind": "study"})
-        if found:
-            self.parent_run_id = found
-            self.client.update_run(found, status="RUNNING")
-        else:
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=self.study,
-                tags={"bdx.study": self.study, "bdx.kind": "study", "mlflow.note.content": description},
-            )
-            self.parent_run_id = run.info.run_id
-            self.client.log_batch(self.parent_run_id, params=_params(params))
+        if parent_run_id is not None:
+            self.client.update_run(parent_run_id, status="RUNNING")
+            self.parent_run_id = parent_run_id
+            return parent_run_id
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=self.study,
+            tags={"bdx.study": self.study, "bdx.kind": "study", "mlflow.note.content": description},
+        )
+        self.parent_run_id = run.info.run_id
+        self.client.log_batch(self.parent_run_id, params=_params(params))
         return self.parent_run_id
 
-    def _find(self, tags: dict[str, str]) -> str | None:
-        flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-        runs = self.client.search_runs([self.experiment_id], filter_string=flt, max_results=1)  # type: ignore[list-item]
-        return runs[0].info.run_id if runs else None
+    def _children(self, kind: str) -> dict[str, Any]:
+        """Nested runs of ``kind`` under the parent, by their bdx id tag."""
+        flt = f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`bdx.kind` = '{kind}'"
+        runs = self.client.search_runs([self.experiment_id or ""], filter_string=flt, max_results=50000)
+        return {r.data.tags.get(f"bdx.{kind}_id", ""): r for r in runs}
 
     def child_run(self, kind: str, key: str, name: str, params: dict[str, Any]) -> tuple[str, bool]:
         """(run id, created now) of the nested run for a trial or victim with id ``key``."""
-        tag = f"bdx.{kind}_id"
-        found = self._find({"bdx.study": self.study, tag: key})
+        flt = f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`bdx.{kind}_id` = '{key}'"
+        found = self.client.search_runs([self.experiment_id or ""], filter_string=flt, max_results=1)
         if found:
-            return found, False
+            return found[0].info.run_id, False
         run = self.client.create_run(
-            self.experiment_id,  # type: ignore[arg-type]
+            self.experiment_id or "",
             run_name=name,
-            tags={PARENT_TAG: self.parent_run_id or "", "bdx.study": self.study, "bdx.kind": kind, tag: key},
+            tags={
+                PARENT_TAG: self.parent_run_id or "",
+                "bdx.study": self.study,
+                "bdx.kind": kind,
+                f"bdx.{kind}_id": key,
+            },
         )
         self.client.log_batch(run.info.run_id, params=_params(params))
         return run.info.run_id, True
 
     def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        items = [Metric(_key(k), float(v), 0, 0) for k, v in metrics.items() if _finite(v)]
+        now = int(time.time() * 1000)
+        items = [Metric(_key(k), float(v), now, 0) for k, v in metrics.items() if _finite(v)]
         for i in range(0, len(items), 900):
             self.client.log_batch(run_id, metrics=items[i : i + 900])
 
@@ -120,75 +142,120 @@ class StudyTracker:
     def finish(self, run_id: str, ok: bool = True) -> None:
         self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
 
+    def log_trial(self, run_id: str, result: dict[str, Any]) -> None:
+        """Metrics and artifacts of a finished trial, then mark its run FINISHED."""
+        self.log_metrics(run_id, trial_metrics(result))
+        self.log_artifact(run_id, Path(result.get("scores_path", "")), "scores")
+        self.log_artifact(run_id, Path(result.get("plot_path", "")), "plots")
+        self.finish(run_id, ok=True)
 
-def _key(k: str) -> str:
-    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in k)
+    def sync(self, spec: StudySpec, study_dir: Path) -> int:
+        """Log every trial that is finished in Parquet but not FINISHED in MLflow (after a
+        tracking outage or a driver killed while logging). Returns how many were logged."""
+        tables = StudyTables(study_dir)
+        finished = tables.finished_trials()
+        if not finished:
+            return 0
+        runs = self._children("trial")
+        logged = 0
+        for trial_id in sorted(finished):
+            run = runs.get(trial_id)
+            if run is not None and run.info.status == "FINISHED":
+                continue
+            report_path = study_dir / "artifacts" / trial_id / "report.json"
+            if not report_path.is_file():
+                continue
+            result = json.loads(report_path.read_text())
+            if run is None:
+                row = tables.read_part("trials", trial_id).slice(0, 1).to_pylist()[0]
+                params = DefenseConfig.from_row(row).to_row()
+                run_id, _ = self.child_run("trial", trial_id, f"trial-{trial_id}", params)
+            else:
+                run_id = run.info.run_id
+            self.log_trial(run_id, result)
+            logged += 1
+        return logged
 
 
-def _finite(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+def trial_params(spec: StudySpec, sampled: dict[str, Any]) -> dict[str, Any]:
+    """Every defense hyperparameter of a trial (sampled, fixed and defaults), named as in YAML."""
+    return spec.defense_config(sampled).to_row()
 
 
-def _params(params: dict[str, Any]) -> list[Any]:
-    from mlflow.entities import Param
-
-    return [Param(_key(k), str(list(v) if isinstance(v, tuple) else v)[:6000]) for k, v in params.items()]
+def _params(params: dict[str, Any]) -> list[Param]:
+    return [Param(_key(k), str(v)[:6000]) for k, v in params.items()]
 
 
 class MlflowStudyCallback(tune.Callback):
     """Driver-side Tune callback: a nested MLflow run per trial, params named as in the YAML,
-    per-victim and aggregate metrics, the per-sample scores and the confidence-plane plot."""
+    per-victim and aggregate metrics, the per-sample scores and the confidence-plane plot.
 
-    def __init__(self, tracker: StudyTracker, fixed_params: dict[str, Any], total_trials: int) -> None:
+    Tune pickles its callbacks with the experiment and restores them on resume, so this object
+    keeps no state that cannot be rebuilt: run ids are looked up by tag, progress is counted
+    from the study's tables (:meth:`setup`)."""
+
+    def __init__(self, tracker: StudyTracker, spec: StudySpec, study_dir: Path) -> None:
         self.tracker = tracker
-        self.fixed_params = fixed_params
-        self.total = total_trials
+        self.spec = spec
+        self.study_dir = study_dir
+        self.total = spec.num_trials
         self.done = 0
-        self._runs: dict[str, str] = {}
+
+    def setup(self, *args: Any, **info: Any) -> None:
+        """Called when a run starts or resumes: take the current MLflow ids from study.json (a
+        resumed study may have a tracking server that was down at its first launch)."""
+        self.done = len(StudyTables(self.study_dir).finished_trials())
+        ids_path = self.study_dir / "study.json"
+        if ids_path.is_file():
+            ids = json.loads(ids_path.read_text())
+            self.tracker.uri = ids.get("tracking_uri") or self.tracker.uri
+            self.tracker.experiment_id = ids.get("experiment_id")
+            self.tracker.parent_run_id = ids.get("parent_run_id")
+            self.tracker._client = None
 
     def _safe(self, what: str, fn: Any, *args: Any) -> Any:
         try:
+            if self.tracker.parent_run_id is None:
+                raise RuntimeError("MLflow was unreachable when the study started")
             return fn(*args)
         except Exception as e:  # tracking must never kill the study: Parquet keeps the results
-            warnings.warn(f"MLflow {what} failed ({type(e).__name__}: {e}); results stay in Parquet", stacklevel=2)
+            warnings.warn(
+                f"MLflow {what} failed ({type(e).__name__}: {e}); results stay in Parquet and are logged by "
+                "the next `bdx-study launch --resume`",
+                stacklevel=2,
+            )
             return None
 
-    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        params = {**self.fixed_params, **trial.config}
+    def _run_id(self, trial: Any) -> str | None:
         got = self._safe(
-            "run creation", self.tracker.child_run, "trial", trial.trial_id, f"trial-{trial.trial_id}", params
+            "run creation",
+            self.tracker.child_run,
+            "trial",
+            trial.trial_id,
+            f"trial-{trial.trial_id}",
+            trial_params(self.spec, trial.config),
         )
-        if got:
-            self._runs[trial.trial_id] = got[0]
+        return got[0] if got else None
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._run_id(trial)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.done += 1
         result = trial.last_result or {}
-        run_id = self._runs.get(trial.trial_id)
+        run_id = self._run_id(trial)
         if run_id is not None:
-            metrics = {
-                k: v
-                for k, v in result.items()
-                if _finite(v) and ("/" in k or k in ("objective", "feasible", "trial_seconds", "time_total_s"))
-            }
-
-            def _log() -> None:
-                self.tracker.log_metrics(run_id, metrics)
-                self.tracker.log_artifact(run_id, Path(result.get("scores_path", "")), "scores")
-                self.tracker.log_artifact(run_id, Path(result.get("plot_path", "")), "plots")
-                self.tracker.finish(run_id, ok=True)
-
-            self._safe("logging", _log)
+            self._safe("logging", self.tracker.log_trial, run_id, result)
         obj = result.get("objective", float("nan"))
         print(
-            f"[bdx-study] trial {self.done}/{self.total} {trial.trial_id} finished: objective {obj:.4f}"
-            f"{'' if result.get('feasible', 1.0) else ' (infeasible)'}  params "
+            f"[bdx-study] trial {self.done}/{self.total} {trial.trial_id} finished: "
+            f"objective {obj:.4f}{'' if result.get('feasible', 1.0) else ' (infeasible)'}; "
             + ", ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items()),
             flush=True,
         )
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        run_id = self._runs.get(trial.trial_id)
+        run_id = self._run_id(trial)
         if run_id is not None:
             self._safe("logging", self.tracker.finish, run_id, False)
         print(f"[bdx-study] trial {trial.trial_id} failed (see Ray's error above)", flush=True)

@@ -22,7 +22,7 @@ from bdx_study.tables import StudyTables
 from bdx_study.training import pick_device
 from bdx_study.victims import VictimCache, VictimConfig
 
-from .context import StudyContext, config_columns, objective_value
+from .context import StudyContext, objective_value
 from .plots import plot_confidence_planes
 
 # Per-victim metrics also reported to Tune/MLflow as "<victim name>/<metric>" (all are in Parquet).
@@ -101,11 +101,10 @@ def defense_trial(config: dict[str, Any], *, ctx: StudyContext) -> None:
     cfg = ctx.spec.defense_config(config)
     results = run_defense(ctx, cfg, device=device)
 
-    params = config_columns(cfg.model_dump())
+    params = cfg.to_row()
     node = os.environ.get("RAY_NODE_ID") or socket.gethostname()
-    rows, score_tables, per_victim = [], [], []
+    rows, score_tables = [], []
     for victim, ev, diag in results:
-        per_victim.append(ev.metrics)
         rows.append(
             {
                 "study": ctx.name,
@@ -113,6 +112,7 @@ def defense_trial(config: dict[str, Any], *, ctx: StudyContext) -> None:
                 **victim_columns(victim),
                 **params,
                 **ev.metrics,
+                **{f"selection_{k}": v for k, v in ev.selection_metrics.items()},
                 **diag,
                 "node": node,
                 "device": str(device),
@@ -124,7 +124,10 @@ def defense_trial(config: dict[str, Any], *, ctx: StudyContext) -> None:
         cols = {"trial_id": pa.array([trial_id] * n), "victim_id": pa.array([victim.key] * n)}
         cols.update({k: pa.array(v.tolist() if v.dtype == object else v) for k, v in ev.samples.items()})
         score_tables.append(pa.table(cols))
-    aggregates = aggregate(per_victim)
+    aggregates = aggregate([ev.metrics for _, ev, _ in results])
+    for key, value in aggregate([ev.selection_metrics for _, ev, _ in results]).items():
+        how, _, metric = key.partition("/")
+        aggregates[f"{how}/selection_{metric}"] = value
     objective, feasible = objective_value(ctx.spec, aggregates)
 
     plot_path = plot_confidence_planes(
