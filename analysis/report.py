@@ -109,8 +109,8 @@ def render(rd: RobustDefaults, spec: StudySpec) -> str:
             lines.append("Held out (defaults re-picked without the group, measured on it):")
             lines.append(pd.DataFrame(rd.held_out).to_string(index=False))
         lines.append("")
-        lines.append("Top trials:")
-        lines.append(rd.leaderboard.head(8).to_string())
+        lines.append("Top trials (as the search saw them: selection split):")
+        lines.append(rd.leaderboard.drop(columns=["score"]).head(8).to_string())
     return "\n".join(lines)
 
 
@@ -123,6 +123,7 @@ def plot_params(df: pd.DataFrame, spec: StudySpec, metric: str, path: Path) -> P
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     worst = "min" if metric in HIGHER_IS_BETTER else "max"
     per_trial = df.groupby("trial_id").agg({**{k: "first" for k in searched}, metric: worst})
@@ -131,6 +132,7 @@ def plot_params(df: pd.DataFrame, spec: StudySpec, metric: str, path: Path) -> P
         ax.scatter(per_trial[k].astype(str) if per_trial[k].dtype == object else per_trial[k], per_trial[metric], s=12)
         if spec.searched[k].dist == "loguniform":
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: minor ones overlap
         ax.set_xlabel(k)
     axes[0][0].set_ylabel(f"worst-case {metric}\n(evaluation split)")
     fig.tight_layout()

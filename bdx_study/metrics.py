@@ -16,7 +16,6 @@ import math
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-PROTOCOLS = ("correct_only", "all_inputs")
 FIXED_FPRS = {"1pct": 0.01, "5pct": 0.05}
 
 

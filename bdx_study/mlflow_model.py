@@ -6,12 +6,16 @@ returns a DataFrame with the model's prediction, the flag and the score per inpu
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
+
+# predict takes an array, not the list-of-records MLflow's type-hint validation is built for.
+warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
 
 
 class DetectorModel(PythonModel):

@@ -34,10 +34,13 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from bdx_study._config import StrictModel
+from bdx_study._registry import Registry
 from bdx_study.archs import ARCHITECTURES
 from bdx_study.attacks import ATTACKS
 from bdx_study.data import DATASETS
@@ -50,26 +53,22 @@ class SpaceError(ValueError):
     """A study file that cannot be used; the message names file, key and value."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 # ------------------------------------------------------------------------------ distributions
 
 
-class LogUniform(_Strict):
+class LogUniform(StrictModel):
     dist: Literal["loguniform"]
     low: float = Field(gt=0, description="lower bound (> 0)")
     high: float = Field(gt=0, description="upper bound")
 
 
-class Uniform(_Strict):
+class Uniform(StrictModel):
     dist: Literal["uniform"]
     low: float
     high: float
 
 
-class IntRange(_Strict):
+class IntRange(StrictModel):
     dist: Literal["int"]
     low: int
     high: int
@@ -77,7 +76,7 @@ class IntRange(_Strict):
     log: bool = False
 
 
-class Choice(_Strict):
+class Choice(StrictModel):
     dist: Literal["choice"]
     values: list[bool | int | float | str | None] = Field(min_length=1)
 
@@ -90,7 +89,7 @@ def _dist_tag(v: Any) -> str:
     return "fixed"
 
 
-class _UnknownDist(_Strict):
+class _UnknownDist(StrictModel):
     dist: Literal["loguniform", "uniform", "int", "choice"]  # always fails, with the allowed names
 
 
@@ -133,13 +132,13 @@ def _extremes(d: SearchDistribution) -> list[tuple[str, Any]]:
 # ------------------------------------------------------------------------------ sections
 
 
-class StudySection(_Strict):
+class StudySection(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="study id: letters, digits, _ . -")
     storage: str = Field("bdx_runs", description="root folder (or shared path) for caches, tables and state")
     description: str = ""
 
 
-class TrackingSection(_Strict):
+class TrackingSection(StrictModel):
     uri: str | None = Field(None, description="MLflow tracking URI; null = MLflow's default")
     experiment: str | None = Field(None, description="MLflow experiment; null = the study name")
 
@@ -153,7 +152,7 @@ class TrackingSection(_Strict):
         return v
 
 
-class AttackEntry(_Strict):
+class AttackEntry(StrictModel):
     """One attack of the grid: a registered name and that attack's parameters."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
@@ -172,7 +171,7 @@ class AttackEntry(_Strict):
         return AttackSpec(name=self.name, params=params)
 
 
-class VictimGrid(_Strict):
+class VictimGrid(StrictModel):
     datasets: list[str] = Field(min_length=1)
     architectures: list[str] = Field(min_length=1)
     attacks: list[AttackEntry] = Field(min_length=1)
@@ -188,18 +187,12 @@ class VictimGrid(_Strict):
     def _names_to_entries(cls, v: Any) -> Any:
         return [{"name": a} if isinstance(a, str) else a for a in v] if isinstance(v, list) else v
 
-    @field_validator("datasets")
+    @field_validator("datasets", "architectures")
     @classmethod
-    def _known_datasets(cls, v: list[str]) -> list[str]:
+    def _registered(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        registry: Registry[Any] = DATASETS if info.field_name == "datasets" else ARCHITECTURES
         for name in v:
-            DATASETS.get(name)
-        return v
-
-    @field_validator("architectures")
-    @classmethod
-    def _known_archs(cls, v: list[str]) -> list[str]:
-        for name in v:
-            ARCHITECTURES.get(name)
+            registry.get(name)  # unknown names fail, listing the known ones
         return v
 
     @field_validator("poison_rates")
@@ -219,7 +212,7 @@ class VictimGrid(_Strict):
         return v
 
 
-class Objective(_Strict):
+class Objective(StrictModel):
     metric: str = Field("auroc_correct_only", description="a per-victim metric name")
     aggregate: Literal["worst", "mean"] = Field("worst", description="across victims")
 
@@ -246,13 +239,13 @@ class Objective(_Strict):
         return f"{self.aggregate}/selection_{self.metric}"
 
 
-class Constraint(_Strict):
+class Constraint(StrictModel):
     max_clean_acc_drop: float | None = Field(
         None, ge=0, le=1, description="worst-case clean-accuracy drop allowed (CA before - CA after defense)"
     )
 
 
-class SearchSection(_Strict):
+class SearchSection(StrictModel):
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     num_trials: int | None = Field(16, ge=1, description="trials to run; for grid, null = the whole grid")
     max_concurrent: int = Field(2, ge=1, description="trials at once (also keeps TPE from degrading to random)")
@@ -261,7 +254,7 @@ class SearchSection(_Strict):
     constraint: Constraint = Constraint()
 
 
-class ResourcesSection(_Strict):
+class ResourcesSection(StrictModel):
     cpu: float = Field(1.0, gt=0, description="CPUs per trial (fractions allowed)")
     gpu: float = Field(0.0, ge=0, description="GPUs per trial; fractions (e.g. 0.25) pack trials on one GPU")
     max_failures: int = Field(2, ge=-1, description="retries of a failed trial (-1 = unlimited)")
@@ -274,7 +267,7 @@ class ResourcesSection(_Strict):
         return v
 
 
-class StudySpec(_Strict):
+class StudySpec(StrictModel):
     """A whole study file."""
 
     study: StudySection

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from safetensors.torch import load_file, save_file
 
+from bdx_study._config import StrictModel
 from bdx_study._io import sha256_file
 from bdx_study.archs import ARCHITECTURES, Classifier, create_model
 from bdx_study.attacks import ATTACKS, create_attack
@@ -29,11 +30,7 @@ from bdx_study.data import DATASETS, ImageData, Splits, load_splits, load_test_p
 from bdx_study.training import accuracy, fit, pick_device, predict_proba
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """Where the data comes from and how it is split (shared by all victims of a study)."""
 
     root: str | None = Field(None, description="data root; null = built-in (digits) or system locations")
@@ -70,7 +67,7 @@ class DataConfig(_Strict):
         )
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(StrictModel):
     """How the victim is trained (by the attacker; not a defense hyperparameter)."""
 
     epochs: int = Field(40, ge=1, description="passes over the (poisoned) training set")
@@ -82,7 +79,7 @@ class TrainingConfig(_Strict):
     augment: bool = Field(True, description="random crop (and flip on CIFAR) while training")
 
 
-class AttackSpec(_Strict):
+class AttackSpec(StrictModel):
     name: str = Field(description="registered attack name")
     params: dict[str, Any] = Field(default_factory=dict, description="the attack's own parameters")
 
@@ -97,7 +94,7 @@ class AttackSpec(_Strict):
         return self.name if rate is None else f"{self.name}@{rate}"
 
 
-class VictimConfig(_Strict):
+class VictimConfig(StrictModel):
     """Everything that determines a victim model; its hash is the cache key."""
 
     dataset: str
