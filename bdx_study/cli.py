@@ -137,7 +137,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     spec, path = _load(args.space)
-    resume = (spec.study_dir / "tune").exists()
+    resume = (spec.study_dir / "study.json").exists()  # run it again: it resumes, re-running nothing
     result = launch(spec, source=path, resume=resume)
     print()
     _analyze(spec)

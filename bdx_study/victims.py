@@ -261,14 +261,11 @@ class VictimCache:
         }
         (tmp / "victim.json").write_text(json.dumps(meta, indent=2))
         final = self.entry(config)
-        if self.load(config) is not None:  # another process stored a valid entry meanwhile: keep it
-            shutil.rmtree(tmp, ignore_errors=True)
-            return self.load(config), True  # type: ignore[return-value]
-        if final.exists():  # a stale or corrupted entry
+        if final.exists() and self.load(config) is None:  # a corrupted entry: replace it
             shutil.rmtree(final, ignore_errors=True)
         try:
             os.rename(tmp, final)
-        except OSError:  # another process stored it first: keep theirs
+        except OSError:  # another process stored a valid entry meanwhile: keep theirs
             shutil.rmtree(tmp, ignore_errors=True)
         record = self.load(config)
         if record is None:

@@ -153,7 +153,7 @@ def launch(
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     study_dir = spec.study_dir
     tune_dir = study_dir / "tune"
-    exists = tune_dir.exists()
+    exists = tune_dir.exists() or (study_dir / "study.json").exists()
     if exists and not resume:
         raise SpaceError(
             f"study {spec.study.name!r} already exists at {study_dir}; pass --resume to continue it, "
@@ -232,7 +232,7 @@ def launch(
 
     ctx = StudyContext(spec=spec, study_dir=study_dir, victim_cache=cache.root, victims=tuple(victims))
     trainable = tune.with_resources(tune.with_parameters(defense_trial, ctx=ctx), trial_resources(spec))
-    if resume and tune.Tuner.can_restore(str(tune_dir)):
+    if resume and tune_dir.exists() and tune.Tuner.can_restore(str(tune_dir)):
         print(
             f"[bdx-study] resuming: {len(tables.finished_trials())} finished trial(s) kept, the rest run now",
             flush=True,
