@@ -15,7 +15,7 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 # predict takes an array, not the list-of-records MLflow's type-hint validation is built for.
-warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")  # colour codes lead
 
 
 class DetectorModel(PythonModel):
