@@ -135,11 +135,13 @@ def log_bundle_to_mlflow(bundle: Path, ids: dict[str, Any], *, name: str) -> str
             {**DefenseConfig.model_validate(manifest["defense_config"]).to_row(), "threshold": manifest["threshold"]}
         )
         mlflow.log_metrics({k: v for k, v in manifest["metrics"].items() if v is not None})
-        info = mlflow.pyfunc.log_model(
-            name="detector",
-            python_model=str(code),
-            artifacts={"bundle": str(bundle)},
-            code_paths=[str(Path(bdx_study.__file__).parent)],  # the library travels with the model
-            pip_requirements=["torch", "safetensors", "numpy", "pandas", "pydantic", "scikit-learn", "PyYAML"],
-        )
+        with warnings.catch_warnings():  # predict takes arrays; MLflow's type-hint notice does not apply
+            warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
+            info = mlflow.pyfunc.log_model(
+                name="detector",
+                python_model=str(code),
+                artifacts={"bundle": str(bundle)},
+                code_paths=[str(Path(bdx_study.__file__).parent)],  # the library travels with the model
+                pip_requirements=["torch", "safetensors", "numpy", "pandas", "pydantic", "scikit-learn", "PyYAML"],
+            )
     return str(info.model_uri)
