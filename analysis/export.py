@@ -50,7 +50,7 @@ def export_detector(
     record = VictimCache(spec.storage_root() / "victims").load(vcfg)
     if record is None:
         raise FileNotFoundError(f"victim {vcfg.name} is not in the cache; run `bdx-study launch` first")
-    device = pick_device()
+    device = pick_device(prefer_gpu=spec.resources.gpu > 0)  # where the study's trials ran
     splits = vcfg.data.splits(vcfg.dataset)
     det, _ = fit_badexpert(record.load_model(device), splits, cfg, device=device)
     metrics = evaluate_badexpert(det, splits, vcfg.build_attack(), device=device).metrics

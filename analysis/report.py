@@ -49,7 +49,7 @@ def recipe(rd: RobustDefaults, spec: StudySpec, study_dir: Path) -> dict[str, An
     return {
         "study": spec.study.name,
         "study_dir": str(study_dir),
-        "defaults": {k: _clean(v) for k, v in rd.config.items()},
+        "defaults": dict(rd.config),  # exact values: export refits this very config
         "selection": {
             "rule": f"best {rd.aggregate}-case {rd.objective} across victims on the selection split, among "
             f"trials whose worst-case clean_acc_drop <= {rd.max_clean_acc_drop}; ties -> better mean",
@@ -68,7 +68,13 @@ def recipe(rd: RobustDefaults, spec: StudySpec, study_dir: Path) -> dict[str, An
                 "per_victim": per_victim,
             },
             "held_out": {
-                "note": "for each group, defaults re-picked without that group's victims, measured on it",
+                "note": "for each group, defaults re-picked without that group's victims, measured on it"
+                + (
+                    " (the candidate configs were proposed by TPE while it optimized over all victims, held-out "
+                    "ones included: the folds are strictly held out only for grid or random search)"
+                    if spec.search.sampler == "tpe"
+                    else ""
+                ),
                 "folds": [{k: _clean(v) for k, v in f.items()} for f in rd.held_out],
             },
         },

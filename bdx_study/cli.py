@@ -137,7 +137,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     spec, path = _load(args.space)
-    resume = (spec.study_dir / "study.json").exists()  # run it again: it resumes, re-running nothing
+    # run it again: it resumes, re-running no trial and retraining no victim
+    resume = (spec.study_dir / "study.json").exists() or (spec.study_dir / "tune").exists()
     result = launch(spec, source=path, resume=resume)
     print()
     _analyze(spec)

@@ -32,7 +32,18 @@ FORMAT = "bdx-study/badexpert-detector"
 FORMAT_VERSION = 1
 WEIGHT_FILES = {"model": "model.safetensors", "expert": "expert.safetensors", "auxiliary": "auxiliary.safetensors"}
 # Manifest fields that decide what the detector does; their hash is checked at load.
-DECISION_FIELDS = ("architecture", "input_shape", "normalization", "num_classes", "defense_config", "threshold")
+DECISION_FIELDS = (
+    "architecture",
+    "input_shape",
+    "normalization",
+    "num_classes",
+    "defense_config",
+    "score_kind",
+    "ensemble_alpha",
+    "ensemble_beta",
+    "threshold",
+    "target_fpr",
+)
 
 
 class BundleError(ValueError):

@@ -5,7 +5,8 @@ A study file has these sections (unknown keys anywhere are errors):
     study:     name, storage (folder for the victim cache, tables, Ray and Optuna state), description
     tracking:  uri (MLflow tracking URI; null = MLflow's default, sqlite:///mlflow.db in the
                working directory), experiment (default: the study name)
-    data:      root, download, reserve_size, eval_size, train_size, split_seed
+    data:      root, download, reserve_size, eval_size (held-out images: selection + evaluation),
+               selection_fraction, train_size, split_seed
     victims:   a grid: datasets x architectures x attacks x poison_rates x seeds x epochs, plus
                the victims' training recipe
     defense:   BaDExpert hyperparameters (DefenseConfig field names): a fixed value, or a

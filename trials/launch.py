@@ -164,6 +164,11 @@ def launch(
         resume = False
     if resume:
         _check_same_study(spec, study_dir)
+        if tune_dir.exists() and not tune.Tuner.can_restore(str(tune_dir)):
+            raise SpaceError(
+                f"{tune_dir}: Ray Tune's state cannot be restored, so --resume cannot continue this study without "
+                "mixing two searches in its tables; launch it under a new study.name (its victims are reused)"
+            )
     _check_data(spec)
     study_dir.mkdir(parents=True, exist_ok=True)
     if source is not None and not resume:
@@ -195,12 +200,9 @@ def launch(
         print(
             f"[bdx-study] WARNING: MLflow at {uri} is unavailable ({e}); results are kept in Parquet only", flush=True
         )
-    ids.update(
-        tracking_uri=uri,
-        experiment_id=tracker.experiment_id,
-        parent_run_id=tracker.parent_run_id,
-        study=spec.study.name,
-    )
+    ids.update(tracking_uri=uri, study=spec.study.name)
+    if tracking_ok:  # during an outage keep the ids a later resume must continue
+        ids.update(experiment_id=tracker.experiment_id, parent_run_id=tracker.parent_run_id)
     _write_ids(ids_path, ids)
     print(
         f"[bdx-study] study {spec.study.name!r}: {len(victims)} victim(s) x {spec.num_trials} trial(s); "
@@ -232,7 +234,7 @@ def launch(
 
     ctx = StudyContext(spec=spec, study_dir=study_dir, victim_cache=cache.root, victims=tuple(victims))
     trainable = tune.with_resources(tune.with_parameters(defense_trial, ctx=ctx), trial_resources(spec))
-    if resume and tune_dir.exists() and tune.Tuner.can_restore(str(tune_dir)):
+    if resume and tune_dir.exists():
         print(
             f"[bdx-study] resuming: {len(tables.finished_trials())} finished trial(s) kept, the rest run now",
             flush=True,
@@ -260,7 +262,7 @@ def launch(
         )
     fit_start = time.perf_counter()
     grid = tuner.fit()
-    ids["tune_fit_seconds"] = time.perf_counter() - fit_start
+    ids["tune_fit_seconds_resumed" if resume else "tune_fit_seconds"] = time.perf_counter() - fit_start
     _write_ids(ids_path, ids)
     tables.consolidate()
 
