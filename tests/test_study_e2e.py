@@ -150,6 +150,15 @@ def test_analyze_export_detect(study: dict[str, Any], tmp_path: Path, capsys: An
     study_dir = study["result"].study_dir
     recipe = (study_dir / "recipe.yaml").read_text()
     assert "defaults:" in recipe and "held_out" in recipe
+    # the recipe carries the chosen trial's config exactly (export refits that very config)
+    import yaml
+
+    from bdx_study.defense import DefenseConfig
+
+    doc = yaml.safe_load(recipe)
+    row = pq.read_table(study_dir / "tables" / "trials.parquet").to_pandas()
+    row = row[row.trial_id == doc["selection"]["chosen_trial"]].iloc[0]
+    assert doc["defaults"] == DefenseConfig.from_row(row).model_dump(mode="json")
 
     assert cli(["export", "--space", path, "--out", str(tmp_path / "bundle")]) == 0
     det = Detector.load(tmp_path / "bundle")
