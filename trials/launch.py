@@ -177,6 +177,11 @@ def launch(
     ids_path = study_dir / "study.json"
     ids = json.loads(ids_path.read_text()) if resume and ids_path.is_file() else {}
     uri = ids.get("tracking_uri") or resolve_tracking_uri(spec.tracking.uri)
+    if spec.tracking.uri is not None and resolve_tracking_uri(spec.tracking.uri) != uri:
+        uri = resolve_tracking_uri(spec.tracking.uri)  # the study file names a new store: log there
+        print(f"[bdx-study] tracking moved to {uri}: a new parent run there gets every finished trial", flush=True)
+        ids.pop("experiment_id", None)
+        ids.pop("parent_run_id", None)
     tracker = StudyTracker(uri, spec.experiment_name, spec.study.name)
     victims = spec.victim_configs()
     tracking_ok = True
