@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from bdx_study._io import write_text_atomic
 from bdx_study.metrics import HIGHER_IS_BETTER
 from bdx_study.space import StudySpec
 
@@ -82,9 +83,7 @@ def recipe(rd: RobustDefaults, spec: StudySpec, study_dir: Path) -> dict[str, An
 
 
 def write_recipe(data: dict[str, Any], path: Path) -> Path:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
     return path
 
 

@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 from bdx_study._config import StrictModel
 from bdx_study._io import sha256_file
 from bdx_study.archs import ARCHITECTURES, Classifier, create_model
-from bdx_study.attacks import ATTACKS, create_attack
-from bdx_study.data import DATASETS, ImageData, Splits, load_splits, load_test_portion
+from bdx_study.attacks import ATTACKS, Attack, create_attack
+from bdx_study.data import DATASETS, ImageData, Splits, dataset_info, load_splits, load_test_portion
 from bdx_study.training import accuracy, fit, pick_device, predict_proba
 
 
@@ -89,10 +89,6 @@ class AttackSpec(StrictModel):
         ATTACKS.get(v)  # raises with the known names
         return v
 
-    def label(self) -> str:
-        rate = self.params.get("poison_rate")
-        return self.name if rate is None else f"{self.name}@{rate}"
-
 
 class VictimConfig(StrictModel):
     """Everything that determines a victim model; its hash is the cache key."""
@@ -131,15 +127,11 @@ class VictimConfig(StrictModel):
         """Readable and unique within a study: dataset-arch-attack-seed-key."""
         return f"{self.dataset}-{self.architecture}-{self.attack.name}-s{self.seed}-{self.key[:6]}"
 
-    def build_attack(self):  # type: ignore[no-untyped-def]
-        from bdx_study.data import dataset_info
-
+    def build_attack(self) -> Attack:
         info = dataset_info(self.dataset)
         return create_attack(self.attack.name, self.attack.params, info.input_shape, info.num_classes, self.seed)
 
     def build_model(self) -> Classifier:
-        from bdx_study.data import dataset_info
-
         info = dataset_info(self.dataset)
         return create_model(self.architecture, info.input_shape, info.num_classes, info.mean, info.std)
 
