@@ -1,5 +1,9 @@
-"""Export the study's detector: BaDExpert with the robust defaults, fitted on one victim model
-and written as a bundle (safetensors + manifest), also logged to MLflow as a pyfunc model."""
+"""Export a study's detector: one family with its robust defaults, fitted on one victim model and
+written as a bundle (safetensors + manifest), also logged to MLflow as a pyfunc model.
+
+The fitted components come from the study's stage cache when the chosen trial left them there,
+so the bundle holds the very expert (or pool, or statistics) the trial was scored with;
+otherwise they are fitted now with the same parameters and seed."""
 
 from __future__ import annotations
 
@@ -10,9 +14,11 @@ from typing import Any
 
 import yaml
 
-from bdx_study.defense import DefenseConfig, evaluate_badexpert, fit_badexpert
 from bdx_study.detector import save_bundle, update_provenance
+from bdx_study.detectors import DETECTORS, create_detector
+from bdx_study.protocol import ProtocolConfig
 from bdx_study.space import StudySpec
+from bdx_study.stages import StageStore, run_detector
 from bdx_study.tables import StudyTables
 from bdx_study.training import pick_device
 from bdx_study.victims import VictimCache, VictimConfig
@@ -30,39 +36,71 @@ def pick_victim(spec: StudySpec, which: str | None) -> VictimConfig:
     raise ValueError(f"no victim {which!r} in study {spec.study.name!r}; known: {', '.join(v.name for v in victims)}")
 
 
+def read_recipe(path: Path, detector: str | None) -> tuple[str, dict[str, Any]]:
+    """(family, its entry) of a recipe written by ``bdx-study analyze``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no recipe; run `bdx-study analyze` first")
+    recipe = yaml.safe_load(path.read_text())
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("detectors"), dict):
+        raise ValueError(f"{path}: not a recipe of this bdx-study version (no `detectors:`); run `bdx-study analyze`")
+    family = detector or recipe.get("default_detector")
+    if family not in recipe["detectors"]:
+        raise ValueError(
+            f"{path}: no robust defaults for detector {family!r}; the recipe has: {', '.join(recipe['detectors'])}"
+        )
+    return str(family), recipe["detectors"][family]
+
+
 def export_detector(
     spec: StudySpec,
     study_dir: Path,
     out: Path,
     *,
+    detector: str | None = None,
     victim: str | None = None,
     recipe_path: Path | None = None,
     log_to_mlflow: bool = True,
+    force: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
-    """Fit BaDExpert with the recipe's defaults on the chosen victim, evaluate it on that victim's
-    evaluation split, and write the bundle. Returns (bundle path, metrics)."""
+    """Fit ``detector`` (default: the recipe's) with its robust defaults on the chosen victim,
+    evaluate it on that victim's evaluation split, and write the bundle. Returns (bundle path,
+    metrics)."""
     recipe_path = recipe_path or study_dir / "recipe.yaml"
-    if not recipe_path.is_file():
-        raise FileNotFoundError(f"{recipe_path}: no recipe; run `bdx-study analyze` first")
-    recipe = yaml.safe_load(recipe_path.read_text())
-    cfg = DefenseConfig.model_validate(recipe["defaults"])
+    family_name, entry = read_recipe(recipe_path, detector)
+    DETECTORS.get(family_name)
+    family = create_detector(family_name, entry["defaults"])
+    protocol = ProtocolConfig.model_validate(entry["protocol"])
     vcfg = pick_victim(spec, victim)
     record = VictimCache(spec.storage_root() / "victims").load(vcfg)
     if record is None:
         raise FileNotFoundError(f"victim {vcfg.name} is not in the cache; run `bdx-study launch` first")
     device = pick_device(prefer_gpu=spec.resources.gpu > 0)  # where the study's trials ran
     splits = vcfg.data.splits(vcfg.dataset)
-    det, _ = fit_badexpert(record.load_model(device), splits, cfg, device=device)
-    metrics = evaluate_badexpert(det, splits, vcfg.build_attack(), device=device).metrics
+    store = StageStore(spec.storage_root() / "stages" if spec.study.stage_cache else None)
+    model = record.load_model(device)
+    run = run_detector(
+        store,
+        family,
+        protocol,
+        victim_key=vcfg.key,
+        model=model,
+        splits=splits,
+        attack=vcfg.build_attack(),
+        layout=vcfg.data.layout(),
+        device=device,
+    )
+    metrics = run.evaluation.metrics
     ids_path = study_dir / "study.json"
     ids = json.loads(ids_path.read_text()) if ids_path.is_file() else {}
-    trial_id = recipe.get("selection", {}).get("chosen_trial")
+    trial_id = entry.get("selection", {}).get("chosen_trial")
     provenance = {
         "study": spec.study.name,
         "study_dir": str(study_dir),
         "trial": trial_id,
         "trial_metrics": _trial_row_metrics(study_dir, trial_id, vcfg.key),
         "recipe": str(recipe_path),
+        "stage_keys": run.stage_keys,
+        "components_from_stage_cache": run.fitted_now == 0,
         "victim": vcfg.name,
         "victim_id": vcfg.key,
         "victim_config": vcfg.model_dump(mode="json", exclude={"data": {"root"}}),
@@ -75,11 +113,22 @@ def export_detector(
         "metrics_protocol": "evaluation split of the victim's dataset, disjoint from the defender's clean data",
     }
     bundle = save_bundle(
-        out, det, architecture=vcfg.architecture, info=splits.info, metrics=metrics, provenance=provenance
+        out,
+        family,
+        run.fitted,
+        model,
+        threshold=run.evaluation.threshold,
+        target_fpr=protocol.target_fpr,
+        protocol=protocol.model_dump(mode="json"),
+        architecture=vcfg.architecture,
+        info=splits.info,
+        metrics={**metrics, **run.costs},
+        provenance=provenance,
+        force=force,
     )
     if log_to_mlflow and ids.get("tracking_uri") and ids.get("experiment_id"):
         try:
-            model_uri = log_bundle_to_mlflow(bundle, ids, name=f"detector-{vcfg.name}")
+            model_uri = log_bundle_to_mlflow(bundle, ids, name=f"detector-{family_name}-{vcfg.name}")
             update_provenance(bundle, mlflow={**provenance["mlflow"], "model_uri": model_uri})
         except Exception as e:
             warnings.warn(f"logging the detector to MLflow failed ({type(e).__name__}: {e})", stacklevel=2)
@@ -87,8 +136,8 @@ def export_detector(
 
 
 def _trial_row_metrics(study_dir: Path, trial_id: str | None, victim_id: str) -> dict[str, Any]:
-    """The chosen trial's own figures for this victim (the export refits the same config with the
-    same seeds, so they should agree)."""
+    """The chosen trial's own figures for this victim (the export uses the same fitted
+    components, so they agree)."""
     if trial_id is None:
         return {}
     try:
@@ -105,7 +154,9 @@ def _trial_run_id(ids: dict[str, Any], trial_id: str | None) -> str | None:
     try:
         from mlflow.tracking import MlflowClient
 
-        flt = f"tags.`mlflow.parentRunId` = '{ids.get('parent_run_id')}' and tags.`bdx.trial_id` = '{trial_id}'"
+        from bdx_study.trials.tracking import children_filter
+
+        flt = children_filter(ids.get("parent_run_id"), "trial", trial_id)
         runs = MlflowClient(ids["tracking_uri"]).search_runs([ids["experiment_id"]], filter_string=flt, max_results=1)
         return runs[0].info.run_id if runs else None
     except Exception:
@@ -121,6 +172,7 @@ def log_bundle_to_mlflow(bundle: Path, ids: dict[str, Any], *, name: str) -> str
 
     mlflow.set_tracking_uri(ids["tracking_uri"])
     code = Path(bdx_study.__file__).parent / "mlflow_model.py"
+    manifest = json.loads((bundle / "manifest.json").read_text())
     with mlflow.start_run(
         experiment_id=ids["experiment_id"],
         run_name=name,
@@ -128,11 +180,17 @@ def log_bundle_to_mlflow(bundle: Path, ids: dict[str, Any], *, name: str) -> str
             "mlflow.parentRunId": ids.get("parent_run_id") or "",
             "bdx.kind": "export",
             "bdx.study": ids.get("study", ""),
+            "bdx.detector": manifest["detector"],
         },
     ):
-        manifest = json.loads((bundle / "manifest.json").read_text())
+        family = create_detector(manifest["detector"], manifest["params"])
         mlflow.log_params(
-            {**DefenseConfig.model_validate(manifest["defense_config"]).to_row(), "threshold": manifest["threshold"]}
+            {
+                "detector": manifest["detector"],
+                **manifest["protocol"],
+                **family.params.to_row(),
+                "threshold": manifest["threshold"],
+            }
         )
         mlflow.log_metrics({k: v for k, v in manifest["metrics"].items() if v is not None})
         with warnings.catch_warnings():  # predict takes arrays; MLflow's type-hint notice does not apply

@@ -1,4 +1,5 @@
-"""Printed tables, the recipe file and plots of a study's robust defaults."""
+"""Printed tables, the recipe file and plots of a study's robust defaults and its comparison of
+detector families."""
 
 from __future__ import annotations
 
@@ -6,26 +7,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
-from bdx_study._io import write_text_atomic
-from bdx_study.metrics import HIGHER_IS_BETTER
+from bdx_study._io import atomic_path, write_text_atomic
+from bdx_study.metrics import HEADLINE, HIGHER_IS_BETTER
 from bdx_study.space import StudySpec
 
 from .robust import RobustDefaults
-
-SHOWN_METRICS = [
-    "auroc_correct_only",
-    "auroc_all_inputs",
-    "tpr_at_threshold_correct_only",
-    "fpr_at_threshold_correct_only",
-    "tpr_at_1pct_fpr_correct_only",
-    "clean_acc_before",
-    "clean_acc_drop",
-    "attack_success_before",
-    "attack_success_after",
-]
 
 
 def _clean(v: Any) -> Any:
@@ -36,21 +26,20 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def recipe(rd: RobustDefaults, spec: StudySpec, study_dir: Path) -> dict[str, Any]:
-    """The recipe: chosen hyperparameters, the rule that chose them and the per-victim evidence."""
+def _family_recipe(rd: RobustDefaults, spec: StudySpec) -> dict[str, Any]:
     per_victim = [
         {
             "victim": r["victim_name"],
             "victim_id": r["victim_id"],
             "attack": r["attack"],
-            **{m: _clean(r[m]) for m in SHOWN_METRICS if m in r},
+            **{m: _clean(r[m]) for m in HEADLINE if m in r},
         }
         for _, r in rd.per_victim.iterrows()
     ]
+    summary = rd.evaluation_summary
     return {
-        "study": spec.study.name,
-        "study_dir": str(study_dir),
-        "defaults": dict(rd.config),  # exact values: export refits this very config
+        "defaults": dict(rd.params),  # exact values: export uses this very config
+        "protocol": dict(rd.protocol),
         "selection": {
             "rule": f"best {rd.aggregate}-case {rd.objective} across victims on the selection split, among "
             f"trials whose worst-case clean_acc_drop <= {rd.max_clean_acc_drop}; ties -> better mean",
@@ -64,6 +53,8 @@ def recipe(rd: RobustDefaults, spec: StudySpec, study_dir: Path) -> dict[str, An
             "protocol_note": "metrics on each victim's evaluation split, disjoint from the defender's clean "
             "finetune and calibration data and from the selection split the search optimized on; "
             "*_correct_only = the paper's protocol, *_all_inputs = every input",
+            f"evaluation_worst_{rd.objective}": _clean(summary["worst"]),
+            f"evaluation_mean_{rd.objective}": _clean(summary["mean"]),
             "tuned_victims": {
                 "note": "unseen inputs, but the defaults were tuned on these victims",
                 "per_victim": per_victim,
@@ -82,47 +73,74 @@ def recipe(rd: RobustDefaults, spec: StudySpec, study_dir: Path) -> dict[str, An
     }
 
 
+def recipe(per_family: dict[str, RobustDefaults], spec: StudySpec, study_dir: Path) -> dict[str, Any]:
+    """The recipe: per family, the chosen parameters and protocol, the rule that chose them and
+    the per-victim evidence. ``default_detector`` is what ``export`` uses unless told otherwise."""
+    default = "badexpert" if "badexpert" in per_family else next(iter(per_family))
+    return {
+        "study": spec.study.name,
+        "study_dir": str(study_dir),
+        "default_detector": default,
+        "detectors": {family: _family_recipe(rd, spec) for family, rd in per_family.items()},
+    }
+
+
 def write_recipe(data: dict[str, Any], path: Path) -> Path:
     write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
     return path
 
 
-def render(rd: RobustDefaults, spec: StudySpec) -> str:
-    vals = rd.per_victim[rd.objective].dropna()
-    ev = vals.min() if rd.objective in HIGHER_IS_BETTER else vals.max()
-    ev_value = ev if rd.aggregate == "worst" else vals.mean()
+def _render_family(rd: RobustDefaults, spec: StudySpec) -> list[str]:
+    summary = rd.evaluation_summary
     lines = [
-        f"Robust defaults for study {spec.study.name!r}: trial {rd.chosen.trial_id}, picked on the selection split "
-        f"({rd.aggregate}-case {rd.objective} {rd.chosen.score:.4f}); on the evaluation split: {ev_value:.4f}"
-        f"{'' if rd.chosen.feasible else ' (NO trial met the clean-accuracy constraint)'}",
-        "",
+        f"== {rd.detector}: trial {rd.chosen.trial_id}, picked on the selection split ({rd.aggregate}-case "
+        f"{rd.objective} {rd.chosen.score:.4f}); evaluation split: worst {summary['worst']:.4f}, "
+        f"mean {summary['mean']:.4f}{'' if rd.chosen.feasible else ' (NO trial met the clean-accuracy constraint)'}",
     ]
-    searched = list(spec.searched)
-    lines.append("Hyperparameters (* = searched):")
-    for k, v in rd.config.items():
-        if k in searched or k in spec.fixed:
+    searched = spec.searched(rd.detector)
+    fixed = spec.fixed(rd.detector)
+    lines.append("Settings (* = searched):")
+    for k, v in {**rd.protocol, **rd.params}.items():
+        if k in searched or k in fixed:
             lines.append(f"  {'*' if k in searched else ' '} {k:24s} {v}")
-    lines.append("")
     lines.append(
         "Per victim (evaluation split: inputs the search never saw; the defaults were tuned on these victims):"
     )
-    cols = ["victim_name"] + [m for m in SHOWN_METRICS if m in rd.per_victim.columns]
+    cols = ["victim_name"] + [m for m in HEADLINE if m in rd.per_victim.columns]
+    lines.append(rd.per_victim[cols].to_string(index=False))
+    if rd.held_out:
+        lines.append("Held out (defaults re-picked without the group, measured on it):")
+        lines.append(pd.DataFrame(rd.held_out).to_string(index=False))
+    lines.append("Top trials (as the search saw them: selection split):")
+    lines.append(rd.leaderboard.drop(columns=["score"]).head(5).to_string())
+    return lines
+
+
+def render(per_family: dict[str, RobustDefaults], spec: StudySpec, table: pd.DataFrame) -> str:
+    lines: list[str] = []
     with pd.option_context("display.width", 250, "display.max_columns", 50, "display.float_format", "{:.3f}".format):
-        lines.append(rd.per_victim[cols].to_string(index=False))
-        if rd.held_out:
-            lines.append("")
-            lines.append("Held out (defaults re-picked without the group, measured on it):")
-            lines.append(pd.DataFrame(rd.held_out).to_string(index=False))
-        lines.append("")
-        lines.append("Top trials (as the search saw them: selection split):")
-        lines.append(rd.leaderboard.drop(columns=["score"]).head(8).to_string())
+        for rd in per_family.values():
+            lines += _render_family(rd, spec) + [""]
+        obj = spec.search.objective.metric
+        lines.append(
+            f"Comparison: each family's robust defaults, {obj} on each victim's evaluation split "
+            "(same victims, same protocol, same inputs):"
+        )
+        pivot = table.pivot_table(index="victim_name", columns="detector", values=obj, aggfunc="first")
+        pivot = pivot[[f for f in per_family if f in pivot.columns]]
+        pivot.loc["worst"] = [per_family[f].evaluation_summary["worst"] for f in pivot.columns]
+        pivot.loc["mean"] = [per_family[f].evaluation_summary["mean"] for f in pivot.columns]
+        lines.append(pivot.to_string())
+        cost = table.groupby("detector")[["forward_passes_per_input", "score_seconds_per_input", "fit_seconds"]].mean()
+        lines.append("Cost (mean over victims): forward passes and scoring seconds per input, fit seconds per victim:")
+        lines.append(cost.loc[[f for f in per_family if f in cost.index]].to_string(float_format="{:.4g}".format))
     return "\n".join(lines)
 
 
 def plot_params(df: pd.DataFrame, spec: StudySpec, metric: str, path: Path) -> Path | None:
-    """Worst-case ``metric`` of each trial against each searched hyperparameter."""
-    searched = [k for k in spec.searched if k in df.columns]
-    if not searched:
+    """Worst-case ``metric`` of each trial against each searched setting, one row per family."""
+    families = [f for f in spec.families if spec.searched(f) and (df["detector"] == f).any()]
+    if not families:
         return None
     import matplotlib
 
@@ -130,18 +148,68 @@ def plot_params(df: pd.DataFrame, spec: StudySpec, metric: str, path: Path) -> P
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
-    worst = "min" if metric in HIGHER_IS_BETTER else "max"
-    per_trial = df.groupby("trial_id").agg({**{k: "first" for k in searched}, metric: worst})
-    fig, axes = plt.subplots(1, len(searched), figsize=(3 * len(searched), 2.8), squeeze=False)
-    for ax, k in zip(axes[0], searched, strict=True):
-        ax.scatter(per_trial[k].astype(str) if per_trial[k].dtype == object else per_trial[k], per_trial[metric], s=12)
-        if spec.searched[k].dist == "loguniform":
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: minor ones overlap
-        ax.set_xlabel(k)
-    axes[0][0].set_ylabel(f"worst-case {metric}\n(evaluation split)")
+    width = max(len(spec.searched(f)) for f in families)
+    fig, axes = plt.subplots(len(families), width, figsize=(3 * width, 2.8 * len(families)), squeeze=False)
+    how = "min" if metric in HIGHER_IS_BETTER else "max"
+    for row, family in zip(axes, families, strict=True):
+        rows = df[df["detector"] == family]
+        searched = spec.searched(family)
+        per_trial = rows.groupby("trial_id").agg({**{k: "first" for k in searched}, metric: how})
+        for ax, k in zip(row, searched, strict=False):
+            x = per_trial[k].astype(str) if per_trial[k].dtype == object else per_trial[k]
+            ax.scatter(x, per_trial[metric], s=12)
+            if searched[k].dist == "loguniform":
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: minor ones overlap
+            ax.set_xlabel(k)
+        for ax in row[len(searched) :]:
+            ax.axis("off")
+        row[0].set_ylabel(f"{family}\nworst-case {metric}\n(evaluation split)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_comparison(per_family: dict[str, RobustDefaults], scores: pd.DataFrame, path: Path) -> Path:
+    """Per victim: the ROC curve (correct-only, evaluation split) of each family's robust
+    defaults, with its AUROC in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    victims = sorted(
+        {
+            r["victim_id"]
+            for rd in per_family.values()
+            for _, r in rd.per_victim.iterrows()
+            if np.isfinite(r["auroc_correct_only"])  # clean victims have no triggered inputs
+        }
+    )
+    names = {r["victim_id"]: r["victim_name"] for rd in per_family.values() for _, r in rd.per_victim.iterrows()}
+    fig, axes = plt.subplots(1, len(victims), figsize=(3.4 * len(victims), 3.4), squeeze=False)
+    for ax, vid in zip(axes[0], victims, strict=True):
+        for family, rd in per_family.items():
+            s = scores[(scores["trial_id"] == rd.chosen.trial_id) & (scores["victim_id"] == vid)]
+            s = s[s["split"] == "evaluation"]
+            neg = s[~s["triggered"] & (s["pred"] == s["label"])]["score"].to_numpy()
+            pos = s[s["triggered"] & (s["pred"] == s["attack_label"])]["score"].to_numpy()
+            if not len(neg) or not len(pos):
+                continue
+            fpr, tpr, _ = roc_curve(np.r_[np.zeros(len(neg)), np.ones(len(pos))], np.r_[neg, pos])
+            auc = rd.per_victim.set_index("victim_id").loc[vid, "auroc_correct_only"]
+            ax.plot(fpr, tpr, label=f"{family} {auc:.3f}", linewidth=1.2)
+        ax.plot([0, 1], [0, 1], color="0.7", linewidth=0.8, linestyle=":")
+        ax.set_title(names.get(vid, vid), fontsize=7)
+        ax.set_xlabel("false-positive rate")
+        ax.legend(fontsize=6, loc="lower right", title="AUROC (correct-only)", title_fontsize=6)
+    axes[0][0].set_ylabel("true-positive rate")
+    fig.suptitle("robust defaults per family: ROC on the evaluation split", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
     return path

@@ -1,6 +1,7 @@
 """bdx-study: hyperparameter and ablation studies of the BaDExpert backdoor-input detector.
 
-The library (datasets, architectures, attacks, victims, defense, metrics, detector bundles);
+The library (datasets, architectures, attacks, victims, detector families, the evaluation
+protocol, the stage cache, metrics, detector bundles);
 trials (``bdx_study.trials``) and analysis (``bdx_study.analysis``) build on it, never the
 other way round.
 """

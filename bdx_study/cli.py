@@ -32,10 +32,11 @@ def _load(arg: str | None) -> tuple[StudySpec, Path]:
 def cmd_validate(args: argparse.Namespace) -> int:
     spec, path = _load(args.space)
     victims = spec.victim_configs()
-    print(
-        f"{path}: OK: study {spec.study.name!r}, {len(victims)} victim(s), {spec.num_trials} trial(s), "
-        f"searching {', '.join(spec.searched) or 'nothing'}"
+    families = ", ".join(
+        f"{f} ({spec.trials_for(f)} trial(s), searching {', '.join(spec.searched(f)) or 'nothing'})"
+        for f in spec.families
     )
+    print(f"{path}: OK: study {spec.study.name!r}, {len(victims)} victim(s), {spec.num_trials} trial(s): {families}")
     return 0
 
 
@@ -48,23 +49,56 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def _analyze(spec: StudySpec, quiet: bool = False) -> Path:
-    from bdx_study.analysis.report import plot_params, recipe, render, write_recipe
-    from bdx_study.analysis.robust import load_trials, robust_defaults, write_optuna_study
+    from bdx_study.analysis.report import plot_comparison, plot_params, recipe, render, write_recipe
+    from bdx_study.analysis.robust import comparison, load_trials, robust_defaults, write_optuna_study
+    from bdx_study.tables import StudyTables, write_table_atomic
 
     study_dir = spec.study_dir
-    rd = robust_defaults(study_dir, spec)
-    out = write_recipe(recipe(rd, spec, study_dir), study_dir / "recipe.yaml")
     trials = load_trials(study_dir)
-    plot = plot_params(trials, spec, spec.search.objective.metric, study_dir / "analysis" / "objective_vs_params.png")
-    optuna_db = write_optuna_study(trials, spec, study_dir / "optuna.db") if spec.searched else None
+    per_family = robust_defaults(study_dir, spec, trials)
+    out = write_recipe(recipe(per_family, spec, study_dir), study_dir / "recipe.yaml")
+    table = comparison(per_family)
+    folder = study_dir / "analysis"
+    import pyarrow as pa
+
+    from bdx_study._io import write_text_atomic
+
+    write_text_atomic(folder / "comparison.csv", table.to_csv(index=False))
+    write_table_atomic(pa.Table.from_pandas(table, preserve_index=False), folder / "comparison.parquet")
+    chosen = {rd.chosen.trial_id for rd in per_family.values()}
+    scores = StudyTables(study_dir).read("scores").to_pandas()
+    roc = plot_comparison(per_family, scores[scores["trial_id"].isin(chosen)], folder / "comparison_roc.png")
+    plot = plot_params(trials, spec, spec.search.objective.metric, folder / "objective_vs_params.png")
+    optuna_db = write_optuna_study(trials, spec, study_dir / "optuna.db")
+    files = [out, folder / "comparison.csv", folder / "comparison.parquet", roc] + ([plot] if plot else [])
+    logged = _log_analysis(study_dir, files)
     if not quiet:
-        print(render(rd, spec))
+        print(render(per_family, spec, table))
         print(
-            f"\nrecipe: {out}"
+            f"\nrecipe: {out}\ncomparison: {folder / 'comparison.csv'} (and .parquet), plot {roc}"
             + (f"\nplot: {plot}" if plot else "")
-            + (f"\noptuna study: sqlite:///{optuna_db}" if optuna_db else "")
+            + (f"\noptuna studies: sqlite:///{optuna_db}" if optuna_db.exists() else "")
+            + ("\nlogged to the study's MLflow run under analysis/" if logged else "")
         )
     return out
+
+
+def _log_analysis(study_dir: Path, files: list[Path]) -> bool:
+    """Attach the analysis files to the study's parent MLflow run (best effort)."""
+    ids_path = study_dir / "study.json"
+    try:
+        ids = json.loads(ids_path.read_text())
+        if not (ids.get("tracking_uri") and ids.get("parent_run_id")):
+            return False
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(ids["tracking_uri"])
+        for f in files:
+            client.log_artifact(ids["parent_run_id"], str(f), "analysis")
+        return True
+    except Exception as e:
+        print(f"bdx-study: warning: analysis not logged to MLflow ({type(e).__name__}: {e})", file=sys.stderr)
+        return False
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -76,28 +110,22 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     spec, _ = _load(args.space)
     from bdx_study.analysis.export import export_detector
+    from bdx_study.metrics import HEADLINE
 
     study_dir = spec.study_dir
-    out = Path(args.out) if args.out else study_dir / "detector"
+    default_out = study_dir / (f"detector-{args.detector}" if args.detector else "detector")
     bundle, metrics = export_detector(
         spec,
         study_dir,
-        out,
+        Path(args.out) if args.out else default_out,
+        detector=args.detector,
         victim=args.victim,
         recipe_path=Path(args.recipe) if args.recipe else None,
         log_to_mlflow=not args.no_mlflow,
+        force=args.force or not args.out,  # the default folder is the study's own
     )
     print(f"detector bundle: {bundle}")
-    keys = [
-        "threshold",
-        "auroc_correct_only",
-        "tpr_at_threshold_correct_only",
-        "fpr_at_threshold_correct_only",
-        "clean_acc_before",
-        "clean_acc_after",
-        "attack_success_before",
-        "attack_success_after",
-    ]
+    keys = ["threshold", *HEADLINE]
     print("measured on the victim's evaluation split: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys))
     return 0
 
@@ -145,7 +173,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from bdx_study.analysis.export import export_detector
 
     study_dir = spec.study_dir
-    bundle, _ = export_detector(spec, study_dir, study_dir / "detector")
+    bundle, _ = export_detector(spec, study_dir, study_dir / "detector", force=True)
     print(f"\ndetector bundle: {bundle}")
     # Use the exported detector as a user would: clean and triggered evaluation inputs as .npy files.
     vcfg = pick_victim(spec, None)
@@ -159,7 +187,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         np.save(f, arr)
         d = det.detect(np.load(f, allow_pickle=False))
         print(
-            f"detect {f.name}: {int(d.flagged.sum())}/{len(arr)} flagged ({d.flagged.mean():.1%}; "
+            f"detect {f.name} ({det.family.name}): {int(d.flagged.sum())}/{len(arr)} flagged ({d.flagged.mean():.1%}; "
             f"target FPR {det.manifest['target_fpr']:.0%})"
         )
     print(
@@ -179,14 +207,23 @@ def cmd_list(args: argparse.Namespace) -> int:
     from bdx_study.archs import list_architectures
     from bdx_study.attacks import list_attacks
     from bdx_study.data import list_datasets
-    from bdx_study.defense import DefenseConfig
+    from bdx_study.detectors import DETECTORS
+    from bdx_study.protocol import ProtocolConfig
 
     print("datasets:      " + ", ".join(list_datasets()))
     print("architectures: " + ", ".join(list_architectures()))
     print("attacks:       " + ", ".join(list_attacks()))
-    print("defense hyperparameters:")
-    for name, f in DefenseConfig.model_fields.items():
+    print(f"detectors:     {', '.join(DETECTORS.names())} ({len(DETECTORS.names())} families)")
+    print("\nprotocol (shared by every family; `protocol:` in a study file):")
+    for name, f in ProtocolConfig.model_fields.items():
         print(f"  {name:24s} default {f.default!r:12s} {f.description}")
+    for family in DETECTORS.names():
+        cls = DETECTORS.get(family)
+        print(f"\ndetector {family} (`detectors: {{{family}: ...}}`): {cls.access}")
+        for name, f in cls.Params.model_fields.items():
+            comps = [c for c in cls.components if name in cls.Params.component_fields(c)]
+            where = f"fit: {'+'.join(comps)}" if comps else "scoring"
+            print(f"  {name:24s} default {f.default!r:12s} [{where}] {f.description}")
     return 0
 
 
@@ -211,11 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     space_arg(sp)
     sp.set_defaults(fn=cmd_analyze)
 
-    sp = sub.add_parser("export", help="write the detector bundle for one victim model")
+    sp = sub.add_parser("export", help="write a detector bundle (a family's robust defaults) for one victim model")
     space_arg(sp)
+    sp.add_argument("--detector", help="detector family (default: the recipe's default_detector, BaDExpert if present)")
     sp.add_argument("--victim", help="victim name or id (default: the first backdoored victim)")
     sp.add_argument("--recipe", help="recipe file (default: the study's recipe.yaml)")
-    sp.add_argument("--out", help="bundle folder (default: <study>/detector)")
+    sp.add_argument("--out", help="bundle folder (default: <study>/detector, or <study>/detector-NAME with --detector)")
+    sp.add_argument("--force", action="store_true", help="replace the bundle already in --out (other files stay)")
     sp.add_argument("--no-mlflow", action="store_true", help="do not log the detector to MLflow")
     sp.set_defaults(fn=cmd_export)
 
@@ -230,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     space_arg(sp)
     sp.set_defaults(fn=cmd_quickstart)
 
-    sp = sub.add_parser("list", help="registered datasets, architectures, attacks and hyperparameters")
+    sp = sub.add_parser("list", help="registered datasets, architectures, attacks and detector families")
     sp.set_defaults(fn=cmd_list)
     return p
 

@@ -1,19 +1,19 @@
-"""Detector bundles: an exported BaDExpert detector for one model, and its loader.
+"""Detector bundles: an exported detector of any registered family for one model, and its loader.
 
-A bundle is a folder holding ``model.safetensors``, ``expert.safetensors``,
-``auxiliary.safetensors`` and ``manifest.json`` (architecture, input shape, normalization,
-classes, score kind, ensemble weights, threshold, target FPR, measured metrics, provenance and
-the sha256 of each weight file and of the manifest's decision fields). Weights are safetensors
-only: nothing is unpickled. Loading checks every hash and refuses a bundle whose weights or
-decision fields were changed.
+A bundle is a folder holding ``model.safetensors`` (the served model M), one
+``<component>.safetensors`` per fitted component of the family (BaDExpert: ``expert`` and
+``auxiliary``), and ``manifest.json``: the family and its exact parameters, the protocol
+settings, architecture, input shape, normalization, classes, threshold, target FPR, measured
+metrics, provenance, the sha256 of each weight file and a sha256 over the fields that decide
+what the detector does. Weights are safetensors only: nothing is unpickled. Loading checks every
+hash and refuses a bundle whose weights or decision fields were changed, or whose family this
+installation does not know.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,26 +23,27 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bdx_study._io import sha256_file, sha256_json, write_text_atomic
+from bdx_study._io import atomic_dir, atomic_path, sha256_file, sha256_json, write_json_atomic
 from bdx_study.archs import create_model
 from bdx_study.data import DatasetInfo
-from bdx_study.defense import BaDExpert, DefenseConfig
+from bdx_study.detectors import DETECTORS, DetectorFamily, Fitted, create_detector
+from bdx_study.training import predict_proba
 
-FORMAT = "bdx-study/badexpert-detector"
-FORMAT_VERSION = 1
-WEIGHT_FILES = {"model": "model.safetensors", "expert": "expert.safetensors", "auxiliary": "auxiliary.safetensors"}
+FORMAT = "bdx-study/detector"
+FORMAT_VERSION = 2
+MODEL_FILE = "model.safetensors"
 # Manifest fields that decide what the detector does; their hash is checked at load.
 DECISION_FIELDS = (
+    "format_version",
+    "detector",
+    "params",
     "architecture",
     "input_shape",
     "normalization",
     "num_classes",
-    "defense_config",
-    "score_kind",
-    "ensemble_alpha",
-    "ensemble_beta",
     "threshold",
     "target_fpr",
+    "components",
 )
 
 
@@ -50,31 +51,41 @@ class BundleError(ValueError):
     """A detector bundle that is incomplete, tampered with, or used with the wrong inputs."""
 
 
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
 def save_bundle(
     path: str | os.PathLike[str],
-    det: BaDExpert,
+    family: DetectorFamily,
+    fitted: dict[str, Fitted],
+    model: nn.Module,
     *,
+    threshold: float,
+    target_fpr: float,
+    protocol: dict[str, Any],
     architecture: str,
     info: DatasetInfo,
     metrics: dict[str, float],
     provenance: dict[str, Any],
+    force: bool = False,
 ) -> Path:
-    """Write ``det`` as a bundle at ``path``. An existing bundle there is replaced; any other
-    existing, non-empty folder is refused (nothing of the user's is deleted)."""
+    """Write a fitted family as a bundle at ``path``: a new or empty folder, or (with ``force``)
+    a folder holding a bundle, whose own files are then replaced. Files the bundle does not own
+    (a user's notes, inputs) are never touched."""
     out = Path(path)
-    if out.exists() and any(out.iterdir()) and not _is_bundle(out):
-        raise BundleError(f"{out} exists and is not a detector bundle; choose an empty or new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    hashes = {}
-    for role, fname in WEIGHT_FILES.items():
-        module: nn.Module = getattr(det, role)
-        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, tmp / fname)
-        hashes[fname] = sha256_file(tmp / fname)
-    cfg = det.cfg
+    replace = out.exists() and _check_replaceable(out, force)
+    files: dict[str, dict[str, torch.Tensor]] = {MODEL_FILE: _state(model)}
+    components = {}
+    for name, state in fitted.items():
+        files[f"{name}.safetensors"] = {k: v.detach().cpu().contiguous() for k, v in state.tensors.items()}
+        components[name] = {"file": f"{name}.safetensors", "meta": state.meta}
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "detector": family.name,
+        "params": family.params.model_dump(mode="json"),
+        "protocol": protocol,
         "architecture": architecture,
         "dataset": info.name,
         "input_shape": list(info.input_shape),
@@ -82,36 +93,61 @@ def save_bundle(
         "normalization": {"mean": list(info.mean), "std": list(info.std), "applied_inside_model": True},
         "num_classes": info.num_classes,
         "classes": list(range(info.num_classes)),
-        "score_kind": cfg.score_kind,
-        "ensemble_alpha": cfg.ensemble_alpha,
-        "ensemble_beta": cfg.ensemble_beta,
         "score_direction": "higher = more suspicious; flagged iff score > threshold",
-        "threshold": det.threshold,
-        "target_fpr": cfg.target_fpr,
-        "defense_config": cfg.model_dump(mode="json"),
+        "threshold": threshold,
+        "target_fpr": target_fpr,
+        "components": components,
         "metrics": {k: (None if not np.isfinite(v) else float(v)) for k, v in metrics.items()},
-        "sha256": hashes,
+        "sha256": {},
         "provenance": provenance,
     }
-    manifest["decision_sha256"] = sha256_json({k: manifest[k] for k in DECISION_FIELDS})
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    tmp.chmod(0o755)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    if not replace:  # a new folder appears whole or not at all
+        with atomic_dir(out) as tmp:
+            _write_files(tmp, files, manifest)
+        if not (out / "manifest.json").is_file():
+            raise BundleError(f"{out} appeared while the bundle was written; nothing was changed there")
+        return out
+    old_own = _own_files(out)
+    _write_files(out, files, manifest)  # each file atomically, the manifest last
+    for stale in old_own - {"manifest.json", *manifest["sha256"]}:
+        (out / stale).unlink(missing_ok=True)
     return out
 
 
-def _is_bundle(folder: Path) -> bool:
+def _write_files(folder: Path, files: dict[str, dict[str, torch.Tensor]], manifest: dict[str, Any]) -> None:
+    for fname, tensors in files.items():
+        with atomic_path(folder / fname) as tmp:
+            save_file(tensors, tmp)
+        manifest["sha256"][fname] = sha256_file(folder / fname)
+    manifest["decision_sha256"] = sha256_json({k: manifest[k] for k in DECISION_FIELDS})
+    write_json_atomic(folder / "manifest.json", manifest)
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((folder / "manifest.json").read_text()).get("format") == FORMAT
+        manifest = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+
+
+def _own_files(folder: Path) -> set[str]:
+    manifest = _read_manifest(folder) or {}
+    return {"manifest.json", *(manifest.get("sha256") or {})}
+
+
+def _check_replaceable(out: Path, force: bool) -> bool:
+    """Whether ``out`` holds a bundle to replace (False: an empty folder); refuse anything else."""
+    if not out.is_dir():
+        raise BundleError(f"{out} exists and is not a folder; choose a new or empty folder for the bundle")
+    if not any(out.iterdir()):
+        out.rmdir()
         return False
+    if _read_manifest(out) is None:
+        raise BundleError(f"{out} exists and is not a detector bundle; choose a new or empty folder")
+    if not force:
+        raise BundleError(f"{out} already holds a detector bundle; pass --force to replace it")
+    return True
 
 
 def update_provenance(path: Path, **fields: Any) -> None:
@@ -119,18 +155,18 @@ def update_provenance(path: Path, **fields: Any) -> None:
     mpath = Path(path) / "manifest.json"
     manifest = json.loads(mpath.read_text())
     manifest["provenance"].update(fields)
-    write_text_atomic(mpath, json.dumps(manifest, indent=2))
+    write_json_atomic(mpath, manifest)
 
 
 @dataclass
 class Detection:
-    """Per-input results: M's prediction, the flag and the score (higher = more suspicious)."""
+    """Per-input results: M's prediction, the flag, the score (higher = more suspicious) and the
+    family's extra values (e.g. BaDExpert's ``expert_conf`` and ``aux_conf``)."""
 
     prediction: np.ndarray
     flagged: np.ndarray
     score: np.ndarray
-    expert_conf: np.ndarray
-    aux_conf: np.ndarray
+    extras: dict[str, np.ndarray]
 
     def records(self) -> list[dict[str, Any]]:
         return [
@@ -142,14 +178,23 @@ class Detection:
 class Detector:
     """A loaded bundle. ``Detector.load(path)`` verifies hashes; ``detect(x)`` serves inputs."""
 
-    def __init__(self, manifest: dict[str, Any], badexpert: BaDExpert, device: torch.device) -> None:
+    def __init__(
+        self,
+        manifest: dict[str, Any],
+        family: DetectorFamily,
+        model: nn.Module,
+        fitted: dict[str, Fitted],
+        device: torch.device,
+    ) -> None:
         self.manifest = manifest
-        self.badexpert = badexpert
+        self.family = family
+        self.model = model
+        self.fitted = fitted
         self.device = device
 
     @property
     def threshold(self) -> float:
-        return self.badexpert.threshold
+        return float(self.manifest["threshold"])
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -162,39 +207,66 @@ class Detector:
         mpath = root / "manifest.json"
         if not mpath.is_file():
             raise BundleError(f"{root}: no manifest.json; not a detector bundle")
-        manifest = json.loads(mpath.read_text())
-        if manifest.get("format") != FORMAT:
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (OSError, ValueError) as e:
+            raise BundleError(f"{mpath}: not readable JSON ({e})") from None
+        if not isinstance(manifest, dict):
+            raise BundleError(f"{mpath}: a manifest must be a JSON object, got {type(manifest).__name__}")
+        if manifest.get("format") != FORMAT and manifest.get("format") != "bdx-study/badexpert-detector":
             raise BundleError(f"{mpath}: format {manifest.get('format')!r} is not {FORMAT!r}")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise BundleError(
+                f"{mpath}: bundle format version {manifest.get('format_version')!r}; this bdx-study reads version "
+                f"{FORMAT_VERSION}: export the detector again"
+            )
         try:
             decision = sha256_json({k: manifest[k] for k in DECISION_FIELDS})
         except KeyError as e:
             raise BundleError(f"{mpath}: missing field {e}") from None
         if decision != manifest.get("decision_sha256"):
             raise BundleError(
-                f"{mpath}: decision fields (threshold, score, architecture, ...) do not match their "
+                f"{mpath}: decision fields (threshold, params, architecture, ...) do not match their "
                 "sha256; the manifest was modified, refusing it"
             )
+        name = manifest["detector"]
+        if name not in DETECTORS:
+            raise BundleError(
+                f"{mpath}: detector family {name!r} is not known to this installation; known: "
+                f"{', '.join(DETECTORS.names())}"
+            )
         expected = manifest.get("sha256", {})
-        models: dict[str, nn.Module] = {}
-        dev = torch.device(device)
-        for role, fname in WEIGHT_FILES.items():
+
+        def verified(fname: str) -> Path:
             f = root / fname
             if not f.is_file():
                 raise BundleError(f"{root}: missing {fname}")
             if fname not in expected or sha256_file(f) != expected[fname]:
                 raise BundleError(f"{f}: sha256 does not match the manifest; the bundle was modified, refusing it")
-            m = create_model(
+            return f
+
+        dev = torch.device(device)
+        try:
+            family = create_detector(name, manifest["params"])
+            model = create_model(
                 manifest["architecture"],
                 tuple(manifest["input_shape"]),
                 manifest["num_classes"],
                 manifest["normalization"]["mean"],
                 manifest["normalization"]["std"],
             )
-            m.load_state_dict(load_file(f, device=str(dev)))
-            models[role] = m.to(dev).eval()
-        cfg = DefenseConfig.model_validate(manifest["defense_config"])
-        det = BaDExpert(models["model"], models["expert"], models["auxiliary"], cfg, float(manifest["threshold"]))
-        return cls(manifest, det, dev)
+            model.load_state_dict(load_file(verified(MODEL_FILE), device=str(dev)))
+            fitted = {
+                comp: Fitted(load_file(verified(entry["file"])), dict(entry.get("meta") or {}))
+                for comp, entry in manifest["components"].items()
+            }
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            if isinstance(e, BundleError):
+                raise
+            raise BundleError(f"{mpath}: the bundle does not load ({type(e).__name__}: {e})") from None
+        if set(fitted) != set(family.components):
+            raise BundleError(f"{mpath}: components {sorted(fitted)} do not match {name}'s {list(family.components)}")
+        return cls(manifest, family, model.to(dev).eval(), fitted, dev)
 
     def _as_batch(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
@@ -220,12 +292,13 @@ class Detector:
             )
         return t
 
-    @torch.no_grad()
     def detect(self, x: np.ndarray | torch.Tensor) -> Detection:
         """Score a batch of pixel-space inputs (N, C, H, W) in [0, 1] (uint8 0-255 also accepted)."""
         t = self._as_batch(x)
-        conf = self.badexpert.confidences(t, self.device)
-        s = self.badexpert.scores(conf)
-        return Detection(
-            conf.pred.numpy(), (s > self.threshold).numpy(), s.numpy(), conf.expert_conf.numpy(), conf.aux_conf.numpy()
-        )
+        pred = predict_proba(self.model, t, device=self.device).argmax(1)
+        feats: dict[str, torch.Tensor] = {}
+        for comp, state in self.fitted.items():
+            feats.update(self.family.features(comp, state, self.model, t, pred, self.device))
+        s = self.family.score(feats, pred)
+        extras = {k: v.numpy() for k, v in self.family.extras(feats, pred).items()}
+        return Detection(pred.numpy(), (s > self.threshold).numpy(), s.numpy(), extras)

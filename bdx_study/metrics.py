@@ -1,5 +1,5 @@
-"""Detection and task metrics: pure functions of scores, predictions and labels (numpy in,
-floats out). Every detection metric names its protocol:
+"""Detection and task metrics: the one list of metric names, and pure functions of scores,
+predictions and labels (numpy in, floats out). Every detection metric names its protocol:
 
 - ``correct_only`` (the paper's): negatives are clean inputs the model classifies correctly,
   positives are triggered inputs that actually flip the model to the attack label;
@@ -12,11 +12,68 @@ ranking AUROC from the continuous scores (scikit-learn), never from hard decisio
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
+PROTOCOLS = ("correct_only", "all_inputs")
 FIXED_FPRS = {"1pct": 0.01, "5pct": 0.05}
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    better: Literal["higher", "lower"] | None  # None: a description, not a goal (e.g. CA before defense)
+    description: str
+
+
+def _detection_metrics() -> list[Metric]:
+    out = [
+        Metric("threshold", None, "the calibrated threshold (flag iff score > threshold)"),
+        Metric("clean_acc_before", None, "clean accuracy of the model, no defense"),
+        Metric("clean_acc_after", "higher", "clean inputs correctly classified and not flagged / clean inputs"),
+        Metric("clean_acc_drop", "lower", "clean_acc_before - clean_acc_after"),
+        Metric("attack_success_before", None, "triggered inputs classified as the attack label, no defense"),
+        Metric("attack_success_after", "lower", "triggered inputs classified as the attack label and not flagged"),
+    ]
+    for p in PROTOCOLS:
+        out += [
+            Metric(f"auroc_{p}", "higher", f"ranking AUROC of the continuous scores ({p})"),
+            Metric(f"tpr_at_threshold_{p}", "higher", f"triggered inputs flagged at the calibrated threshold ({p})"),
+            Metric(f"fpr_at_threshold_{p}", "lower", f"clean inputs flagged at the calibrated threshold ({p})"),
+        ]
+        out += [
+            Metric(f"tpr_at_{k}_fpr_{p}", "higher", f"best TPR at FPR <= {v:.0%} on this split's own ROC ({p})")
+            for k, v in FIXED_FPRS.items()
+        ]
+    return out
+
+
+DETECTION_METRICS: tuple[Metric, ...] = tuple(_detection_metrics())
+# Cost of scoring, per scored input (computed where the detector's outputs were computed).
+COST_METRICS: tuple[Metric, ...] = (
+    Metric("forward_passes_per_input", "lower", "forward passes of victim-architecture networks per scored input"),
+    Metric("backward_passes_per_input", "lower", "backward passes of victim-architecture networks per input"),
+    Metric("score_seconds_per_input", "lower", "scoring wall time per input (model and detector outputs, score)"),
+    Metric("fit_seconds", "lower", "wall time of fitting the detector's components on this victim"),
+)
+METRICS: dict[str, Metric] = {m.name: m for m in (*DETECTION_METRICS, *COST_METRICS)}
+HIGHER_IS_BETTER = frozenset(m.name for m in METRICS.values() if m.better == "higher")
+LOWER_IS_BETTER = frozenset(m.name for m in METRICS.values() if m.better == "lower")
+# The per-victim figures shown in reports, logged per victim to MLflow and printed by export.
+HEADLINE = (
+    "auroc_correct_only",
+    "auroc_all_inputs",
+    "tpr_at_threshold_correct_only",
+    "fpr_at_threshold_correct_only",
+    "tpr_at_1pct_fpr_correct_only",
+    "clean_acc_before",
+    "clean_acc_drop",
+    "attack_success_before",
+    "attack_success_after",
+)
 
 
 def fit_threshold(calibration_scores: np.ndarray, target_fpr: float) -> float:
@@ -60,10 +117,10 @@ def detection_metrics(
     poison_attack_label: np.ndarray,
     threshold: float,
 ) -> dict[str, float]:
-    """All evaluation metrics of one detector on one victim.
+    """Every metric of :data:`DETECTION_METRICS` for one detector on one victim and split.
 
-    Clean arrays cover every clean evaluation input; poison arrays cover every triggered input that
-    counts toward attack success. CA/ASR share the no-defense denominators: CA after defense =
+    Clean arrays cover every clean input; poison arrays cover every triggered input that counts
+    toward attack success. CA/ASR share the no-defense denominators: CA after defense =
     #{clean: correct and not flagged} / #{clean}; ASR after = #{poison: attack label and not
     flagged} / #{poison}.
     """
@@ -92,26 +149,6 @@ def detection_metrics(
     return out
 
 
-# Aggregation across victims: for each metric, which direction is "worse".
-HIGHER_IS_BETTER = {
-    "auroc_correct_only",
-    "auroc_all_inputs",
-    "tpr_at_threshold_correct_only",
-    "tpr_at_threshold_all_inputs",
-    "tpr_at_1pct_fpr_correct_only",
-    "tpr_at_5pct_fpr_correct_only",
-    "tpr_at_1pct_fpr_all_inputs",
-    "tpr_at_5pct_fpr_all_inputs",
-    "clean_acc_after",
-}
-LOWER_IS_BETTER = {
-    "clean_acc_drop",
-    "attack_success_after",
-    "fpr_at_threshold_correct_only",
-    "fpr_at_threshold_all_inputs",
-}
-
-
 def aggregate(per_victim: list[dict[str, float]]) -> dict[str, float]:
     """``mean/<metric>`` and ``worst/<metric>`` across victims, skipping undefined (nan) values
     (e.g. detection metrics on a clean victim); worst = min for higher-is-better metrics, max
@@ -124,3 +161,12 @@ def aggregate(per_victim: list[dict[str, float]]) -> dict[str, float]:
         out[f"mean/{name}"] = float(np.mean(vals))
         out[f"worst/{name}"] = float(min(vals) if name in HIGHER_IS_BETTER else max(vals))
     return out
+
+
+def worst(values: np.ndarray | list[float], metric: str) -> float:
+    """The worst of ``values`` for ``metric`` (min if higher is better, else max); nan if none."""
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    if not arr.size:
+        return math.nan
+    return float(arr.min() if metric in HIGHER_IS_BETTER else arr.max())

@@ -2,27 +2,33 @@
 
 A study file has these sections (unknown keys anywhere are errors):
 
-    study:     name, storage (folder for the victim cache, tables, Ray and Optuna state), description
+    study:     name, storage (folder for the victim and stage caches, tables, Ray state),
+               description, stage_cache
     tracking:  uri (MLflow tracking URI; null = MLflow's default, sqlite:///mlflow.db in the
                working directory), experiment (default: the study name)
     data:      root, download, reserve_size, eval_size (held-out images: selection + evaluation),
                selection_fraction, train_size, split_seed
     victims:   a grid: datasets x architectures x attacks x poison_rates x seeds x epochs, plus
                the victims' training recipe
-    defense:   BaDExpert hyperparameters (DefenseConfig field names): a fixed value, or a
-               distribution {dist: loguniform|uniform|int|choice, ...}
-    search:    sampler (tpe | random | grid), num_trials, max_concurrent, seed, objective,
-               constraint
+    protocol:  the evaluation protocol every detector is judged under (clean_set_size,
+               calibration_fraction, target_fpr): a fixed value or a distribution
+    detectors: one or several registered families, each mapping its own parameters to a fixed
+               value or a distribution {dist: loguniform|uniform|int|choice, ...}
+    search:    sampler (tpe | random | grid), num_trials (per family, or {family: n}),
+               max_concurrent, seed, objective, constraint
     resources: cpu and gpu per trial (fractions allowed), max_failures
 
-Errors name the file, the key and the value, and say what is allowed.
+Values are checked strictly (``true`` is not a number, ``"3"`` is not an integer, infinities and
+NaN are refused). Errors name the file, the key and the value, and say what is allowed.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -45,8 +51,9 @@ from bdx_study._registry import Registry
 from bdx_study.archs import ARCHITECTURES
 from bdx_study.attacks import ATTACKS
 from bdx_study.data import DATASETS
-from bdx_study.defense import DefenseConfig
+from bdx_study.detectors import DETECTORS, DetectorParams
 from bdx_study.metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER
+from bdx_study.protocol import ProtocolConfig
 from bdx_study.victims import AttackSpec, DataConfig, TrainingConfig, VictimConfig
 
 
@@ -134,9 +141,17 @@ def _extremes(d: SearchDistribution) -> list[tuple[str, Any]]:
 
 
 class StudySection(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="study id: letters, digits, _ . -")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100, description="study id: letters, digits, _ . -"
+    )
     storage: str = Field("bdx_runs", description="root folder (or shared path) for caches, tables and state")
     description: str = ""
+    stage_cache: bool = Field(
+        True, description="reuse fitted detector components across trials (false: every trial refits; for benchmarks)"
+    )
+
+
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
 
 class TrackingSection(StrictModel):
@@ -146,10 +161,15 @@ class TrackingSection(StrictModel):
     @field_validator("uri")
     @classmethod
     def _no_file_store(cls, v: str | None) -> str | None:
-        if v is not None and (v.startswith("file:") or "://" not in v and not v.startswith("databricks")):
+        if v is None or v == "databricks":
+            return v
+        if v.startswith("file:") or "://" not in v:
             raise ValueError(
                 f"{v!r} is a file-store URI, which MLflow 3 no longer accepts; use sqlite:///PATH.db or http://HOST:PORT"
             )
+        scheme = v.split("://", 1)[0].split("+", 1)[0]
+        if scheme not in TRACKING_SCHEMES:
+            raise ValueError(f"unknown tracking URI scheme {scheme!r}; allowed: {', '.join(TRACKING_SCHEMES)}")
         return v
 
 
@@ -162,7 +182,7 @@ class AttackEntry(StrictModel):
     @model_validator(mode="after")
     def _valid_params(self) -> AttackEntry:
         cls = ATTACKS.get(self.name)  # unknown names list the known ones
-        cls.Params.model_validate(self.model_extra or {})
+        cls.Params.model_validate_json(json.dumps(self.model_extra or {}), strict=True)
         return self
 
     def spec(self, poison_rate: float | None) -> AttackSpec:
@@ -248,11 +268,21 @@ class Constraint(StrictModel):
 
 class SearchSection(StrictModel):
     sampler: Literal["tpe", "random", "grid"] = "tpe"
-    num_trials: int | None = Field(16, ge=1, description="trials to run; for grid, null = the whole grid")
+    num_trials: int | dict[str, int] | None = Field(
+        16, description="trials per detector family, or {family: trials}; null = the whole grid (grid sampler)"
+    )
     max_concurrent: int = Field(2, ge=1, description="trials at once (also keeps TPE from degrading to random)")
     seed: int = 0
     objective: Objective = Objective()
     constraint: Constraint = Constraint()
+
+    @field_validator("num_trials")
+    @classmethod
+    def _positive(cls, v: int | dict[str, int] | None) -> int | dict[str, int] | None:
+        for n in v.values() if isinstance(v, dict) else [v] if v is not None else []:
+            if not 1 <= n <= 100_000:
+                raise ValueError(f"trials per family must be in [1, 100000], got {n}")
+        return v
 
 
 class ResourcesSection(StrictModel):
@@ -268,6 +298,9 @@ class ResourcesSection(StrictModel):
         return v
 
 
+PROTOCOL_FIELDS = tuple(ProtocolConfig.model_fields)
+
+
 class StudySpec(StrictModel):
     """A whole study file."""
 
@@ -275,31 +308,59 @@ class StudySpec(StrictModel):
     tracking: TrackingSection = TrackingSection()
     data: DataConfig = DataConfig()
     victims: VictimGrid
-    defense: dict[str, Distribution] = Field(default_factory=dict)
+    protocol: dict[str, Distribution] = Field(default_factory=dict)
+    detectors: dict[str, dict[str, Distribution]] = Field(min_length=1)
     search: SearchSection = SearchSection()
     resources: ResourcesSection = ResourcesSection()
-
-    @field_validator("defense")
-    @classmethod
-    def _defense_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        known = DefenseConfig.model_fields
-        for key in v:
-            if key not in known:
-                raise ValueError(f"unknown defense hyperparameter {key!r}; known: {', '.join(known)}")
-        return v
 
     # -- derived views ------------------------------------------------------------------------
 
     @property
-    def searched(self) -> dict[str, SearchDistribution]:
-        return {k: d for k, d in self.defense.items() if isinstance(d, LogUniform | Uniform | IntRange | Choice)}
+    def families(self) -> list[str]:
+        """The detector families of the study, in file order."""
+        return list(self.detectors)
+
+    def searched(self, family: str) -> dict[str, SearchDistribution]:
+        """The distributions a family's trials sample: its own and the protocol's."""
+        both = {**self.protocol, **self.detectors[family]}
+        return {k: d for k, d in both.items() if isinstance(d, LogUniform | Uniform | IntRange | Choice)}
+
+    def fixed(self, family: str) -> dict[str, Any]:
+        searched = self.searched(family)
+        return {k: d for k, d in {**self.protocol, **self.detectors[family]}.items() if k not in searched}
+
+    def optuna_space(self, family: str) -> dict[str, optuna.distributions.BaseDistribution]:
+        return {k: to_optuna(d) for k, d in self.searched(family).items()}
+
+    def grid(self, family: str) -> dict[str, list[Any]]:
+        return {k: grid_values(d) for k, d in self.searched(family).items()}
+
+    def trials_for(self, family: str) -> int:
+        """Trials of ``family``: the whole grid (grid sampler without num_trials), the family's
+        entry of num_trials, or 1 when nothing of it is searched (every trial would be the same)."""
+        if not self.searched(family):
+            return 1
+        n = self.search.num_trials
+        if isinstance(n, dict):
+            return n[family]
+        if n is not None:
+            return n
+        return math.prod(len(v) for v in self.grid(family).values())
 
     @property
-    def fixed(self) -> dict[str, Any]:
-        return {k: d for k, d in self.defense.items() if k not in self.searched}
+    def num_trials(self) -> int:
+        return sum(self.trials_for(f) for f in self.families)
 
-    def defense_config(self, sampled: dict[str, Any]) -> DefenseConfig:
-        return DefenseConfig.model_validate({**self.fixed, **sampled})
+    def trial_config(self, config: dict[str, Any]) -> tuple[str, DetectorParams, ProtocolConfig]:
+        """(family, its parameters, the protocol) of a trial whose sampled values are ``config``
+        (with its family under the key ``detector``)."""
+        family = config["detector"]
+        values = {**self.fixed(family), **{k: v for k, v in config.items() if k != "detector"}}
+        protocol = ProtocolConfig.model_validate({k: v for k, v in values.items() if k in PROTOCOL_FIELDS})
+        params = DETECTORS.get(family).Params.model_validate(
+            {k: v for k, v in values.items() if k not in PROTOCOL_FIELDS}
+        )
+        return family, params, protocol
 
     def victim_configs(self) -> list[VictimConfig]:
         g = self.victims
@@ -320,18 +381,6 @@ class StudySpec(StrictModel):
             out[cfg.key] = cfg  # 'none' x several poison rates collapses to one victim
         return list(out.values())
 
-    def optuna_space(self) -> dict[str, optuna.distributions.BaseDistribution]:
-        return {k: to_optuna(d) for k, d in self.searched.items()}
-
-    def grid(self) -> dict[str, list[Any]]:
-        return {k: grid_values(d) for k, d in self.searched.items()}
-
-    @property
-    def num_trials(self) -> int:
-        if self.search.num_trials is not None:
-            return self.search.num_trials
-        return math.prod(len(v) for v in self.grid().values())
-
     @property
     def experiment_name(self) -> str:
         return self.tracking.experiment or self.study.name
@@ -346,7 +395,7 @@ class StudySpec(StrictModel):
         return (p if p.is_absolute() else (base or Path.cwd()) / p).resolve()
 
 
-# ------------------------------------------------------------------------------ loading
+# ------------------------------------------------------------------------------ checks
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
@@ -361,68 +410,140 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return "".join(parts) or "(top level)"
 
 
-def _validation_message(source: str, err: ValidationError) -> str:
+def _validation_message(source: str, err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
         msg = e["msg"].removeprefix("Value error, ")
         got = e.get("input")
-        shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
-        lines.append(f"{source}: {_format_loc(tuple(e['loc']))}: {msg}{shown}")
+        shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {_short(got)})"
+        loc = _format_loc(tuple(e["loc"]))
+        lines.append(f"{source}: {prefix}{loc}: {msg}{shown}")
     return "\n".join(lines)
 
 
-def _check_defense_values(spec: StudySpec, source: str) -> None:
-    """Each fixed value and each bound or choice of a distribution must be a valid DefenseConfig
-    value (e.g. lr > 0), and the clean set must fit in the reserved pool."""
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _strict(model: type[BaseModel], values: dict[str, Any]) -> None:
+    """Validate ``values`` against ``model`` strictly (JSON rules: no bool for numbers, no
+    strings for numbers, lists for tuples)."""
+    model.model_validate_json(json.dumps(values), strict=True)
+
+
+def _check_section(
+    source: str, where: str, model: type[BaseModel], entries: dict[str, Any], allowed: tuple[str, ...]
+) -> list[str]:
+    """Every key of ``entries`` must be a field of ``model`` (and in ``allowed``); each fixed value,
+    each bound and each choice must be a valid value of it."""
     problems: list[str] = []
-    searched = spec.searched
-    for key, d in spec.defense.items():
-        cases = _extremes(searched[key]) if key in searched else [("", d)]
-        for where, value in cases:
+    for key, d in entries.items():
+        if key not in allowed:
+            problems.append(f"{source}: {where}.{key}: unknown parameter; allowed: {', '.join(allowed)}")
+            continue
+        if isinstance(d, LogUniform | Uniform | IntRange | Choice):
+            cases = _extremes(d)
+            if isinstance(d, LogUniform | Uniform | IntRange) and d.low > d.high:
+                problems.append(f"{source}: {where}.{key}: low {d.low} > high {d.high}")
+        else:
+            cases = [("", d)]
+        for sub, value in cases:
             try:
-                DefenseConfig.model_validate({key: value})
+                _strict(model, {key: value})
             except ValidationError as e:
-                msg = e.errors()[0]["msg"].removeprefix("Value error, ")
-                problems.append(f"{source}: defense.{key}{'.' + where if where else ''}: {msg} (got {value!r})")
-        if isinstance(d, LogUniform | Uniform | IntRange) and d.low > d.high:
-            problems.append(f"{source}: defense.{key}: low {d.low} > high {d.high}")
-    if spec.search.sampler == "grid":
-        for key, d in spec.searched.items():
-            if not isinstance(d, Choice) and not (isinstance(d, IntRange) and not d.log):
-                problems.append(f"{source}: defense.{key}: the grid sampler needs choice or int distributions")
-    if not problems:
+                msg = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+                problems.append(f"{source}: {where}.{key}{'.' + sub if sub else ''}: {msg} (got {_short(value)})")
+    return problems
 
-        def values(key: str) -> list[Any]:
-            if key in searched:
-                return [v for _, v in _extremes(searched[key])]
-            return [spec.fixed.get(key, DefenseConfig.model_fields[key].default)]
 
-        for n in values("clean_set_size"):
-            if n > spec.data.reserve_size:
-                problems.append(
-                    f"{source}: defense.clean_set_size: {n} exceeds data.reserve_size {spec.data.reserve_size} "
-                    "(the clean data reserved for the defender)"
-                )
-            for f in values("calibration_fraction"):
-                n_cal = round(n * f)
-                if not 1 <= n_cal < n:
-                    problems.append(
-                        f"{source}: defense.calibration_fraction: {f} of clean_set_size {n} leaves {n_cal} "
-                        "image(s) to calibrate on; at least 1 and fewer than the clean set are needed"
-                    )
+def _check_values(spec: StudySpec, source: str) -> None:
+    """Families, parameters and values, before any work starts; every problem at once."""
+    problems = _check_section(source, "protocol", ProtocolConfig, spec.protocol, PROTOCOL_FIELDS)
+    for family, entries in spec.detectors.items():
+        if family not in DETECTORS:
+            problems.append(
+                f"{source}: detectors.{family}: unknown detector family {family!r}; known: "
+                f"{', '.join(DETECTORS.names())}"
+            )
+            continue
+        params = DETECTORS.get(family).Params
+        allowed = tuple(k for k in params.model_fields)
+        clash = [k for k in entries if k in PROTOCOL_FIELDS]
+        for k in clash:
+            problems.append(f"{source}: detectors.{family}.{k}: a protocol setting; put it under `protocol:`")
+        problems += _check_section(
+            source, f"detectors.{family}", params, {k: v for k, v in entries.items() if k not in clash}, allowed
+        )
     if problems:
         raise SpaceError("\n".join(problems))
+
+    n = spec.search.num_trials
+    if isinstance(n, dict):
+        unknown = set(n) - set(spec.families)
+        missing = [f for f in spec.families if f not in n and spec.searched(f)]
+        if unknown or missing:
+            raise SpaceError(
+                f"{source}: search.num_trials: give trials for each searched family "
+                f"({', '.join(spec.families)}); unknown: {sorted(unknown) or 'none'}, missing: {missing or 'none'}"
+            )
+    for family in spec.families:
+        for key, d in spec.searched(family).items():
+            if spec.search.sampler == "grid" and not (isinstance(d, Choice) or isinstance(d, IntRange) and not d.log):
+                where = "protocol" if key in PROTOCOL_FIELDS else f"detectors.{family}"
+                problems.append(f"{source}: {where}.{key}: the grid sampler needs choice or int distributions")
+        if spec.search.sampler != "grid" and n is None and spec.searched(family):
+            problems.append(f"{source}: search.num_trials: null (the whole grid) needs sampler: grid")
+    problems += _check_clean_set(spec, source)
+    if problems:
+        raise SpaceError("\n".join(dict.fromkeys(problems)))
+
+
+def _check_clean_set(spec: StudySpec, source: str) -> list[str]:
+    """D_c must fit in the reserved pool and leave images both to finetune and to calibrate on."""
+
+    def values(key: str) -> list[Any]:
+        d = spec.protocol.get(key, ProtocolConfig.model_fields[key].default)
+        return [v for _, v in _extremes(d)] if isinstance(d, LogUniform | Uniform | IntRange | Choice) else [d]
+
+    problems = []
+    for n in values("clean_set_size"):
+        if n > spec.data.reserve_size:
+            problems.append(
+                f"{source}: protocol.clean_set_size: {n} exceeds data.reserve_size {spec.data.reserve_size} "
+                "(the clean data reserved for the defender)"
+            )
+        for f in values("calibration_fraction"):
+            n_cal = round(n * f)
+            if not 1 <= n_cal < n:
+                problems.append(
+                    f"{source}: protocol.calibration_fraction: {f} of clean_set_size {n} leaves {n_cal} "
+                    "image(s) to calibrate on; at least 1 and fewer than the clean set are needed"
+                )
+    return problems
 
 
 def parse_space(raw: Any, source: str = "<study>") -> StudySpec:
     """Validate a loaded YAML document; raise SpaceError naming ``source``, key and value."""
     if not isinstance(raw, dict):
         raise SpaceError(f"{source}: a study file must be a mapping of sections, got {type(raw).__name__}")
+    if "defense" in raw:
+        raise SpaceError(
+            f"{source}: defense: the `defense:` section was replaced by `detectors:` and `protocol:`; put "
+            "BaDExpert's hyperparameters under `detectors: {badexpert: {...}}` and clean_set_size, "
+            "calibration_fraction and target_fpr under `protocol:`"
+        )
+    if isinstance(raw.get("detectors"), dict):  # `strip:` with nothing after it = the family's defaults
+        raw = {**raw, "detectors": {k: {} if v is None else v for k, v in raw["detectors"].items()}}
     try:
-        spec = StudySpec.model_validate(raw)
+        text = json.dumps(raw)
+    except (TypeError, ValueError) as e:  # e.g. YAML dates or sets, which no field takes
+        raise SpaceError(f"{source}: a value that is not plain data ({e})") from None
+    try:
+        spec = StudySpec.model_validate_json(text, strict=True)
     except ValidationError as e:
         raise SpaceError(_validation_message(source, e)) from None
-    _check_defense_values(spec, source)
+    _check_values(spec, source)
     try:
         for v in spec.victim_configs():
             v.build_attack()
@@ -431,16 +552,77 @@ def parse_space(raw: Any, source: str = "<study>") -> StudySpec:
     return spec
 
 
+# ------------------------------------------------------------------------------ loading YAML
+
+MAX_STUDY_BYTES = 1 << 20  # a study file is a page of YAML, not a data set
+MAX_EXPANDED_NODES = 100_000  # after anchors and aliases are expanded
+
+
+class _StudyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses duplicate keys and reads 1e-3 as a number (YAML 1.1
+    would make it a string)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key].line + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+_StudyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _expanded_size(value: Any, budget: int) -> int:
+    """Nodes in ``value`` with aliases expanded, counting no further than ``budget``."""
+    count, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        count += 1
+        if count > budget:
+            break
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return count
+
+
+def read_study_yaml(path: Path) -> Any:
+    """Parse a study file safely: bounded size, UTF-8, no duplicate keys, no alias bombs."""
+    size = path.stat().st_size
+    if size > MAX_STUDY_BYTES:
+        raise SpaceError(f"{path}: {size} bytes; a study file may have at most {MAX_STUDY_BYTES}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpaceError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    try:
+        raw = yaml.load(text, Loader=_StudyLoader)  # noqa: S506  (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        raise SpaceError(f"{path}: not valid YAML: {e}") from None
+    if _expanded_size(raw, MAX_EXPANDED_NODES) > MAX_EXPANDED_NODES:
+        raise SpaceError(
+            f"{path}: expands to more than {MAX_EXPANDED_NODES} values once YAML anchors and aliases are resolved"
+        )
+    return raw
+
+
 def load_space(path: str | os.PathLike[str]) -> StudySpec:
     """Read and validate a study file."""
     p = Path(path)
     if not p.is_file():
-        raise SpaceError(f"{p}: no such study file")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SpaceError(f"{p}: not valid YAML: {e}") from None
-    spec = parse_space(raw, str(p))
+        raise SpaceError(f"{p}: no such study file" + (" (it is a folder)" if p.is_dir() else ""))
+    spec = parse_space(read_study_yaml(p), str(p))
     # Relative paths are taken from where the user runs the command (trials run elsewhere).
     root = spec.data.root
     if root is not None:

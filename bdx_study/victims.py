@@ -50,6 +50,11 @@ class DataConfig(StrictModel):
         divided, nor where the files lie): victims are shared by studies that split differently."""
         return self.model_dump(include={"train_size", "split_seed"})
 
+    def layout(self) -> dict[str, Any]:
+        """The fields that decide how the held-out test images are split (reserve, selection,
+        evaluation): what scored inputs are, besides the victim itself."""
+        return self.model_dump(include={"reserve_size", "eval_size", "selection_fraction", "split_seed"})
+
     def test_portion(self, dataset: str) -> ImageData:
         """The dataset's whole test portion: where a victim's own accuracy and ASR are measured."""
         return load_test_portion(dataset, root=self.root, download=self.download)

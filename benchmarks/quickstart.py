@@ -6,9 +6,9 @@ the study machinery's overhead per trial.
 1. Runs `bdx-study quickstart` in a fresh working directory (victims are trained, nothing is
    cached) and samples the resident memory of its whole process tree (driver, Ray, workers)
    every 0.2 s.
-2. Reads the study's Parquet tables and re-runs the defense computation of every trial bare
-   (same configs, same cached victims, one thread, no Ray, no MLflow, no Parquet, no plot) to
-   get the overhead of the study machinery, two ways:
+2. Reads the study's Parquet tables and re-runs the computation of every trial bare (same
+   configs, same cached victims, one thread, no Ray, no MLflow, no Parquet, no plot, no stage
+   cache) to get the overhead of the study machinery, two ways:
    - per trial: a trial's wall time as Tune measured it (time_total_s, from the trainable's
      start to its report) over the bare computation of the same config;
    - study level: the driver's wall time of Tuner.fit (actor start-up, scheduling, MLflow
@@ -80,7 +80,7 @@ def main() -> int:
     from bdx_study.space import builtin_space, load_space
     from bdx_study.tables import StudyTables
     from bdx_study.trials.context import StudyContext
-    from bdx_study.trials.trainable import bare_defense_seconds
+    from bdx_study.trials.trainable import bare_trial_seconds
 
     torch.set_num_threads(1)
     spec = load_space(args.space or builtin_space("quickstart"))
@@ -90,7 +90,6 @@ def main() -> int:
     study_dir = spec.storage_root() / "studies" / spec.study.name
     trials = StudyTables(study_dir).read("trials").to_pandas()
     victims = pd.read_parquet(study_dir / "tables" / "victims.parquet")
-    from bdx_study.defense import DefenseConfig
 
     tune_times = {}
     for result_file in (study_dir / "tune").glob("*/result.json"):
@@ -100,10 +99,18 @@ def main() -> int:
             tune_times[last["trial_id"]] = last["time_total_s"]
     ctx = StudyContext(spec, study_dir, spec.storage_root() / "victims", tuple(spec.victim_configs()))
     per_trial = trials.groupby("trial_id").first()
-    bare_defense_seconds(ctx, spec.defense_config({}))  # warm-up: loads victims and data once
+
+    def config(tid: str) -> dict[str, object]:
+        """The trial's sampled values, as the searcher gave them."""
+        row = per_trial.loc[tid]
+        params = {**json.loads(row["params"]), **{k: row[k] for k in ("clean_set_size", "calibration_fraction")}}
+        searched = spec.searched(row["detector"])
+        return {"detector": row["detector"], **{k: params.get(k, row.get(k)) for k in searched}}
+
+    bare_trial_seconds(ctx, config(per_trial.index[0]))  # warm-up: loads victims and data once
     bare = {}
     for tid in per_trial.index:
-        bare[tid] = bare_defense_seconds(ctx, DefenseConfig.from_row(per_trial.loc[tid]))
+        bare[tid] = bare_trial_seconds(ctx, config(tid))
     ratios = [tune_times[t] / bare[t] for t in bare if t in tune_times]
     inner = [per_trial.loc[t, "trial_seconds"] / bare[t] for t in bare]
     ids = json.loads((study_dir / "study.json").read_text())

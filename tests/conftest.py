@@ -40,14 +40,15 @@ def tiny_study(tmp: Path, name: str = "tiny", **overrides: Any) -> dict[str, Any
             "seeds": [0],
             "training": {"epochs": 4, "lr": 2.0e-3},
         },
-        "defense": {
-            "unlearn_lr": {"dist": "loguniform", "low": 1.0e-4, "high": 1.0e-3},
-            "aux_lr": {"dist": "choice", "values": [0.05, 0.1]},
-            "unlearn_batch_size": 32,
-            "aux_epochs": 2,
-            "aux_milestones": [1],
-            "clean_set_size": 100,
-            "target_fpr": 0.1,
+        "protocol": {"clean_set_size": 100, "target_fpr": 0.1},
+        "detectors": {
+            "badexpert": {
+                "unlearn_lr": {"dist": "loguniform", "low": 1.0e-4, "high": 1.0e-3},
+                "aux_lr": {"dist": "choice", "values": [0.05, 0.1]},
+                "unlearn_batch_size": 32,
+                "aux_epochs": 2,
+                "aux_milestones": [1],
+            }
         },
         "search": {"sampler": "random", "num_trials": 3, "max_concurrent": 2, "seed": 0},
         "resources": {"cpu": 1, "gpu": 0},
@@ -65,3 +66,32 @@ def write_study(tmp: Path, doc: dict[str, Any], filename: str = "study.yaml") ->
     path = tmp / filename
     path.write_text(yaml.safe_dump(doc))
     return path
+
+
+@pytest.fixture(scope="session")
+def planted() -> dict[str, Any]:
+    """Two tiny digits victims with planted triggers (a BadNet patch and a noise Blend; small
+    CNN, 400 training images at 10% poison, a few seconds each), trained through the real victim
+    code, with their splits: what the detector contract tests score."""
+    import torch
+
+    from bdx_study.victims import AttackSpec, DataConfig, TrainingConfig, VictimConfig, train_victim
+
+    torch.set_num_threads(1)
+    data = DataConfig(reserve_size=300, eval_size=200, train_size=400)
+    out: dict[str, Any] = {"data": data, "splits": data.splits("digits")}
+    for kind, attack in (
+        ("patch", AttackSpec(name="badnet")),
+        ("blend", AttackSpec(name="blend", params={"alpha": 0.2})),
+    ):
+        params = {**attack.params, "poison_rate": 0.1}
+        cfg = VictimConfig(
+            dataset="digits",
+            architecture="small_cnn",
+            attack=attack.model_copy(update={"params": params}),
+            training=TrainingConfig(epochs=6, lr=2e-3),
+            data=data,
+        )
+        model, metrics = train_victim(cfg, device=torch.device("cpu"))
+        out[kind] = {"config": cfg, "model": model.eval(), "attack": cfg.build_attack(), "metrics": metrics}
+    return out

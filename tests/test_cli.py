@@ -26,11 +26,25 @@ BAD_CASES = {
     "unknown_key": ({"search__colour": "red"}, ["search.colour", "Extra inputs are not permitted"]),
     "wrong_type": ({"search__num_trials": "many"}, ["search.num_trials", "'many'"]),
     "unknown_attack": ({"victims__attacks": [{"name": "badnett"}]}, ["unknown attack 'badnett'", "badnet, blend"]),
-    "lr_not_positive": ({"defense": {"unlearn_lr": -0.001}}, ["defense.unlearn_lr", "greater than 0", "-0.001"]),
-    "lr_bound": ({"defense": {"aux_lr": {"dist": "loguniform", "low": 0, "high": 0.1}}}, ["defense.aux_lr.low"]),
-    "unknown_hparam": ({"defense": {"unlearn_rate": 0.1}}, ["unknown defense hyperparameter 'unlearn_rate'"]),
-    "fpr_range": ({"defense": {"target_fpr": 1.5}}, ["defense.target_fpr", "1.5"]),
-    "clean_set_too_big": ({"defense": {"clean_set_size": 5000}}, ["clean_set_size", "5000", "reserve_size"]),
+    "lr_not_positive": (
+        {"detectors": {"badexpert": {"unlearn_lr": -0.001}}},
+        ["detectors.badexpert.unlearn_lr", "greater than 0", "-0.001"],
+    ),
+    "lr_bound": (
+        {"detectors": {"badexpert": {"aux_lr": {"dist": "loguniform", "low": 0, "high": 0.1}}}},
+        ["detectors.badexpert.aux_lr.low"],
+    ),
+    "unknown_hparam": (
+        {"detectors": {"badexpert": {"unlearn_rate": 0.1}}},
+        ["detectors.badexpert.unlearn_rate", "unknown parameter", "unlearn_lr"],
+    ),
+    "unknown_family": ({"detectors": {"neural_cleanse": {}}}, ["detectors.neural_cleanse", "badexpert, scale_up"]),
+    "dist_on_missing_param": (
+        {"detectors": {"scale_up": {"num_images": {"dist": "int", "low": 1, "high": 4}}}},
+        ["detectors.scale_up.num_images", "unknown parameter", "scales"],
+    ),
+    "fpr_range": ({"protocol": {"target_fpr": 1.5}}, ["protocol.target_fpr", "1.5"]),
+    "clean_set_too_big": ({"protocol": {"clean_set_size": 5000}}, ["clean_set_size", "5000", "reserve_size"]),
 }
 
 
@@ -73,7 +87,7 @@ def test_missing_data_root_fails_before_ray(tmp_path: Path) -> None:
 
 def test_validate_and_list_shipped_studies(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1] / "search_spaces"
-    for name in ("quickstart.yaml", "ablation.yaml"):
+    for name in ("quickstart.yaml", "ablation.yaml", "compare.yaml"):
         code, out, _ = run_cli("validate", "--space", str(root / name), cwd=tmp_path)
         assert code == 0 and "OK" in out, out
     code, out, _ = run_cli("validate", cwd=tmp_path)  # the embedded default
@@ -81,3 +95,4 @@ def test_validate_and_list_shipped_studies(tmp_path: Path) -> None:
     code, out, _ = run_cli("list", cwd=tmp_path)
     assert code == 0
     assert "badnet" in out and "small_cnn" in out and "digits" in out and "unlearn_lr" in out
+    assert "detectors:     badexpert, scale_up, strip" in out and "num_images" in out and "[scoring]" in out

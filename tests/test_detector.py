@@ -14,10 +14,13 @@ import torch
 import bdx_study
 from bdx_study.archs import create_model
 from bdx_study.data import dataset_info
-from bdx_study.defense import BaDExpert, DefenseConfig
-from bdx_study.detector import FORMAT, WEIGHT_FILES, BundleError, Detector, save_bundle
+from bdx_study.detector import FORMAT, BundleError, Detector, save_bundle
+from bdx_study.detectors import DetectorFamily, Fitted, create_detector
+from bdx_study.detectors.badexpert import badexpert_score
+from bdx_study.training import predict_proba
 
 INFO = dataset_info("digits")
+WEIGHT_FILES = ("model.safetensors", "expert.safetensors", "auxiliary.safetensors")
 
 
 def _net(seed: int) -> torch.nn.Module:
@@ -36,54 +39,80 @@ def _inputs(n: int = 12, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, *INFO.input_shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture()
-def det() -> BaDExpert:
-    cfg = DefenseConfig(ensemble_alpha=2.5, ensemble_beta=0.4, target_fpr=0.05)
-    d = BaDExpert(_net(0), _net(1), _net(2), cfg)
-    conf = d.confidences(_inputs(40, seed=9))
-    d.threshold = float(torch.quantile(d.scores(conf).double(), 0.5))  # flags about half of the inputs
-    return d
+def _fitted(*seeds: int) -> dict[str, Fitted]:
+    return {
+        name: Fitted(dict(_net(s).state_dict()), {"seed": s})
+        for name, s in zip(("expert", "auxiliary"), seeds, strict=True)
+    }
 
 
-@pytest.fixture()
-def bundle(tmp_path: Path, det: BaDExpert) -> Path:
+def _save(path: Path, family: DetectorFamily, threshold: float, **kw: object) -> Path:
     return save_bundle(
-        tmp_path / "bundle",
-        det,
+        path,
+        family,
+        _fitted(1, 2),
+        _net(0),
+        threshold=threshold,
+        target_fpr=0.05,
+        protocol={"clean_set_size": 100, "calibration_fraction": 0.5, "target_fpr": 0.05},
         architecture="small_cnn",
         info=INFO,
         metrics={"auroc_correct_only": 0.9, "attack_success_after": float("nan")},
         provenance={"test": True},
+        **kw,  # type: ignore[arg-type]
     )
 
 
-def test_bundle_layout_and_manifest(bundle: Path, det: BaDExpert) -> None:
-    assert sorted(p.name for p in bundle.iterdir()) == sorted([*WEIGHT_FILES.values(), "manifest.json"])
+def _reference_scores(x: torch.Tensor, kind: str = "ensemble", alpha: float = 2.5, beta: float = 0.4) -> torch.Tensor:
+    """BaDExpert's score computed by hand from the three networks."""
+    pred = predict_proba(_net(0), x).argmax(1)
+    b = predict_proba(_net(1), x).gather(1, pred[:, None]).squeeze(1)
+    m = predict_proba(_net(2), x).gather(1, pred[:, None]).squeeze(1)
+    return badexpert_score(b, m, kind, alpha, beta)  # type: ignore[arg-type]
+
+
+@pytest.fixture()
+def family() -> DetectorFamily:
+    return create_detector("badexpert", {"ensemble_alpha": 2.5, "ensemble_beta": 0.4})
+
+
+@pytest.fixture()
+def threshold() -> float:
+    return float(torch.quantile(_reference_scores(_inputs(40, seed=9)).double(), 0.5))  # flags about half
+
+
+@pytest.fixture()
+def bundle(tmp_path: Path, family: DetectorFamily, threshold: float) -> Path:
+    return _save(tmp_path / "bundle", family, threshold)
+
+
+def test_bundle_layout_and_manifest(bundle: Path, threshold: float) -> None:
+    assert sorted(p.name for p in bundle.iterdir()) == sorted([*WEIGHT_FILES, "manifest.json"])
     assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
     man = json.loads((bundle / "manifest.json").read_text())
-    assert man["format"] == FORMAT
+    assert man["format"] == FORMAT and man["format_version"] == 2
+    assert man["detector"] == "badexpert"
+    assert man["params"]["ensemble_alpha"] == 2.5 and man["params"]["ensemble_beta"] == 0.4
     assert man["architecture"] == "small_cnn"
     assert man["input_shape"] == [1, 16, 16]
     assert man["num_classes"] == 10
-    assert man["threshold"] == det.threshold
-    assert man["score_kind"] == "ensemble" and man["ensemble_alpha"] == 2.5 and man["ensemble_beta"] == 0.4
+    assert man["threshold"] == threshold
+    assert man["components"]["expert"] == {"file": "expert.safetensors", "meta": {"seed": 1}}
     assert man["metrics"] == {"auroc_correct_only": 0.9, "attack_success_after": None}
-    assert set(man["sha256"]) == set(WEIGHT_FILES.values())
+    assert set(man["sha256"]) == set(WEIGHT_FILES)
 
 
-def test_detect_matches_badexpert(bundle: Path, det: BaDExpert) -> None:
+def test_detect_matches_badexpert(bundle: Path, threshold: float) -> None:
     loaded = bdx_study.Detector.load(bundle)
-    assert loaded.threshold == det.threshold
+    assert loaded.threshold == threshold
     assert loaded.input_shape == (1, 16, 16)
     x = _inputs()
     out = loaded.detect(x)
-    conf = det.confidences(x)
-    scores = det.scores(conf)
-    np.testing.assert_array_equal(out.prediction, conf.pred.numpy())
-    np.testing.assert_array_equal(out.expert_conf, conf.expert_conf.numpy())
-    np.testing.assert_array_equal(out.aux_conf, conf.aux_conf.numpy())
+    scores = _reference_scores(x)
+    np.testing.assert_array_equal(out.prediction, predict_proba(_net(0), x).argmax(1).numpy())
     np.testing.assert_array_equal(out.score, scores.numpy())
-    np.testing.assert_array_equal(out.flagged, (scores > det.threshold).numpy())
+    np.testing.assert_array_equal(out.flagged, (scores > threshold).numpy())
+    assert set(out.extras) == {"expert_conf", "aux_conf"}
     assert 0 < out.flagged.sum() < len(x)  # both outcomes occur
     # numpy input and a single (C, H, W) image give the same results
     np.testing.assert_array_equal(loaded.detect(x.numpy()).score, out.score)
@@ -97,23 +126,52 @@ def test_detect_matches_badexpert(bundle: Path, det: BaDExpert) -> None:
 
 @pytest.mark.parametrize("kind", ["expert", "auxiliary"])
 def test_detect_other_score_kinds(tmp_path: Path, kind: str) -> None:
-    d = BaDExpert(_net(0), _net(1), _net(2), DefenseConfig(score_kind=kind), threshold=0.0)  # type: ignore[arg-type]
-    path = save_bundle(tmp_path / "b", d, architecture="small_cnn", info=INFO, metrics={}, provenance={})
+    path = _save(tmp_path / "b", create_detector("badexpert", {"score_kind": kind}), 0.0)
     x = _inputs()
-    np.testing.assert_array_equal(Detector.load(path).detect(x).score, d.scores(d.confidences(x)).numpy())
+    np.testing.assert_array_equal(Detector.load(path).detect(x).score, _reference_scores(x, kind, 2.0, 0.5).numpy())
 
 
-def test_save_replaces_existing_bundle(tmp_path: Path, det: BaDExpert, bundle: Path) -> None:
-    det.threshold = 123.0
-    save_bundle(bundle, det, architecture="small_cnn", info=INFO, metrics={}, provenance={})
+def test_replacing_a_bundle_needs_force_and_keeps_user_files(
+    tmp_path: Path, family: DetectorFamily, bundle: Path
+) -> None:
+    (bundle / "notes.txt").write_text("mine")
+    (bundle / "inputs").mkdir()
+    (bundle / "inputs" / "good.npy").write_bytes(b"data")
+    with pytest.raises(BundleError, match="--force"):
+        _save(bundle, family, 123.0)
+    assert Detector.load(bundle).threshold != 123.0
+    _save(bundle, family, 123.0, force=True)
     assert Detector.load(bundle).threshold == 123.0
-    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+    assert (bundle / "notes.txt").read_text() == "mine"  # nothing of the user's is deleted
+    assert (bundle / "inputs" / "good.npy").read_bytes() == b"data"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_nan_threshold_round_trips(tmp_path: Path) -> None:
-    d = BaDExpert(_net(0), _net(1), _net(2), DefenseConfig())
-    path = save_bundle(tmp_path / "b", d, architecture="small_cnn", info=INFO, metrics={}, provenance={})
+def test_nan_threshold_round_trips(tmp_path: Path, family: DetectorFamily) -> None:
+    path = _save(tmp_path / "b", family, float("nan"))
     assert math.isnan(Detector.load(path).threshold)
+
+
+def test_unknown_family_refused(bundle: Path) -> None:
+    from bdx_study._io import sha256_json
+    from bdx_study.detector import DECISION_FIELDS
+
+    mpath = bundle / "manifest.json"
+    man = json.loads(mpath.read_text())
+    man["detector"] = "no_such_family"
+    man["decision_sha256"] = sha256_json({k: man[k] for k in DECISION_FIELDS})  # a consistent manifest
+    mpath.write_text(json.dumps(man))
+    with pytest.raises(BundleError, match="no_such_family.*not known.*badexpert"):
+        Detector.load(bundle)
+
+
+def test_old_format_refused_with_advice(bundle: Path) -> None:
+    mpath = bundle / "manifest.json"
+    man = json.loads(mpath.read_text())
+    man.update(format="bdx-study/badexpert-detector", format_version=1)
+    mpath.write_text(json.dumps(man))
+    with pytest.raises(BundleError, match="export the detector again"):
+        Detector.load(bundle)
 
 
 # ------------------------------------------------------------------------------------- tampering
@@ -233,7 +291,7 @@ def test_bundle_readable_by_others(bundle: Path) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("threshold", 1e9), ("architecture", "resnet18"), ("defense_config", {"ensemble_alpha": 100.0})],
+    [("threshold", 1e9), ("architecture", "resnet18"), ("params", {"ensemble_alpha": 100.0}), ("detector", "strip")],
 )
 def test_edited_decision_fields_refused(bundle: Path, field: str, value: object) -> None:
     mpath = bundle / "manifest.json"
@@ -251,10 +309,17 @@ def test_provenance_edit_is_allowed(bundle: Path) -> None:
     assert Detector.load(bundle).manifest["provenance"]["note"] == "re-exported"
 
 
-def test_save_refuses_to_overwrite_other_folders(tmp_path: Path, det: BaDExpert) -> None:
+def test_save_refuses_to_overwrite_other_folders(tmp_path: Path, family: DetectorFamily) -> None:
     keep = tmp_path / "project"
     keep.mkdir()
     (keep / "mlflow.db").write_text("precious")
-    with pytest.raises(BundleError, match="not a detector bundle"):
-        save_bundle(keep, det, architecture="small_cnn", info=dataset_info("digits"), metrics={}, provenance={})
+    for force in (False, True):
+        with pytest.raises(BundleError, match="not a detector bundle"):
+            _save(keep, family, 0.0, force=force)
     assert (keep / "mlflow.db").read_text() == "precious"
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(BundleError, match="not a folder"):
+        _save(tmp_path / "a_file", family, 0.0, force=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert Detector.load(_save(empty, family, 0.0)).threshold == 0.0

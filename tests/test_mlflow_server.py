@@ -79,5 +79,5 @@ def test_study_logs_to_an_mlflow_server(ray_cluster: Any, tmp_path: Path, mlflow
         assert "worst/auroc_correct_only" in run.data.metrics
         # artifacts went through the server (proxied), not to a local path of the client
         names = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-        assert names == {"plots/confidence_plane.png"}
-    assert any((tmp_path / "server-artifacts").rglob("confidence_plane.png"))
+        assert names == {"plots/trial.png"}
+    assert any((tmp_path / "server-artifacts").rglob("trial.png"))

@@ -169,9 +169,9 @@ def test_resume_refuses_an_edited_study_file(ray_cluster: Any, tmp_path: Path) -
     doc = tiny_study(tmp_path, name="edited", search__num_trials=1)
     path = write_study(tmp_path, doc)
     launch(load_space(path), source=path)
-    doc["defense"]["aux_epochs"] = 3
+    doc["detectors"]["badexpert"]["aux_epochs"] = 3
     edited = write_study(tmp_path, doc, "edited.yaml")
     import pytest
 
-    with pytest.raises(SpaceError, match="differs from the one this study was launched with in defense"):
+    with pytest.raises(SpaceError, match="differs from the one this study was launched with in detectors"):
         launch(load_space(edited), source=edited, resume=True)

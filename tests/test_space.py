@@ -13,12 +13,13 @@ import pytest
 import yaml
 
 from bdx_study.attacks import ATTACKS
-from bdx_study.defense import DefenseConfig
+from bdx_study.detectors import DETECTORS
+from bdx_study.detectors.badexpert import BaDExpertParams
+from bdx_study.protocol import ProtocolConfig
 from bdx_study.space import SpaceError, StudySpec, builtin_space, load_space, parse_space
 
 REPO = Path(__file__).resolve().parents[1]
-QUICKSTART = REPO / "search_spaces" / "quickstart.yaml"
-ABLATION = REPO / "search_spaces" / "ablation.yaml"
+SHIPPED = sorted((REPO / "search_spaces").glob("*.yaml"))
 
 
 # A pinned study (the tests below know its values); the shipped files are checked generically.
@@ -35,16 +36,18 @@ victims:
   poison_rates: [0.05]
   seeds: [0, 1]
   training: {optimizer: adam, lr: 1.0e-3, epochs: 40, batch_size: 64}
-defense:
-  unlearn_lr: {dist: loguniform, low: 1.0e-4, high: 2.0e-3}
-  unlearn_epochs: {dist: int, low: 1, high: 3}
-  unlearn_batch_size: 32
-  aux_lr: {dist: loguniform, low: 0.01, high: 0.2}
-  ensemble_alpha: {dist: uniform, low: 1.0, high: 4.0}
-  ensemble_beta: {dist: uniform, low: 0.3, high: 0.7}
+protocol:
   clean_set_size: 300
   calibration_fraction: 0.5
   target_fpr: 0.05
+detectors:
+  badexpert:
+    unlearn_lr: {dist: loguniform, low: 1.0e-4, high: 2.0e-3}
+    unlearn_epochs: {dist: int, low: 1, high: 3}
+    unlearn_batch_size: 32
+    aux_lr: {dist: loguniform, low: 0.01, high: 0.2}
+    ensemble_alpha: {dist: uniform, low: 1.0, high: 4.0}
+    ensemble_beta: {dist: uniform, low: 0.3, high: 0.7}
 search:
   sampler: tpe
   num_trials: 16
@@ -79,19 +82,21 @@ def test_pinned_validates() -> None:
     assert spec.search.objective.mode == "max"
 
 
-@pytest.mark.parametrize("path", [QUICKSTART, ABLATION], ids=["quickstart", "ablation"])
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_shipped_study_validates(path: Path) -> None:
-    if not path.is_file():
-        pytest.skip(f"{path.name} not written yet")
     spec = load_space(path)
     raw = yaml.safe_load(path.read_text())
     assert spec.study.name == raw["study"]["name"]
     assert spec.victim_configs()
     assert spec.num_trials >= 1
-    searched = {k for k, v in (raw.get("defense") or {}).items() if isinstance(v, dict) and "dist" in v}
-    assert set(spec.optuna_space()) == searched
-    # every fixed value and every bound makes a valid DefenseConfig
-    assert isinstance(spec.defense_config({}), DefenseConfig)
+    assert spec.families == list(raw["detectors"])
+    for family, entries in raw["detectors"].items():
+        searched = {k for k, v in {**raw.get("protocol", {}), **(entries or {})}.items() if isinstance(v, dict)}
+        assert set(spec.optuna_space(family)) == searched
+        # every fixed value and every bound makes a valid config
+        name, params, protocol = spec.trial_config({"detector": family})
+        assert name == family and isinstance(params, DETECTORS.get(family).Params)
+        assert isinstance(protocol, ProtocolConfig)
     # the packaged copy is the same file
     assert load_space(builtin_space(path.stem)) == spec
 
@@ -115,59 +120,85 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
 BAD_CASES: list[tuple[str, Callable[[dict[str, Any]], None], list[str]]] = [
     ("unknown_top_level_key", _set("serach", {"sampler": "tpe"}), ["serach"]),
     ("unknown_section_key", _set("study.nmae", "x"), ["study.nmae"]),
-    ("unknown_defense_hyperparameter", _set("defense.unlearn_rate", 0.1), ["defense", "unlearn_rate", "unlearn_lr"]),
+    (
+        "unknown_family_parameter",
+        _set("detectors.badexpert.unlearn_rate", 0.1),
+        ["detectors.badexpert.unlearn_rate", "unknown parameter", "unlearn_lr"],
+    ),
+    (
+        "distribution_on_a_parameter_the_family_lacks",
+        _set("detectors.strip.unlearn_lr", {"dist": "loguniform", "low": 1.0e-4, "high": 1.0e-3}),
+        ["detectors.strip.unlearn_lr", "unknown parameter", "num_images"],
+    ),
+    ("unknown_family", _set("detectors.neural_cleanse", {}), ["detectors.neural_cleanse", "badexpert", "strip"]),
+    ("protocol_setting_under_a_family", _set("detectors.badexpert.target_fpr", 0.1), ["protocol:"]),
+    ("unknown_protocol_setting", _set("protocol.clean_size", 10), ["protocol.clean_size", "clean_set_size"]),
+    ("no_detectors", _set("detectors", {}), ["detectors"]),
+    ("old_defense_section", _set("defense", {"unlearn_lr": 1e-4}), ["defense", "detectors: {badexpert"]),
+    ("bool_for_a_float", _set("detectors.badexpert.unlearn_lr", True), ["detectors.badexpert.unlearn_lr", "True"]),
+    ("string_for_an_int", _set("data.reserve_size", "300"), ["data.reserve_size", "'300'"]),
+    ("infinite_lr", _set("detectors.badexpert.unlearn_lr", float("inf")), ["detectors.badexpert.unlearn_lr", "inf"]),
+    (
+        "infinite_bound",
+        _set("detectors.badexpert.aux_lr", {"dist": "loguniform", "low": 0.01, "high": float("inf")}),
+        ["detectors.badexpert.aux_lr", "inf"],
+    ),
+    ("huge_lr", _set("detectors.badexpert.unlearn_lr", 1e308), ["detectors.badexpert.unlearn_lr", "1e+308"]),
+    ("infinite_victim_lr", _set("victims.training.lr", float("inf")), ["victims.training.lr", "inf"]),
+    ("unknown_uri_scheme", _set("tracking.uri", "garbage://x"), ["tracking.uri", "garbage", "sqlite"]),
+    ("num_trials_for_unknown_family", _set("search.num_trials", {"strip": 3}), ["search.num_trials", "strip"]),
     ("wrong_type_num_trials", _set("search.num_trials", "many"), ["search.num_trials", "many"]),
     ("wrong_type_reserve", _set("data.reserve_size", [1, 2]), ["data.reserve_size"]),
     ("unknown_sampler", _set("search.sampler", "bayes"), ["search.sampler", "bayes"]),
     ("unknown_objective_metric", _set("search.objective.metric", "accuracy"), ["search.objective.metric", "accuracy"]),
-    ("fixed_lr_zero", _set("defense.aux_lr", 0), ["defense.aux_lr", "greater than 0"]),
-    ("fixed_lr_negative", _set("defense.unlearn_lr", -0.001), ["defense.unlearn_lr", "-0.001"]),
+    ("fixed_lr_zero", _set("detectors.badexpert.aux_lr", 0), ["detectors.badexpert.aux_lr", "greater than 0"]),
+    ("fixed_lr_negative", _set("detectors.badexpert.unlearn_lr", -0.001), ["detectors.badexpert.unlearn_lr", "-0.001"]),
     (
         "loguniform_lr_low_nonpositive",
-        _set("defense.unlearn_lr", {"dist": "loguniform", "low": 0.0, "high": 0.1}),
-        ["defense.unlearn_lr", "low"],
+        _set("detectors.badexpert.unlearn_lr", {"dist": "loguniform", "low": 0.0, "high": 0.1}),
+        ["detectors.badexpert.unlearn_lr", "low"],
     ),
     (
         "uniform_lr_low_negative",
-        _set("defense.unlearn_lr", {"dist": "uniform", "low": -1.0, "high": 0.1}),
-        ["defense.unlearn_lr.low", "-1.0"],
+        _set("detectors.badexpert.unlearn_lr", {"dist": "uniform", "low": -1.0, "high": 0.1}),
+        ["detectors.badexpert.unlearn_lr.low", "-1.0"],
     ),
     (
         "choice_lr_negative",
-        _set("defense.aux_lr", {"dist": "choice", "values": [0.1, -0.1]}),
-        ["defense.aux_lr.values[1]"],
+        _set("detectors.badexpert.aux_lr", {"dist": "choice", "values": [0.1, -0.1]}),
+        ["detectors.badexpert.aux_lr.values[1]"],
     ),
     (
         "low_above_high",
-        _set("defense.ensemble_alpha", {"dist": "uniform", "low": 4.0, "high": 1.0}),
-        ["defense.ensemble_alpha", "low 4.0 > high 1.0"],
+        _set("detectors.badexpert.ensemble_alpha", {"dist": "uniform", "low": 4.0, "high": 1.0}),
+        ["detectors.badexpert.ensemble_alpha", "low 4.0 > high 1.0"],
     ),
     (
         "unknown_dist",
-        _set("defense.aux_lr", {"dist": "gaussian", "low": 0.1, "high": 0.2}),
-        ["defense.aux_lr", "loguniform"],
+        _set("detectors.badexpert.aux_lr", {"dist": "gaussian", "low": 0.1, "high": 0.2}),
+        ["detectors.badexpert.aux_lr", "loguniform"],
     ),
     (
         "clean_set_beyond_reserve",
-        _set("defense.clean_set_size", 301),
-        ["defense.clean_set_size", "301", "data.reserve_size"],
+        _set("protocol.clean_set_size", 301),
+        ["protocol.clean_set_size", "301", "data.reserve_size"],
     ),
     (
         "searched_clean_set_beyond_reserve",
-        _set("defense.clean_set_size", {"dist": "choice", "values": [100, 500]}),
-        ["defense.clean_set_size", "500"],
+        _set("protocol.clean_set_size", {"dist": "choice", "values": [100, 500]}),
+        ["protocol.clean_set_size", "500"],
     ),
     (
         "reserve_smaller_than_clean_set",
         _set("data.reserve_size", 200),
-        ["defense.clean_set_size", "data.reserve_size 200"],
+        ["protocol.clean_set_size", "data.reserve_size 200"],
     ),
-    ("target_fpr_one", _set("defense.target_fpr", 1.0), ["defense.target_fpr"]),
-    ("target_fpr_zero", _set("defense.target_fpr", 0.0), ["defense.target_fpr"]),
+    ("target_fpr_one", _set("protocol.target_fpr", 1.0), ["protocol.target_fpr"]),
+    ("target_fpr_zero", _set("protocol.target_fpr", 0.0), ["protocol.target_fpr"]),
     (
         "target_fpr_bound",
-        _set("defense.target_fpr", {"dist": "uniform", "low": 0.01, "high": 1.2}),
-        ["defense.target_fpr.high"],
+        _set("protocol.target_fpr", {"dist": "uniform", "low": 0.01, "high": 1.2}),
+        ["protocol.target_fpr.high"],
     ),
     ("file_store_uri", _set("tracking.uri", "file:///tmp/mlruns"), ["tracking.uri", "file-store"]),
     ("bare_path_uri", _set("tracking.uri", "./mlruns"), ["tracking.uri", "file-store"]),
@@ -179,9 +210,9 @@ BAD_CASES: list[tuple[str, Callable[[dict[str, Any]], None], list[str]]] = [
     ),
     ("poison_rate_out_of_range", _set("victims.poison_rates", [1.5]), ["victims.poison_rates", "1.5"]),
     ("bad_study_name", _set("study.name", "my study!"), ["study.name"]),
-    ("grid_with_continuous", _set("search.sampler", "grid"), ["grid sampler", "defense.unlearn_lr"]),
+    ("grid_with_continuous", _set("search.sampler", "grid"), ["grid sampler", "detectors.badexpert.unlearn_lr"]),
     ("missing_victims", lambda raw: raw.pop("victims"), ["victims"]),
-    ("bad_milestones", _set("defense.aux_milestones", [4, 2]), ["defense.aux_milestones"]),
+    ("bad_milestones", _set("detectors.badexpert.aux_milestones", [4, 2]), ["detectors.badexpert.aux_milestones"]),
 ]
 
 
@@ -319,35 +350,42 @@ def test_victim_grid_product_and_none_collapse() -> None:
 
 def test_optuna_space_distributions() -> None:
     spec = parse_space(_raw())
-    space = spec.optuna_space()
+    space = spec.optuna_space("badexpert")
     assert set(space) == {"unlearn_lr", "unlearn_epochs", "aux_lr", "ensemble_alpha", "ensemble_beta"}
     assert space["unlearn_lr"] == optuna.distributions.FloatDistribution(1e-4, 2e-3, log=True)
     assert space["aux_lr"] == optuna.distributions.FloatDistribution(0.01, 0.2, log=True)
     assert space["unlearn_epochs"] == optuna.distributions.IntDistribution(1, 3)
     assert space["ensemble_alpha"] == optuna.distributions.FloatDistribution(1.0, 4.0)
     assert space["ensemble_beta"] == optuna.distributions.FloatDistribution(0.3, 0.7)
-    assert spec.fixed == {
+    assert spec.fixed("badexpert") == {
         "unlearn_batch_size": 32,
         "clean_set_size": 300,
         "calibration_fraction": 0.5,
         "target_fpr": 0.05,
     }
-    cfg = spec.defense_config(
-        {"unlearn_lr": 1e-3, "unlearn_epochs": 2, "aux_lr": 0.05, "ensemble_alpha": 2.0, "ensemble_beta": 0.5}
+    name, cfg, protocol = spec.trial_config(
+        {
+            "detector": "badexpert",
+            "unlearn_lr": 1e-3,
+            "unlearn_epochs": 2,
+            "aux_lr": 0.05,
+            "ensemble_alpha": 2.0,
+            "ensemble_beta": 0.5,
+        }
     )
-    assert isinstance(cfg, DefenseConfig)
-    assert cfg.unlearn_batch_size == 32 and cfg.unlearn_epochs == 2 and cfg.target_fpr == 0.05
+    assert name == "badexpert" and isinstance(cfg, BaDExpertParams)
+    assert cfg.unlearn_batch_size == 32 and cfg.unlearn_epochs == 2 and protocol.target_fpr == 0.05
 
 
 def test_optuna_choice_and_int_step() -> None:
     raw = _raw()
-    raw["defense"] = {
+    raw["detectors"]["badexpert"] = {
         "score_kind": {"dist": "choice", "values": ["ensemble", "expert"]},
         "augment": {"dist": "choice", "values": [True, False]},
         "aux_epochs": {"dist": "int", "low": 2, "high": 8, "step": 2},
         "unlearn_lr": {"dist": "int", "low": 1, "high": 4, "log": True},
     }
-    space = parse_space(raw).optuna_space()
+    space = parse_space(raw).optuna_space("badexpert")
     assert space["score_kind"] == optuna.distributions.CategoricalDistribution(["ensemble", "expert"])
     assert space["augment"] == optuna.distributions.CategoricalDistribution([True, False])
     assert space["aux_epochs"] == optuna.distributions.IntDistribution(2, 8, step=2)
@@ -357,19 +395,19 @@ def test_optuna_choice_and_int_step() -> None:
 def test_grid_sampler_needs_choice_or_int() -> None:
     raw = _raw()
     raw["search"].update(sampler="grid", num_trials=None)
-    raw["defense"] = {
+    raw["detectors"]["badexpert"] = {
         "aux_lr": {"dist": "choice", "values": [0.01, 0.1]},
         "unlearn_epochs": {"dist": "int", "low": 1, "high": 3},
         "ensemble_alpha": 2.0,
     }
     spec = parse_space(raw)
-    assert spec.grid() == {"aux_lr": [0.01, 0.1], "unlearn_epochs": [1, 2, 3]}
+    assert spec.grid("badexpert") == {"aux_lr": [0.01, 0.1], "unlearn_epochs": [1, 2, 3]}
     assert spec.num_trials == 6  # the whole grid
-    raw["defense"]["unlearn_epochs"] = {"dist": "int", "low": 1, "high": 3, "log": True}
+    raw["detectors"]["badexpert"]["unlearn_epochs"] = {"dist": "int", "low": 1, "high": 3, "log": True}
     with pytest.raises(SpaceError, match="grid sampler needs choice or int"):
         parse_space(raw)
-    raw["defense"]["unlearn_epochs"] = {"dist": "uniform", "low": 1.0, "high": 3.0}
-    with pytest.raises(SpaceError, match=r"defense\.unlearn_epochs"):
+    raw["detectors"]["badexpert"]["unlearn_epochs"] = {"dist": "uniform", "low": 1.0, "high": 3.0}
+    with pytest.raises(SpaceError, match=r"detectors\.badexpert\.unlearn_epochs"):
         parse_space(raw)
 
 
@@ -390,10 +428,79 @@ def test_storage_root_relative_to_base(tmp_path: Path) -> None:
 
 def test_calibration_share_rounding_to_zero_rejected() -> None:
     raw = _raw()
-    raw["defense"].update(clean_set_size=3, calibration_fraction=0.1)  # round(0.3) = 0 images to calibrate on
+    raw["protocol"].update(clean_set_size=3, calibration_fraction=0.1)  # round(0.3) = 0 images to calibrate on
     try:
         parse_space(raw, "f.yaml")
     except SpaceError as e:
         assert "calibration_fraction" in str(e)
     else:
         raise AssertionError("accepted a clean set with no calibration images")
+
+
+# ------------------------------------------------------------------------------------- families
+
+
+def test_several_families_each_with_its_space() -> None:
+    raw = _raw()
+    raw["protocol"]["target_fpr"] = {"dist": "choice", "values": [0.01, 0.05]}
+    raw["detectors"]["strip"] = {"num_images": {"dist": "int", "low": 8, "high": 32}}
+    raw["detectors"]["scale_up"] = None  # the family's defaults
+    raw["search"]["num_trials"] = {"badexpert": 6, "strip": 3}
+    with pytest.raises(SpaceError, match=r"search\.num_trials.*missing: \['scale_up'\]"):
+        parse_space(raw)  # scale_up searches the protocol's target_fpr: it needs a budget too
+    raw["search"]["num_trials"]["scale_up"] = 2
+    spec = parse_space(raw)
+    assert spec.families == ["badexpert", "strip", "scale_up"]
+    assert set(spec.optuna_space("strip")) == {"num_images", "target_fpr"}  # the protocol's search too
+    assert set(spec.optuna_space("scale_up")) == {"target_fpr"}
+    assert "target_fpr" in spec.optuna_space("badexpert")
+    assert [spec.trials_for(f) for f in spec.families] == [6, 3, 2]
+    assert spec.num_trials == 11
+    name, params, protocol = spec.trial_config({"detector": "strip", "num_images": 9, "target_fpr": 0.01})
+    assert (name, params.num_images, protocol.target_fpr, protocol.clean_set_size) == ("strip", 9, 0.01, 300)
+
+
+def test_a_family_with_nothing_searched_runs_once() -> None:
+    raw = _raw()
+    raw["detectors"] = {"strip": {"num_images": 8}, "scale_up": {}}
+    spec = parse_space(raw)
+    assert [spec.trials_for(f) for f in spec.families] == [1, 1]
+    assert spec.optuna_space("strip") == {}
+
+
+# ------------------------------------------------------------------------------------- YAML hazards
+
+
+def test_duplicate_keys_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = PINNED.replace("search:\n", "search:\n  seed: 1\n", 1)  # search.seed twice
+    msg = str(_assert_fails_fast(_write(tmp_path, text), monkeypatch, tmp_path))
+    assert "duplicate key 'seed'" in msg
+
+
+def test_exponent_without_dot_is_a_number(tmp_path: Path) -> None:
+    text = PINNED.replace("{dist: loguniform, low: 1.0e-4, high: 2.0e-3}", "{dist: loguniform, low: 1e-4, high: 2e-3}")
+    spec = load_space(_write(tmp_path, text))
+    assert spec.optuna_space("badexpert")["unlearn_lr"] == optuna.distributions.FloatDistribution(1e-4, 2e-3, log=True)
+
+
+def test_alias_bomb_refused_quickly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+    path = _write(tmp_path, bomb + PINNED)
+    assert len(bomb) < 600  # 9**9 values once expanded
+    msg = str(_assert_fails_fast(path, monkeypatch, tmp_path))
+    assert "anchors and aliases" in msg and len(msg) < 500
+
+
+def test_binary_garbage_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "study.yaml"
+    path.write_bytes(bytes(range(256)) * 4)
+    msg = str(_assert_fails_fast(path, monkeypatch, tmp_path))
+    assert "not a UTF-8 text file" in msg
+
+
+def test_oversized_file_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path, PINNED + "#" + "x" * (2 << 20) + "\n")
+    assert "at most" in str(_assert_fails_fast(path, monkeypatch, tmp_path))

@@ -1,5 +1,6 @@
-"""A real tiny study end to end: local Ray, SQLite MLflow store, Optuna, Parquet; then analyze,
-export, detect, and the MLflow pyfunc model."""
+"""A real tiny comparison study end to end (BaDExpert, STRIP and SCALE-UP on the same victims):
+local Ray, SQLite MLflow store, Optuna, Parquet; then analyze, export, detect for every family,
+and the MLflow pyfunc model."""
 
 from __future__ import annotations
 
@@ -19,15 +20,18 @@ from bdx_study.trials.launch import launch
 
 from .conftest import tiny_study, write_study
 
-N_TRIALS = 3
+FAMILIES = ("badexpert", "strip", "scale_up")
+N_TRIALS = 5  # badexpert 3, strip 1 (nothing searched), scale_up 1
 
 
 @pytest.fixture(scope="module")
 def study(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("e2e")
     doc = tiny_study(
-        tmp, victims__attacks=[{"name": "badnet", "poison_rate": 0.1}, {"name": "none"}], search__num_trials=N_TRIALS
+        tmp, victims__attacks=[{"name": "badnet", "poison_rate": 0.1}, {"name": "none"}], search__num_trials=3
     )
+    doc["detectors"]["strip"] = {"num_images": 8}
+    doc["detectors"]["scale_up"] = {"scales": [3, 7]}
     path = write_study(tmp, doc)
     spec = load_space(path)
     result = launch(spec, source=path)
@@ -56,18 +60,24 @@ def test_mlflow_holds_study_trials_and_victims(study: dict[str, Any]) -> None:
     assert len({t.data.tags["bdx.trial_id"] for t in trials}) == N_TRIALS
     for t in trials + by_kind["victim"]:
         assert t.data.tags["mlflow.parentRunId"] == r.parent_run_id
+    families = [t.data.tags["bdx.detector"] for t in trials]
+    assert sorted(families) == sorted(["badexpert"] * 3 + ["strip", "scale_up"])
     for t in trials:
         assert t.info.status == "FINISHED"
-        # params are named exactly as in the YAML (searched and fixed)
-        assert {"unlearn_lr", "aux_lr", "unlearn_batch_size", "clean_set_size", "target_fpr"} <= set(t.data.params)
-        assert float(t.data.params["unlearn_lr"]) > 0
+        assert t.data.params["detector"] == t.data.tags["bdx.detector"]
+        # params are named exactly as in the YAML (searched and fixed), protocol settings included
+        assert {"clean_set_size", "target_fpr", "seed"} <= set(t.data.params)
+        if t.data.tags["bdx.detector"] == "badexpert":
+            assert {"unlearn_lr", "aux_lr", "unlearn_batch_size"} <= set(t.data.params)
+            assert float(t.data.params["unlearn_lr"]) > 0
         m = t.data.metrics
         assert 0.0 <= m["worst/auroc_correct_only"] <= 1.0
         assert "mean/auroc_all_inputs" in m
+        assert m["mean/forward_passes_per_input"] >= 1
         assert any(k.endswith("/auroc_correct_only") and "badnet" in k for k in m)
         artifacts = {a.path for a in client.list_artifacts(t.info.run_id, "plots")}
         artifacts |= {a.path for a in client.list_artifacts(t.info.run_id, "scores")}
-        assert "plots/confidence_plane.png" in artifacts
+        assert "plots/trial.png" in artifacts
         assert any(a.startswith("scores/") and a.endswith(".parquet") for a in artifacts)
     victim_metrics = [v.data.metrics for v in by_kind["victim"]]
     assert all("clean_acc" in m for m in victim_metrics)
@@ -78,8 +88,20 @@ def test_parquet_tables(study: dict[str, Any]) -> None:
     trials = pq.read_table(tables / "trials.parquet").to_pandas()
     assert len(trials) == N_TRIALS * 2  # one row per trial x victim
     assert not trials.duplicated(["trial_id", "victim_id"]).any()
+    assert sorted(trials.groupby("trial_id")["detector"].first().value_counts().items()) == [
+        ("badexpert", 3),
+        ("scale_up", 1),
+        ("strip", 1),
+    ]
     for col in [
+        "detector",
+        "params",
+        "stage_keys",
+        "forward_passes_per_input",
+        "score_seconds_per_input",
         "unlearn_lr",
+        "num_images",
+        "scales",
         "aux_lr",
         "clean_set_size",
         "auroc_correct_only",
@@ -106,21 +128,23 @@ def test_parquet_tables(study: dict[str, Any]) -> None:
     assert set(scores["split"]) == {"calibration", "selection", "evaluation"}
     assert not scores[scores.split == "calibration"]["triggered"].any()
     assert scores.groupby("trial_id").ngroups == N_TRIALS
+    assert set(scores["detector"]) == set(FAMILIES)
     # the per-sample table reproduces the per-victim metrics, each from its own split's rows
     # (AUROC from continuous scores): evaluation -> reported columns, selection -> selection_*
     from sklearn.metrics import roc_auc_score
 
-    row = backdoored.iloc[0]
-    s = scores[(scores.trial_id == row.trial_id) & (scores.victim_id == row.victim_id)]
-    for split, column in (("evaluation", "auroc_correct_only"), ("selection", "selection_auroc_correct_only")):
-        part = s[s.split == split]
-        neg = part[~part.triggered & (part.pred == part.label)].score
-        pos = part[part.triggered & (part.pred == part.attack_label)].score
-        y = np.r_[np.zeros(len(neg)), np.ones(len(pos))]
-        assert roc_auc_score(y, np.r_[neg, pos]) == pytest.approx(row[column])
-    # the threshold was fitted on calibration rows: about target_fpr of correct ones lie above it
-    cal = s[(s.split == "calibration") & (s.pred == s.label)]
-    assert (cal.score > row.threshold).mean() == pytest.approx(study["spec"].defense_config({}).target_fpr, abs=0.05)
+    for family in FAMILIES:
+        row = backdoored[backdoored.detector == family].iloc[0]
+        s = scores[(scores.trial_id == row.trial_id) & (scores.victim_id == row.victim_id)]
+        for split, column in (("evaluation", "auroc_correct_only"), ("selection", "selection_auroc_correct_only")):
+            part = s[s.split == split]
+            neg = part[~part.triggered & (part.pred == part.label)].score
+            pos = part[part.triggered & (part.pred == part.attack_label)].score
+            y = np.r_[np.zeros(len(neg)), np.ones(len(pos))]
+            assert roc_auc_score(y, np.r_[neg, pos]) == pytest.approx(row[column])
+        # the threshold was fitted on calibration rows: at most target_fpr of correct ones lie above it
+        cal = s[(s.split == "calibration") & (s.pred == s.label)]
+        assert (cal.score > row.threshold).mean() <= row.target_fpr + 0.02
     # the search optimized the selection split, never the evaluation split
     per_trial = trials.groupby("trial_id")
     assert np.allclose(per_trial["objective"].first(), per_trial["selection_auroc_correct_only"].min())
@@ -146,25 +170,31 @@ def test_analyze_export_detect(study: dict[str, Any], tmp_path: Path, capsys: An
     path = str(study["path"])
     assert cli(["analyze", "--space", path]) == 0
     out = capsys.readouterr().out
-    assert "Robust defaults" in out and "unlearn_lr" in out
+    assert "Comparison" in out and "unlearn_lr" in out
+    for family in FAMILIES:
+        assert f"== {family}: trial" in out  # each family's robust defaults, worst and mean on evaluation
     study_dir = study["result"].study_dir
-    recipe = (study_dir / "recipe.yaml").read_text()
-    assert "defaults:" in recipe and "held_out" in recipe
-    # the recipe carries the chosen trial's config exactly (export refits that very config)
     import yaml
 
-    from bdx_study.defense import DefenseConfig
-
-    doc = yaml.safe_load(recipe)
-    row = pq.read_table(study_dir / "tables" / "trials.parquet").to_pandas()
-    row = row[row.trial_id == doc["selection"]["chosen_trial"]].iloc[0]
-    assert doc["defaults"] == DefenseConfig.from_row(row).model_dump(mode="json")
-
-    assert cli(["export", "--space", path, "--out", str(tmp_path / "bundle")]) == 0
-    det = Detector.load(tmp_path / "bundle")
-    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
-    assert manifest["provenance"]["study"] == "tiny"
-    assert manifest["provenance"]["mlflow"]["model_uri"]
+    doc = yaml.safe_load((study_dir / "recipe.yaml").read_text())
+    assert doc["default_detector"] == "badexpert"
+    assert set(doc["detectors"]) == set(FAMILIES)
+    trials = pq.read_table(study_dir / "tables" / "trials.parquet").to_pandas()
+    for family, entry in doc["detectors"].items():
+        # the recipe carries the chosen trial's config exactly (export uses that very config)
+        row = trials[trials.trial_id == entry["selection"]["chosen_trial"]].iloc[0]
+        assert row.detector == family
+        assert entry["defaults"] == json.loads(row.params)
+        assert entry["protocol"]["clean_set_size"] == row.clean_set_size
+        assert "held_out" in entry["evidence"]
+    comparison = pq.read_table(study_dir / "analysis" / "comparison.parquet").to_pandas()
+    assert set(comparison["detector"]) == set(FAMILIES)
+    assert len(comparison) == len(FAMILIES) * 2  # family x victim
+    assert (study_dir / "analysis" / "comparison.csv").is_file()
+    assert (study_dir / "analysis" / "comparison_roc.png").stat().st_size > 0
+    client = MlflowClient(study["result"].tracking_uri)
+    logged = {a.path for a in client.list_artifacts(study["result"].parent_run_id, "analysis")}
+    assert {"analysis/comparison.csv", "analysis/recipe.yaml", "analysis/comparison_roc.png"} <= logged
 
     spec = study["spec"]
     victim = next(v for v in spec.victim_configs() if v.attack.name == "badnet")
@@ -172,31 +202,43 @@ def test_analyze_export_detect(study: dict[str, Any], tmp_path: Path, capsys: An
     attack = victim.build_attack()
     triggered = attack.apply_trigger(splits.evaluation.x[attack.counts_toward_asr(splits.evaluation.y)])
     np.save(tmp_path / "trig.npy", triggered.numpy())
-    assert (
-        cli(
-            [
-                "detect",
-                "--detector",
-                str(tmp_path / "bundle"),
-                "--input",
-                str(tmp_path / "trig.npy"),
-                "--output",
-                str(tmp_path / "out.json"),
-            ]
-        )
-        == 0
-    )
-    res = json.loads((tmp_path / "out.json").read_text())["results"]
-    assert len(res) == len(triggered)
-    direct = det.detect(triggered.numpy())
-    assert [r["flagged"] for r in res] == direct.flagged.tolist()
+    for family in FAMILIES:
+        bundle = tmp_path / f"bundle-{family}"
+        assert cli(["export", "--space", path, "--detector", family, "--out", str(bundle)]) == 0
+        det = Detector.load(bundle)
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        assert manifest["detector"] == family
+        assert manifest["params"] == doc["detectors"][family]["defaults"]
+        assert manifest["provenance"]["study"] == "tiny"
+        assert manifest["provenance"]["mlflow"]["model_uri"]
+        # the bundle holds the components the chosen trial was scored with (from the stage cache)
+        assert manifest["provenance"]["components_from_stage_cache"]
+        row = trials[(trials.trial_id == doc["detectors"][family]["selection"]["chosen_trial"])]
+        row = row[row.victim_id == victim.key].iloc[0]
+        assert manifest["threshold"] == pytest.approx(row.threshold)
+        assert manifest["provenance"]["stage_keys"] == json.loads(row.stage_keys)
+
+        out_json = tmp_path / f"out-{family}.json"
+        args = ["detect", "--detector", str(bundle), "--input", str(tmp_path / "trig.npy"), "--output", str(out_json)]
+        assert cli(args) == 0
+        res = json.loads(out_json.read_text())["results"]
+        assert len(res) == len(triggered)
+        direct = det.detect(triggered.numpy())
+        assert [r["flagged"] for r in res] == direct.flagged.tolist()
+        # the bundle scores the evaluation split's triggered inputs as the trial did
+        scores = pq.read_table(study_dir / "tables" / "scores.parquet").to_pandas()
+        s = scores[(scores.trial_id == row.trial_id) & (scores.victim_id == victim.key)]
+        s = s[(s.split == "evaluation") & s.triggered].sort_values("sample_index")
+        np.testing.assert_allclose(direct.score, s.score.to_numpy(), rtol=1e-5, atol=1e-6)
 
     # the MLflow pyfunc model serves the same scores as the bundle
     import mlflow
 
+    manifest = json.loads((tmp_path / "bundle-badexpert" / "manifest.json").read_text())
     model = mlflow.pyfunc.load_model(manifest["provenance"]["mlflow"]["model_uri"])
     served = model.predict(triggered.numpy()[:16])
-    np.testing.assert_allclose(served["score"].to_numpy(), direct.score[:16], rtol=1e-6)
+    direct = Detector.load(tmp_path / "bundle-badexpert").detect(triggered.numpy()[:16])
+    np.testing.assert_allclose(served["score"].to_numpy(), direct.score, rtol=1e-6)
 
 
 def test_resume_of_finished_study_reruns_nothing(study: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ class StudyContext:
     study_dir: Path  # absolute; shared by every node on a cluster
     victim_cache: Path  # absolute
     victims: tuple[VictimConfig, ...]
+    stage_cache: Path | None = None  # absolute; None = every trial fits its components again
 
     @property
     def name(self) -> str:

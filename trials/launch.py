@@ -8,7 +8,8 @@ Storage layout under ``<study.storage>``:
     studies/<name>/tune/           Ray Tune's experiment state (what --resume restores)
     studies/<name>/optuna.db       an Optuna study rebuilt from the tables by `bdx-study analyze`
     studies/<name>/tables/         Parquet tables (see bdx_study.tables)
-    studies/<name>/artifacts/<trial>/confidence_plane.png
+    studies/<name>/artifacts/<trial>/trial.png, report.json
+    stages/<victim key>/...        fitted detector components and their outputs (bdx_study.stages)
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel
 
 from bdx_study._io import write_text_atomic
 from bdx_study.space import SpaceError, StudySpec
@@ -61,7 +64,9 @@ def _check_same_study(spec: StudySpec, study_dir: Path) -> None:
     if not stored.is_file():
         return
     before = load_space(stored)
-    changed = [s for s in ("victims", "defense", "search", "data") if getattr(before, s) != getattr(spec, s)]
+    changed = [
+        s for s in ("victims", "detectors", "protocol", "search", "data") if getattr(before, s) != getattr(spec, s)
+    ]
     if changed:
         raise SpaceError(
             f"{stored}: the study file differs from the one this study was launched with in "
@@ -105,28 +110,9 @@ def _check_resources(spec: StudySpec) -> None:
 
 
 def _searcher(spec: StudySpec) -> Any:
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
+    from .search import FamilySearcher
 
-    s = spec.search
-    sampler: optuna.samplers.BaseSampler
-    if s.sampler == "grid":
-        sampler = optuna.samplers.GridSampler(spec.grid(), seed=s.seed)
-    elif s.sampler == "random":
-        sampler = optuna.samplers.RandomSampler(seed=s.seed)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=s.seed)
-    # The Optuna study lives in memory inside the searcher, which Tune snapshots together with
-    # its own experiment state: after a killed driver both are restored from the same moment.
-    # (An RDB storage outlives the snapshot and then disagrees with it: Optuna refuses to update
-    # trials it already saw finish.) `bdx-study analyze` writes optuna.db from the Parquet tables.
-    return OptunaSearch(
-        space=spec.optuna_space(),
-        metric="objective",
-        mode=s.objective.mode,
-        sampler=sampler,
-        study_name=spec.study.name,
-    )
+    return FamilySearcher(spec)
 
 
 def _write_ids(path: Path, ids: dict[str, Any]) -> None:
@@ -143,8 +129,10 @@ def launch(
     """Run the study described by ``spec`` (already validated), or resume it."""
     from ray import tune
 
+    from bdx_study.schema import victim_columns
+
     from .tracking import MlflowStudyCallback, StudyTracker, resolve_tracking_uri, runs_link, ui_command
-    from .trainable import defense_trial, victim_columns
+    from .trainable import defense_trial
     from .victim_stage import ensure_victims
 
     t0 = time.perf_counter()
@@ -195,7 +183,9 @@ def launch(
                 "objective_mode": spec.search.objective.mode,
                 "max_clean_acc_drop": spec.search.constraint.max_clean_acc_drop,
                 "num_victims": len(victims),
-                **{f"fixed.{k}": v for k, v in spec.fixed.items()},
+                "detectors": ",".join(spec.families),
+                "stage_cache": spec.study.stage_cache,
+                **{f"protocol.{k}": v for k, v in spec.protocol.items() if not isinstance(v, BaseModel)},
             },
             description=spec.study.description,
             parent_run_id=ids.get("parent_run_id"),
@@ -237,7 +227,13 @@ def launch(
     if tracking_ok:
         _log_victims(tracker, records)
 
-    ctx = StudyContext(spec=spec, study_dir=study_dir, victim_cache=cache.root, victims=tuple(victims))
+    ctx = StudyContext(
+        spec=spec,
+        study_dir=study_dir,
+        victim_cache=cache.root,
+        victims=tuple(victims),
+        stage_cache=spec.storage_root() / "stages" if spec.study.stage_cache else None,
+    )
     trainable = tune.with_resources(tune.with_parameters(defense_trial, ctx=ctx), trial_resources(spec))
     if resume and tune_dir.exists():
         print(
@@ -315,7 +311,7 @@ def launch(
 
 
 def _log_victims(tracker: Any, records: list[Any]) -> None:
-    from .trainable import victim_columns
+    from bdx_study.schema import victim_columns
 
     for rec, trained in records:
         try:

@@ -1,23 +1,39 @@
-"""The (expert confidence, auxiliary confidence) plane of a trial, with the decision boundary."""
+"""A trial's picture: one panel per victim with its evaluation inputs, in the family's own view
+(BaDExpert: the expert/auxiliary confidence plane) or as score histograms with the threshold."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from bdx_study.defense import badexpert_score
+from bdx_study._io import atomic_path
 
 if TYPE_CHECKING:
-    from bdx_study.defense import DefenseConfig, Evaluation
+    from matplotlib.axes import Axes
+
+    from bdx_study.detectors import DetectorFamily
+    from bdx_study.protocol import Evaluation
 
 
-def plot_confidence_planes(panels: list[tuple[str, Evaluation, DefenseConfig]], path: Path, *, title: str = "") -> Path:
-    """One panel per victim: clean and triggered inputs of the evaluation split in the (b, m) plane, where
-    b = expert confidence and m = auxiliary confidence in M's predicted class, and the boundary
-    score = threshold (inputs on the high-score side, the lower-right corner, are flagged)."""
+def score_histogram(ax: Axes, samples: dict[str, np.ndarray], threshold: float) -> None:
+    """Clean and triggered scores (higher = more suspicious) and the calibrated threshold."""
+    scores = samples["score"]
+    finite = scores[np.isfinite(scores)]
+    bins: Any = np.linspace(finite.min(), finite.max(), 40) if finite.size and np.ptp(finite) > 0 else 20
+    for triggered, color, label in ((False, "tab:blue", "clean"), (True, "tab:red", "triggered")):
+        sel = (samples["triggered"] == triggered) & np.isfinite(scores)
+        if sel.any():
+            ax.hist(scores[sel], bins=bins, alpha=0.55, color=color, label=label)
+    if np.isfinite(threshold):
+        ax.axvline(threshold, color="k", linewidth=1)
+    ax.set_xlabel("score (higher = more suspicious)")
+    ax.set_ylabel("inputs")
+
+
+def plot_trial(family: DetectorFamily, panels: list[tuple[str, Evaluation]], path: Path) -> Path:
+    """One panel per victim (evaluation split), titled with its correct-only AUROC."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,29 +41,16 @@ def plot_confidence_planes(panels: list[tuple[str, Evaluation, DefenseConfig]], 
 
     n = len(panels)
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.3), squeeze=False)
-    grid = torch.linspace(0, 1, 101)
-    bb, mm = torch.meshgrid(grid, grid, indexing="xy")
-    for ax, (name, ev, cfg) in zip(axes[0], panels, strict=True):
-        s = ev.samples
-        for triggered, color, label in ((False, "tab:blue", "clean"), (True, "tab:red", "triggered")):
-            sel = (s["split"] == "evaluation") & (s["triggered"] == triggered)
-            ax.scatter(s["expert_conf"][sel], s["aux_conf"][sel], s=4, alpha=0.5, c=color, label=label)
-        z = badexpert_score(bb, mm, cfg.score_kind, cfg.ensemble_alpha, cfg.ensemble_beta).numpy()
-        thr = ev.metrics["threshold"]
-        if np.isfinite(thr) and z.min() < thr < z.max():
-            ax.contour(grid.numpy(), grid.numpy(), z, levels=[thr], colors="k", linewidths=1, linestyles="solid")
+    for ax, (name, ev) in zip(axes[0], panels, strict=True):
+        sel = ev.samples["split"] == "evaluation"
+        samples = {k: v[sel] for k, v in ev.samples.items()}
+        if not family.plot_panel(ax, samples, ev.threshold):
+            score_histogram(ax, samples, ev.threshold)
         ax.set_title(f"{name}\nAUROC(correct-only) {ev.metrics['auroc_correct_only']:.3f}", fontsize=7)
-        ax.set_xlabel("expert confidence b")
-        ax.set_xlim(-0.02, 1.02)
-        ax.set_ylim(-0.02, 1.02)
-    axes[0][0].set_ylabel("auxiliary confidence m")
     axes[0][0].legend(fontsize=6, loc="upper left")
-    if title:
-        fig.suptitle(title, fontsize=8)
+    fig.suptitle(f"{family.name}: evaluation split", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path

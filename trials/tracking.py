@@ -23,13 +23,23 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from bdx_study.defense import DefenseConfig
+from bdx_study.protocol import ProtocolConfig
 from bdx_study.space import StudySpec
 from bdx_study.tables import StudyTables
 
 PARENT_TAG = "mlflow.parentRunId"
 # Result keys logged as trial metrics besides the "<aggregate>/<metric>" and "<victim>/<metric>" ones.
-TRIAL_SCALARS = ("objective", "feasible", "trial_seconds")
+TRIAL_SCALARS = ("objective", "feasible", "trial_seconds", "stages_fitted")
+
+
+def children_filter(parent_run_id: str | None, kind: str | None = None, key: str | None = None) -> str:
+    """MLflow filter for the runs nested under a study's parent run (optionally of one kind and id)."""
+    flt = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
+    if kind is not None:
+        flt += f" and tags.`bdx.kind` = '{kind}'"
+        if key is not None:
+            flt += f" and tags.`bdx.{kind}_id` = '{key}'"
+    return flt
 
 
 def resolve_tracking_uri(uri: str | None, cwd: Path | None = None) -> str:
@@ -106,13 +116,15 @@ class StudyTracker:
 
     def _children(self, kind: str) -> dict[str, Any]:
         """Nested runs of ``kind`` under the parent, by their bdx id tag."""
-        flt = f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`bdx.kind` = '{kind}'"
+        flt = children_filter(self.parent_run_id, kind)
         runs = self.client.search_runs([self.experiment_id or ""], filter_string=flt, max_results=50000)
         return {r.data.tags.get(f"bdx.{kind}_id", ""): r for r in runs}
 
-    def child_run(self, kind: str, key: str, name: str, params: dict[str, Any]) -> tuple[str, bool]:
+    def child_run(
+        self, kind: str, key: str, name: str, params: dict[str, Any], tags: dict[str, str] | None = None
+    ) -> tuple[str, bool]:
         """(run id, created now) of the nested run for a trial or victim with id ``key``."""
-        flt = f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`bdx.{kind}_id` = '{key}'"
+        flt = children_filter(self.parent_run_id, kind, key)
         found = self.client.search_runs([self.experiment_id or ""], filter_string=flt, max_results=1)
         if found:
             return found[0].info.run_id, False
@@ -124,10 +136,16 @@ class StudyTracker:
                 "bdx.study": self.study,
                 "bdx.kind": kind,
                 f"bdx.{kind}_id": key,
+                **(tags or {}),
             },
         )
         self.client.log_batch(run.info.run_id, params=_params(params))
         return run.info.run_id, True
+
+    def trial_run(self, trial_id: str, params: dict[str, Any]) -> tuple[str, bool]:
+        """The nested run of a trial: params named as in the YAML, the family as param and tag."""
+        family = str(params["detector"])
+        return self.child_run("trial", trial_id, f"{family}-{trial_id}", params, {"bdx.detector": family})
 
     def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
         now = int(time.time() * 1000)
@@ -168,8 +186,7 @@ class StudyTracker:
             result = json.loads(report_path.read_text())
             if run is None:
                 row = tables.read_part("trials", trial_id).slice(0, 1).to_pylist()[0]
-                params = DefenseConfig.from_row(row).to_row()
-                run_id, _ = self.child_run("trial", trial_id, f"trial-{trial_id}", params)
+                run_id, _ = self.trial_run(trial_id, row_params(row))
             else:
                 run_id = run.info.run_id
             self.log_trial(run_id, result)
@@ -178,8 +195,18 @@ class StudyTracker:
 
 
 def trial_params(spec: StudySpec, sampled: dict[str, Any]) -> dict[str, Any]:
-    """Every defense hyperparameter of a trial (sampled, fixed and defaults), named as in YAML."""
-    return spec.defense_config(sampled).to_row()
+    """Every setting of a trial (the family, its parameters and the protocol's: sampled, fixed
+    and defaults), named as in the YAML."""
+    family, params, protocol = spec.trial_config(sampled)
+    return {"detector": family, **protocol.to_row(), **params.to_row()}
+
+
+def row_params(row: dict[str, Any]) -> dict[str, Any]:
+    """:func:`trial_params` of a trials-table row."""
+    from bdx_study.detectors import DETECTORS
+
+    params = DETECTORS.get(row["detector"]).Params.model_validate_json(row["params"])
+    return {"detector": row["detector"], **ProtocolConfig.from_row(row).to_row(), **params.to_row()}
 
 
 def _params(params: dict[str, Any]) -> list[Param]:
@@ -227,14 +254,7 @@ class MlflowStudyCallback(tune.Callback):
             return None
 
     def _run_id(self, trial: Any) -> str | None:
-        got = self._safe(
-            "run creation",
-            self.tracker.child_run,
-            "trial",
-            trial.trial_id,
-            f"trial-{trial.trial_id}",
-            trial_params(self.spec, trial.config),
-        )
+        got = self._safe("run creation", self.tracker.trial_run, trial.trial_id, trial_params(self.spec, trial.config))
         return got[0] if got else None
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:

@@ -1,4 +1,6 @@
-"""The Ray Tune trainable: one trial = one BaDExpert config evaluated against every victim."""
+"""The Ray Tune trainable: one trial = one detector family with one config, evaluated against
+every victim of the study under the shared protocol. Fitted components and their outputs come
+from the stage cache, so trials that differ only in scoring knobs cost tensor arithmetic."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import math
 import os
 import socket
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -14,31 +17,27 @@ import ray
 import torch
 from ray import tune
 
+from bdx_study._io import write_json_atomic
 from bdx_study.archs import Classifier
 from bdx_study.data import Splits
-from bdx_study.defense import DefenseConfig, Evaluation, evaluate_badexpert, fit_badexpert
-from bdx_study.metrics import aggregate
+from bdx_study.detectors import DetectorFamily, create_detector
+from bdx_study.metrics import HEADLINE, aggregate
+from bdx_study.protocol import Part, ProtocolConfig, scoring_parts
+from bdx_study.schema import scores_table, victim_columns
+from bdx_study.stages import DetectorRun, StageStore, run_detector
 from bdx_study.tables import StudyTables
 from bdx_study.training import pick_device
 from bdx_study.victims import VictimCache, VictimConfig
 
 from .context import StudyContext, objective_value
-from .plots import plot_confidence_planes
+from .plots import plot_trial
 
-# Per-victim metrics also reported to Tune/MLflow as "<victim name>/<metric>" (all are in Parquet).
-PER_VICTIM_REPORTED = (
-    "auroc_correct_only",
-    "auroc_all_inputs",
-    "tpr_at_threshold_correct_only",
-    "fpr_at_threshold_correct_only",
-    "clean_acc_drop",
-    "attack_success_after",
-)
-
-
-# Victims and splits are loaded once per worker process: Ray reuses trial actors.
+# Victims, splits, scored inputs and the stage store are kept per worker process: Ray reuses
+# trial actors, so a study loads each victim once per worker.
 _MODELS: dict[tuple[str, str, str], Classifier] = {}
 _SPLITS: dict[str, Splits] = {}
+_PARTS: dict[tuple[str, str], list[Part]] = {}
+_STORES: dict[str, StageStore] = {}
 
 
 def _victim_model(cache_root: str, config: VictimConfig, device: str) -> Classifier:
@@ -58,35 +57,98 @@ def _splits(config: VictimConfig) -> Splits:
     return _SPLITS[key]
 
 
-def run_defense(
-    ctx: StudyContext, cfg: DefenseConfig, *, device: torch.device
-) -> list[tuple[VictimConfig, Evaluation, dict[str, float]]]:
-    """The bare computation of a trial: fit and evaluate BaDExpert on every victim."""
-    out = []
+def _parts(config: VictimConfig, protocol: ProtocolConfig) -> list[Part]:
+    key = (config.key + config.data.model_dump_json(), json.dumps(protocol.clean_set_identity()))
+    if key not in _PARTS:
+        _PARTS[key] = scoring_parts(_splits(config), config.build_attack(), protocol)
+    return _PARTS[key]
+
+
+def stage_store(ctx: StudyContext) -> StageStore:
+    root = str(ctx.stage_cache) if ctx.stage_cache is not None else ""
+    if root not in _STORES:
+        _STORES[root] = StageStore(ctx.stage_cache)
+    return _STORES[root]
+
+
+@dataclass
+class TrialResult:
+    family: DetectorFamily
+    protocol: ProtocolConfig
+    runs: list[tuple[VictimConfig, DetectorRun]]
+
+
+def run_trial(ctx: StudyContext, config: dict[str, Any], *, device: torch.device) -> TrialResult:
+    """The computation of a trial: the family with ``config`` on every victim of the study."""
+    name, params, protocol = ctx.spec.trial_config(config)
+    family = create_detector(name, params)
+    store = stage_store(ctx)
+    runs = []
     for victim in ctx.victims:
-        model = _victim_model(str(ctx.victim_cache), victim, str(device))
-        splits = _splits(victim)
-        det, diag = fit_badexpert(model, splits, cfg, device=device)
-        out.append((victim, evaluate_badexpert(det, splits, victim.build_attack(), device=device), diag))
+        run = run_detector(
+            store,
+            family,
+            protocol,
+            victim_key=victim.key,
+            model=_victim_model(str(ctx.victim_cache), victim, str(device)),
+            splits=_splits(victim),
+            attack=victim.build_attack(),
+            layout=victim.data.layout(),
+            device=device,
+            parts=_parts(victim, protocol),
+        )
+        runs.append((victim, run))
+    return TrialResult(family, protocol, runs)
+
+
+def _rows(ctx: StudyContext, trial_id: str, res: TrialResult, device: torch.device) -> list[dict[str, Any]]:
+    node = os.environ.get("RAY_NODE_ID") or socket.gethostname()
+    common = {
+        "study": ctx.name,
+        "trial_id": trial_id,
+        "detector": res.family.name,
+        **res.protocol.to_row(),
+        **res.family.params.to_row(),
+        "params": res.family.params.to_json(),
+        "node": node,
+        "device": str(device),
+        "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
+    }
+    rows = []
+    for victim, run in res.runs:
+        ev = run.evaluation
+        finetune = res.protocol.clean_set_size - round(res.protocol.clean_set_size * res.protocol.calibration_fraction)
+        rows.append(
+            {
+                **common,
+                **victim_columns(victim),
+                **ev.metrics,
+                **{f"selection_{k}": v for k, v in ev.selection_metrics.items()},
+                **run.costs,
+                "finetune_size": finetune,
+                "calibration_size": res.protocol.clean_set_size - finetune,
+                "stages_fitted": run.fitted_now,
+                "stage_keys": json.dumps(run.stage_keys, sort_keys=True),
+                "fit_meta": json.dumps({c: r.fitted.meta for c, r in run.components.items()}, sort_keys=True),
+            }
+        )
+    return rows
+
+
+def trial_aggregates(res: TrialResult) -> dict[str, float]:
+    """``worst/`` and ``mean/`` of every metric across victims (evaluation split), and of the
+    selection split's (``worst/selection_...``)."""
+    out = aggregate([{**run.evaluation.metrics, **run.costs} for _, run in res.runs])
+    for key, value in aggregate([run.evaluation.selection_metrics for _, run in res.runs]).items():
+        how, _, metric = key.partition("/")
+        out[f"{how}/selection_{metric}"] = value
     return out
 
 
-def victim_columns(v: VictimConfig) -> dict[str, Any]:
-    return {
-        "victim_id": v.key,
-        "victim_name": v.name,
-        "dataset": v.dataset,
-        "architecture": v.architecture,
-        "attack": v.attack.name,
-        "poison_rate": float(v.attack.params.get("poison_rate", 0.0)),
-        "victim_seed": v.seed,
-        "victim_epochs": v.training.epochs,
-    }
-
-
 def defense_trial(config: dict[str, Any], *, ctx: StudyContext) -> None:
-    """Ray Tune function trainable. ``config`` holds the sampled hyperparameters; the study's fixed
-    ones come from ``ctx``. Writes Parquet parts and a plot, then reports once."""
+    """Ray Tune function trainable. ``config`` holds the family (``detector``) and the sampled
+    values; the study's fixed ones come from ``ctx``. Writes Parquet parts and a plot, then
+    reports once."""
     start, started_at = time.perf_counter(), time.time()
     trial_id = tune.get_context().get_trial_id()
     artifacts = ctx.study_dir / "artifacts" / trial_id
@@ -98,65 +160,49 @@ def defense_trial(config: dict[str, Any], *, ctx: StudyContext) -> None:
         return
     torch.set_num_threads(max(1, math.floor(ctx.spec.resources.cpu)))
     device = pick_device(prefer_gpu=ctx.spec.resources.gpu > 0)
-    cfg = ctx.spec.defense_config(config)
-    results = run_defense(ctx, cfg, device=device)
+    res = run_trial(ctx, config, device=device)
 
-    params = cfg.to_row()
-    node = os.environ.get("RAY_NODE_ID") or socket.gethostname()
-    rows, score_tables = [], []
-    for victim, ev, diag in results:
-        rows.append(
-            {
-                "study": ctx.name,
-                "trial_id": trial_id,
-                **victim_columns(victim),
-                **params,
-                **ev.metrics,
-                **{f"selection_{k}": v for k, v in ev.selection_metrics.items()},
-                **diag,
-                "node": node,
-                "device": str(device),
-                "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
-                "started_at": started_at,
-            }
-        )
-        n = len(ev.samples["score"])
-        cols = {"trial_id": pa.array([trial_id] * n), "victim_id": pa.array([victim.key] * n)}
-        cols.update({k: pa.array(v.tolist() if v.dtype == object else v) for k, v in ev.samples.items()})
-        score_tables.append(pa.table(cols))
-    aggregates = aggregate([ev.metrics for _, ev, _ in results])
-    for key, value in aggregate([ev.selection_metrics for _, ev, _ in results]).items():
-        how, _, metric = key.partition("/")
-        aggregates[f"{how}/selection_{metric}"] = value
+    rows = _rows(ctx, trial_id, res, device)
+    aggregates = trial_aggregates(res)
     objective, feasible = objective_value(ctx.spec, aggregates)
-
-    plot_path = plot_confidence_planes(
-        [(v.name, ev, cfg) for v, ev, _ in results], artifacts / "confidence_plane.png", title=f"trial {trial_id}"
-    )
+    plot_path = plot_trial(res.family, [(v.name, run.evaluation) for v, run in res.runs], artifacts / "trial.png")
     elapsed = time.perf_counter() - start
     for r in rows:
-        r.update(objective=objective, feasible=feasible, trial_seconds=elapsed, finished_at=time.time())
-    report: dict[str, Any] = {"objective": objective, "feasible": float(feasible), "trial_seconds": elapsed}
+        r.update(objective=objective, feasible=feasible, trial_seconds=elapsed, started_at=started_at)
+        r["finished_at"] = time.time()
+    report: dict[str, Any] = {
+        "objective": objective,
+        "feasible": float(feasible),
+        "trial_seconds": elapsed,
+        "stages_fitted": float(sum(run.fitted_now for _, run in res.runs)),
+    }
     report.update(aggregates)
-    for victim, ev, _ in results:
-        for k in PER_VICTIM_REPORTED:
-            val = ev.metrics.get(k, math.nan)
+    for victim, run in res.runs:
+        for k in HEADLINE:
+            val = run.evaluation.metrics.get(k, math.nan)
             if math.isfinite(val):
                 report[f"{victim.name}/{k}"] = val
+    report["detector"] = res.family.name
     report["scores_path"] = str(tables.part("scores", trial_id))
     report["plot_path"] = str(plot_path)
-    report["node"] = node
-    assert all(math.isfinite(v) for v in report.values() if isinstance(v, float)), "non-finite metric reported"
-    (artifacts / "report.json").write_text(json.dumps(report))
-    tables.write_trial(trial_id, rows, pa.concat_tables(score_tables))  # the trial counts as finished now
+    report["node"] = rows[0]["node"]
+    if not all(math.isfinite(v) for v in report.values() if isinstance(v, float)):
+        raise ValueError(f"trial {trial_id}: a non-finite metric would be reported")
+    write_json_atomic(artifacts / "report.json", report)
+    scores = pa.concat_tables(
+        [scores_table(trial_id, v.key, res.family.name, run.evaluation.samples) for v, run in res.runs]
+    )
+    tables.write_trial(trial_id, rows, scores)  # the trial counts as finished now
     tune.report(report)
 
 
-def bare_defense_seconds(ctx: StudyContext, cfg: DefenseConfig, device: torch.device | None = None) -> float:
-    """Wall time of the same defense computation outside Ray (for the overhead benchmark)."""
+def bare_trial_seconds(ctx: StudyContext, config: dict[str, Any], device: torch.device | None = None) -> float:
+    """Wall time of the same trial computation outside Ray, without the stage cache (for the
+    overhead benchmark)."""
+    bare = StudyContext(spec=ctx.spec, study_dir=ctx.study_dir, victim_cache=ctx.victim_cache, victims=ctx.victims)
     t = time.perf_counter()
-    run_defense(ctx, cfg, device=device or torch.device("cpu"))
+    run_trial(bare, config, device=device or torch.device("cpu"))
     return time.perf_counter() - t
 
 
-__all__ = ["bare_defense_seconds", "defense_trial", "run_defense", "victim_columns"]
+__all__ = ["bare_trial_seconds", "defense_trial", "run_trial", "trial_aggregates"]

@@ -1,0 +1,147 @@
+"""The contract every input-level backdoor detector family implements.
+
+A family (a subclass of :class:`DetectorFamily`, registered by name) turns a possibly backdoored
+classifier M and the defender's clean data into one continuous score per input, higher = more
+suspicious. The shared evaluation protocol (:mod:`bdx_study.protocol`) calibrates the threshold
+and computes every metric, the same way for every family.
+
+A family is split into **components**: the parts of it that are fitted (BaDExpert's backdoor
+expert and its auxiliary model) or that produce per-input outputs worth keeping (STRIP's
+entropies). Each parameter says which components it changes (:func:`fit_param`); the others only
+change how the components' outputs are combined into a score. The stage cache
+(:mod:`bdx_study.stages`) fits each component once per distinct set of the parameters it
+depends on, and keeps its outputs on the scored inputs, so scoring-only knobs cost tensor
+arithmetic only.
+
+The life of a component, called in this order:
+
+1. :meth:`DetectorFamily.fit` on the model and the defender's clean finetune data, returning
+   its fitted state (tensors saved as safetensors, plus JSON metadata); a component with nothing
+   to fit returns an empty state;
+2. :meth:`DetectorFamily.features` on a batch of pixel-space inputs: named per-input tensors
+   (first dimension = the batch);
+3. :meth:`DetectorFamily.score` combines the features of all components into one float per
+   input; :meth:`DetectorFamily.extras` returns per-input values worth a column in the per-sample
+   table (e.g. BaDExpert's ``expert_conf``).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from bdx_study._config import RowModel
+from bdx_study.data import DatasetInfo, ImageData
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+FIT_KEY = "fit"  # json_schema_extra key: the components a parameter changes
+
+
+def fit_param(components: str | tuple[str, ...], default: Any, **kwargs: Any) -> Any:
+    """A parameter that changes the fitted state or the outputs of ``components``."""
+    names = (components,) if isinstance(components, str) else tuple(components)
+    return Field(default, json_schema_extra={FIT_KEY: list(names)}, **kwargs)
+
+
+class DetectorParams(RowModel):
+    """Parameters shared by every family; subclasses add their own, each with a reason."""
+
+    seed: int = Field(0, description="seed of the detector's random choices (finetuning order, augmentation, pools)")
+
+    @classmethod
+    def component_fields(cls, component: str) -> list[str]:
+        """The parameters that change ``component``'s fit or outputs (the seed always does)."""
+        out = ["seed"]
+        for name, f in cls.model_fields.items():
+            extra = f.json_schema_extra
+            if isinstance(extra, dict) and component in (extra.get(FIT_KEY) or []):  # type: ignore[operator]
+                out.append(name)
+        return out
+
+    def component_params(self, component: str) -> dict[str, Any]:
+        """JSON-ready values of :meth:`component_fields` (what keys a cached component)."""
+        dumped = self.model_dump(mode="json")
+        return {k: dumped[k] for k in self.component_fields(component)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+
+@dataclass
+class Fitted:
+    """A fitted component: tensors (saved as safetensors) and JSON-ready metadata."""
+
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FitContext:
+    """What a component is fitted on: only the defender's clean data, never evaluation data."""
+
+    model: nn.Module  # M, in eval() mode on ``device``; never modified (copy it to finetune)
+    clean: ImageData  # the finetune part of the defender's clean set D_c, pixels in [0, 1]
+    holdout: ImageData  # the calibration part of D_c: only for recipes that early-stop on held-out clean data
+    info: DatasetInfo  # shape, classes and training augmentation of the dataset
+    device: torch.device
+
+
+class DetectorFamily(ABC):
+    """One detector family with fixed parameters. Subclasses set :attr:`Params` and implement
+    :meth:`fit`, :meth:`features` and :meth:`score`; the registry sets :attr:`name`."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[DetectorParams]] = DetectorParams
+    components: ClassVar[tuple[str, ...]] = ("main",)
+    extra_columns: ClassVar[tuple[str, ...]] = ()  # per-sample table columns returned by extras()
+    diagnostics: ClassVar[tuple[str, ...]] = ()  # per-split figures returned by diagnose()
+    # Bump when fit() or features() change what they compute: cached components are keyed by it.
+    version: ClassVar[int] = 1
+    access: ClassVar[str] = ""  # what the defender needs, e.g. "white-box finetuning + clean data"
+    # Planted triggers the literature says this family detects (contract tests check the direction
+    # of its scores on a tiny model with such a trigger): a subset of {"patch", "blend"}.
+    detects: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, params: DetectorParams) -> None:
+        if not isinstance(params, self.Params):
+            raise TypeError(f"{type(self).__name__} takes {self.Params.__name__}, got {type(params).__name__}")
+        self.params = params
+
+    @abstractmethod
+    def fit(self, component: str, ctx: FitContext) -> Fitted:
+        """Fit ``component`` on the defender's clean data (``ctx``); return its state."""
+
+    @abstractmethod
+    def features(
+        self, component: str, fitted: Fitted, model: nn.Module, x: Tensor, pred: Tensor, device: torch.device
+    ) -> dict[str, Tensor]:
+        """Per-input outputs of a fitted component on ``x`` (N, C, H, W) in [0, 1], where
+        ``pred`` = argmax M(x); CPU tensors whose first dimension is N."""
+
+    @abstractmethod
+    def score(self, feats: Mapping[str, Tensor], pred: Tensor) -> Tensor:
+        """One float per input from the features of every component; higher = more suspicious."""
+
+    def extras(self, feats: Mapping[str, Tensor], pred: Tensor) -> dict[str, Tensor]:
+        """Per-input values kept in the per-sample table, named as in :attr:`extra_columns`."""
+        return {}
+
+    def diagnose(
+        self, clean: Mapping[str, Tensor], clean_label: Tensor, triggered: Mapping[str, Tensor], attack_label: Tensor
+    ) -> dict[str, float]:
+        """Per-split figures about the detector itself (named as in :attr:`diagnostics`)."""
+        return {}
+
+    def plot_panel(self, ax: Axes, samples: Mapping[str, Any], threshold: float) -> bool:
+        """Draw one victim's evaluation inputs in the family's own view; False = use the
+        generic score histogram."""
+        return False

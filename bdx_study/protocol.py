@@ -1,0 +1,161 @@
+"""The evaluation protocol shared by every detector family.
+
+1. **Defender split.** The defender's clean set D_c is the first ``clean_set_size`` images of the
+   reserved pool; its last ``round(clean_set_size * calibration_fraction)`` images form the
+   *calibration* part and the rest the *finetune* part, which is all a family fits on.
+2. **Scored inputs** (:func:`scoring_parts`): the calibration part (clean), and on the
+   *selection* and *evaluation* splits every clean input plus the attack's test-time trigger
+   applied to every input that counts toward attack success.
+3. **Threshold**: the (1 - target_fpr) quantile of the scores of calibration inputs that the
+   model classifies correctly; an input is flagged iff its score > threshold. Calibration never
+   sees selection or evaluation data.
+4. **Metrics** (:mod:`bdx_study.metrics`), computed per split from that split's rows only:
+   correct-only and all-inputs AUROC from continuous scores, TPR/FPR at the threshold and at 1%
+   and 5% FPR, CA and ASR before and after filtering. The search optimizes the selection split;
+   every reported figure comes from the evaluation split.
+5. **Per-sample table**: :data:`SAMPLE_COLUMNS` plus the family's extras.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from bdx_study._config import RowModel
+from bdx_study.attacks import Attack
+from bdx_study.data import ImageData, Splits, defender_split
+from bdx_study.detectors import DetectorFamily
+from bdx_study.metrics import detection_metrics, fit_threshold
+
+SPLITS = ("calibration", "selection", "evaluation")
+SAMPLE_COLUMNS = (
+    "split",  # calibration | selection | evaluation
+    "triggered",  # the attack's test-time trigger was applied
+    "sample_index",  # index within the split
+    "label",  # true class
+    "attack_label",  # class that counts as attack success (-1 for untriggered rows)
+    "pred",  # argmax M(x)
+    "score",  # higher = more suspicious
+    "flagged",  # score > threshold
+)
+
+
+class ProtocolConfig(RowModel):
+    """Settings every family of a study is evaluated under. Field names are the names used in
+    YAML, MLflow and Parquet."""
+
+    clean_set_size: int = Field(300, ge=2, description="|D_c|, reserved clean images (paper: 2,000 on CIFAR-10)")
+    calibration_fraction: float = Field(
+        0.5, gt=0, lt=1, description="share of D_c held out to calibrate the threshold (and to early-stop B)"
+    )
+    target_fpr: float = Field(0.01, gt=0, lt=1, description="false-positive rate the threshold targets (paper: 1%)")
+
+    def defender_split(self, reserve: ImageData) -> tuple[ImageData, ImageData]:
+        """D_c (the first ``clean_set_size`` reserved images) as (finetune part, calibration part)."""
+        return defender_split(reserve, self.clean_set_size, self.calibration_fraction)
+
+    def clean_set_identity(self) -> dict[str, Any]:
+        """What decides which images a family fits on (and calibrates on)."""
+        return {"clean_set_size": self.clean_set_size, "calibration_fraction": self.calibration_fraction}
+
+
+@dataclass(frozen=True)
+class Part:
+    """One group of scored inputs: a split, clean or triggered."""
+
+    split: str
+    triggered: bool
+    x: Tensor  # (N, C, H, W) in [0, 1]
+    label: Tensor  # true class
+    attack_label: Tensor  # class that counts as attack success (-1 for clean rows)
+    sample_index: Tensor  # index within the split
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}/{'triggered' if self.triggered else 'clean'}"
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+
+def scoring_parts(splits: Splits, attack: Attack, protocol: ProtocolConfig) -> list[Part]:
+    """The inputs every family scores, in a fixed order: calibration (clean only), then clean and
+    triggered inputs of the selection and evaluation splits."""
+    _, calibration = protocol.defender_split(splits.reserve)
+    parts = [_clean_part("calibration", calibration)]
+    for split, data in (("selection", splits.selection), ("evaluation", splits.evaluation)):
+        parts.append(_clean_part(split, data))
+        idx = torch.nonzero(attack.counts_toward_asr(data.y)).squeeze(1)
+        y = data.y[idx]
+        parts.append(Part(split, True, attack.apply_trigger(data.x[idx]), y, attack.attack_label(y), idx))
+    return parts
+
+
+def _clean_part(split: str, data: ImageData) -> Part:
+    return Part(split, False, data.x, data.y, torch.full_like(data.y, -1), torch.arange(len(data)))
+
+
+@dataclass
+class Evaluation:
+    """One family on one victim: metrics per split and the per-sample table."""
+
+    threshold: float
+    metrics: dict[str, float]  # on the evaluation split: every reported figure
+    selection_metrics: dict[str, float]  # on the selection split: what the search optimizes
+    samples: dict[str, np.ndarray]  # equal-length columns, one row per scored input
+
+
+def evaluate(
+    family: DetectorFamily,
+    parts: list[Part],
+    preds: dict[str, Tensor],
+    feats: dict[str, dict[str, Tensor]],
+    target_fpr: float,
+) -> Evaluation:
+    """Score every part from its features (``feats[part.name]``) and M's predictions
+    (``preds[part.name]``), calibrate the threshold on the correctly classified calibration
+    inputs, and compute each split's metrics from its own rows."""
+    by_name = {p.name: p for p in parts}
+    scores = {p.name: family.score(feats[p.name], preds[p.name]).double().numpy() for p in parts}
+    cal = by_name["calibration/clean"]
+    correct = (preds[cal.name] == cal.label).numpy()
+    if not correct.any():
+        raise ValueError("the model classifies no calibration input correctly: no clean scores to calibrate on")
+    threshold = fit_threshold(scores[cal.name][correct], target_fpr)
+
+    results: dict[str, dict[str, float]] = {}
+    for split in SPLITS[1:]:
+        clean, trig = by_name[f"{split}/clean"], by_name[f"{split}/triggered"]
+        m = detection_metrics(
+            clean_scores=scores[clean.name],
+            clean_pred=preds[clean.name].numpy(),
+            clean_label=clean.label.numpy(),
+            poison_scores=scores[trig.name],
+            poison_pred=preds[trig.name].numpy(),
+            poison_attack_label=trig.attack_label.numpy(),
+            threshold=threshold,
+        )
+        m.update(family.diagnose(feats[clean.name], clean.label, feats[trig.name], trig.attack_label))
+        results[split] = m
+
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in (*SAMPLE_COLUMNS, *family.extra_columns)}
+    for p in parts:
+        n, s = len(p), scores[p.name]
+        cols["split"].append(np.array([p.split] * n, dtype=object))
+        cols["triggered"].append(np.full(n, p.triggered))
+        cols["sample_index"].append(p.sample_index.numpy())
+        cols["label"].append(p.label.numpy())
+        cols["attack_label"].append(p.attack_label.numpy())
+        cols["pred"].append(preds[p.name].numpy())
+        cols["score"].append(s)
+        cols["flagged"].append(s > threshold)
+        extras = family.extras(feats[p.name], preds[p.name])
+        for k in family.extra_columns:
+            cols[k].append(extras[k].double().numpy())
+    samples = {k: np.concatenate(v) for k, v in cols.items()}
+    return Evaluation(threshold, results["evaluation"], results["selection"], samples)

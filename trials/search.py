@@ -1,0 +1,96 @@
+"""The study's searcher: one Optuna study per detector family, behind one Ray Tune searcher.
+
+Each family has its own search space (its parameters and the searched protocol settings), its
+own sampler (TPE, random or grid, seeded) and its own trial budget. Suggestions interleave the
+families (the one furthest behind its budget goes next), so a comparison study runs all of them
+concurrently. Every suggested config carries its family under the key ``detector``.
+
+The Optuna studies live in memory inside this object, which Tune snapshots together with its
+own experiment state (:meth:`save`): after a killed driver both are restored from the same
+moment. (An RDB storage would outlive the snapshot and then disagree with it: Optuna refuses to
+update trials it already saw finish.) ``bdx-study analyze`` writes optuna.db from the tables.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from typing import Any, Literal
+
+import optuna
+from ray.tune.search import Searcher
+
+from bdx_study.space import StudySpec
+
+
+def _sampler(spec: StudySpec, family: str, seed: int) -> optuna.samplers.BaseSampler:
+    s = spec.search
+    if s.sampler == "grid":
+        return optuna.samplers.GridSampler(spec.grid(family), seed=seed)
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+class FamilySearcher(Searcher):
+    """Round-robin over per-family Optuna studies, each within its own trial budget."""
+
+    def __init__(self, spec: StudySpec, metric: str = "objective") -> None:
+        mode = spec.search.objective.mode
+        super().__init__(metric=metric, mode=mode)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        direction: Literal["maximize", "minimize"] = "maximize" if mode == "max" else "minimize"
+        self._families = spec.families
+        self._spaces = {f: spec.optuna_space(f) for f in self._families}
+        self._budget = {f: spec.trials_for(f) for f in self._families}
+        self._studies = {
+            f: optuna.create_study(
+                study_name=f"{spec.study.name}-{f}",
+                direction=direction,
+                sampler=_sampler(spec, f, spec.search.seed + i),
+            )
+            for i, f in enumerate(self._families)
+        }
+        self._suggested = dict.fromkeys(self._families, 0)
+        self._live: dict[str, tuple[str, optuna.trial.Trial | None]] = {}  # trial id -> (family, Optuna trial)
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict[str, Any], **spec: Any) -> bool:
+        return True  # the spaces come from the study file, not from Tune's param_space
+
+    def _next_family(self) -> str | None:
+        open_ = [f for f in self._families if self._suggested[f] < self._budget[f]]
+        if not open_:
+            return None
+        return min(open_, key=lambda f: (self._suggested[f] / self._budget[f], self._families.index(f)))
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:  # or Searcher.FINISHED
+        family = self._next_family()
+        if family is None:
+            return Searcher.FINISHED  # type: ignore[return-value]  # Tune's documented sentinel
+        self._suggested[family] += 1
+        if not self._spaces[family]:  # nothing searched: the family's fixed config
+            self._live[trial_id] = (family, None)
+            return {"detector": family}
+        trial = self._studies[family].ask(fixed_distributions=self._spaces[family])
+        self._live[trial_id] = (family, trial)
+        return {"detector": family, **trial.params}
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        family, trial = self._live.pop(trial_id, ("", None))
+        if trial is None:
+            return
+        value = (result or {}).get(self.metric)
+        study = self._studies[family]
+        if error or value is None or not math.isfinite(float(value)):
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(trial, float(value))
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        # Tune's own experiment snapshot, written by this class in the study's folder.
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))  # noqa: S301
