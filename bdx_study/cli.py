@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,13 +32,46 @@ def _load(arg: str | None) -> tuple[StudySpec, Path]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from bdx_study.preflight import preflight
+
     spec, path = _load(args.space)
+    if not args.file_only:
+        preflight(spec, path, local=args.address is None)
+    if args.address:
+        from bdx_study.trials.cluster import probe_address
+
+        probe_address(args.address)
     victims = spec.victim_configs()
     families = ", ".join(
         f"{f} ({spec.trials_for(f)} trial(s), searching {', '.join(spec.searched(f)) or 'nothing'})"
         for f in spec.families
     )
     print(f"{path}: OK: study {spec.study.name!r}, {len(victims)} victim(s), {spec.num_trials} trial(s): {families}")
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    """Bring MLflow up to date with the study's Parquet tables (after an outage)."""
+    spec, _ = _load(args.space)
+    from bdx_study.trials.launch import study_lock
+    from bdx_study.trials.tracking import StudyTracker, probe_tracking
+
+    ids_path = spec.study_dir / "study.json"
+    if not ids_path.is_file():
+        raise ValueError(f"{spec.study_dir}: no study there to sync (launch it first)")
+    with study_lock(spec.study_dir, spec.study.name):  # no launch of it may be running
+        ids = json.loads(ids_path.read_text())
+        tracker = StudyTracker(ids["tracking_uri"], spec.experiment_name, spec.study.name)
+        probe_tracking(tracker.uri)
+        tracker.start({"space_file": str(_space_path(args.space))}, parent_run_id=ids.get("parent_run_id"))
+        logged = tracker.sync(spec, spec.study_dir)
+        tracker.finish(tracker.parent_run_id)
+        from bdx_study._io import write_json_atomic
+
+        write_json_atomic(
+            ids_path, {**ids, "experiment_id": tracker.experiment_id, "parent_run_id": tracker.parent_run_id}
+        )
+    print(f"{spec.study.name}: logged {logged} finished trial(s) MLflow was missing; MLflow matches the tables")
     return 0
 
 
@@ -130,26 +165,49 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+DETECT_CHUNK = 1024  # inputs scored at a time: memory stays bounded whatever the file holds
+
+
+def _output_path(out: Path, inputs: Path, bundle: Path, force: bool) -> Path:
+    """Where ``detect`` may write: never onto its input or into the bundle; an existing file only
+    with --force."""
+    resolved = out.resolve()
+    if resolved == inputs.resolve():
+        raise ValueError(f"--output {out} is the --input file; choose another name")
+    if resolved.is_relative_to(bundle.resolve()):
+        raise ValueError(f"--output {out} is inside the detector bundle {bundle}; write elsewhere")
+    if resolved.is_dir():
+        raise ValueError(f"--output {out} is a folder; give a file name ending in .csv or .json")
+    if resolved.exists() and not force:
+        raise ValueError(f"--output {out} exists; pass --force to overwrite it")
+    return resolved
+
+
 def cmd_detect(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from bdx_study.detector import Detector
+    from bdx_study._io import write_text_atomic
+    from bdx_study.detector import Detector, load_input_array
 
     det = Detector.load(args.detector)
-    x = np.load(args.input, allow_pickle=False)
-    result = det.detect(x)
-    records = result.records()
-    out = Path(args.output) if args.output else None
+    inputs = Path(args.input)
+    out = _output_path(Path(args.output), inputs, Path(args.detector), args.force) if args.output else None
+    x = load_input_array(inputs)
+    parts = [det.detect(np.array(x[i : i + DETECT_CHUNK])) for i in range(0, max(len(x), 1), DETECT_CHUNK)]
+    records = [r for part in parts for r in part.records()]
+    for i, r in enumerate(records):
+        r["index"] = i
+    flagged = sum(int(r["flagged"]) for r in records)
     fmt = args.format or (out.suffix.lstrip(".") if out and out.suffix in (".csv", ".json") else "csv")
     if fmt == "json":
-        text = json.dumps({"threshold": det.threshold, "results": records}, indent=1)
+        text = json.dumps({"detector": det.family.name, "threshold": det.threshold, "results": records}, indent=1)
     else:
         text = "index,prediction,flagged,score\n" + "".join(
             f"{r['index']},{r['prediction']},{int(r['flagged'])},{r['score']:.6g}\n" for r in records
         )
     if out:
-        out.write_text(text)
-        print(f"{len(records)} input(s), {int(result.flagged.sum())} flagged; written to {out}")
+        write_text_atomic(out, text)
+        print(f"{len(records)} input(s), {flagged} flagged by {det.family.name}; written to {out}")
     else:
         sys.stdout.write(text)
     return 0
@@ -240,9 +298,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--resume", action="store_true", help="continue an interrupted study")
     sp.set_defaults(fn=cmd_launch)
 
-    sp = sub.add_parser("validate", help="check a study file and exit")
+    sp = sub.add_parser("validate", help="check a study file (and its data, storage and resources) and exit")
     space_arg(sp)
+    sp.add_argument("--address", help="the Ray cluster launch will join (checked for an answer; default: this machine)")
+    sp.add_argument(
+        "--file-only",
+        action="store_true",
+        help="check the file alone (keys, types, values), not its data, storage or resources: for a study meant for "
+        "another machine",
+    )
     sp.set_defaults(fn=cmd_validate)
+
+    sp = sub.add_parser("sync", help="log to MLflow what a study's Parquet tables hold and MLflow lacks")
+    space_arg(sp)
+    sp.set_defaults(fn=cmd_sync)
 
     sp = sub.add_parser("analyze", help="pick robust defaults; print them and write recipe.yaml")
     space_arg(sp)
@@ -263,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--input", required=True, help=".npy file of inputs")
     sp.add_argument("--output", help="output file (.csv or .json); default: CSV on stdout")
     sp.add_argument("--format", choices=["csv", "json"])
+    sp.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     sp.set_defaults(fn=cmd_detect)
 
     sp = sub.add_parser("quickstart", help="launch + analyze + export + detect on the embedded study")
@@ -274,18 +344,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM stops a command like Ctrl-C (SIGINT): a launch's Tune run saves its state and
+    stops, the MLflow run is closed as KILLED."""
+    signal.raise_signal(signal.SIGINT)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         rc: Any = args.fn(args)
-    except SpaceError as e:
-        print(f"bdx-study: error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as e:  # includes DataError and BundleError
+    except KeyboardInterrupt:
+        print("bdx-study: interrupted; `bdx-study launch --resume` continues a study", file=sys.stderr)
+        return 130
+    except (SpaceError, ValueError, OSError) as e:  # bad input: DataError, BundleError, InputError, TableError, ...
         print(f"bdx-study: error: {e}", file=sys.stderr)
         return 2
     return int(rc or 0)

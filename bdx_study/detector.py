@@ -13,6 +13,7 @@ installation does not know.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,53 @@ DECISION_FIELDS = (
 
 class BundleError(ValueError):
     """A detector bundle that is incomplete, tampered with, or used with the wrong inputs."""
+
+
+class InputError(ValueError):
+    """An input file ``detect`` cannot use; the message names it and says what is expected."""
+
+
+NPY_MAGIC = b"\x93NUMPY"
+PIXEL_KINDS = "uif"  # unsigned and signed integers, floats
+
+
+def load_input_array(path: str | os.PathLike[str]) -> np.ndarray:
+    """Open a ``.npy`` file of inputs without trusting it: never unpickled, never an ``.npz``
+    or other format, numeric pixels only, and a header whose shape the file's size confirms
+    (so a forged header cannot make us allocate memory it does not back). The array is
+    memory-mapped: callers read it in chunks."""
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{p}: a folder; --input takes one .npy file")
+    if not p.is_file():
+        raise InputError(f"{p}: no such file")
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(len(NPY_MAGIC))
+        if size == 0:
+            raise InputError(f"{p}: an empty file, not a .npy array")
+        if head.startswith(b"PK"):
+            raise InputError(f"{p}: a zip archive (.npz); save one array with numpy.save to a .npy file")
+        if head != NPY_MAGIC:
+            raise InputError(f"{p}: not a .npy file (numpy.save format)")
+        f.seek(0)
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        except (ValueError, OSError) as e:
+            raise InputError(f"{p}: a damaged .npy header ({e})") from None
+        offset = f.tell()
+    if dtype.hasobject or dtype.fields is not None or dtype.kind not in PIXEL_KINDS:
+        raise InputError(f"{p}: dtype {dtype} is not numeric pixels; expected uint8 (0-255) or float (0-1)")
+    expected = math.prod(shape) * dtype.itemsize
+    if expected != size - offset:
+        raise InputError(
+            f"{p}: the header claims shape {tuple(shape)} ({expected} bytes) but the file holds {size - offset} bytes"
+        )
+    return np.load(p, mmap_mode="r" if expected else None, allow_pickle=False)
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -269,11 +317,20 @@ class Detector:
         return cls(manifest, family, model.to(dev).eval(), fitted, dev)
 
     def _as_batch(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+        if isinstance(x, torch.Tensor):
+            if x.dtype.is_complex or x.dtype == torch.bool:
+                raise BundleError(f"inputs of dtype {x.dtype} are not numeric pixels; expected uint8 or float")
+            t = x.detach().cpu()
+            t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+        else:
+            a = np.asarray(x)
+            if a.dtype.kind not in PIXEL_KINDS:
+                raise BundleError(f"inputs of dtype {a.dtype} are not numeric pixels; expected uint8 or float")
+            with np.errstate(over="ignore"):  # out-of-range values become inf and are refused below
+                t = torch.from_numpy(a.astype(np.float32))  # a native-order copy
+            if a.dtype == np.uint8:
+                t = t / 255.0
         c, h, w = self.input_shape
-        if t.dtype == torch.uint8:
-            t = t.float() / 255.0
-        t = t.float()
         if t.dim() == 3 and tuple(t.shape) == (c, h, w):
             t = t.unsqueeze(0)
         elif t.dim() == 3 and c == 1 and tuple(t.shape[1:]) == (h, w):

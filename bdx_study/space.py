@@ -157,6 +157,9 @@ TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "
 class TrackingSection(StrictModel):
     uri: str | None = Field(None, description="MLflow tracking URI; null = MLflow's default")
     experiment: str | None = Field(None, description="MLflow experiment; null = the study name")
+    required: bool = Field(
+        True, description="refuse to start when the store cannot be reached (false: Parquet only, `sync` later)"
+    )
 
     @field_validator("uri")
     @classmethod

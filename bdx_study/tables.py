@@ -2,12 +2,16 @@
 
 Each trial writes its own part files (``parts/scores/<trial_id>.parquet`` first, then
 ``parts/trials/<trial_id>.parquet``); a retried trial replaces its own parts, so every finished
-trial appears exactly once. ``consolidate`` merges parts into ``trials.parquet`` and
-``scores.parquet`` for convenience; readers may read either.
+trial appears exactly once. A trial counts as finished only while both of its parts are
+readable: an unreadable part (a truncated file, a corrupt page) is moved aside to
+``parts/quarantine/`` and the trial is run again by the next launch. ``consolidate`` merges parts
+into ``trials.parquet`` and ``scores.parquet`` for convenience; readers may read either.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,30 @@ import pyarrow.parquet as pq
 
 from bdx_study._io import atomic_path
 from bdx_study.schema import rows_to_table, trials_schema, victims_schema
+
+KINDS = ("trials", "scores")
+
+
+class TableError(OSError):
+    """A Parquet file that cannot be read; the message names it."""
+
+
+def _read(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, pa.ArrowException) as e:
+        raise TableError(f"{path}: unreadable Parquet ({e})") from None
+
+
+def _footer(path: Path) -> None:
+    try:
+        pq.read_metadata(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, pa.ArrowException) as e:
+        raise TableError(f"{path}: unreadable Parquet ({e})") from None
 
 
 def write_table_atomic(table: pa.Table, path: Path) -> None:
@@ -39,18 +67,53 @@ class StudyTables:
         write_table_atomic(rows_to_table(rows, trials_schema()), self.part("trials", trial_id))
 
     def read_part(self, kind: str, trial_id: str) -> pa.Table:
-        return pq.read_table(self.part(kind, trial_id))
+        return _read(self.part(kind, trial_id))
 
-    def finished_trials(self) -> set[str]:
+    def finished_trials(self, full: bool = False) -> set[str]:
+        """Trials whose two parts are readable (the trials part always read whole; the scores
+        part whole only with ``full``, else its footer). Unreadable parts are quarantined."""
         folder = self.root / "parts" / "trials"
-        return {p.stem for p in folder.glob("*.parquet")} if folder.is_dir() else set()
+        if not folder.is_dir():
+            return set()
+        out = set()
+        for p in sorted(folder.glob("*.parquet")):
+            trial_id = p.stem
+            try:
+                _read(p)
+                scores = self.part("scores", trial_id)
+                _read(scores) if full else _footer(scores)
+            except (TableError, FileNotFoundError) as e:
+                self.quarantine(trial_id, str(e))
+                continue
+            out.add(trial_id)
+        return out
+
+    def quarantine(self, trial_id: str, why: str) -> None:
+        """Move a trial's parts aside (nothing is deleted): the trial is no longer finished."""
+        dest = self.root / "parts" / "quarantine"
+        moved = False
+        for kind in KINDS:
+            src = self.part(kind, trial_id)
+            if src.exists():
+                dest.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(src, dest / f"{kind}-{trial_id}-{time.time_ns()}.parquet")
+                    moved = True
+                except FileNotFoundError:  # another process moved it first
+                    pass
+        if moved:
+            print(
+                f"[bdx-study] WARNING: trial {trial_id}'s stored result is unreadable ({why}); moved to {dest}, "
+                "the trial runs again",
+                flush=True,
+            )
 
     def read(self, kind: str) -> pa.Table:
         """All rows of ``kind`` ('trials' or 'scores') from the part files."""
         files = sorted((self.root / "parts" / kind).glob("*.parquet"))
         if not files:
             raise FileNotFoundError(f"no {kind} tables under {self.root / 'parts' / kind}")
-        tables = [pq.read_table(f) for f in files]
+        tables = [_read(f) for f in files]
         return pa.concat_tables(tables, promote_options="permissive")
 
     def write_victims(self, rows: list[dict[str, Any]]) -> None:
@@ -58,7 +121,7 @@ class StudyTables:
 
     def consolidate(self) -> dict[str, Path]:
         out = {}
-        for kind in ("trials", "scores"):
+        for kind in KINDS:
             try:
                 table = self.read(kind)
             except FileNotFoundError:

@@ -211,6 +211,26 @@ def train_victim(config: VictimConfig, *, device: torch.device | None = None) ->
     return model, metrics
 
 
+class VictimError(ValueError):
+    """A victim that cannot serve a study (e.g. it learned nothing); never cached."""
+
+
+CHANCE_MARGIN = 0.05  # a victim must beat chance (1 / classes) by more than this to be cached
+
+
+def check_learned(config: VictimConfig, clean_acc: float) -> None:
+    """Refuse a victim whose clean accuracy is no better than chance: a broken training recipe
+    (e.g. a far too large learning rate) must not be cached as a valid victim for good."""
+    chance = 1.0 / dataset_info(config.dataset).num_classes
+    if not clean_acc > chance + CHANCE_MARGIN:
+        t = config.training
+        raise VictimError(
+            f"victim {config.name} reached clean accuracy {clean_acc:.3f}, no better than chance ({chance:.3f}): "
+            f"it learned nothing and is not cached; check victims.training (optimizer {t.optimizer}, lr {t.lr}, "
+            f"epochs {t.epochs})"
+        )
+
+
 class VictimCache:
     """Content-addressed store of trained victims: ``<root>/<config key>/``."""
 
@@ -245,6 +265,7 @@ class VictimCache:
         if record is not None:
             return record, False
         model, metrics = train_victim(config, device=device)
+        check_learned(config, metrics["clean_acc"])
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{config.key}.", dir=self.root))
         tmp.chmod(0o755)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+import pytest
 from mlflow.tracking import MlflowClient
 
 from bdx_study.space import load_space
@@ -143,6 +144,13 @@ def test_tracking_outage_then_resume_logs_everything(ray_cluster: Any, tmp_path:
     store.write_text("")  # a file where the store's folder should be: MLflow cannot reach it
     doc = tiny_study(tmp_path, name="outage", search__num_trials=2)
     doc["tracking"]["uri"] = f"sqlite:///{store / 'mlflow.db'}"
+    path = write_study(tmp_path, doc)
+    from bdx_study.space import SpaceError
+
+    with pytest.raises(SpaceError, match=r"tracking\.uri: MLflow at .* cannot be reached.*tracking\.required"):
+        launch(load_space(path), source=path)  # the default: an unreachable store is refused at once
+    assert not (tmp_path / "runs" / "studies" / "outage").exists()  # nothing was written
+    doc["tracking"]["required"] = False
     path = write_study(tmp_path, doc)
     spec = load_space(path)
     first = launch(spec, source=path)

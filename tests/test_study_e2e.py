@@ -255,3 +255,103 @@ def test_existing_study_without_resume_is_refused(study: dict[str, Any]) -> None
 
     with pytest.raises(SpaceError, match="--resume"):
         launch(study["spec"], source=study["path"])
+
+
+def _analyzed(study: dict[str, Any]) -> str:
+    path = str(study["path"])
+    if not (study["result"].study_dir / "recipe.yaml").is_file():
+        assert cli(["analyze", "--space", path]) == 0
+    return path
+
+
+def test_export_and_detect_never_overwrite_what_they_did_not_write(study: dict[str, Any], tmp_path: Path) -> None:
+    path = _analyzed(study)
+    bundle = tmp_path / "mine"
+    assert cli(["export", "--space", path, "--out", str(bundle), "--no-mlflow"]) == 0
+    (bundle / "notes.txt").write_text("my notes")
+    (bundle / "my_inputs").mkdir()
+    np.save(bundle / "my_inputs" / "good.npy", np.zeros((2, 1, 16, 16), dtype=np.float32))
+    manifest = (bundle / "manifest.json").read_bytes()
+    assert cli(["export", "--space", path, "--out", str(bundle), "--no-mlflow"]) == 2  # no --force
+    assert (bundle / "manifest.json").read_bytes() == manifest
+    assert cli(["export", "--space", path, "--out", str(bundle), "--no-mlflow", "--force"]) == 0
+    assert (bundle / "notes.txt").read_text() == "my notes"  # the user's files stay
+    assert (bundle / "my_inputs" / "good.npy").is_file()
+    Detector.load(bundle)
+
+    x = tmp_path / "x.npy"
+    np.save(x, np.random.default_rng(0).random((5, 1, 16, 16), dtype=np.float32))
+    x_bytes = x.read_bytes()
+    out = tmp_path / "flags.csv"
+    out.write_text("precious")
+    for target in (x, bundle / "manifest.json", bundle / "scores.csv", out, tmp_path):
+        assert cli(["detect", "--detector", str(bundle), "--input", str(x), "--output", str(target)]) == 2
+    assert x.read_bytes() == x_bytes and (bundle / "manifest.json").read_bytes() != b""
+    assert out.read_text() == "precious"
+    for target in (x, bundle / "manifest.json"):  # never, even with --force
+        assert cli(["detect", "--detector", str(bundle), "--input", str(x), "--output", str(target), "--force"]) == 2
+    assert x.read_bytes() == x_bytes
+    Detector.load(bundle)  # intact
+    assert cli(["detect", "--detector", str(bundle), "--input", str(x), "--output", str(out), "--force"]) == 0
+    assert out.read_text().startswith("index,prediction,flagged,score")
+
+
+def _bad_inputs(tmp: Path) -> dict[str, Path]:
+    files = {}
+    files["empty"] = tmp / "empty.npy"
+    files["empty"].write_bytes(b"")
+    files["npz"] = tmp / "a.npz"
+    np.savez(files["npz"], x=np.zeros((2, 1, 16, 16), dtype=np.float32))
+    files["npz_renamed"] = tmp / "renamed.npy"
+    files["npz_renamed"].write_bytes(files["npz"].read_bytes())
+    files["strings"] = tmp / "strings.npy"
+    np.save(files["strings"], np.array(["a", "b"]))
+    files["structured"] = tmp / "structured.npy"
+    np.save(files["structured"], np.zeros(3, dtype=[("a", "f4"), ("b", "i4")]))
+    files["objects"] = tmp / "objects.npy"
+    np.save(files["objects"], np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    files["huge_header"] = tmp / "huge.npy"
+    with open(files["huge_header"], "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (10**11, 1, 16, 16)})
+        f.write(b"\0" * 1024)
+    files["folder"] = tmp / "folder.npy"
+    files["folder"].mkdir()
+    files["not_npy"] = tmp / "text.npy"
+    files["not_npy"].write_text("hello")
+    return files
+
+
+def test_detect_refuses_bad_input_files_with_a_message(study: dict[str, Any], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = _analyzed(study)
+    bundle = tmp_path / "b"
+    assert cli(["export", "--space", path, "--out", str(bundle), "--no-mlflow"]) == 0
+    for name, f in _bad_inputs(tmp_path).items():
+        p = subprocess.run(
+            [sys.executable, "-m", "bdx_study.cli", "detect", "--detector", str(bundle), "--input", str(f)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert p.returncode == 2, (name, p.stdout, p.stderr)
+        assert str(f) in p.stderr and "Traceback" not in p.stderr, (name, p.stderr)
+    listed = bundle / "manifest.json"
+    listed.write_text("[1, 2]")
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bdx_study.cli",
+            "detect",
+            "--detector",
+            str(bundle),
+            "--input",
+            str(tmp_path / "empty.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2 and "JSON object" in p.stderr and "Traceback" not in p.stderr, p.stderr

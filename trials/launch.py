@@ -14,11 +14,15 @@ Storage layout under ``<study.storage>``:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import shutil
+import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +30,22 @@ from typing import Any
 from pydantic import BaseModel
 
 from bdx_study._io import write_text_atomic
+from bdx_study.preflight import preflight
 from bdx_study.space import SpaceError, StudySpec
 from bdx_study.tables import StudyTables
 from bdx_study.victims import VictimCache
 
+from .cluster import init_ray, stop_orphans
 from .context import StudyContext
+from .tracking import (
+    MlflowStudyCallback,
+    StudyTracker,
+    probe_tracking,
+    resolve_tracking_uri,
+    runs_link,
+    short_error,
+    ui_command,
+)
 
 
 @dataclass
@@ -45,19 +60,74 @@ class LaunchResult:
     seconds: float
 
 
-def _check_data(spec: StudySpec) -> None:
-    """Fail before Ray starts if a dataset cannot be read or a split cannot be cut."""
-    from bdx_study.data import DataError
-
-    for ds in spec.victims.datasets:
+@contextlib.contextmanager
+def study_lock(study_dir: Path, name: str) -> Iterator[None]:
+    """Hold the study's lock for the whole launch: a second launch of the same study is refused
+    at once. The lock (``flock`` on ``<study>/.lock``) dies with its holder, so a lock left by a
+    killed driver is taken over."""
+    created = [p for p in (study_dir, *study_dir.parents) if not p.exists()]  # to remove if nothing starts
+    study_dir.mkdir(parents=True, exist_ok=True)
+    path = study_dir / ".lock"
+    f = open(path, "a+")  # noqa: SIM115 - held open for the block
+    try:
         try:
-            spec.data.splits(ds)
-        except (DataError, OSError) as e:
-            raise SpaceError(f"data for dataset {ds!r}: {e}") from None
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "holder unknown"
+            raise SpaceError(
+                f"study {name!r} at {study_dir} is being run by another bdx-study launch ({holder}); wait for it to "
+                "finish or stop it, then resume with --resume"
+            ) from None
+        f.seek(0)
+        previous = f.read().strip()
+        if previous:
+            print(f"[bdx-study] taking over the study's lock from a launch that is no longer running ({previous})")
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            f.flush()
+            if not any(p.name != ".lock" for p in study_dir.iterdir()):
+                path.unlink(missing_ok=True)  # nothing was started: leave no folder behind
+                for folder in created:
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()  # only if empty
+    finally:
+        f.close()
+
+
+def _decide_resume(spec: StudySpec, resume: bool) -> bool:
+    """Refuse to start over an existing study without --resume, or to resume what cannot be
+    restored; a --resume with nothing to resume starts the study."""
+    from ray import tune
+
+    study_dir = spec.study_dir
+    tune_dir = study_dir / "tune"
+    exists = tune_dir.exists() or (study_dir / "study.json").exists()
+    if exists and not resume:
+        raise SpaceError(
+            f"study {spec.study.name!r} already exists at {study_dir}; pass --resume to continue it, "
+            "or change study.name (or delete that folder) to start over"
+        )
+    if resume and not exists:
+        print(f"[bdx-study] nothing to resume at {study_dir}; starting the study", flush=True)
+        return False
+    if resume:
+        _check_same_study(spec, study_dir)
+        if tune_dir.exists() and not tune.Tuner.can_restore(str(tune_dir)):
+            raise SpaceError(
+                f"{tune_dir}: Ray Tune's state cannot be restored, so --resume cannot continue this study without "
+                "mixing two searches in its tables; launch it under a new study.name (its victims are reused)"
+            )
+    return resume
 
 
 def _check_same_study(spec: StudySpec, study_dir: Path) -> None:
-    """A resumed study must be the one that was launched (victims, defense, search unchanged)."""
+    """A resumed study must be the one that was launched (victims, detectors, search unchanged)."""
     from bdx_study.space import load_space
 
     stored = study_dir / "study.yaml"
@@ -72,21 +142,6 @@ def _check_same_study(spec: StudySpec, study_dir: Path) -> None:
             f"{stored}: the study file differs from the one this study was launched with in "
             f"{', '.join(changed)}; resume it with the original file, or give the new one another study.name"
         )
-
-
-def _init_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "logging_level": "WARNING"}
-    if address:
-        kwargs["address"] = address
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster on loopback
-        kwargs["object_store_memory"] = 256 * 2**20
-    ray.init(**kwargs)
 
 
 def trial_resources(spec: StudySpec) -> dict[str, float]:
@@ -119,49 +174,11 @@ def _write_ids(path: Path, ids: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(ids, indent=2))
 
 
-def launch(
-    spec: StudySpec,
-    *,
-    source: Path | None = None,
-    address: str | None = None,
-    resume: bool = False,
-) -> LaunchResult:
-    """Run the study described by ``spec`` (already validated), or resume it."""
-    from ray import tune
-
-    from bdx_study.schema import victim_columns
-
-    from .tracking import MlflowStudyCallback, StudyTracker, resolve_tracking_uri, runs_link, ui_command
-    from .trainable import defense_trial
-    from .victim_stage import ensure_victims
-
-    t0 = time.perf_counter()
-    # Snapshot Tune's experiment state at most 1 s apart (default: >= 10 s), so a killed driver
-    # loses as little bookkeeping as possible; finished trials are also recognised by their tables.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    study_dir = spec.study_dir
-    tune_dir = study_dir / "tune"
-    exists = tune_dir.exists() or (study_dir / "study.json").exists()
-    if exists and not resume:
-        raise SpaceError(
-            f"study {spec.study.name!r} already exists at {study_dir}; pass --resume to continue it, "
-            "or change study.name (or delete that folder) to start over"
-        )
-    if resume and not exists:
-        print(f"[bdx-study] nothing to resume at {study_dir}; starting the study", flush=True)
-        resume = False
-    if resume:
-        _check_same_study(spec, study_dir)
-        if tune_dir.exists() and not tune.Tuner.can_restore(str(tune_dir)):
-            raise SpaceError(
-                f"{tune_dir}: Ray Tune's state cannot be restored, so --resume cannot continue this study without "
-                "mixing two searches in its tables; launch it under a new study.name (its victims are reused)"
-            )
-    _check_data(spec)
-    study_dir.mkdir(parents=True, exist_ok=True)
-    if source is not None and not resume:
-        shutil.copyfile(source, study_dir / "study.yaml")
-
+def _start_tracking(
+    spec: StudySpec, source: Path | None, study_dir: Path, resume: bool
+) -> tuple[StudyTracker, dict[str, Any], bool]:
+    """The study's MLflow parent run (a new one per launch; a resume continues the recorded one).
+    An unreachable store is refused (``tracking.required``), or the study runs on Parquet only."""
     ids_path = study_dir / "study.json"
     ids = json.loads(ids_path.read_text()) if resume and ids_path.is_file() else {}
     uri = ids.get("tracking_uri") or resolve_tracking_uri(spec.tracking.uri)
@@ -171,9 +188,9 @@ def launch(
         ids.pop("experiment_id", None)
         ids.pop("parent_run_id", None)
     tracker = StudyTracker(uri, spec.experiment_name, spec.study.name)
-    victims = spec.victim_configs()
     tracking_ok = True
     try:
+        probe_tracking(uri)
         tracker.start(
             {
                 "space_file": str(source or ""),
@@ -182,7 +199,7 @@ def launch(
                 "objective": spec.search.objective.selection_key,
                 "objective_mode": spec.search.objective.mode,
                 "max_clean_acc_drop": spec.search.constraint.max_clean_acc_drop,
-                "num_victims": len(victims),
+                "num_victims": len(spec.victim_configs()),
                 "detectors": ",".join(spec.families),
                 "stage_cache": spec.study.stage_cache,
                 **{f"protocol.{k}": v for k, v in spec.protocol.items() if not isinstance(v, BaseModel)},
@@ -191,27 +208,34 @@ def launch(
             parent_run_id=ids.get("parent_run_id"),
         )
     except Exception as e:
+        why = short_error(e)
+        if spec.tracking.required:
+            raise SpaceError(
+                f"tracking.uri: MLflow at {uri} cannot be reached ({why}); start the server or fix tracking.uri "
+                "(null = a local sqlite:///mlflow.db), or set tracking.required: false to run on Parquet only"
+            ) from None
         tracking_ok = False
         print(
-            f"[bdx-study] WARNING: MLflow at {uri} is unavailable ({e}); results are kept in Parquet only", flush=True
+            f"[bdx-study] WARNING: MLflow at {uri} is unavailable ({why}); results are kept in Parquet only, "
+            "`bdx-study sync` logs them later",
+            flush=True,
         )
     ids.update(tracking_uri=uri, study=spec.study.name)
     if tracking_ok:  # during an outage keep the ids a later resume must continue
         ids.update(experiment_id=tracker.experiment_id, parent_run_id=tracker.parent_run_id)
     _write_ids(ids_path, ids)
-    print(
-        f"[bdx-study] study {spec.study.name!r}: {len(victims)} victim(s) x {spec.num_trials} trial(s); "
-        f"storage {study_dir}",
-        flush=True,
-    )
+    return tracker, ids, tracking_ok
 
-    _init_ray(address)
-    _check_resources(spec)
+
+def _prepare_victims(spec: StudySpec, tracker: StudyTracker | None) -> VictimCache:
+    """Train the missing victims (Ray tasks), record all of them in Parquet and MLflow."""
+    from bdx_study.schema import victim_columns
+
+    from .victim_stage import ensure_victims
+
     cache = VictimCache(spec.storage_root() / "victims")
-    res = spec.resources
-    records = ensure_victims(victims, cache, cpu=res.cpu, gpu=res.gpu)
-    tables = StudyTables(study_dir)
-    tables.write_victims(
+    records = ensure_victims(spec.victim_configs(), cache, cpu=spec.resources.cpu, gpu=spec.resources.gpu)
+    StudyTables(spec.study_dir).write_victims(
         [
             {
                 **victim_columns(r.config),
@@ -224,68 +248,151 @@ def launch(
             for r, _ in records
         ]
     )
-    if tracking_ok:
+    if tracker is not None:
         _log_victims(tracker, records)
+    return cache
 
-    ctx = StudyContext(
-        spec=spec,
-        study_dir=study_dir,
-        victim_cache=cache.root,
-        victims=tuple(victims),
-        stage_cache=spec.storage_root() / "stages" if spec.study.stage_cache else None,
-    )
+
+def _tuner(spec: StudySpec, ctx: StudyContext, tracker: StudyTracker, resume: bool) -> Any:
+    from ray import tune
+
+    from .trainable import defense_trial
+
+    tune_dir = spec.study_dir / "tune"
     trainable = tune.with_resources(tune.with_parameters(defense_trial, ctx=ctx), trial_resources(spec))
     if resume and tune_dir.exists():
         print(
-            f"[bdx-study] resuming: {len(tables.finished_trials())} finished trial(s) kept, the rest run now",
+            f"[bdx-study] resuming: {len(StudyTables(spec.study_dir).finished_trials())} finished trial(s) kept, "
+            "the rest run now",
             flush=True,
         )
         # Tune restores the callbacks pickled at the first launch (see MlflowStudyCallback).
-        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                metric="objective",
-                mode=spec.search.objective.mode,
-                search_alg=_searcher(spec),
-                num_samples=spec.num_trials,
-                max_concurrent_trials=spec.search.max_concurrent,
-                reuse_actors=True,
-            ),
-            run_config=tune.RunConfig(
-                name="tune",
-                storage_path=str(study_dir),
-                callbacks=[MlflowStudyCallback(tracker, spec, study_dir)],
-                failure_config=tune.FailureConfig(max_failures=res.max_failures),
-                verbose=0,
-            ),
-        )
-    fit_start = time.perf_counter()
-    grid = tuner.fit()
-    ids["tune_fit_seconds_resumed" if resume else "tune_fit_seconds"] = time.perf_counter() - fit_start
-    _write_ids(ids_path, ids)
-    tables.consolidate()
+        return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric="objective",
+            mode=spec.search.objective.mode,
+            search_alg=_searcher(spec),
+            num_samples=spec.num_trials,
+            max_concurrent_trials=spec.search.max_concurrent,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=str(spec.study_dir),
+            callbacks=[MlflowStudyCallback(tracker, spec, spec.study_dir)],
+            failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+            verbose=0,
+        ),
+    )
 
-    best: dict[str, Any] = {}
+
+def _rerun(ctx: StudyContext, trial_id: str, config: dict[str, Any]) -> dict[str, Any]:
+    from .trainable import execute_trial
+
+    return execute_trial(ctx, trial_id, config)
+
+
+def repair_lost_trials(spec: StudySpec, ctx: StudyContext, grid: Any) -> int:
+    """Run again, as Ray tasks, the trials Tune counts as finished whose stored result is
+    missing or unreadable (checked whole); returns how many."""
+    import ray
+
+    finished = StudyTables(spec.study_dir).finished_trials(full=True)
+    lost = []
+    for i in range(len(grid)):
+        r = grid[i]
+        trial_id = (r.metrics or {}).get("trial_id")
+        if r.error is None and trial_id and trial_id not in finished:
+            lost.append((trial_id, dict(r.config)))
+    if not lost:
+        return 0
+    print(f"[bdx-study] running {len(lost)} trial(s) again whose stored result was lost", flush=True)
+    res = trial_resources(spec)
+    task = ray.remote(_rerun).options(num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=spec.resources.max_failures)
+    ray.get([task.remote(ctx, trial_id, config) for trial_id, config in lost])
+    return len(lost)
+
+
+def _interrupted(spec: StudySpec, grid: Any) -> bool:
+    """Whether Tune's run ended before every trial ran (it returns normally after SIGINT)."""
+    return len(grid) < spec.num_trials or grid.num_terminated + grid.num_errors < len(grid)
+
+
+def _best(spec: StudySpec, grid: Any) -> dict[str, Any]:
     try:
         r = grid.get_best_result(metric="objective", mode=spec.search.objective.mode)
-        m = r.metrics or {}
-        best = {
-            "trial_id": m.get("trial_id"),
-            "objective": m.get("objective"),
-            "feasible": bool(m.get("feasible")),
-            "config": r.config,
-        }
     except RuntimeError:
-        pass
-    if tracking_ok:
-        _finish_study(tracker, spec, study_dir, best, ok=grid.num_errors == 0)
+        return {}
+    m = r.metrics or {}
+    return {"trial_id": m.get("trial_id"), "objective": m.get("objective"), "feasible": bool(m.get("feasible"))}
+
+
+def launch(
+    spec: StudySpec,
+    *,
+    source: Path | None = None,
+    address: str | None = None,
+    resume: bool = False,
+) -> LaunchResult:
+    """Run the study described by ``spec`` (already validated), or resume it. Nothing is written
+    before the checks pass, the study's lock is held, Ray is up and tracking answers."""
+    import ray
+
+    t0 = time.perf_counter()
+    # Snapshot Tune's experiment state at most 1 s apart (default: >= 10 s), so a killed driver
+    # loses as little bookkeeping as possible; finished trials are also recognised by their tables.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    study_dir = spec.study_dir
+    preflight(spec, source or spec.study.name, local=address is None and not ray.is_initialized())
+    with study_lock(study_dir, spec.study.name):
+        resume = _decide_resume(spec, resume)
+        init_ray(address, study_dir)
+        stopped = stop_orphans(study_dir)
+        if stopped:
+            print(f"[bdx-study] stopped {stopped} Ray process(es) an earlier, killed launch left running", flush=True)
+        _check_resources(spec)
+        tracker, ids, tracking_ok = _start_tracking(spec, source, study_dir, resume)
+        if source is not None and not resume:
+            shutil.copyfile(source, study_dir / "study.yaml")
+        print(
+            f"[bdx-study] study {spec.study.name!r}: {len(spec.victim_configs())} victim(s) x {spec.num_trials} "
+            f"trial(s) of {', '.join(spec.families)}; storage {study_dir}",
+            flush=True,
+        )
+        status, best = "FAILED", {}
+        try:
+            cache = _prepare_victims(spec, tracker if tracking_ok else None)
+            ctx = StudyContext(
+                spec=spec,
+                study_dir=study_dir,
+                victim_cache=cache.root,
+                victims=tuple(spec.victim_configs()),
+                stage_cache=spec.storage_root() / "stages" if spec.study.stage_cache else None,
+            )
+            fit_start = time.perf_counter()
+            grid = _tuner(spec, ctx, tracker, resume).fit()
+            if _interrupted(spec, grid):  # Tune stopped on SIGINT/SIGTERM and saved its state
+                raise KeyboardInterrupt
+            repaired = repair_lost_trials(spec, ctx, grid)
+            ids["tune_fit_seconds_resumed" if resume else "tune_fit_seconds"] = time.perf_counter() - fit_start
+            _write_ids(study_dir / "study.json", ids)
+            StudyTables(study_dir).consolidate()
+            best = _best(spec, grid)
+            status = "FINISHED" if grid.num_errors == 0 else "FAILED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            if tracking_ok:
+                _finish_study(tracker, spec, study_dir, best, status=status)
 
     seconds = time.perf_counter() - t0
     print(
         f"[bdx-study] study {spec.study.name!r} done in {seconds:.0f} s: "
-        f"{grid.num_terminated} trial(s) finished, {grid.num_errors} failed",
+        f"{grid.num_terminated} trial(s) finished, {grid.num_errors} failed"
+        + (f", {repaired} run again after their stored result was lost" if repaired else ""),
         flush=True,
     )
     if best:
@@ -297,10 +404,13 @@ def launch(
         )
     print(f"[bdx-study] tables: {study_dir / 'tables'}", flush=True)
     if tracking_ok and tracker.experiment_id:
-        print(f"[bdx-study] MLflow: {ui_command(uri)}  then open {runs_link(uri, tracker.experiment_id)}", flush=True)
+        print(
+            f"[bdx-study] MLflow: {ui_command(tracker.uri)}  then open {runs_link(tracker.uri, tracker.experiment_id)}",
+            flush=True,
+        )
     return LaunchResult(
         study_dir,
-        uri,
+        tracker.uri,
         tracker.experiment_id,
         tracker.parent_run_id,
         grid.num_terminated,
@@ -336,7 +446,8 @@ def _log_victims(tracker: Any, records: list[Any]) -> None:
             print(f"[bdx-study] WARNING: MLflow logging of victim {rec.config.name} failed: {e}", flush=True)
 
 
-def _finish_study(tracker: Any, spec: StudySpec, study_dir: Path, best: dict[str, Any], ok: bool) -> None:
+def _finish_study(tracker: Any, spec: StudySpec, study_dir: Path, best: dict[str, Any], status: str) -> None:
+    """Log what MLflow is missing, drop runs of trials that will never finish, close the study run."""
     try:
         synced = tracker.sync(spec, study_dir)
         if synced:
@@ -345,6 +456,11 @@ def _finish_study(tracker: Any, spec: StudySpec, study_dir: Path, best: dict[str
             tracker.log_metrics(tracker.parent_run_id, {"best_objective": best["objective"]})
         for p in ("tables/trials.parquet", "tables/victims.parquet", "study.yaml"):
             tracker.log_artifact(tracker.parent_run_id, study_dir / p, "study")
-        tracker.finish(tracker.parent_run_id, ok=ok)
+        tracker.finish(tracker.parent_run_id, status=status)
     except Exception as e:
-        print(f"[bdx-study] WARNING: MLflow logging of the study run failed: {e}", flush=True)
+        missing = len(StudyTables(study_dir).finished_trials())
+        print(
+            f"[bdx-study] WARNING: MLflow could not be brought up to date ({short_error(e)}); Parquet holds all "
+            f"{missing} finished trial(s). Run `bdx-study sync --space FILE` once MLflow answers again.",
+            flush=True,
+        )

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,38 @@ def children_filter(parent_run_id: str | None, kind: str | None = None, key: str
         if key is not None:
             flt += f" and tags.`bdx.{kind}_id` = '{key}'"
     return flt
+
+
+# MLflow's HTTP client retries for minutes by default; a study should notice an outage in seconds.
+MLFLOW_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+OUTAGE_PAUSE_S = 30.0  # after a failed call, MLflow is left alone this long (the study does not wait on it)
+for _k, _v in MLFLOW_HTTP_DEFAULTS.items():
+    os.environ.setdefault(_k, _v)
+
+
+def short_error(e: BaseException, limit: int = 240) -> str:
+    """``Type: first line of the message`` (MLflow's SQL errors run to pages)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def probe_tracking(uri: str, timeout: float = 5.0) -> None:
+    """Raise (within ``timeout``) if the tracking store at ``uri`` cannot be reached."""
+    if uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:  # noqa: S310 - http(s) only
+            if r.status != 200:
+                raise ConnectionError(f"{uri}/health answered {r.status}")
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} is not a folder")
 
 
 def resolve_tracking_uri(uri: str | None, cwd: Path | None = None) -> str:
@@ -157,8 +189,11 @@ class StudyTracker:
         if path.is_file():
             self.client.log_artifact(run_id, str(path), artifact_path)
 
-    def finish(self, run_id: str, ok: bool = True) -> None:
-        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+    def finish(self, run_id: str, ok: bool = True, status: str | None = None) -> None:
+        """Close a run: FINISHED, FAILED (``ok=False``) or the given ``status`` (e.g. KILLED)."""
+        self.client.set_terminated(
+            run_id, status or RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+        )
 
     def log_trial(self, run_id: str, result: dict[str, Any]) -> None:
         """Metrics and artifacts of a finished trial, then mark its run FINISHED."""
@@ -168,13 +203,17 @@ class StudyTracker:
         self.finish(run_id, ok=True)
 
     def sync(self, spec: StudySpec, study_dir: Path) -> int:
-        """Log every trial that is finished in Parquet but not FINISHED in MLflow (after a
-        tracking outage or a driver killed while logging). Returns how many were logged."""
+        """Make MLflow agree with Parquet: log every trial that is finished in Parquet but not
+        FINISHED in MLflow (after a tracking outage or a driver killed while logging), and delete
+        (MLflow's soft delete) the runs of trials that never finished and never will (trials a
+        killed driver had started after Tune's last snapshot). Call only while no launch of the
+        study runs. Returns how many trials were logged."""
         tables = StudyTables(study_dir)
         finished = tables.finished_trials()
-        if not finished:
-            return 0
         runs = self._children("trial")
+        for trial_id, run in runs.items():
+            if run.info.status == "RUNNING" and trial_id not in finished:
+                self.client.delete_run(run.info.run_id)
         logged = 0
         for trial_id in sorted(finished):
             run = runs.get(trial_id)
@@ -226,12 +265,16 @@ class MlflowStudyCallback(tune.Callback):
         self.spec = spec
         self.study_dir = study_dir
         self.total = spec.num_trials
-        self.done = 0
+        self.completed: set[str] = set()
+        self.failures = 0  # MLflow calls that failed (or were skipped) in the current outage
+        self.failed_at = 0.0
 
     def setup(self, *args: Any, **info: Any) -> None:
         """Called when a run starts or resumes: take the current MLflow ids from study.json (a
         resumed study may have a tracking server that was down at its first launch)."""
-        self.done = len(StudyTables(self.study_dir).finished_trials())
+        self.completed = set()
+        self.failures = 0
+        self.failed_at = 0.0
         ids_path = self.study_dir / "study.json"
         if ids_path.is_file():
             ids = json.loads(ids_path.read_text())
@@ -241,17 +284,30 @@ class MlflowStudyCallback(tune.Callback):
             self.tracker._client = None
 
     def _safe(self, what: str, fn: Any, *args: Any) -> Any:
+        """Tracking must never kill or stall the study (Parquet keeps the results): during an
+        outage MLflow is tried again only every OUTAGE_PAUSE_S seconds, and the outage is
+        reported once when it starts and once when it ends, not at every call."""
+        if self.failures and time.monotonic() - self.failed_at < OUTAGE_PAUSE_S:
+            self.failures += 1
+            return None
         try:
             if self.tracker.parent_run_id is None:
                 raise RuntimeError("MLflow was unreachable when the study started")
-            return fn(*args)
-        except Exception as e:  # tracking must never kill the study: Parquet keeps the results
-            warnings.warn(
-                f"MLflow {what} failed ({type(e).__name__}: {e}); results stay in Parquet and are logged by "
-                "the next `bdx-study launch --resume`",
-                stacklevel=2,
-            )
+            out = fn(*args)
+        except Exception as e:
+            self.failed_at = time.monotonic()
+            if self.failures == 0:
+                print(
+                    f"[bdx-study] WARNING: MLflow {what} failed ({short_error(e)}); the study goes on, results stay "
+                    "in Parquet and are logged when MLflow answers again (or by `bdx-study sync`)",
+                    flush=True,
+                )
+            self.failures += 1
             return None
+        if self.failures:
+            print(f"[bdx-study] MLflow answers again after {self.failures} failed call(s)", flush=True)
+            self.failures = 0
+        return out
 
     def _run_id(self, trial: Any) -> str | None:
         got = self._safe("run creation", self.tracker.trial_run, trial.trial_id, trial_params(self.spec, trial.config))
@@ -261,14 +317,15 @@ class MlflowStudyCallback(tune.Callback):
         self._run_id(trial)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.done += 1
+        self.completed.add(trial.trial_id)
+        done = len(self.completed | StudyTables(self.study_dir).finished_trials())
         result = trial.last_result or {}
         run_id = self._run_id(trial)
         if run_id is not None:
             self._safe("logging", self.tracker.log_trial, run_id, result)
         obj = result.get("objective", float("nan"))
         print(
-            f"[bdx-study] trial {self.done}/{self.total} {trial.trial_id} finished: "
+            f"[bdx-study] trial {done}/{self.total} {trial.trial_id} finished: "
             f"objective {obj:.4f}{'' if result.get('feasible', 1.0) else ' (infeasible)'}; "
             + ", ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items()),
             flush=True,

@@ -145,19 +145,13 @@ def trial_aggregates(res: TrialResult) -> dict[str, float]:
     return out
 
 
-def defense_trial(config: dict[str, Any], *, ctx: StudyContext) -> None:
-    """Ray Tune function trainable. ``config`` holds the family (``detector``) and the sampled
-    values; the study's fixed ones come from ``ctx``. Writes Parquet parts and a plot, then
-    reports once."""
+def execute_trial(ctx: StudyContext, trial_id: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Run trial ``trial_id`` with ``config`` (the family under ``detector`` and the sampled
+    values; the study's fixed ones come from ``ctx``): write its plot, report and Parquet parts
+    (the trial counts as finished once its trials part exists). Returns the report."""
     start, started_at = time.perf_counter(), time.time()
-    trial_id = tune.get_context().get_trial_id()
     artifacts = ctx.study_dir / "artifacts" / trial_id
     tables = StudyTables(ctx.study_dir)
-    if trial_id in tables.finished_trials() and (artifacts / "report.json").is_file():
-        # A restored study restarted a trial that had already finished (its result was written
-        # after Tune's last experiment snapshot): report the stored result instead of re-running.
-        tune.report(json.loads((artifacts / "report.json").read_text()))
-        return
     torch.set_num_threads(max(1, math.floor(ctx.spec.resources.cpu)))
     device = pick_device(prefer_gpu=ctx.spec.resources.gpu > 0)
     res = run_trial(ctx, config, device=device)
@@ -193,6 +187,26 @@ def defense_trial(config: dict[str, Any], *, ctx: StudyContext) -> None:
         [scores_table(trial_id, v.key, res.family.name, run.evaluation.samples) for v, run in res.runs]
     )
     tables.write_trial(trial_id, rows, scores)  # the trial counts as finished now
+    return report
+
+
+def stored_report(ctx: StudyContext, trial_id: str) -> dict[str, Any] | None:
+    """The report of a trial that already finished (readable parts and report), else None."""
+    report = ctx.study_dir / "artifacts" / trial_id / "report.json"
+    if not report.is_file() or trial_id not in StudyTables(ctx.study_dir).finished_trials():
+        return None
+    try:
+        return dict(json.loads(report.read_text()))
+    except ValueError:
+        return None
+
+
+def defense_trial(config: dict[str, Any], *, ctx: StudyContext) -> None:
+    """Ray Tune function trainable: one report per trial."""
+    trial_id = tune.get_context().get_trial_id()
+    # A restored study may restart a trial that had already finished (its result was written
+    # after Tune's last experiment snapshot): report the stored result instead of re-running.
+    report = stored_report(ctx, trial_id) or execute_trial(ctx, trial_id, config)
     tune.report(report)
 
 
@@ -205,4 +219,4 @@ def bare_trial_seconds(ctx: StudyContext, config: dict[str, Any], device: torch.
     return time.perf_counter() - t
 
 
-__all__ = ["bare_trial_seconds", "defense_trial", "run_trial", "trial_aggregates"]
+__all__ = ["bare_trial_seconds", "defense_trial", "execute_trial", "run_trial", "stored_report", "trial_aggregates"]

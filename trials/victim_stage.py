@@ -10,7 +10,7 @@ import ray
 import torch
 
 from bdx_study.training import pick_device
-from bdx_study.victims import VictimCache, VictimConfig, VictimRecord
+from bdx_study.victims import VictimCache, VictimConfig, VictimError, VictimRecord
 
 
 def _train_one(cache_root: str, config: VictimConfig, threads: int, use_gpu: bool) -> tuple[VictimRecord, bool]:
@@ -39,7 +39,14 @@ def ensure_victims(
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            rec, trained = ray.get(done[0])
+            try:
+                rec, trained = ray.get(done[0])
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, VictimError):  # a clear message, not a remote traceback
+                    for ref in pending:
+                        ray.cancel(ref, force=True)
+                    raise VictimError(str(e.cause)) from None
+                raise
             records[rec.config.key] = (rec, trained)
             print(
                 f"[bdx-study] victim {rec.config.name}: clean acc {rec.clean_acc:.3f}, attack success "

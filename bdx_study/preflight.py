@@ -1,0 +1,99 @@
+"""Checks a study must pass before any work starts, shared by ``validate`` and ``launch`` (so that
+whatever ``launch`` would refuse, ``validate`` refuses too): the storage folder, the data and its
+split sizes, and the resources a trial asks for. Each problem names the file, the key and the
+value, and says what is allowed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bdx_study.data import DataError, resolve_root
+from bdx_study.space import SpaceError, StudySpec
+
+
+def check_storage(spec: StudySpec, source: str) -> None:
+    """``study.storage`` is a folder, or can become one (its first existing parent is a writable folder)."""
+    root = spec.storage_root()
+    p = root
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise SpaceError(
+            f"{source}: study.storage: {spec.study.storage!r} -> {p} is a file, not a folder; choose a folder"
+        )
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise SpaceError(f"{source}: study.storage: {p} is not writable; choose a folder you can write to")
+
+
+def check_data(spec: StudySpec, source: str) -> None:
+    """Every dataset is readable and holds the splits the study asks for."""
+    from bdx_study.data import _load_cached
+
+    d = spec.data
+    for ds in spec.victims.datasets:
+        try:
+            train, test = _load_cached(ds, resolve_root(d.root), d.download)
+        except (DataError, OSError) as e:
+            raise SpaceError(f"{source}: data (dataset {ds!r}): {e}") from None
+        n_test, n_train = len(test), len(train)
+        problems = []
+        if d.reserve_size > n_test - 2:
+            problems.append(
+                f"data.reserve_size: {d.reserve_size} leaves fewer than 2 of the {n_test} test images of {ds!r} "
+                "for selection and evaluation"
+            )
+        else:
+            available = n_test - d.reserve_size
+            n_held = available if d.eval_size is None else d.eval_size
+            if d.eval_size is not None and not 2 <= d.eval_size <= available:
+                problems.append(
+                    f"data.eval_size: {d.eval_size} must be in [2, {available}] ({ds!r} has {n_test} test images, "
+                    f"{d.reserve_size} of them reserved)"
+                )
+            elif not 1 <= round(n_held * d.selection_fraction) < n_held:
+                problems.append(
+                    f"data.selection_fraction: {d.selection_fraction} of {n_held} held-out images leaves "
+                    f"{round(n_held * d.selection_fraction)} for selection; both splits need at least one"
+                )
+        if d.train_size is not None and d.train_size > n_train:
+            problems.append(f"data.train_size: {d.train_size} exceeds the {n_train} training images of {ds!r}")
+        if problems:
+            raise SpaceError("\n".join(f"{source}: {p}" for p in problems))
+    for v in spec.victim_configs():
+        attack = v.build_attack()
+        check = getattr(attack, "check_data", None)
+        if check is not None:
+            try:
+                check(v.data.splits(v.dataset).train)
+            except ValueError as e:
+                raise SpaceError(f"{source}: victims.attacks ({v.attack.name}): {e}") from None
+
+
+def check_local_resources(spec: StudySpec, source: str) -> None:
+    """Without --address, launch runs on this machine: a trial must fit on it."""
+    cpus = os.cpu_count() or 1
+    if spec.resources.cpu > cpus:
+        raise SpaceError(
+            f"{source}: resources.cpu: {spec.resources.cpu:g} CPUs per trial, but this machine has {cpus}; "
+            "lower it, or run on a cluster with --address"
+        )
+    if spec.resources.gpu > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if spec.resources.gpu > gpus:
+            raise SpaceError(
+                f"{source}: resources.gpu: {spec.resources.gpu:g} GPU(s) per trial, but this machine has {gpus}; "
+                "set resources.gpu: 0, or run on a GPU cluster with --address"
+            )
+
+
+def preflight(spec: StudySpec, source: str | Path, *, local: bool = True) -> None:
+    """Everything :mod:`bdx_study.space` cannot check from the file alone; ``local``: the study
+    will run on a Ray this machine starts (no --address), so a trial must fit on this machine."""
+    src = str(source)
+    check_storage(spec, src)
+    check_data(spec, src)
+    if local:
+        check_local_resources(spec, src)

@@ -1,0 +1,135 @@
+"""Ray for a study: which cluster the driver joins, and what happens to Ray's processes when the
+driver dies.
+
+- Without ``--address`` the driver starts its own local Ray (``address="local"``): it never
+  joins another program's cluster, nor a stale one a crashed cluster left behind.
+  ``--address auto`` joins the local cluster ``ray start`` made; ``--address HOST:PORT`` a
+  remote one, probed first so that a wrong address fails in seconds.
+- Every process of a local Ray started by a launch carries an environment marker naming the
+  study and the launch. A small watchdog outlives a killed driver and stops them; the next
+  launch of the study stops any that are still there (Ray's agents ignore SIGTERM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bdx_study.space import SpaceError
+
+MARKER = "BDX_STUDY_RAY"  # environment variable: "<study dir>|<launch id>"
+CURRENT_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")  # written by `ray start`
+PROBE_TIMEOUT_S = 5.0
+
+
+def probe_address(address: str) -> str:
+    """The concrete ``HOST:PORT`` of ``address`` ("auto" = the local `ray start` cluster), after
+    checking that something listens there; a clear error otherwise."""
+    if address == "auto":
+        if not CURRENT_CLUSTER_FILE.is_file():
+            raise SpaceError(
+                "--address auto: no local Ray cluster (start one with `ray start --head`, or leave out --address "
+                "to let bdx-study start its own)"
+            )
+        address = CURRENT_CLUSTER_FILE.read_text().strip()
+    if address.startswith("ray://"):
+        return address  # Ray Client: its own handshake
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise SpaceError(f"--address {address!r}: expected HOST:PORT (e.g. 10.0.0.1:6379), 'auto' or ray://HOST:PORT")
+    try:
+        with socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as e:
+        raise SpaceError(
+            f"--address {address}: no Ray cluster reachable there ({e.strerror or e}); check the head node's "
+            "address, or leave out --address to let bdx-study start its own local Ray"
+        ) from None
+    return address
+
+
+def init_ray(address: str | None, study_dir: Path) -> None:
+    """Join ``address`` or start a private local Ray (with a watchdog against orphans)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "logging_level": "WARNING"}
+    on_term = signal.getsignal(signal.SIGTERM)  # Ray replaces it with a handler that aborts
+    try:
+        if address:
+            ray.init(address=probe_address(address), **kwargs)
+            return
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster on loopback
+        marker = f"{study_dir}|{uuid.uuid4().hex}"
+        os.environ[MARKER] = marker  # inherited by every process of the local Ray
+        ray.init(address="local", object_store_memory=256 * 2**20, **kwargs)
+    finally:
+        if callable(on_term) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_term)
+    subprocess.Popen(
+        [sys.executable, "-m", "bdx_study.trials.cluster", str(os.getpid()), marker],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _marked(prefix: str, exclude: str | None = None) -> list[Any]:
+    """This machine's processes whose marker starts with ``prefix`` (but is not ``exclude``)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            value = p.environ().get(MARKER)
+            if value and value.startswith(prefix) and value != exclude and p.pid != os.getpid():
+                found.append(p)
+    return found
+
+
+def _kill(procs: list[Any]) -> int:
+    import psutil
+
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(procs, timeout=10)
+    return len(procs)
+
+
+def stop_orphans(study_dir: Path) -> int:
+    """Stop the local Ray processes an earlier launch of this study left running (its driver was
+    killed). Call while holding the study's lock: no other launch of it is alive."""
+    current = os.environ.get(MARKER)
+    return _kill(_marked(f"{study_dir}|", exclude=current))
+
+
+def _watch(driver_pid: int, marker: str) -> None:
+    """Wait for the driver to end, then stop what its local Ray left behind."""
+    while True:
+        try:
+            os.kill(driver_pid, 0)
+        except ProcessLookupError:
+            break
+        except PermissionError:
+            pass
+        time.sleep(1.0)
+    time.sleep(2.0)  # a clean shutdown is already stopping them
+    _kill(_marked(marker))
+
+
+if __name__ == "__main__":  # the watchdog: python -m bdx_study.trials.cluster DRIVER_PID MARKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _watch(int(sys.argv[1]), sys.argv[2])
