@@ -36,6 +36,7 @@ CONTRACT_PARAMS: dict[str, dict[str, Any]] = {
         "aux_milestones": [2],
         "aux_lr": 0.1,
     },
+    "sentinet": {"sentinet_num_images": 4},
     "strip": {"num_images": 16},
 }
 FAMILIES = DETECTORS.names()
