@@ -40,6 +40,7 @@ CONTRACT_PARAMS: dict[str, dict[str, Any]] = {
     # contract fast. gamma 0.04 on 16x16 inputs weighs the mask's L1 per pixel as the paper's 0.01
     # does on 32x32 ones.
     "cognitive_distillation": {"cd_steps": 5, "cd_lr": 0.3, "cd_gamma": 0.04},
+    "frequency": {"freq_epochs": 10, "freq_width": 8},
     "sentinet": {"sentinet_num_images": 4},
     "strip": {"num_images": 16},
 }
