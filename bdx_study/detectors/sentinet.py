@@ -170,11 +170,13 @@ def signed_distance(avgconf: Tensor, fooled: Tensor, coef: Tensor, span: Tensor)
     The nearest curve point lies within the vertical gap v of the point horizontally, so each
     point searches a grid of ``DISTANCE_GRID`` abscissae over [a - v, a + v]."""
     a, f = avgconf.double(), fooled.double()
-    if len(a) == 0:
-        return torch.empty(0, dtype=torch.float64)
     gap = f - boundary(a, coef, span)
-    t = a[:, None] + gap.abs()[:, None] * torch.linspace(-1.0, 1.0, DISTANCE_GRID, dtype=torch.float64)[None]
-    dist = ((t - a[:, None]) ** 2 + (boundary(t, coef, span) - f[:, None]) ** 2).sqrt().amin(1)
+    steps = torch.linspace(-1.0, 1.0, DISTANCE_GRID, dtype=torch.float64)[None]
+    dist = torch.empty_like(a)
+    for i in range(0, len(a), 1024):  # bounded memory: 1024 x DISTANCE_GRID at a time
+        ai, fi, gi = a[i : i + 1024, None], f[i : i + 1024, None], gap[i : i + 1024, None]
+        t = ai + gi.abs() * steps
+        dist[i : i + 1024] = ((t - ai) ** 2 + (boundary(t, coef, span) - fi) ** 2).sqrt().amin(1)
     return torch.sign(gap) * dist
 
 
