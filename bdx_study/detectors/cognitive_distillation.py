@@ -114,7 +114,8 @@ class CognitiveDistillation(DetectorFamily):
     # background): the masks of triggered inputs keep the digit as well as the patch, since the
     # patch alone keeps the prediction but not the other logits (L1 ~2.3), so they are no smaller
     # than clean masks (AUROC 0.44 at the paper's defaults, 0.32-0.51 over gamma 0.01-0.1, beta
-    # 1-100, 5-300 steps and a 30-epoch victim). Blend is detected (0.99 at gamma 0.03-0.05).
+    # 1-100, 5-300 steps and a 30-epoch victim). Blend is detected (0.99 at gamma 0.03-0.05). On a
+    # Fashion-MNIST small CNN (6,000 images, 4 epochs) the defaults give BadNet 0.68, Blend 0.996.
     detects = frozenset({"blend"})
 
     def __init__(self, params: DetectorParams) -> None:
