@@ -38,7 +38,10 @@ BAD_CASES = {
         {"detectors": {"badexpert": {"unlearn_rate": 0.1}}},
         ["detectors.badexpert.unlearn_rate", "unknown parameter", "unlearn_lr"],
     ),
-    "unknown_family": ({"detectors": {"neural_cleanse": {}}}, ["detectors.neural_cleanse", "badexpert, scale_up"]),
+    "unknown_family": (
+        {"detectors": {"neural_cleanse": {}}},
+        ["detectors.neural_cleanse", "known: badexpert", "strip"],
+    ),
     "dist_on_missing_param": (
         {"detectors": {"scale_up": {"num_images": {"dist": "int", "low": 1, "high": 4}}}},
         ["detectors.scale_up.num_images", "unknown parameter", "scales"],
@@ -101,4 +104,6 @@ def test_validate_and_list_shipped_studies(tmp_path: Path) -> None:
     code, out, _ = run_cli("list", cwd=tmp_path)
     assert code == 0
     assert "badnet" in out and "small_cnn" in out and "digits" in out and "unlearn_lr" in out
-    assert "detectors:     badexpert, scale_up, strip" in out and "num_images" in out and "[scoring]" in out
+    from bdx_study.detectors import DETECTORS
+
+    assert f"detectors:     {', '.join(DETECTORS.names())}" in out and "num_images" in out and "[scoring]" in out
