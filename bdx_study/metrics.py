@@ -43,6 +43,8 @@ def _detection_metrics() -> list[Metric]:
             Metric(f"auroc_{p}", "higher", f"ranking AUROC of the continuous scores ({p})"),
             Metric(f"tpr_at_threshold_{p}", "higher", f"triggered inputs flagged at the calibrated threshold ({p})"),
             Metric(f"fpr_at_threshold_{p}", "lower", f"clean inputs flagged at the calibrated threshold ({p})"),
+            Metric(f"fpr_at_threshold_low_{p}", None, f"95% Clopper-Pearson interval of fpr_at_threshold, low ({p})"),
+            Metric(f"fpr_at_threshold_high_{p}", None, f"95% Clopper-Pearson interval of fpr_at_threshold, high ({p})"),
         ]
         out += [
             Metric(f"tpr_at_{k}_fpr_{p}", "higher", f"best TPR at FPR <= {v:.0%} on this split's own ROC ({p})")
@@ -84,6 +86,39 @@ def fit_threshold(calibration_scores: np.ndarray, target_fpr: float) -> float:
     if len(calibration_scores) == 0:
         raise ValueError("no calibration scores to fit a threshold on")
     return float(np.quantile(np.asarray(calibration_scores, dtype=np.float64), 1.0 - target_fpr, method="linear"))
+
+
+def conformal_threshold(calibration_scores: np.ndarray, target_fpr: float) -> float:
+    """tau = the k-th smallest of n clean calibration scores, k = ceil((n + 1)(1 - target_fpr)).
+    For a clean input exchangeable with the calibration inputs, P(score > tau) <= target_fpr
+    (split-conformal guarantee; ties only lower it). Needs n >= ceil(1 / target_fpr) - 1."""
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
+    s = np.sort(np.asarray(calibration_scores, dtype=np.float64))
+    n = len(s)
+    k = math.ceil((n + 1) * (1.0 - target_fpr) - 1e-9)
+    if k > n:
+        raise ValueError(
+            f"{n} correctly classified clean calibration input(s) cannot support target_fpr {target_fpr}: the "
+            f"conformal threshold needs at least {min_calibration(target_fpr)}; give more calibration images or a "
+            "larger target_fpr"
+        )
+    return float(s[k - 1])
+
+
+def min_calibration(target_fpr: float) -> int:
+    """The fewest calibration scores a conformal threshold at ``target_fpr`` can use."""
+    return max(1, math.ceil(1.0 / target_fpr - 1e-9) - 1)
+
+
+def proportion_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson (exact binomial) interval of a rate; (nan, nan) when n = 0."""
+    if n == 0:
+        return math.nan, math.nan
+    from scipy.stats import binomtest
+
+    ci = binomtest(successes, n).proportion_ci(confidence_level=level, method="exact")
+    return float(ci.low), float(ci.high)
 
 
 def _rate(mask: np.ndarray) -> float:
@@ -144,6 +179,8 @@ def detection_metrics(
         out[f"auroc_{proto}"] = auroc(neg, pos)
         out[f"tpr_at_threshold_{proto}"] = _rate(pos > threshold)
         out[f"fpr_at_threshold_{proto}"] = _rate(neg > threshold)
+        lo, hi = proportion_interval(int((neg > threshold).sum()), int(neg.size))
+        out[f"fpr_at_threshold_low_{proto}"], out[f"fpr_at_threshold_high_{proto}"] = lo, hi
         for name, fpr in FIXED_FPRS.items():
             out[f"tpr_at_{name}_fpr_{proto}"] = tpr_at_fpr(neg, pos, fpr)
     return out

@@ -1,14 +1,20 @@
 """The evaluation protocol shared by every detector family.
 
-1. **Defender split.** The defender's clean set D_c is the first ``clean_set_size`` images of the
-   reserved pool; its last ``round(clean_set_size * calibration_fraction)`` images form the
-   *calibration* part and the rest the *finetune* part, which is all a family fits on.
+1. **Defender split.** The defender's clean set D_c is ``clean_set_size`` images of the reserved
+   pool (the first ones, or a seeded draw: ``clean_set_seed``). By default its last
+   ``round(clean_set_size * calibration_fraction)`` images form the *calibration* part and the
+   rest the *finetune* part, which is all a family fits on. With ``calibration_size`` set,
+   calibration is a separate clean budget (the next ``calibration_size`` reserved images) and
+   the family fits on all of D_c, as in the reference implementation.
 2. **Scored inputs** (:func:`scoring_parts`): the calibration part (clean), and on the
    *selection* and *evaluation* splits every clean input plus the attack's test-time trigger
    applied to every input that counts toward attack success.
-3. **Threshold**: the (1 - target_fpr) quantile of the scores of calibration inputs that the
-   model classifies correctly; an input is flagged iff its score > threshold. Calibration never
-   sees selection or evaluation data.
+3. **Threshold**, from the scores of the calibration inputs the model classifies correctly; an
+   input is flagged iff its score > threshold. ``conformal`` (default): the
+   ceil((n + 1)(1 - target_fpr))-th smallest of the n scores, so that the false-positive rate on
+   exchangeable clean inputs is at most ``target_fpr`` in expectation; ``quantile``: the paper's
+   (1 - target_fpr) quantile (linear interpolation), whose realized FPR exceeds the target on
+   average at small n. Calibration never sees selection or evaluation data.
 4. **Metrics** (:mod:`bdx_study.metrics`), computed per split from that split's rows only:
    correct-only and all-inputs AUROC from continuous scores, TPR/FPR at the threshold and at 1%
    and 5% FPR, CA and ASR before and after filtering. The search optimizes the selection split;
@@ -19,7 +25,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -28,9 +34,9 @@ from torch import Tensor
 
 from bdx_study._config import RowModel
 from bdx_study.attacks import Attack
-from bdx_study.data import ImageData, Splits, defender_split
+from bdx_study.data import DataError, ImageData, Splits, defender_split
 from bdx_study.detectors import DetectorFamily
-from bdx_study.metrics import detection_metrics, fit_threshold
+from bdx_study.metrics import conformal_threshold, detection_metrics, fit_threshold
 
 SPLITS = ("calibration", "selection", "evaluation")
 SAMPLE_COLUMNS = (
@@ -51,17 +57,59 @@ class ProtocolConfig(RowModel):
 
     clean_set_size: int = Field(300, ge=2, description="|D_c|, reserved clean images (paper: 2,000 on CIFAR-10)")
     calibration_fraction: float = Field(
-        0.5, gt=0, lt=1, description="share of D_c held out to calibrate the threshold (and to early-stop B)"
+        0.5, gt=0, lt=1, description="share of D_c held out to calibrate the threshold (when calibration_size is null)"
+    )
+    calibration_size: int | None = Field(
+        None,
+        ge=1,
+        description="a separate calibration budget of reserved images beyond D_c, so families fit on all of D_c "
+        "(the reference's setting); null = calibrate on calibration_fraction of D_c",
+    )
+    clean_set_seed: int = Field(
+        0, ge=0, description="which reserved images form D_c: 0 = the first ones, else a seeded draw (refits)"
     )
     target_fpr: float = Field(0.01, gt=0, lt=1, description="false-positive rate the threshold targets (paper: 1%)")
+    threshold_rule: Literal["conformal", "quantile"] = Field(
+        "conformal", description="conformal: FPR <= target in expectation; quantile: the paper's interpolated quantile"
+    )
+
+    @property
+    def calibration_images(self) -> int:
+        """How many clean images the threshold is calibrated on (before keeping correct ones)."""
+        if self.calibration_size is not None:
+            return self.calibration_size
+        return round(self.clean_set_size * self.calibration_fraction)
+
+    @property
+    def reserve_needed(self) -> int:
+        return self.clean_set_size + (self.calibration_size or 0)
 
     def defender_split(self, reserve: ImageData) -> tuple[ImageData, ImageData]:
-        """D_c (the first ``clean_set_size`` reserved images) as (finetune part, calibration part)."""
-        return defender_split(reserve, self.clean_set_size, self.calibration_fraction)
+        """(finetune part, calibration part) of the defender's reserved clean pool."""
+        if self.reserve_needed > len(reserve):
+            raise DataError(
+                f"clean_set_size {self.clean_set_size} + calibration_size {self.calibration_size or 0} exceed the "
+                f"{len(reserve)} reserved images"
+            )
+        if self.clean_set_seed == 0:
+            order = torch.arange(len(reserve))
+        else:
+            order = torch.randperm(len(reserve), generator=torch.Generator().manual_seed(self.clean_set_seed))
+        if self.calibration_size is None:
+            dc = reserve.take(order[: self.clean_set_size])
+            return defender_split(dc, self.clean_set_size, self.calibration_fraction)
+        n = self.clean_set_size
+        return reserve.take(order[:n]), reserve.take(order[n : n + self.calibration_size])
 
     def clean_set_identity(self) -> dict[str, Any]:
         """What decides which images a family fits on (and calibrates on)."""
-        return {"clean_set_size": self.clean_set_size, "calibration_fraction": self.calibration_fraction}
+        return self.model_dump(include={"clean_set_size", "calibration_fraction", "calibration_size", "clean_set_seed"})
+
+    def threshold(self, calibration_scores: np.ndarray) -> float:
+        """The threshold from the scores of correctly classified clean calibration inputs."""
+        if self.threshold_rule == "quantile":
+            return fit_threshold(calibration_scores, self.target_fpr)
+        return conformal_threshold(calibration_scores, self.target_fpr)
 
 
 @dataclass(frozen=True)
@@ -115,7 +163,7 @@ def evaluate(
     parts: list[Part],
     preds: dict[str, Tensor],
     feats: dict[str, dict[str, Tensor]],
-    target_fpr: float,
+    protocol: ProtocolConfig,
 ) -> Evaluation:
     """Score every part from its features (``feats[part.name]``) and M's predictions
     (``preds[part.name]``), calibrate the threshold on the correctly classified calibration
@@ -126,7 +174,7 @@ def evaluate(
     correct = (preds[cal.name] == cal.label).numpy()
     if not correct.any():
         raise ValueError("the model classifies no calibration input correctly: no clean scores to calibrate on")
-    threshold = fit_threshold(scores[cal.name][correct], target_fpr)
+    threshold = protocol.threshold(scores[cal.name][correct])
 
     results: dict[str, dict[str, float]] = {}
     for split in SPLITS[1:]:

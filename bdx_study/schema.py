@@ -103,8 +103,8 @@ def trials_schema() -> pa.Schema:
     tail = [
         *_metric_fields(),
         *[pa.field(m.name, pa.float64()) for m in COST_METRICS],
-        pa.field("finetune_size", pa.int64()),
-        pa.field("calibration_size", pa.int64()),
+        pa.field("finetune_images", pa.int64()),  # what the family fitted on
+        pa.field("calibration_images", pa.int64()),  # what the threshold was calibrated on (before correct-only)
         pa.field("stages_fitted", pa.int64()),  # components this row fitted (0 = all found in the stage cache)
         pa.field("stage_keys", pa.string()),  # JSON {component: stage cache key}
         pa.field("fit_meta", pa.string()),  # JSON {component: fit metadata}

@@ -52,7 +52,7 @@ from bdx_study.archs import ARCHITECTURES
 from bdx_study.attacks import ATTACKS
 from bdx_study.data import DATASETS
 from bdx_study.detectors import DETECTORS, DetectorParams
-from bdx_study.metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER
+from bdx_study.metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER, min_calibration
 from bdx_study.protocol import ProtocolConfig
 from bdx_study.victims import AttackSpec, DataConfig, TrainingConfig, VictimConfig
 
@@ -503,26 +503,42 @@ def _check_values(spec: StudySpec, source: str) -> None:
 
 
 def _check_clean_set(spec: StudySpec, source: str) -> list[str]:
-    """D_c must fit in the reserved pool and leave images both to finetune and to calibrate on."""
+    """D_c (and a separate calibration budget) must fit in the reserved pool and leave images both
+    to finetune and to calibrate on; a conformal threshold needs enough calibration images for
+    the target FPR."""
 
     def values(key: str) -> list[Any]:
         d = spec.protocol.get(key, ProtocolConfig.model_fields[key].default)
         return [v for _, v in _extremes(d)] if isinstance(d, LogUniform | Uniform | IntRange | Choice) else [d]
 
     problems = []
-    for n in values("clean_set_size"):
-        if n > spec.data.reserve_size:
+    reserve = spec.data.reserve_size
+    for n, f, c, fpr, rule in itertools.product(
+        values("clean_set_size"),
+        values("calibration_fraction"),
+        values("calibration_size"),
+        values("target_fpr"),
+        values("threshold_rule"),
+    ):
+        if n + (c or 0) > reserve:
+            what = f"clean_set_size {n}" + (f" + calibration_size {c}" if c else "")
+            key = "protocol.clean_set_size" if not c else "protocol.calibration_size"
             problems.append(
-                f"{source}: protocol.clean_set_size: {n} exceeds data.reserve_size {spec.data.reserve_size} "
-                "(the clean data reserved for the defender)"
+                f"{source}: {key}: {what} exceeds data.reserve_size {reserve} (the clean data reserved for the "
+                "defender)"
             )
-        for f in values("calibration_fraction"):
-            n_cal = round(n * f)
-            if not 1 <= n_cal < n:
-                problems.append(
-                    f"{source}: protocol.calibration_fraction: {f} of clean_set_size {n} leaves {n_cal} "
-                    "image(s) to calibrate on; at least 1 and fewer than the clean set are needed"
-                )
+        n_cal = c if c is not None else round(n * f)
+        if c is None and not 1 <= n_cal < n:
+            problems.append(
+                f"{source}: protocol.calibration_fraction: {f} of clean_set_size {n} leaves {n_cal} "
+                "image(s) to calibrate on; at least 1 and fewer than the clean set are needed"
+            )
+        elif rule == "conformal" and n_cal < min_calibration(fpr):
+            problems.append(
+                f"{source}: protocol.target_fpr: {fpr} needs at least {min_calibration(fpr)} calibration images for a "
+                f"conformal threshold, but the protocol calibrates on {n_cal}; calibrate on more images "
+                "(calibration_fraction / calibration_size) or raise target_fpr"
+            )
     return problems
 
 

@@ -389,7 +389,7 @@ def run_detector(
         for c in family.components
     }
     feats = {p.name: {k: v for r in runs.values() for k, v in r.outputs[p.name].items()} for p in parts}
-    ev = evaluate(family, parts, preds, feats, protocol.target_fpr)
+    ev = evaluate(family, parts, preds, feats, protocol)
     n = max(1, sum(len(p) for p in parts))
     costs = [base_cost, *(r.cost for r in runs.values())]  # each measured when its outputs were computed
     return DetectorRun(

@@ -133,7 +133,7 @@ def in_process(work: Path) -> None:
                 for p in parts:
                     feats[p.name].update(done[key][p.name])
             t = time.perf_counter()
-            evaluate(family, parts, preds, feats, protocol.target_fpr)
+            evaluate(family, parts, preds, feats, protocol)
             bare += time.perf_counter() - t
     n = len(grid)
     print(f"grid: {n} configs x {len(victims)} victims = {n * len(victims)} evaluations")

@@ -5,6 +5,8 @@ correctly classified calibration inputs)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -20,7 +22,6 @@ from bdx_study.detectors.badexpert import (
     finetune_expert,
     shifted_labels,
 )
-from bdx_study.metrics import fit_threshold
 from bdx_study.protocol import ProtocolConfig
 from bdx_study.stages import StageStore, run_detector
 from bdx_study.training import fit, predict_proba
@@ -161,8 +162,9 @@ def test_family_computes_the_method(digits_splits: Splits, model: torch.nn.Modul
         return badexpert_score(b, m, "ensemble", 3.0, 0.4)
 
     correct = predict_proba(model, cal.x).argmax(1) == cal.y
-    tau = fit_threshold(score(cal.x)[correct].double().numpy(), PROTOCOL.target_fpr)
-    assert run.evaluation.threshold == tau
+    cal_scores = np.sort(score(cal.x)[correct].double().numpy())
+    k = math.ceil((len(cal_scores) + 1) * (1 - PROTOCOL.target_fpr))  # the conformal rank (the default)
+    assert run.evaluation.threshold == cal_scores[k - 1]
     ev = run.evaluation.samples
     sel = (ev["split"] == "evaluation") & ~ev["triggered"]
     np.testing.assert_array_equal(ev["score"][sel], score(digits_splits.evaluation.x).double().numpy())

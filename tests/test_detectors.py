@@ -187,9 +187,11 @@ def _changed(params: Any, field: str) -> Any:
         candidates = [current[:-1], (*current, current[-1] * 2 if current else 1)]
     for c in candidates:
         try:
-            return type(params).model_validate({**params.model_dump(), field: c})
+            other = type(params).model_validate({**params.model_dump(), field: c})
         except ValueError:
             continue
+        if getattr(other, field) != current:
+            return other
     return None
 
 

@@ -12,7 +12,7 @@ import torch
 
 from bdx_study.data import ImageData
 from bdx_study.detectors import DETECTORS, create_detector
-from bdx_study.metrics import fit_threshold
+from bdx_study.metrics import conformal_threshold
 from bdx_study.protocol import ProtocolConfig, scoring_parts
 from bdx_study.stages import DetectorRun, StageStore, run_detector
 
@@ -81,7 +81,7 @@ def test_calibration_never_sees_evaluation(name: str, planted: dict[str, Any]) -
 
 
 @pytest.mark.parametrize("name", DETECTORS.names())
-def test_threshold_is_the_quantile_of_correct_calibration_scores(name: str, planted: dict[str, Any]) -> None:
+def test_threshold_comes_from_correct_calibration_scores_only(name: str, planted: dict[str, Any]) -> None:
     splits = planted["splits"]
     res = splits.reserve
     # replace the calibration part of D_c (reserve[150:300]) by other images: the fit stays ...
@@ -93,9 +93,50 @@ def test_threshold_is_the_quantile_of_correct_calibration_scores(name: str, plan
         for comp, fitted in a.fitted.items():
             for k, t in fitted.tensors.items():
                 assert torch.equal(b.fitted[comp].tensors[k], t), (comp, k)
-    # ... and the threshold is exactly the quantile of the new calibration part's correct scores
+    # ... and the threshold is exactly the conformal rank of the new calibration part's correct scores
     s = b.evaluation.samples
     cal = (s["split"] == "calibration") & (s["pred"] == s["label"])
-    assert b.evaluation.threshold == fit_threshold(s["score"][cal], PROTOCOL.target_fpr)
+    assert b.evaluation.threshold == conformal_threshold(s["score"][cal], PROTOCOL.target_fpr)
     s_all = s["score"][s["split"] == "calibration"]
     assert not np.array_equal(s_all, a.evaluation.samples["score"][a.evaluation.samples["split"] == "calibration"])
+
+
+def test_conformal_threshold_keeps_fpr_at_or_below_target_where_the_quantile_exceeds_it() -> None:
+    """Exchangeable synthetic clean scores: averaged over many draws of a calibration set, the
+    conformal threshold's realized FPR is <= target; the interpolated quantile's is above it."""
+    from bdx_study.metrics import fit_threshold
+
+    rng = np.random.default_rng(0)
+    for n, fpr in ((100, 0.05), (200, 0.01), (40, 0.1)):
+        conformal, quantile = [], []
+        for _ in range(3000):
+            cal, fresh = rng.normal(size=n), rng.normal(size=1000)
+            conformal.append((fresh > conformal_threshold(cal, fpr)).mean())
+            quantile.append((fresh > fit_threshold(cal, fpr)).mean())
+        assert np.mean(conformal) <= fpr + 0.002, (n, fpr, np.mean(conformal))
+        assert np.mean(quantile) > fpr + 0.002, (n, fpr, np.mean(quantile))
+
+
+def test_too_small_a_calibration_set_is_refused_with_the_numbers() -> None:
+    from bdx_study.metrics import min_calibration
+
+    with pytest.raises(ValueError, match=r"18 correctly classified .* target_fpr 0\.05.*at least 19"):
+        conformal_threshold(np.arange(18.0), 0.05)
+    assert conformal_threshold(np.arange(19.0), 0.05) == 18.0  # k = ceil(20 * 0.95) = 19: the largest
+    assert min_calibration(0.01) == 99 and min_calibration(0.1) == 9
+
+
+def test_separate_calibration_budget_and_clean_set_draws() -> None:
+    ids = torch.arange(300, dtype=torch.float32)
+    reserve = ImageData(ids.view(-1, 1, 1, 1).expand(-1, 1, 4, 4) / 1000, torch.zeros(300, dtype=torch.long))
+    p = ProtocolConfig(clean_set_size=100, calibration_size=80, target_fpr=0.1)
+    finetune, cal = p.defender_split(reserve)
+    assert len(finetune) == 100 and len(cal) == 80  # the family fits on all of D_c
+    assert torch.equal(finetune.x, reserve.x[:100]) and torch.equal(cal.x, reserve.x[100:180])
+    drawn = p.model_copy(update={"clean_set_seed": 3})
+    f2, c2 = drawn.defender_split(reserve)
+    assert not torch.equal(f2.x, finetune.x)
+    drawn_ids = torch.cat([f2.x, c2.x])[:, 0, 0, 0]
+    assert len(set(drawn_ids.tolist())) == 180  # D_c and calibration are disjoint
+    with pytest.raises(ValueError, match="exceed the 300 reserved images"):
+        ProtocolConfig(clean_set_size=250, calibration_size=80).defender_split(reserve)

@@ -85,6 +85,15 @@ def resolve_tracking_uri(uri: str | None, cwd: Path | None = None) -> str:
     return uri
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: next to a SQLite store (``mlartifacts/``
+    beside the .db file), not in whatever folder the command happens to run in; a server
+    decides for itself (None)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
 def ui_command(uri: str) -> str:
     if uri.startswith("sqlite:"):
         return f"mlflow ui --backend-store-uri {uri} --port 5000"
@@ -132,7 +141,11 @@ class StudyTracker:
     def start(self, params: dict[str, Any], description: str = "", parent_run_id: str | None = None) -> str:
         """Create the experiment if needed, and the study's parent run (or reopen ``parent_run_id``)."""
         exp = self.client.get_experiment_by_name(self.experiment_name)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment_name)
+        self.experiment_id = (
+            exp.experiment_id
+            if exp
+            else self.client.create_experiment(self.experiment_name, artifact_location=artifact_location(self.uri))
+        )
         if parent_run_id is not None:
             self.client.update_run(parent_run_id, status="RUNNING")
             self.parent_run_id = parent_run_id

@@ -117,7 +117,8 @@ def _rows(ctx: StudyContext, trial_id: str, res: TrialResult, device: torch.devi
     rows = []
     for victim, run in res.runs:
         ev = run.evaluation
-        finetune = res.protocol.clean_set_size - round(res.protocol.clean_set_size * res.protocol.calibration_fraction)
+        p = res.protocol
+        finetune = p.clean_set_size if p.calibration_size is not None else p.clean_set_size - p.calibration_images
         rows.append(
             {
                 **common,
@@ -125,8 +126,8 @@ def _rows(ctx: StudyContext, trial_id: str, res: TrialResult, device: torch.devi
                 **ev.metrics,
                 **{f"selection_{k}": v for k, v in ev.selection_metrics.items()},
                 **run.costs,
-                "finetune_size": finetune,
-                "calibration_size": res.protocol.clean_set_size - finetune,
+                "finetune_images": finetune,
+                "calibration_images": p.calibration_images,
                 "stages_fitted": run.fitted_now,
                 "stage_keys": json.dumps(run.stage_keys, sort_keys=True),
                 "fit_meta": json.dumps({c: r.fitted.meta for c, r in run.components.items()}, sort_keys=True),

@@ -16,6 +16,7 @@ more suspicious): ``expert``: b; ``auxiliary``: -m; ``ensemble`` (the paper's "t
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -55,6 +56,12 @@ class BaDExpertParams(DetectorParams):
     unlearn_early_stop_acc: float | None = fit_param(
         EXPERT, None, gt=0, le=1, description="stop B once its held-out clean accuracy < this (paper: 0.2); null = off"
     )
+    unlearn_early_stop_every: Literal["step", "epoch"] = fit_param(
+        EXPERT, "step", description="when the early stop is checked: after every step, or per epoch (the reference)"
+    )
+    unlearn_milestones: tuple[int, ...] = fit_param(
+        EXPERT, (), description="epochs after which B's lr x0.1 (the reference: [1] for ResNet-18 when epochs > 1)"
+    )
     aux_lr: float = fit_param(AUX, 0.1, gt=0, le=10, description="first SGD lr of M' (paper: 0.1, deliberately large)")
     aux_epochs: int = fit_param(AUX, 10, ge=1, description="epochs of the auxiliary model's finetuning (paper: 10)")
     aux_milestones: tuple[int, ...] = fit_param(AUX, (2, 4, 6, 8), description="epochs at which the auxiliary lr x0.1")
@@ -70,8 +77,10 @@ class BaDExpertParams(DetectorParams):
 
     @model_validator(mode="after")
     def _milestones_sorted(self) -> BaDExpertParams:
-        if list(self.aux_milestones) != sorted(self.aux_milestones) or any(m < 1 for m in self.aux_milestones):
-            raise ValueError(f"aux_milestones must be increasing epochs >= 1, got {list(self.aux_milestones)}")
+        for name in ("aux_milestones", "unlearn_milestones"):
+            m = list(getattr(self, name))
+            if m != sorted(set(m)) or any(e < 1 for e in m):
+                raise ValueError(f"{name} must be increasing epochs >= 1, got {m}")
         return self
 
 
@@ -117,12 +126,19 @@ def finetune_expert(
     """The backdoor expert B: a copy of ``model`` finetuned towards (y + 1) mod C. Returns (B, steps)."""
     expert = copy.deepcopy(model).to(device)
     opt = torch.optim.Adam(expert.parameters(), lr=p.unlearn_lr)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(p.unlearn_milestones), 0.1) if p.unlearn_milestones else None
     gen = torch.Generator().manual_seed(p.seed)
     stop = None
     if p.unlearn_early_stop_acc is not None and holdout is not None and len(holdout):
         bound = p.unlearn_early_stop_acc
+        per_epoch = math.ceil(len(finetune) / p.unlearn_batch_size) if p.unlearn_early_stop_every == "epoch" else 1
+        taken = 0
 
         def stop() -> bool:
+            nonlocal taken
+            taken += 1
+            if taken % per_epoch:
+                return False
             pred = predict_proba(expert, holdout.x, device=device).argmax(1)
             return float((pred == holdout.y).float().mean()) < bound
 
@@ -135,6 +151,7 @@ def finetune_expert(
         batch_size=p.unlearn_batch_size,
         gen=gen,
         augment=augment,
+        scheduler=sched,
         stop=stop,
         device=device,
     )
