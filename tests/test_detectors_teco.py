@@ -6,13 +6,12 @@ import importlib.util
 
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from bdx_study.archs import create_model
+from bdx_study.archs import Classifier, create_model
 from bdx_study.data import DatasetInfo, ImageData
 from bdx_study.detectors import FitContext, create_detector
 from bdx_study.detectors._corruptions import CORRUPTIONS, TABLES, Corruption, applicable, corrupt, draw_batch
-from bdx_study.detectors.teco import first_change
 
 CPU = torch.device("cpu")
 SHAPES = [(1, 16, 16), (1, 28, 28), (3, 32, 32)]
@@ -51,9 +50,27 @@ def test_every_corruption_is_pure_in_range_and_seeded_per_input(shape: tuple[int
     assert ("saturate" in applicable(shape)) == (shape[0] == 3)
 
 
-def test_first_change_by_hand() -> None:
-    changed = torch.tensor([[[False, False, True, True, True], [False] * 5, [True] * 5]])
-    assert first_change(changed).tolist() == [[3.0, 6.0, 1.0]]
+def test_first_change_matches_every_severity_evaluated() -> None:
+    """Leaving a corruption type at an input's first change gives what evaluating every
+    severity of every type on the whole batch gives."""
+    shape = (1, 16, 16)
+    names = ["gaussian_noise", "contrast", "pixelate"]
+    family = create_detector("teco", {"teco_corruptions": names})
+    fitted = family.fit("main", _ctx(shape))
+    torch.manual_seed(0)
+    model = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(256, 10)), (0.5,), (0.5,)).eval()  # labels that move
+    x = torch.rand(16, *shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+        got = family.features("main", fitted, model, x, pred, CPU)["teco_first_change"]
+        want = torch.full((16, 3), 6.0)
+        for k, name in enumerate(names):
+            draws = draw_batch(CORRUPTIONS[name], x, 0, "imagenet_c")
+            for s in range(5, 0, -1):
+                changed = model(corrupt(x, name, s, draws, "imagenet_c")).argmax(1) != pred
+                want[changed, k] = float(s)
+    assert torch.equal(got, want)
+    assert (got < 6).any() and (got > 1).any()  # the check is not vacuous
 
 
 def test_each_corruption_sees_the_original_image(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,9 +91,9 @@ def test_each_corruption_sees_the_original_image(monkeypatch: pytest.MonkeyPatch
     x = torch.rand(4, *shape, generator=torch.Generator().manual_seed(2))
     pred = ctx.model(x).argmax(1)
     family.features("main", fitted, ctx.model, x, pred, CPU)
-    assert len(seen) == 10  # 2 corruptions x 5 severities
-    for got in seen:
-        assert torch.equal(got, x)
+    assert len(seen) >= 2
+    for got in seen:  # each call gets original images (the inputs whose label has not changed yet)
+        assert ((got[:, None] == x[None]).flatten(2).all(2).sum(1) == 1).all()
 
 
 def test_scores_do_not_depend_on_the_batch() -> None:

@@ -47,8 +47,9 @@ digits, 0.01 on Fashion-MNIST). ``detects`` therefore lists only the patch.
 
 Randomness (noise, angles, displacements) is seeded per input from ``seed`` and a hash of the
 input's pixels, so an input's score does not depend on the batch it is scored in.
-Cost: 5 forwards per corruption type per input (75 or 80 with the default set), plus the
-corruptions themselves.
+Cost: up to 5 forwards per corruption type per input (75 or 80 with the default set), plus the
+corruptions themselves; an input stops being corrupted by a type once its label has changed
+(its later severities cannot change the score), which the peers do not do.
 """
 
 from __future__ import annotations
@@ -146,13 +147,6 @@ def resolve_corruptions(p: TecoParams, input_shape: tuple[int, int, int]) -> lis
     return list(p.teco_corruptions)
 
 
-def first_change(changed: Tensor) -> Tensor:
-    """First severity (1-based) at which the label changed, from ``changed`` (N, K, 5) booleans;
-    6 where it never did."""
-    sev = torch.arange(1, changed.shape[-1] + 1, dtype=torch.float32)
-    return torch.where(changed, sev, torch.full_like(sev, NEVER)).min(-1).values
-
-
 def deviation(first: Tensor) -> Tensor:
     """TeCo's score: the population standard deviation of each row of first-change severities."""
     return first.std(1, unbiased=False) if len(first) else torch.zeros(0)
@@ -192,7 +186,7 @@ class Teco(DetectorFamily):
     Params = TecoParams
     components = (MAIN,)
     extra_columns = ("teco_mean_first_change", "teco_deviation")
-    access = "black-box hard labels; 5 forwards per corruption type per input (75-80 by default) + the corruptions"
+    access = "black-box hard labels; up to 5 forwards per corruption type per input (75-80 by default) + corruptions"
     # The paper reports BadNets and Blended (an image blend); a patch is detected here, but the
     # contract's noise Blend is not (see the module docs), so it is not claimed.
     detects = frozenset({"patch"})
@@ -206,22 +200,34 @@ class Teco(DetectorFamily):
         """Nothing to fit: the corruption set is resolved for the input shape and recorded."""
         return Fitted({}, {"corruptions": resolve_corruptions(self.p, ctx.info.input_shape)})
 
+    def _corrupt(self, x: Tensor, name: str, severity: int, draws: Tensor | None, seeds: list[int]) -> Tensor:
+        if self.p.teco_backend == "torch":
+            return corrupt(x, name, severity, draws, self.p.teco_severity_table)
+        return corrupt_library(x, name, severity, seeds)
+
     def _first_change(
         self, names: list[str], model: nn.Module, x: Tensor, pred: Tensor, device: torch.device
     ) -> Tensor:
-        changed = torch.zeros(len(x), len(names), SEVERITIES, dtype=torch.bool)
+        """First-change severities (N, K). An input leaves a corruption type's loop at its first
+        change (later severities cannot change its score); every call corrupts original images."""
+        first = torch.full((len(x), len(names)), NEVER)
         xd = x.to(device)
         for k, name in enumerate(names):
             if self.p.teco_backend == "torch":
-                table = self.p.teco_severity_table
-                draws = draw_batch(CORRUPTIONS[name], xd, self.p.seed, table)
-                batches = [corrupt(xd, name, s, draws, table) for s in range(1, SEVERITIES + 1)]
+                draws, seeds = draw_batch(CORRUPTIONS[name], xd, self.p.seed, self.p.teco_severity_table), []
             else:
-                seeds = input_seeds(x, self.p.seed, name)
-                batches = [corrupt_library(xd, name, s, seeds) for s in range(1, SEVERITIES + 1)]
-            for s, xc in enumerate(batches):
-                changed[:, k, s] = predict_proba(model, xc, device=device).argmax(1) != pred
-        return first_change(changed)
+                draws, seeds = None, input_seeds(x, self.p.seed, name)
+            alive = torch.arange(len(x))  # inputs whose label has not changed yet
+            for s in range(1, SEVERITIES + 1):
+                if len(alive) == 0:
+                    break
+                sub_draws = None if draws is None else draws[alive.to(draws.device)]
+                sub_seeds = [seeds[i] for i in alive.tolist()] if seeds else []
+                xc = self._corrupt(xd[alive.to(device)], name, s, sub_draws, sub_seeds)
+                changed = predict_proba(model, xc, device=device).argmax(1) != pred[alive]
+                first[alive[changed], k] = float(s)
+                alive = alive[~changed]
+        return first
 
     def features(
         self, component: str, fitted: Fitted, model: nn.Module, x: Tensor, pred: Tensor, device: torch.device
