@@ -74,6 +74,6 @@ def test_hooks_see_every_conv_and_linear_layer_before_inplace_relu() -> None:
 def test_pool_takes_correct_images_per_class() -> None:
     y = torch.tensor([0, 0, 0, 1, 1, 2])
     pred = torch.tensor([0, 1, 0, 1, 1, 0])  # image 1 and image 5 misclassified
-    idx = choose_pool(torch.zeros(6, 1, 1, 1), y, pred, 2, 3, seed=0)
+    idx = choose_pool(y, pred, 2, 3, seed=0)
     assert sorted(idx.tolist()) == [0, 2, 3, 4]
-    assert len(choose_pool(torch.zeros(6, 1, 1, 1), y, pred, 1, 3, seed=0)) == 2
+    assert len(choose_pool(y, pred, 1, 3, seed=0)) == 2

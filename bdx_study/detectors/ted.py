@@ -180,7 +180,7 @@ def outlier_scores(ranks: Tensor, model: Mapping[str, Tensor]) -> tuple[Tensor, 
 # ------------------------------------------------------------------------------------ the family
 
 
-def choose_pool(x: Tensor, y: Tensor, pred: Tensor, per_class: int, num_classes: int, seed: int) -> Tensor:
+def choose_pool(y: Tensor, pred: Tensor, per_class: int, num_classes: int, seed: int) -> Tensor:
     """Indices of up to ``per_class`` correctly classified images per class, in a seeded order."""
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     picked: list[Tensor] = []
@@ -212,7 +212,7 @@ class Ted(DetectorFamily):
     def fit(self, component: str, ctx: FitContext) -> Fitted:
         clean = ctx.clean
         pred = predict_proba(ctx.model, clean.x, device=ctx.device).argmax(1)
-        idx = choose_pool(clean.x, clean.y, pred, self.p.ted_pool_per_class, ctx.info.num_classes, self.p.seed)
+        idx = choose_pool(clean.y, pred, self.p.ted_pool_per_class, ctx.info.num_classes, self.p.seed)
         if len(idx) < 3:
             raise ValueError(
                 f"ted needs a clean pool; only {len(idx)} correctly classified images in the finetune part of D_c"
