@@ -43,6 +43,8 @@ CONTRACT_PARAMS: dict[str, dict[str, Any]] = {
     "frequency": {"freq_epochs": 6, "freq_width": 8},
     "sentinet": {"sentinet_num_images": 3, "sentinet_fit_size": 60},
     "strip": {"num_images": 16},
+    # one corruption per ImageNet-C category (noise, blur, digital): at most 15 forwards per input, not 75
+    "teco": {"teco_corruptions": ["gaussian_noise", "defocus_blur", "pixelate"]},
 }
 FAMILIES = DETECTORS.names()
 

@@ -49,7 +49,17 @@ def list_detectors() -> list[str]:
 
 
 # Registration: one import per family module.
-from . import badexpert, cognitive_distillation, frequency, scale_up, sentinet, strip  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    badexpert,
+    cognitive_distillation,
+    frequency,
+    ibd_psc,
+    scale_up,
+    sentinet,
+    strip,
+    teco,
+    ted,
+)
 
 __all__ = [
     "DETECTORS",
