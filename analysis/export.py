@@ -51,6 +51,20 @@ def read_recipe(path: Path, detector: str | None) -> tuple[str, dict[str, Any]]:
     return str(family), recipe["detectors"][family]
 
 
+def recipe_config(entry: dict[str, Any]) -> tuple[dict[str, Any], ProtocolConfig]:
+    """(family parameters, protocol) a recipe entry prescribes: its defaults and protocol, with
+    the seed policy's seed and clean-set draw applied (the refit the policy chose, so that an
+    export does not reproduce a lucky fit)."""
+    params = dict(entry["defaults"])
+    protocol = dict(entry["protocol"])
+    policy = entry.get("seed_policy") or {}
+    if "seed" in policy:
+        params["seed"] = policy["seed"]
+    if "clean_set_seed" in policy:
+        protocol["clean_set_seed"] = policy["clean_set_seed"]
+    return params, ProtocolConfig.model_validate(protocol)
+
+
 def export_detector(
     spec: StudySpec,
     study_dir: Path,
@@ -68,8 +82,8 @@ def export_detector(
     recipe_path = recipe_path or study_dir / "recipe.yaml"
     family_name, entry = read_recipe(recipe_path, detector)
     DETECTORS.get(family_name)
-    family = create_detector(family_name, entry["defaults"])
-    protocol = ProtocolConfig.model_validate(entry["protocol"])
+    params, protocol = recipe_config(entry)
+    family = create_detector(family_name, params)
     vcfg = pick_victim(spec, victim)
     record = VictimCache(spec.storage_root() / "victims").load(vcfg)
     if record is None:

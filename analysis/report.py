@@ -81,7 +81,24 @@ def recipe(per_family: dict[str, RobustDefaults], spec: StudySpec, study_dir: Pa
         "study": spec.study.name,
         "study_dir": str(study_dir),
         "default_detector": default,
+        "domain": domain(spec),
         "detectors": {family: _family_recipe(rd, spec) for family, rd in per_family.items()},
+    }
+
+
+def domain(spec: StudySpec) -> dict[str, Any]:
+    """What the recipe was validated on: outside it, `export` and `fit` warn."""
+    from bdx_study.data import dataset_info
+
+    victims = spec.victim_configs()
+    return {
+        "datasets": sorted({v.dataset for v in victims}),
+        "architectures": sorted({v.architecture for v in victims}),
+        "attacks": sorted({v.attack.name for v in victims}),
+        "input_shapes": [list(s) for s in sorted({tuple(dataset_info(v.dataset).input_shape) for v in victims})],
+        "num_classes": sorted({dataset_info(v.dataset).num_classes for v in victims}),
+        "note": "the settings were chosen and checked on these victims only; see evidence.held_out for how they "
+        "transfer to an attack or seed they were not tuned on",
     }
 
 
