@@ -37,9 +37,11 @@ def _family_recipe(rd: RobustDefaults, spec: StudySpec) -> dict[str, Any]:
         for _, r in rd.per_victim.iterrows()
     ]
     summary = rd.evaluation_summary
+    spread = rd.refit
     return {
-        "defaults": dict(rd.params),  # exact values: export uses this very config
+        "defaults": dict(rd.params),  # exact values: export uses this very config ...
         "protocol": dict(rd.protocol),
+        "seed_policy": {k: v for k, v in rd.seed_policy.items() if k != "fit_kind"},  # ... with this seed and D_c draw
         "selection": {
             "rule": f"best {rd.aggregate}-case {rd.objective} across victims on the selection split, among "
             f"trials whose worst-case clean_acc_drop <= {rd.max_clean_acc_drop}; ties -> better mean",
@@ -55,6 +57,24 @@ def _family_recipe(rd: RobustDefaults, spec: StudySpec) -> dict[str, Any]:
             "*_correct_only = the paper's protocol, *_all_inputs = every input",
             f"evaluation_worst_{rd.objective}": _clean(summary["worst"]),
             f"evaluation_mean_{rd.objective}": _clean(summary["mean"]),
+            "uncertainty": {
+                "chosen_by": rd.chosen_by,
+                f"{rd.aggregate}_{rd.objective}_bootstrap_95ci_over_evaluation_inputs": [
+                    _clean(rd.bootstrap[0]),
+                    _clean(rd.bootstrap[1]),
+                ],
+                f"{rd.aggregate}_{rd.objective}_over_fits": {
+                    "fits": int(spread.get("fits", 0)),
+                    "mean": _clean(spread.get("mean", math.nan)),
+                    "std": _clean(spread.get("std", math.nan)),
+                    "ci95_of_mean": [_clean(spread.get("ci_low", math.nan)), _clean(spread.get("ci_high", math.nan))],
+                    "min": _clean(spread.get("min", math.nan)),
+                    "max": _clean(spread.get("max", math.nan)),
+                },
+                "fits": [
+                    {k: _clean(v) for k, v in r.items() if k != "kind"} for r in rd.fits.to_dict(orient="records")
+                ],
+            },
             "tuned_victims": {
                 "note": "unseen inputs, but the defaults were tuned on these victims",
                 "per_victim": per_victim,
@@ -109,11 +129,25 @@ def write_recipe(data: dict[str, Any], path: Path) -> Path:
 
 def _render_family(rd: RobustDefaults, spec: StudySpec) -> list[str]:
     summary = rd.evaluation_summary
+    lo, hi = rd.bootstrap
     lines = [
         f"== {rd.detector}: trial {rd.chosen.trial_id}, picked on the selection split ({rd.aggregate}-case "
-        f"{rd.objective} {rd.chosen.score:.4f}); evaluation split: worst {summary['worst']:.4f}, "
+        f"{rd.objective} {rd.chosen.score:.4f}; by {rd.chosen_by}); evaluation split: worst {summary['worst']:.4f}, "
         f"mean {summary['mean']:.4f}{'' if rd.chosen.feasible else ' (NO trial met the clean-accuracy constraint)'}",
+        f"   {rd.aggregate}-case {rd.objective}, evaluation split: {summary[rd.aggregate]:.4f} "
+        f"(95% bootstrap CI over evaluation inputs {lo:.4f} to {hi:.4f}; fit {rd.seed_policy['fit']}, "
+        f"seed {rd.seed_policy['seed']}, D_c draw {rd.seed_policy['clean_set_seed']})",
     ]
+    n = int(rd.refit.get("fits", 1))
+    if n > 1:
+        r = rd.refit
+        lines.append(
+            f"   over {n} fits (fresh seeds and D_c draws): mean {r['mean']:.4f}, sd {r['std']:.4f}, 95% CI of the "
+            f"mean {r['ci_low']:.4f} to {r['ci_high']:.4f}, range {r['min']:.4f} to {r['max']:.4f}; export uses "
+            f"{rd.seed_policy['rule']}"
+        )
+    else:
+        lines.append("   one fit only: no refit spread (set search.refit.top_k to measure fitting luck)")
     searched = spec.searched(rd.detector)
     fixed = spec.fixed(rd.detector)
     lines.append("Settings (* = searched):")
@@ -210,7 +244,7 @@ def plot_comparison(per_family: dict[str, RobustDefaults], scores: pd.DataFrame,
     fig, axes = plt.subplots(1, len(victims), figsize=(3.4 * len(victims), 3.4), squeeze=False)
     for ax, vid in zip(axes[0], victims, strict=True):
         for family, rd in per_family.items():
-            s = scores[(scores["trial_id"] == rd.chosen.trial_id) & (scores["victim_id"] == vid)]
+            s = scores[(scores["trial_id"] == rd.seed_policy["fit"]) & (scores["victim_id"] == vid)]
             s = s[s["split"] == "evaluation"]
             neg = s[~s["triggered"] & (s["pred"] == s["label"])]["score"].to_numpy()
             pos = s[s["triggered"] & (s["pred"] == s["attack_label"])]["score"].to_numpy()

@@ -1,9 +1,9 @@
 """Robust defaults: per detector family, the config that is good across victims, judged honestly.
 
-Selection rule (per family): among the family's trials that meet the study's clean-accuracy
-constraint on every victim, take the one with the best aggregate (worst case by default) of the
-objective metric across victims; ties go to the better mean. Selection uses the *selection*
-split's metrics only.
+Selection rule (per family; :mod:`bdx_study.selection`): among the family's trials that meet the
+study's clean-accuracy constraint on every victim, take the one with the best aggregate (worst
+case by default) of the objective metric across victims; ties go to the better mean. Selection
+uses the *selection* split's metrics only.
 
 Honest evidence, at two levels:
 - inputs: every reported figure comes from the *evaluation* split, which neither the search
@@ -29,18 +29,13 @@ import pandas as pd
 
 from bdx_study.metrics import COST_METRICS, HEADLINE, HIGHER_IS_BETTER, worst
 from bdx_study.protocol import ProtocolConfig
+from bdx_study.selection import Selection, select
 from bdx_study.space import StudySpec
 from bdx_study.tables import StudyTables
 
+from .uncertainty import bootstrap_interval, refit_spread
+
 GROUP_COLUMNS = ("attack", "victim_seed", "architecture", "dataset")
-
-
-@dataclass
-class Selection:
-    trial_id: str
-    score: float  # the aggregate objective on the victims it was selected on
-    mean: float
-    feasible: bool
 
 
 @dataclass
@@ -52,9 +47,14 @@ class RobustDefaults:
     chosen: Selection
     params: dict[str, Any]  # the family's exact parameters in the chosen trial
     protocol: dict[str, Any]  # the protocol settings of the chosen trial
-    per_victim: pd.DataFrame  # the chosen trial's rows (evaluation split)
+    per_victim: pd.DataFrame  # the rows of the fit the seed policy chose (evaluation split)
     leaderboard: pd.DataFrame  # one row per trial of the family
     held_out: list[dict[str, Any]] = field(default_factory=list)
+    fits: pd.DataFrame = field(default_factory=pd.DataFrame)  # the chosen config's fits: the trial and its refits
+    refit: dict[str, float] = field(default_factory=dict)  # spread of the evaluation figure over those fits
+    bootstrap: tuple[float, float] = (math.nan, math.nan)  # 95% CI over evaluation inputs (the policy's fit)
+    seed_policy: dict[str, Any] = field(default_factory=dict)
+    chosen_by: str = "the search's single fit"
 
     @property
     def evaluation_summary(self) -> dict[str, float]:
@@ -65,37 +65,6 @@ class RobustDefaults:
 
 def load_trials(study_dir: Path) -> pd.DataFrame:
     return StudyTables(study_dir).read("trials").to_pandas()
-
-
-def _per_trial(df: pd.DataFrame, metric: str, aggregate: str, max_drop: float | None, prefix: str) -> pd.DataFrame:
-    """Per trial: worst and mean of ``prefix + metric`` over the victims where it is defined, and
-    feasibility from the clean-accuracy drop over *every* victim (clean victims included)."""
-    col = prefix + metric
-    higher = metric in HIGHER_IS_BETTER
-    g = df.dropna(subset=[col]).groupby("trial_id")[col]
-    out = pd.DataFrame({"worst": g.min() if higher else g.max(), "mean": g.mean(), "victims": g.size()})
-    out["worst_clean_acc_drop"] = df.groupby("trial_id")[prefix + "clean_acc_drop"].max()
-    out["score"] = out["worst"] if aggregate == "worst" else out["mean"]
-    out["feasible"] = True if max_drop is None else out["worst_clean_acc_drop"] <= max_drop + 1e-12
-    return out
-
-
-def select(
-    df: pd.DataFrame, metric: str, aggregate: str, max_drop: float | None, prefix: str = "selection_"
-) -> tuple[Selection, pd.DataFrame]:
-    """Apply the selection rule to the rows ``df`` (trial x victim, one family), using the
-    metrics of the selection split (``prefix``), and return the pick and the per-trial board."""
-    board = _per_trial(df, metric, aggregate, max_drop, prefix)
-    if board.empty:
-        raise ValueError(f"no trial has a defined {prefix + metric} (are all victims clean?)")
-    higher = metric in HIGHER_IS_BETTER
-    sign = 1 if higher else -1
-    board = board.assign(_key=sign * board["score"], _key2=sign * board["mean"])
-    pool = board[board["feasible"]] if board["feasible"].any() else board
-    best = pool.sort_values(["_key", "_key2"], ascending=False).index[0]
-    row = board.loc[best]
-    board = board.drop(columns=["_key", "_key2"]).sort_values("score", ascending=not higher)
-    return Selection(str(best), float(row["score"]), float(row["mean"]), bool(row["feasible"])), board
 
 
 def _summary(rows: pd.DataFrame, metric: str) -> dict[str, float]:
@@ -137,9 +106,66 @@ def _held_out(df: pd.DataFrame, metric: str, aggregate: str, max_drop: float | N
     return folds
 
 
-def robust_defaults(study_dir: Path, spec: StudySpec, df: pd.DataFrame | None = None) -> dict[str, RobustDefaults]:
-    """The robust defaults of every family of the study that has finished trials, in file order."""
+def load_refits(study_dir: Path) -> pd.DataFrame:
+    try:
+        return StudyTables(study_dir).read("refits").to_pandas()
+    except FileNotFoundError:
+        return pd.DataFrame(columns=["trial_id", "refit_of", "detector"])
+
+
+def _fits(trial_rows: pd.DataFrame, refit_rows: pd.DataFrame, metric: str, aggregate: str) -> pd.DataFrame:
+    """One row per fit of a config: its selection and evaluation aggregate, worst selection
+    clean-accuracy drop, seeds, and where its rows are stored."""
+    out = []
+    for kind, rows in (("trials", trial_rows), ("refits", refit_rows)):
+        for fit_id, r in rows.groupby("trial_id"):
+            first = r.iloc[0]
+            sel, ev = r["selection_" + metric].dropna(), r[metric].dropna()
+            out.append(
+                {
+                    "fit_id": str(fit_id),
+                    "kind": kind,
+                    "refit_index": 0 if kind == "trials" else int(first["refit_index"]),
+                    "seed": int(json.loads(first["params"])["seed"]),
+                    "clean_set_seed": int(first["clean_set_seed"]),
+                    "selection": worst(sel.to_numpy(), metric) if aggregate == "worst" else float(sel.mean()),
+                    "evaluation": worst(ev.to_numpy(), metric) if aggregate == "worst" else float(ev.mean()),
+                    "worst_clean_acc_drop": float(r["selection_clean_acc_drop"].max()),
+                }
+            )
+    return pd.DataFrame(out).sort_values("refit_index").reset_index(drop=True)
+
+
+def _by_refits(
+    rows_f: pd.DataFrame, refits_f: pd.DataFrame, metric: str, aggregate: str, max_drop: float | None
+) -> tuple[str, pd.DataFrame] | None:
+    """The refitted candidate with the best refit-averaged selection objective (among those whose
+    every fit meets the constraint, if any), and its fits."""
+    candidates = sorted(set(refits_f["refit_of"].dropna()))
+    if not candidates:
+        return None
+    higher = metric in HIGHER_IS_BETTER
+    scored = []
+    for c in candidates:
+        fits = _fits(rows_f[rows_f["trial_id"] == c], refits_f[refits_f["refit_of"] == c], metric, aggregate)
+        feasible = max_drop is None or bool((fits["worst_clean_acc_drop"] <= max_drop + 1e-12).all())
+        mean = float(fits["selection"].mean())
+        scored.append((feasible, mean if higher else -mean, c, fits))
+    scored.sort(key=lambda t: (t[0], t[1]), reverse=True)
+    return scored[0][2], scored[0][3]
+
+
+def robust_defaults(
+    study_dir: Path, spec: StudySpec, df: pd.DataFrame | None = None, refits: pd.DataFrame | None = None
+) -> dict[str, RobustDefaults]:
+    """The robust defaults of every family of the study that has finished trials, in file order.
+
+    Without refits, the selection rule's pick. With refits (``search.refit``), the refitted
+    candidate with the best *refit-averaged* selection objective, its spread over the fits, and
+    a seed policy: export uses the fit with the median selection objective, not the luckiest."""
     df = load_trials(study_dir) if df is None else df
+    refits = load_refits(study_dir) if refits is None else refits
+    tables = StudyTables(study_dir)
     obj = spec.search.objective
     max_drop = spec.search.constraint.max_clean_acc_drop
     out = {}
@@ -148,19 +174,55 @@ def robust_defaults(study_dir: Path, spec: StudySpec, df: pd.DataFrame | None = 
         if rows_f.empty:
             continue
         chosen, board = select(rows_f, obj.metric, obj.aggregate, max_drop)
-        rows = rows_f[rows_f["trial_id"] == chosen.trial_id]
-        first = rows.iloc[0]
+        picked = _by_refits(rows_f, refits[refits["detector"] == family], obj.metric, obj.aggregate, max_drop)
+        chosen_by = "the search's single fit (no refits)"
+        if picked is not None:
+            trial_id, fits = picked
+            b = board.loc[trial_id]
+            chosen = Selection(trial_id, float(b["score"]), float(b["mean"]), bool(b["feasible"]))
+            chosen_by = f"the refit-averaged selection objective over {len(fits)} fits of each of the top configs"
+        else:
+            fits = _fits(rows_f[rows_f["trial_id"] == chosen.trial_id], rows_f.iloc[0:0], obj.metric, obj.aggregate)
+        # the seed policy: the fit with the median selection objective (the lower median)
+        ranked = fits.sort_values("selection", ascending=obj.metric not in HIGHER_IS_BETTER).reset_index(drop=True)
+        policy = ranked.iloc[(len(ranked) - 1) // 2]
+        source = df if policy["kind"] == "trials" else refits
+        rows = source[source["trial_id"] == policy["fit_id"]]
+        try:
+            scores = tables.read_part("scores" if policy["kind"] == "trials" else "refit_scores", policy["fit_id"])
+            ci = bootstrap_interval(
+                scores.to_pandas(),
+                {str(r["victim_id"]): float(r["threshold"]) for _, r in rows.iterrows()},
+                obj.metric,
+                obj.aggregate,
+            )
+        except (OSError, KeyError):
+            ci = (math.nan, math.nan)
+        trial_first = rows_f[rows_f["trial_id"] == chosen.trial_id].iloc[0]
         out[family] = RobustDefaults(
             detector=family,
             objective=obj.metric,
             aggregate=obj.aggregate,
             max_clean_acc_drop=max_drop,
             chosen=chosen,
-            params=json.loads(first["params"]),
-            protocol=ProtocolConfig.from_row(first).model_dump(mode="json"),
+            params=json.loads(trial_first["params"]),
+            protocol=ProtocolConfig.from_row(trial_first).model_dump(mode="json"),
             per_victim=rows,
             leaderboard=board,
             held_out=_held_out(rows_f, obj.metric, obj.aggregate, max_drop),
+            fits=fits,
+            refit=refit_spread(fits["evaluation"].tolist()),
+            bootstrap=ci,
+            seed_policy={
+                "rule": "the fit with the median selection objective among the chosen config's fits"
+                if len(fits) > 1
+                else "the search's own fit",
+                "fit": str(policy["fit_id"]),
+                "fit_kind": str(policy["kind"]),
+                "seed": int(policy["seed"]),
+                "clean_set_seed": int(policy["clean_set_seed"]),
+            },
+            chosen_by=chosen_by,
         )
     if not out:
         raise ValueError(f"no finished trial of {', '.join(spec.families)} in {study_dir}")
@@ -175,7 +237,9 @@ def comparison(per_family: dict[str, RobustDefaults]) -> pd.DataFrame:
     frames = []
     for family, rd in per_family.items():
         cols = ["victim_name", "attack", *[m for m in COMPARISON_METRICS if m in rd.per_victim.columns]]
-        frames.append(rd.per_victim[cols].assign(detector=family, trial_id=rd.chosen.trial_id))
+        frames.append(
+            rd.per_victim[cols].assign(detector=family, trial_id=rd.seed_policy.get("fit", rd.chosen.trial_id))
+        )
     table = pd.concat(frames, ignore_index=True)
     return table[["detector", "trial_id", *[c for c in table.columns if c not in ("detector", "trial_id")]]]
 

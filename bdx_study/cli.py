@@ -94,15 +94,24 @@ def _analyze(spec: StudySpec, quiet: bool = False) -> Path:
     out = write_recipe(recipe(per_family, spec, study_dir), study_dir / "recipe.yaml")
     table = comparison(per_family)
     folder = study_dir / "analysis"
+    import pandas as pd
     import pyarrow as pa
 
     from bdx_study._io import write_text_atomic
 
     write_text_atomic(folder / "comparison.csv", table.to_csv(index=False))
     write_table_atomic(pa.Table.from_pandas(table, preserve_index=False), folder / "comparison.parquet")
-    chosen = {rd.chosen.trial_id for rd in per_family.values()}
-    scores = StudyTables(study_dir).read("scores").to_pandas()
-    roc = plot_comparison(per_family, scores[scores["trial_id"].isin(chosen)], folder / "comparison_roc.png")
+    tables = StudyTables(study_dir)
+    scores = pd.concat(
+        [
+            tables.read_part(
+                "scores" if rd.seed_policy["fit_kind"] == "trials" else "refit_scores", rd.seed_policy["fit"]
+            ).to_pandas()
+            for rd in per_family.values()
+        ],
+        ignore_index=True,
+    )
+    roc = plot_comparison(per_family, scores, folder / "comparison_roc.png")
     plot = plot_params(trials, spec, spec.search.objective.metric, folder / "objective_vs_params.png")
     optuna_db = write_optuna_study(trials, spec, study_dir / "optuna.db")
     files = [out, folder / "comparison.csv", folder / "comparison.parquet", roc] + ([plot] if plot else [])

@@ -15,7 +15,17 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 # predict takes an array, not the list-of-records MLflow's type-hint validation is built for.
-warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")  # colour codes lead
+# MLflow raises its notice about that under simplefilter("once") when the class is created, which
+# overrides any "ignore" filter: drop it at display time, for the class definition only.
+_show = warnings.showwarning
+
+
+def _without_type_hint_notice(message: Any, *args: Any, **kwargs: Any) -> None:
+    if "Add type hints to the `predict` method" not in str(message):
+        _show(message, *args, **kwargs)
+
+
+warnings.showwarning = _without_type_hint_notice
 
 
 class DetectorModel(PythonModel):
@@ -32,4 +42,5 @@ class DetectorModel(PythonModel):
         return pd.DataFrame({"prediction": d.prediction, "flagged": d.flagged, "score": d.score})
 
 
+warnings.showwarning = _show
 mlflow.models.set_model(DetectorModel())

@@ -6,6 +6,8 @@
   prefixed) of the selection split, cost, and the keys of the fitted components the row used;
 - ``scores``: one row per trial x victim x scored input (split, labels, predictions, score, flag
   and each family's extra columns);
+- ``refits`` and ``refit_scores``: the same two tables for refits of the best configs (fresh
+  seeds and fresh draws of D_c), ``refit_of`` naming the trial;
 - ``victims``: one row per victim (config, clean accuracy, attack success).
 """
 
@@ -95,7 +97,9 @@ def _metric_fields() -> list[pa.Field]:
 def trials_schema() -> pa.Schema:
     head = [
         pa.field("study", pa.string()),
-        pa.field("trial_id", pa.string()),
+        pa.field("trial_id", pa.string()),  # a refit's own id: <trial id>-refit<r>
+        pa.field("refit_of", pa.string()),  # refits only: the trial whose config is fitted again
+        pa.field("refit_index", pa.int64()),  # refits only: r = 1..repeats (fresh seed and D_c draw)
         pa.field("detector", pa.string()),
         *VICTIM_FIELDS,
         pa.field("params", pa.string()),  # the family's exact parameters, JSON

@@ -269,6 +269,13 @@ class Constraint(StrictModel):
     )
 
 
+class Refit(StrictModel):
+    """Refit uncertainty: the best configs are fitted again with fresh seeds and fresh draws of D_c."""
+
+    top_k: int = Field(0, ge=0, le=100, description="best configs of each family refitted after the search (0 = none)")
+    repeats: int = Field(3, ge=1, le=100, description="refits per config, each with a fresh seed and D_c draw")
+
+
 class SearchSection(StrictModel):
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     num_trials: int | dict[str, int] | None = Field(
@@ -278,6 +285,7 @@ class SearchSection(StrictModel):
     seed: int = 0
     objective: Objective = Objective()
     constraint: Constraint = Constraint()
+    refit: Refit = Refit()
 
     @field_validator("num_trials")
     @classmethod

@@ -61,18 +61,21 @@ class StudyTables:
     def part(self, kind: str, trial_id: str) -> Path:
         return self.root / "parts" / kind / f"{trial_id}.parquet"
 
-    def write_trial(self, trial_id: str, rows: list[dict[str, Any]], scores: pa.Table) -> None:
-        # scores first: a trial counts as finished once its row part exists
-        write_table_atomic(scores, self.part("scores", trial_id))
-        write_table_atomic(rows_to_table(rows, trials_schema()), self.part("trials", trial_id))
+    def write_trial(self, trial_id: str, rows: list[dict[str, Any]], scores: pa.Table, refit: bool = False) -> None:
+        """A trial's (or, with ``refit``, a refit's) rows and per-sample scores: scores first, so a
+        trial counts as finished once its row part exists."""
+        kind, score_kind = ("refits", "refit_scores") if refit else KINDS
+        write_table_atomic(scores, self.part(score_kind, trial_id))
+        write_table_atomic(rows_to_table(rows, trials_schema()), self.part(kind, trial_id))
 
     def read_part(self, kind: str, trial_id: str) -> pa.Table:
         return _read(self.part(kind, trial_id))
 
-    def finished_trials(self, full: bool = False) -> set[str]:
-        """Trials whose two parts are readable (the trials part always read whole; the scores
-        part whole only with ``full``, else its footer). Unreadable parts are quarantined."""
-        folder = self.root / "parts" / "trials"
+    def finished_trials(self, full: bool = False, refits: bool = False) -> set[str]:
+        """Trials (or refits) whose two parts are readable (the rows part always read whole; the
+        scores part whole only with ``full``, else its footer). Unreadable parts are quarantined."""
+        kinds = ("refits", "refit_scores") if refits else KINDS
+        folder = self.root / "parts" / kinds[0]
         if not folder.is_dir():
             return set()
         out = set()
@@ -80,19 +83,19 @@ class StudyTables:
             trial_id = p.stem
             try:
                 _read(p)
-                scores = self.part("scores", trial_id)
+                scores = self.part(kinds[1], trial_id)
                 _read(scores) if full else _footer(scores)
             except (TableError, FileNotFoundError) as e:
-                self.quarantine(trial_id, str(e))
+                self.quarantine(trial_id, str(e), kinds)
                 continue
             out.add(trial_id)
         return out
 
-    def quarantine(self, trial_id: str, why: str) -> None:
+    def quarantine(self, trial_id: str, why: str, kinds: tuple[str, ...] = KINDS) -> None:
         """Move a trial's parts aside (nothing is deleted): the trial is no longer finished."""
         dest = self.root / "parts" / "quarantine"
         moved = False
-        for kind in KINDS:
+        for kind in kinds:
             src = self.part(kind, trial_id)
             if src.exists():
                 dest.mkdir(parents=True, exist_ok=True)

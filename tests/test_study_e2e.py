@@ -28,7 +28,10 @@ N_TRIALS = 5  # badexpert 3, strip 1 (nothing searched), scale_up 1
 def study(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("e2e")
     doc = tiny_study(
-        tmp, victims__attacks=[{"name": "badnet", "poison_rate": 0.1}, {"name": "none"}], search__num_trials=3
+        tmp,
+        victims__attacks=[{"name": "badnet", "poison_rate": 0.1}, {"name": "none"}],
+        search__num_trials=3,
+        search__refit={"top_k": 1, "repeats": 2},
     )
     doc["detectors"]["strip"] = {"num_images": 8}
     doc["detectors"]["scale_up"] = {"scales": [3, 7]}
@@ -173,6 +176,7 @@ def test_analyze_export_detect(study: dict[str, Any], tmp_path: Path, capsys: An
     assert "Comparison" in out and "unlearn_lr" in out
     for family in FAMILIES:
         assert f"== {family}: trial" in out  # each family's robust defaults, worst and mean on evaluation
+    assert "95% bootstrap CI over evaluation inputs" in out and "over 3 fits (fresh seeds and D_c draws)" in out
     study_dir = study["result"].study_dir
     import yaml
 
@@ -180,6 +184,9 @@ def test_analyze_export_detect(study: dict[str, Any], tmp_path: Path, capsys: An
     assert doc["default_detector"] == "badexpert"
     assert set(doc["detectors"]) == set(FAMILIES)
     trials = pq.read_table(study_dir / "tables" / "trials.parquet").to_pandas()
+    from bdx_study.tables import StudyTables
+
+    refits = StudyTables(study_dir).read("refits").to_pandas()
     for family, entry in doc["detectors"].items():
         # the recipe carries the chosen trial's config exactly (export uses that very config)
         row = trials[trials.trial_id == entry["selection"]["chosen_trial"]].iloc[0]
@@ -187,6 +194,21 @@ def test_analyze_export_detect(study: dict[str, Any], tmp_path: Path, capsys: An
         assert entry["defaults"] == json.loads(row.params)
         assert entry["protocol"]["clean_set_size"] == row.clean_set_size
         assert "held_out" in entry["evidence"]
+        # refit uncertainty: the top config fitted twice more with fresh seeds and D_c draws
+        mine = refits[refits.refit_of == row.trial_id]
+        assert sorted(mine.refit_index.unique()) == [1, 2] and len(mine) == 2 * 2  # 2 refits x 2 victims
+        assert sorted(json.loads(p)["seed"] for p in mine.drop_duplicates("trial_id").params) == [
+            json.loads(row.params)["seed"] + 1,
+            json.loads(row.params)["seed"] + 2,
+        ]
+        assert sorted(mine.drop_duplicates("trial_id").clean_set_seed) == [1, 2]
+        unc = entry["evidence"]["uncertainty"]
+        over = unc["worst_auroc_correct_only_over_fits"]
+        assert over["fits"] == 3 and over["min"] <= over["mean"] <= over["max"]
+        lo, hi = unc["worst_auroc_correct_only_bootstrap_95ci_over_evaluation_inputs"]
+        assert lo <= entry["evidence"]["evaluation_worst_auroc_correct_only"] <= hi
+        policy = entry["seed_policy"]
+        assert policy["fit"] in {row.trial_id, *mine.trial_id}  # the median fit, not the luckiest
     comparison = pq.read_table(study_dir / "analysis" / "comparison.parquet").to_pandas()
     assert set(comparison["detector"]) == set(FAMILIES)
     assert len(comparison) == len(FAMILIES) * 2  # family x victim
@@ -208,13 +230,18 @@ def test_analyze_export_detect(study: dict[str, Any], tmp_path: Path, capsys: An
         det = Detector.load(bundle)
         manifest = json.loads((bundle / "manifest.json").read_text())
         assert manifest["detector"] == family
-        assert manifest["params"] == doc["detectors"][family]["defaults"]
+        assert {k: v for k, v in manifest["params"].items() if k != "seed"} == {
+            k: v for k, v in doc["detectors"][family]["defaults"].items() if k != "seed"
+        }
         assert manifest["provenance"]["study"] == "tiny"
         assert manifest["provenance"]["mlflow"]["model_uri"]
-        # the bundle holds the components the chosen trial was scored with (from the stage cache)
+        # the bundle holds the components the seed policy's fit was scored with (from the stage cache)
         assert manifest["provenance"]["components_from_stage_cache"]
-        row = trials[(trials.trial_id == doc["detectors"][family]["selection"]["chosen_trial"])]
-        row = row[row.victim_id == victim.key].iloc[0]
+        policy = doc["detectors"][family]["seed_policy"]
+        assert manifest["params"]["seed"] == policy["seed"]
+        assert manifest["protocol"]["clean_set_seed"] == policy["clean_set_seed"]
+        source = trials if policy["fit"] in set(trials.trial_id) else refits
+        row = source[(source.trial_id == policy["fit"]) & (source.victim_id == victim.key)].iloc[0]
         assert manifest["threshold"] == pytest.approx(row.threshold)
         assert manifest["provenance"]["stage_keys"] == json.loads(row.stage_keys)
 
@@ -225,9 +252,10 @@ def test_analyze_export_detect(study: dict[str, Any], tmp_path: Path, capsys: An
         assert len(res) == len(triggered)
         direct = det.detect(triggered.numpy())
         assert [r["flagged"] for r in res] == direct.flagged.tolist()
-        # the bundle scores the evaluation split's triggered inputs as the trial did
-        scores = pq.read_table(study_dir / "tables" / "scores.parquet").to_pandas()
-        s = scores[(scores.trial_id == row.trial_id) & (scores.victim_id == victim.key)]
+        # the bundle scores the evaluation split's triggered inputs as that fit did
+        kind = "scores" if source is trials else "refit_scores"
+        scores = StudyTables(study_dir).read_part(kind, policy["fit"]).to_pandas()
+        s = scores[scores.victim_id == victim.key]
         s = s[(s.split == "evaluation") & s.triggered].sort_values("sample_index")
         np.testing.assert_allclose(direct.score, s.score.to_numpy(), rtol=1e-5, atol=1e-6)
 

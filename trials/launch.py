@@ -320,6 +320,45 @@ def _interrupted(spec: StudySpec, grid: Any) -> bool:
     return len(grid) < spec.num_trials or grid.num_terminated + grid.num_errors < len(grid)
 
 
+def _refit(ctx: StudyContext, trial_row: dict[str, Any], index: int) -> str:
+    from .trainable import execute_refit
+
+    return execute_refit(ctx, trial_row, index)
+
+
+def run_refits(spec: StudySpec, ctx: StudyContext) -> int:
+    """Refit uncertainty: each family's ``search.refit.top_k`` best configs (by the selection
+    rule, selection split) fitted again ``repeats`` times with fresh seeds and fresh draws of D_c,
+    as Ray tasks; refits already stored are kept. Returns how many ran now."""
+    import ray
+
+    from bdx_study.selection import top_k
+
+    rf = spec.search.refit
+    if rf.top_k == 0:
+        return 0
+    tables = StudyTables(spec.study_dir)
+    try:
+        df = tables.read("trials").to_pandas()
+    except FileNotFoundError:
+        return 0
+    done = tables.finished_trials(refits=True)
+    obj, max_drop = spec.search.objective, spec.search.constraint.max_clean_acc_drop
+    todo = []
+    for family in spec.families:
+        rows = df[df["detector"] == family]
+        for trial_id in top_k(rows, rf.top_k, obj.metric, obj.aggregate, max_drop):
+            row = rows[rows["trial_id"] == trial_id].iloc[0].to_dict()
+            todo += [(row, r) for r in range(1, rf.repeats + 1) if f"{trial_id}-refit{r}" not in done]
+    if not todo:
+        return 0
+    print(f"[bdx-study] refitting: {len(todo)} fit(s) of the best configs with fresh seeds and D_c draws", flush=True)
+    res = trial_resources(spec)
+    task = ray.remote(_refit).options(num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=spec.resources.max_failures)
+    ray.get([task.remote(ctx, row, r) for row, r in todo])
+    return len(todo)
+
+
 def _best(spec: StudySpec, grid: Any) -> dict[str, Any]:
     try:
         r = grid.get_best_result(metric="objective", mode=spec.search.objective.mode)
@@ -376,6 +415,7 @@ def launch(
             if _interrupted(spec, grid):  # Tune stopped on SIGINT/SIGTERM and saved its state
                 raise KeyboardInterrupt
             repaired = repair_lost_trials(spec, ctx, grid)
+            refitted = run_refits(spec, ctx)
             ids["tune_fit_seconds_resumed" if resume else "tune_fit_seconds"] = time.perf_counter() - fit_start
             _write_ids(study_dir / "study.json", ids)
             StudyTables(study_dir).consolidate()
@@ -392,7 +432,8 @@ def launch(
     print(
         f"[bdx-study] study {spec.study.name!r} done in {seconds:.0f} s: "
         f"{grid.num_terminated} trial(s) finished, {grid.num_errors} failed"
-        + (f", {repaired} run again after their stored result was lost" if repaired else ""),
+        + (f", {repaired} run again after their stored result was lost" if repaired else "")
+        + (f"; {refitted} refit(s)" if refitted else ""),
         flush=True,
     )
     if best:

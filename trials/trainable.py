@@ -81,7 +81,13 @@ class TrialResult:
 def run_trial(ctx: StudyContext, config: dict[str, Any], *, device: torch.device) -> TrialResult:
     """The computation of a trial: the family with ``config`` on every victim of the study."""
     name, params, protocol = ctx.spec.trial_config(config)
-    family = create_detector(name, params)
+    return run_family(ctx, create_detector(name, params), protocol, device=device)
+
+
+def run_family(
+    ctx: StudyContext, family: DetectorFamily, protocol: ProtocolConfig, *, device: torch.device
+) -> TrialResult:
+    """A family with fixed parameters, under ``protocol``, on every victim of the study."""
     store = stage_store(ctx)
     runs = []
     for victim in ctx.victims:
@@ -151,12 +157,43 @@ def execute_trial(ctx: StudyContext, trial_id: str, config: dict[str, Any]) -> d
     values; the study's fixed ones come from ``ctx``): write its plot, report and Parquet parts
     (the trial counts as finished once its trials part exists). Returns the report."""
     start, started_at = time.perf_counter(), time.time()
+    device = _device(ctx)
+    res = run_trial(ctx, config, device=device)
+    return _record(ctx, trial_id, res, device, start, started_at)
+
+
+def execute_refit(ctx: StudyContext, trial_row: dict[str, Any], index: int) -> str:
+    """Fit trial ``trial_row``'s config again with a fresh seed (seed + index) and a fresh draw
+    of D_c (clean_set_seed + index), on every victim; store it as refit ``<trial>-refit<index>``."""
+    start, started_at = time.perf_counter(), time.time()
+    device = _device(ctx)
+    refit_id = f"{trial_row['trial_id']}-refit{index}"
+    params = json.loads(trial_row["params"])
+    params["seed"] = int(params["seed"]) + index
+    protocol = ProtocolConfig.from_row(trial_row)
+    protocol = protocol.model_copy(update={"clean_set_seed": protocol.clean_set_seed + index})
+    res = run_family(ctx, create_detector(trial_row["detector"], params), protocol, device=device)
+    _record(ctx, refit_id, res, device, start, started_at, refit=(str(trial_row["trial_id"]), index))
+    return refit_id
+
+
+def _device(ctx: StudyContext) -> torch.device:
+    torch.set_num_threads(max(1, math.floor(ctx.spec.resources.cpu)))
+    return pick_device(prefer_gpu=ctx.spec.resources.gpu > 0)
+
+
+def _record(
+    ctx: StudyContext,
+    trial_id: str,
+    res: TrialResult,
+    device: torch.device,
+    start: float,
+    started_at: float,
+    refit: tuple[str, int] | None = None,
+) -> dict[str, Any]:
+    """Write a finished computation: plot, report and Parquet parts (rows last). Returns the report."""
     artifacts = ctx.study_dir / "artifacts" / trial_id
     tables = StudyTables(ctx.study_dir)
-    torch.set_num_threads(max(1, math.floor(ctx.spec.resources.cpu)))
-    device = pick_device(prefer_gpu=ctx.spec.resources.gpu > 0)
-    res = run_trial(ctx, config, device=device)
-
     rows = _rows(ctx, trial_id, res, device)
     aggregates = trial_aggregates(res)
     objective, feasible = objective_value(ctx.spec, aggregates)
@@ -165,6 +202,8 @@ def execute_trial(ctx: StudyContext, trial_id: str, config: dict[str, Any]) -> d
     for r in rows:
         r.update(objective=objective, feasible=feasible, trial_seconds=elapsed, started_at=started_at)
         r["finished_at"] = time.time()
+        if refit is not None:
+            r.update(refit_of=refit[0], refit_index=refit[1])
     report: dict[str, Any] = {
         "objective": objective,
         "feasible": float(feasible),
@@ -178,7 +217,7 @@ def execute_trial(ctx: StudyContext, trial_id: str, config: dict[str, Any]) -> d
             if math.isfinite(val):
                 report[f"{victim.name}/{k}"] = val
     report["detector"] = res.family.name
-    report["scores_path"] = str(tables.part("scores", trial_id))
+    report["scores_path"] = str(tables.part("refit_scores" if refit else "scores", trial_id))
     report["plot_path"] = str(plot_path)
     report["node"] = rows[0]["node"]
     if not all(math.isfinite(v) for v in report.values() if isinstance(v, float)):
@@ -187,7 +226,7 @@ def execute_trial(ctx: StudyContext, trial_id: str, config: dict[str, Any]) -> d
     scores = pa.concat_tables(
         [scores_table(trial_id, v.key, res.family.name, run.evaluation.samples) for v, run in res.runs]
     )
-    tables.write_trial(trial_id, rows, scores)  # the trial counts as finished now
+    tables.write_trial(trial_id, rows, scores, refit=refit is not None)  # finished once the rows are there
     return report
 
 
@@ -220,4 +259,13 @@ def bare_trial_seconds(ctx: StudyContext, config: dict[str, Any], device: torch.
     return time.perf_counter() - t
 
 
-__all__ = ["bare_trial_seconds", "defense_trial", "execute_trial", "run_trial", "stored_report", "trial_aggregates"]
+__all__ = [
+    "bare_trial_seconds",
+    "defense_trial",
+    "execute_refit",
+    "execute_trial",
+    "run_family",
+    "run_trial",
+    "stored_report",
+    "trial_aggregates",
+]
