@@ -18,6 +18,10 @@ from bdx_study.space import StudySpec
 from .robust import RobustDefaults
 
 
+def _clean_nested(v: Any) -> Any:
+    return [_clean(x) for x in v] if isinstance(v, list | tuple) else _clean(v)
+
+
 def _clean(v: Any) -> Any:
     if isinstance(v, float):
         return None if math.isnan(v) else round(v, 6)
@@ -80,14 +84,11 @@ def _family_recipe(rd: RobustDefaults, spec: StudySpec) -> dict[str, Any]:
                 "per_victim": per_victim,
             },
             "held_out": {
-                "note": "for each group, defaults re-picked without that group's victims, measured on it"
-                + (
-                    " (the candidate configs were proposed by TPE while it optimized over all victims, held-out "
-                    "ones included: the folds are strictly held out only for grid or random search)"
-                    if spec.search.sampler == "tpe"
-                    else ""
-                ),
-                "folds": [{k: _clean(v) for k, v in f.items()} for f in rd.held_out],
+                "note": "for each group, defaults picked without that group's victims, measured on their evaluation "
+                "split; strictly_held_out says whether the pick could have been influenced by them (why says how); "
+                "held_out_ci95 is a bootstrap interval over the held-out victims' evaluation inputs; "
+                "transfer_gap = held-out figure - the same figure on the victims the pick was tuned on",
+                "folds": [{k: _clean_nested(v) for k, v in f.items()} for f in rd.held_out],
             },
         },
     }
@@ -160,8 +161,18 @@ def _render_family(rd: RobustDefaults, spec: StudySpec) -> list[str]:
     cols = ["victim_name"] + [m for m in HEADLINE if m in rd.per_victim.columns]
     lines.append(rd.per_victim[cols].to_string(index=False))
     if rd.held_out:
-        lines.append("Held out (defaults re-picked without the group, measured on it):")
-        lines.append(pd.DataFrame(rd.held_out).to_string(index=False))
+        lines.append(
+            f"Held out (picked without the group, {rd.aggregate}-case {rd.objective} on its evaluation split):"
+        )
+        for f in rd.held_out:
+            lo, hi = f["held_out_ci95"]
+            glo, ghi = f["transfer_gap_ci95"]
+            label = "strictly held out" if f["strictly_held_out"] else "NOT strictly held out"
+            lines.append(
+                f"  {f['held_out']:22s} {f[f'held_out_{rd.aggregate}_{rd.objective}']:.4f} [{lo:.4f}, {hi:.4f}]  "
+                f"tuned-on {f[f'tuned_victims_{rd.aggregate}_{rd.objective}']:.4f}  gap {f['transfer_gap']:+.4f} "
+                f"[{glo:+.4f}, {ghi:+.4f}]  trial {f['picked_trial']}  {label}: {f['why']}"
+            )
     lines.append("Top trials (as the search saw them: selection split):")
     lines.append(rd.leaderboard.drop(columns=["score"]).head(5).to_string())
     return lines

@@ -27,6 +27,7 @@ from typing import Any
 
 import pandas as pd
 
+from bdx_study.folds import GROUP_COLUMNS, fold_name, fold_spec, fold_values
 from bdx_study.metrics import COST_METRICS, HEADLINE, HIGHER_IS_BETTER, worst
 from bdx_study.protocol import ProtocolConfig
 from bdx_study.selection import Selection, select
@@ -34,8 +35,6 @@ from bdx_study.space import StudySpec
 from bdx_study.tables import StudyTables
 
 from .uncertainty import bootstrap_interval, refit_spread
-
-GROUP_COLUMNS = ("attack", "victim_seed", "architecture", "dataset")
 
 
 @dataclass
@@ -76,8 +75,60 @@ def _summary(rows: pd.DataFrame, metric: str) -> dict[str, float]:
     }
 
 
-def _held_out(df: pd.DataFrame, metric: str, aggregate: str, max_drop: float | None) -> list[dict[str, Any]]:
+def _fold_record(
+    name: str,
+    strict: bool,
+    why: str,
+    pick: Selection,
+    in_fold: pd.DataFrame,
+    test_rows: pd.DataFrame,
+    scores: pd.DataFrame | None,
+    metric: str,
+    aggregate: str,
+) -> dict[str, Any] | None:
+    """One held-out fold: the pick's figure on the held-out victims (evaluation split) with a
+    bootstrap interval over their evaluation inputs, and the transfer gap against the same
+    figure on the victims it was tuned on."""
+    held = _summary(test_rows, metric)
+    if math.isnan(held["worst"]):
+        return None
+    tuned = _summary(in_fold, metric)
+    lo, hi = math.nan, math.nan
+    if scores is not None:
+        thresholds = {str(r["victim_id"]): float(r["threshold"]) for _, r in test_rows.iterrows()}
+        lo, hi = bootstrap_interval(scores[scores["victim_id"].isin(thresholds)], thresholds, metric, aggregate)
+    gap = held[aggregate] - tuned[aggregate]
+    return {
+        "held_out": name,
+        "strictly_held_out": strict,
+        "why": why,
+        "picked_trial": pick.trial_id,
+        f"tuned_on_{aggregate}_selection_{metric}": pick.score,
+        f"tuned_victims_{aggregate}_{metric}": tuned[aggregate],
+        f"held_out_{aggregate}_{metric}": held[aggregate],
+        "held_out_ci95": [lo, hi],
+        "transfer_gap": gap,
+        "transfer_gap_ci95": [lo - tuned[aggregate], hi - tuned[aggregate]],
+        "held_out_worst_clean_acc_drop": held["worst_clean_acc_drop"],
+        "held_out_victims": int(len(test_rows)),
+    }
+
+
+def _held_out(
+    study_dir: Path, spec: StudySpec, df: pd.DataFrame, metric: str, aggregate: str, max_drop: float | None
+) -> list[dict[str, Any]]:
+    """Re-picks without each group, from the study's own trials (strictly held out only when the
+    candidates did not depend on the victims: grid or random search), and the nested folds'
+    picks (strictly held out: a search per fold that never saw the group)."""
     folds = []
+    tables = StudyTables(study_dir)
+    strict = spec.search.sampler in ("grid", "random")
+    why = (
+        "candidates drawn without looking at any victim (grid/random search); re-picked without the group"
+        if strict
+        else "NOT strictly held out: TPE proposed the candidates while it saw every victim, this group included "
+        "(set search.nested_folds for a search per fold)"
+    )
     for col in GROUP_COLUMNS:
         values = sorted(df[col].dropna().unique().tolist())
         if len(values) < 2:
@@ -88,21 +139,55 @@ def _held_out(df: pd.DataFrame, metric: str, aggregate: str, max_drop: float | N
                 pick, _ = select(tune_rows, metric, aggregate, max_drop)
             except ValueError:
                 continue
-            test_rows = test[test["trial_id"] == pick.trial_id]
-            s = _summary(test_rows, metric)
-            if math.isnan(s["worst"]):
-                continue
-            folds.append(
-                {
-                    "held_out": f"{col}={v}",
-                    "picked_trial": pick.trial_id,
-                    f"tuned_on_{aggregate}_selection_{metric}": pick.score,
-                    f"held_out_worst_{metric}": s["worst"],
-                    f"held_out_mean_{metric}": s["mean"],
-                    "held_out_worst_clean_acc_drop": s["worst_clean_acc_drop"],
-                    "held_out_victims": int(len(test_rows)),
-                }
+            try:
+                scores = tables.read_part("scores", pick.trial_id).to_pandas()
+            except OSError:
+                scores = None
+            rec = _fold_record(
+                f"{col}={v}",
+                strict,
+                why,
+                pick,
+                tune_rows[tune_rows["trial_id"] == pick.trial_id],
+                test[test["trial_id"] == pick.trial_id],
+                scores,
+                metric,
+                aggregate,
             )
+            if rec is not None:
+                folds.append(rec)
+    family = str(df["detector"].iloc[0])
+    for col in spec.search.nested_folds:
+        for v in fold_values(spec, col):
+            fdir = fold_spec(spec, col, v).study_dir
+            ft = StudyTables(fdir)
+            try:
+                fold_rows = ft.read("trials").to_pandas()
+                heldout = ft.read("heldout").to_pandas()
+            except FileNotFoundError:
+                continue
+            fold_rows, heldout = fold_rows[fold_rows["detector"] == family], heldout[heldout["detector"] == family]
+            if fold_rows.empty or heldout.empty:
+                continue
+            pick, _ = select(fold_rows, metric, aggregate, max_drop)
+            test = heldout[heldout["trial_id"] == pick.trial_id]
+            try:
+                scores = ft.read_part("heldout_scores", pick.trial_id).to_pandas()
+            except OSError:
+                scores = None
+            rec = _fold_record(
+                f"{col}={v}",
+                True,
+                f"nested: the fold's own search ({fold_name(spec, col, v)}) never saw these victims",
+                pick,
+                fold_rows[fold_rows["trial_id"] == pick.trial_id],
+                test,
+                scores,
+                metric,
+                aggregate,
+            )
+            if rec is not None:
+                folds.append(rec)
     return folds
 
 
@@ -209,7 +294,7 @@ def robust_defaults(
             protocol=ProtocolConfig.from_row(trial_first).model_dump(mode="json"),
             per_victim=rows,
             leaderboard=board,
-            held_out=_held_out(rows_f, obj.metric, obj.aggregate, max_drop),
+            held_out=_held_out(study_dir, spec, rows_f, obj.metric, obj.aggregate, max_drop),
             fits=fits,
             refit=refit_spread(fits["evaluation"].tolist()),
             bootstrap=ci,

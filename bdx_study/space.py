@@ -286,6 +286,10 @@ class SearchSection(StrictModel):
     objective: Objective = Objective()
     constraint: Constraint = Constraint()
     refit: Refit = Refit()
+    nested_folds: list[Literal["attack", "victim_seed", "architecture", "dataset"]] = Field(
+        default_factory=list,
+        description="group columns whose every value gets its own search without it (strictly held out)",
+    )
 
     @field_validator("num_trials")
     @classmethod
@@ -506,6 +510,15 @@ def _check_values(spec: StudySpec, source: str) -> None:
         if spec.search.sampler != "grid" and n is None and spec.searched(family):
             problems.append(f"{source}: search.num_trials: null (the whole grid) needs sampler: grid")
     problems += _check_clean_set(spec, source)
+    for column in spec.search.nested_folds:
+        from bdx_study.folds import fold_values
+
+        values = fold_values(spec, column)
+        if len(values) < 2:
+            problems.append(
+                f"{source}: search.nested_folds: {column} has one value among the victims ({values[0]}); nothing to "
+                "hold out"
+            )
     if problems:
         raise SpaceError("\n".join(dict.fromkeys(problems)))
 

@@ -22,6 +22,9 @@ from bdx_study._io import atomic_path
 from bdx_study.schema import rows_to_table, trials_schema, victims_schema
 
 KINDS = ("trials", "scores")
+# Row tables and their per-sample tables: the search's trials, refits of the best configs, and
+# each nested fold's picks measured on its held-out victims.
+SCORES_OF = {"trials": "scores", "refits": "refit_scores", "heldout": "heldout_scores"}
 
 
 class TableError(OSError):
@@ -61,20 +64,20 @@ class StudyTables:
     def part(self, kind: str, trial_id: str) -> Path:
         return self.root / "parts" / kind / f"{trial_id}.parquet"
 
-    def write_trial(self, trial_id: str, rows: list[dict[str, Any]], scores: pa.Table, refit: bool = False) -> None:
-        """A trial's (or, with ``refit``, a refit's) rows and per-sample scores: scores first, so a
-        trial counts as finished once its row part exists."""
-        kind, score_kind = ("refits", "refit_scores") if refit else KINDS
-        write_table_atomic(scores, self.part(score_kind, trial_id))
+    def write_trial(self, trial_id: str, rows: list[dict[str, Any]], scores: pa.Table, kind: str = "trials") -> None:
+        """A trial's (or refit's, or held-out evaluation's: ``kind``) rows and per-sample scores:
+        scores first, so it counts as finished once its row part exists."""
+        write_table_atomic(scores, self.part(SCORES_OF[kind], trial_id))
         write_table_atomic(rows_to_table(rows, trials_schema()), self.part(kind, trial_id))
 
     def read_part(self, kind: str, trial_id: str) -> pa.Table:
         return _read(self.part(kind, trial_id))
 
-    def finished_trials(self, full: bool = False, refits: bool = False) -> set[str]:
-        """Trials (or refits) whose two parts are readable (the rows part always read whole; the
-        scores part whole only with ``full``, else its footer). Unreadable parts are quarantined."""
-        kinds = ("refits", "refit_scores") if refits else KINDS
+    def finished_trials(self, full: bool = False, kind: str = "trials") -> set[str]:
+        """Trials (or refits, held-out evaluations: ``kind``) whose two parts are readable (the
+        rows part always read whole; the scores part whole only with ``full``, else its footer).
+        Unreadable parts are quarantined."""
+        kinds = (kind, SCORES_OF[kind])
         folder = self.root / "parts" / kinds[0]
         if not folder.is_dir():
             return set()

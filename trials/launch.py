@@ -253,7 +253,7 @@ def _prepare_victims(spec: StudySpec, tracker: StudyTracker | None) -> VictimCac
     return cache
 
 
-def _tuner(spec: StudySpec, ctx: StudyContext, tracker: StudyTracker, resume: bool) -> Any:
+def _tuner(spec: StudySpec, ctx: StudyContext, tracker: StudyTracker, resume: bool, fold: str | None = None) -> Any:
     from ray import tune
 
     from .trainable import defense_trial
@@ -281,7 +281,7 @@ def _tuner(spec: StudySpec, ctx: StudyContext, tracker: StudyTracker, resume: bo
         run_config=tune.RunConfig(
             name="tune",
             storage_path=str(spec.study_dir),
-            callbacks=[MlflowStudyCallback(tracker, spec, spec.study_dir)],
+            callbacks=[MlflowStudyCallback(tracker, spec, spec.study_dir, fold)],
             failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
             verbose=0,
         ),
@@ -342,7 +342,7 @@ def run_refits(spec: StudySpec, ctx: StudyContext) -> int:
         df = tables.read("trials").to_pandas()
     except FileNotFoundError:
         return 0
-    done = tables.finished_trials(refits=True)
+    done = tables.finished_trials(kind="refits")
     obj, max_drop = spec.search.objective, spec.search.constraint.max_clean_acc_drop
     todo = []
     for family in spec.families:
@@ -357,6 +357,75 @@ def run_refits(spec: StudySpec, ctx: StudyContext) -> int:
     task = ray.remote(_refit).options(num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=spec.resources.max_failures)
     ray.get([task.remote(ctx, row, r) for row, r in todo])
     return len(todo)
+
+
+def _heldout(ctx: StudyContext, trial_row: dict[str, Any]) -> str:
+    from .trainable import execute_heldout
+
+    return execute_heldout(ctx, trial_row)
+
+
+def run_nested_folds(spec: StudySpec, ctx: StudyContext, tracker: StudyTracker) -> int:
+    """Strictly held-out validation (``search.nested_folds``): for each value of each group
+    column, the whole search again on the other victims only (a sub-study beside this one, its
+    trials tagged ``bdx.fold`` in MLflow), then each family's pick (by the same selection rule)
+    measured on the held-out victims. Folds already measured are kept. Returns folds run now."""
+    import ray
+    from ray import tune
+
+    from bdx_study.folds import fold_spec, fold_values, held_out_victims
+    from bdx_study.selection import select
+
+    obj, max_drop = spec.search.objective, spec.search.constraint.max_clean_acc_drop
+    res = trial_resources(spec)
+    task = ray.remote(_heldout).options(
+        num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=spec.resources.max_failures
+    )
+    ran = 0
+    for column in spec.search.nested_folds:
+        for value in fold_values(spec, column):
+            fs = fold_spec(spec, column, value)
+            fdir = fs.study_dir
+            tables = StudyTables(fdir)
+            if tables.finished_trials(kind="heldout") and len(tables.finished_trials(kind="heldout")) >= len(
+                spec.families
+            ):
+                continue
+            print(f"[bdx-study] nested fold {fs.study.name}: the search again without {column}={value}", flush=True)
+            fold_ctx = StudyContext(
+                spec=fs,
+                study_dir=fdir,
+                victim_cache=ctx.victim_cache,
+                victims=tuple(fs.victim_configs()),
+                stage_cache=ctx.stage_cache,
+            )
+            fdir.mkdir(parents=True, exist_ok=True)
+            resume = (fdir / "tune").exists() and tune.Tuner.can_restore(str(fdir / "tune"))
+            grid = _tuner(fs, fold_ctx, tracker, resume, fold=fs.study.name).fit()
+            if _interrupted(fs, grid):
+                raise KeyboardInterrupt
+            repair_lost_trials(fs, fold_ctx, grid)
+            df = tables.read("trials").to_pandas()
+            held_ctx = StudyContext(
+                spec=spec,
+                study_dir=fdir,
+                victim_cache=ctx.victim_cache,
+                victims=tuple(held_out_victims(spec, column, value)),
+                stage_cache=ctx.stage_cache,
+            )
+            rows = []
+            for family in spec.families:
+                mine = df[df["detector"] == family]
+                if mine.empty:
+                    continue
+                try:
+                    pick, _ = select(mine, obj.metric, obj.aggregate, max_drop)
+                except ValueError:
+                    continue
+                rows.append(mine[mine["trial_id"] == pick.trial_id].iloc[0].to_dict())
+            ray.get([task.remote(held_ctx, row) for row in rows])
+            ran += 1
+    return ran
 
 
 def _best(spec: StudySpec, grid: Any) -> dict[str, Any]:
@@ -416,6 +485,7 @@ def launch(
                 raise KeyboardInterrupt
             repaired = repair_lost_trials(spec, ctx, grid)
             refitted = run_refits(spec, ctx)
+            folds = run_nested_folds(spec, ctx, tracker)
             ids["tune_fit_seconds_resumed" if resume else "tune_fit_seconds"] = time.perf_counter() - fit_start
             _write_ids(study_dir / "study.json", ids)
             StudyTables(study_dir).consolidate()
@@ -433,7 +503,8 @@ def launch(
         f"[bdx-study] study {spec.study.name!r} done in {seconds:.0f} s: "
         f"{grid.num_terminated} trial(s) finished, {grid.num_errors} failed"
         + (f", {repaired} run again after their stored result was lost" if repaired else "")
-        + (f"; {refitted} refit(s)" if refitted else ""),
+        + (f"; {refitted} refit(s)" if refitted else "")
+        + (f"; {folds} nested fold(s)" if folds else ""),
         flush=True,
     )
     if best:

@@ -187,10 +187,12 @@ class StudyTracker:
         self.client.log_batch(run.info.run_id, params=_params(params))
         return run.info.run_id, True
 
-    def trial_run(self, trial_id: str, params: dict[str, Any]) -> tuple[str, bool]:
-        """The nested run of a trial: params named as in the YAML, the family as param and tag."""
+    def trial_run(self, trial_id: str, params: dict[str, Any], fold: str | None = None) -> tuple[str, bool]:
+        """The nested run of a trial: params named as in the YAML, the family as param and tag
+        (and the nested fold it searched for, if any)."""
         family = str(params["detector"])
-        return self.child_run("trial", trial_id, f"{family}-{trial_id}", params, {"bdx.detector": family})
+        tags = {"bdx.detector": family, **({"bdx.fold": fold} if fold else {})}
+        return self.child_run("trial", trial_id, f"{family}-{trial_id}", params, tags)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
         now = int(time.time() * 1000)
@@ -273,10 +275,11 @@ class MlflowStudyCallback(tune.Callback):
     keeps no state that cannot be rebuilt: run ids are looked up by tag, progress is counted
     from the study's tables (:meth:`setup`)."""
 
-    def __init__(self, tracker: StudyTracker, spec: StudySpec, study_dir: Path) -> None:
+    def __init__(self, tracker: StudyTracker, spec: StudySpec, study_dir: Path, fold: str | None = None) -> None:
         self.tracker = tracker
         self.spec = spec
         self.study_dir = study_dir
+        self.fold = fold  # a nested fold's sub-study: its trials are tagged bdx.fold
         self.total = spec.num_trials
         self.completed: set[str] = set()
         self.failures = 0  # MLflow calls that failed (or were skipped) in the current outage
@@ -323,7 +326,9 @@ class MlflowStudyCallback(tune.Callback):
         return out
 
     def _run_id(self, trial: Any) -> str | None:
-        got = self._safe("run creation", self.tracker.trial_run, trial.trial_id, trial_params(self.spec, trial.config))
+        got = self._safe(
+            "run creation", self.tracker.trial_run, trial.trial_id, trial_params(self.spec, trial.config), self.fold
+        )
         return got[0] if got else None
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:

@@ -25,7 +25,7 @@ from bdx_study.metrics import HEADLINE, aggregate
 from bdx_study.protocol import Part, ProtocolConfig, scoring_parts
 from bdx_study.schema import scores_table, victim_columns
 from bdx_study.stages import DetectorRun, StageStore, run_detector
-from bdx_study.tables import StudyTables
+from bdx_study.tables import SCORES_OF, StudyTables
 from bdx_study.training import pick_device
 from bdx_study.victims import VictimCache, VictimConfig
 
@@ -177,6 +177,19 @@ def execute_refit(ctx: StudyContext, trial_row: dict[str, Any], index: int) -> s
     return refit_id
 
 
+def execute_heldout(ctx: StudyContext, trial_row: dict[str, Any]) -> str:
+    """Measure trial ``trial_row``'s config, unchanged, on ``ctx``'s victims (a nested fold's
+    held-out victims); stored under the trial's id in the ``heldout`` tables of ``ctx``'s study."""
+    start, started_at = time.perf_counter(), time.time()
+    device = _device(ctx)
+    params = json.loads(trial_row["params"])
+    protocol = ProtocolConfig.from_row(trial_row)
+    res = run_family(ctx, create_detector(trial_row["detector"], params), protocol, device=device)
+    trial_id = str(trial_row["trial_id"])
+    _record(ctx, trial_id, res, device, start, started_at, kind="heldout")
+    return trial_id
+
+
 def _device(ctx: StudyContext) -> torch.device:
     torch.set_num_threads(max(1, math.floor(ctx.spec.resources.cpu)))
     return pick_device(prefer_gpu=ctx.spec.resources.gpu > 0)
@@ -190,9 +203,11 @@ def _record(
     start: float,
     started_at: float,
     refit: tuple[str, int] | None = None,
+    kind: str = "trials",
 ) -> dict[str, Any]:
     """Write a finished computation: plot, report and Parquet parts (rows last). Returns the report."""
-    artifacts = ctx.study_dir / "artifacts" / trial_id
+    kind = "refits" if refit is not None else kind
+    artifacts = ctx.study_dir / "artifacts" / (trial_id if kind == "trials" else f"{kind}-{trial_id}")
     tables = StudyTables(ctx.study_dir)
     rows = _rows(ctx, trial_id, res, device)
     aggregates = trial_aggregates(res)
@@ -217,7 +232,7 @@ def _record(
             if math.isfinite(val):
                 report[f"{victim.name}/{k}"] = val
     report["detector"] = res.family.name
-    report["scores_path"] = str(tables.part("refit_scores" if refit else "scores", trial_id))
+    report["scores_path"] = str(tables.part(SCORES_OF[kind], trial_id))
     report["plot_path"] = str(plot_path)
     report["node"] = rows[0]["node"]
     if not all(math.isfinite(v) for v in report.values() if isinstance(v, float)):
@@ -226,7 +241,7 @@ def _record(
     scores = pa.concat_tables(
         [scores_table(trial_id, v.key, res.family.name, run.evaluation.samples) for v, run in res.runs]
     )
-    tables.write_trial(trial_id, rows, scores, refit=refit is not None)  # finished once the rows are there
+    tables.write_trial(trial_id, rows, scores, kind=kind)  # finished once the rows are there
     return report
 
 
@@ -262,6 +277,7 @@ def bare_trial_seconds(ctx: StudyContext, config: dict[str, Any], device: torch.
 __all__ = [
     "bare_trial_seconds",
     "defense_trial",
+    "execute_heldout",
     "execute_refit",
     "execute_trial",
     "run_family",
