@@ -79,7 +79,7 @@ def user(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         training=TrainingConfig(epochs=6, lr=2e-3),
         data=data,
     )
-    model, _ = train_victim(cfg, device=torch.device("cpu"))
+    model = train_victim(cfg, device=torch.device("cpu"))[0]  # (model, metrics[, attack])
     model.eval()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
     splits = data.splits("digits")
@@ -222,6 +222,10 @@ def bad_inputs(user: dict[str, Any], tmp: Path) -> dict[str, tuple[dict[str, str
     payload.marker = str(tmp / "UNPICKLED")
     (tmp / "model.pkl").write_bytes(pickle.dumps(payload))
     (tmp / "notes.safetensors").write_text("these are not weights")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    other = {k: v for k, v in state.items() if k != "body.4.weight"}
+    save_file({**other, "extra.weight": torch.zeros(3)}, tmp / "other.safetensors")
+    save_file({**state, "body.3.weight": torch.zeros(64, 32, 3, 3)}, tmp / "wide.safetensors")
     labels = y.copy()
     labels[:3] = 12
     np.savez(tmp / "labels.npz", x=x, y=labels)
@@ -237,10 +241,17 @@ def bad_inputs(user: dict[str, Any], tmp: Path) -> dict[str, tuple[dict[str, str
         ),
         "head_size": ({"--num-classes": "5"}, ["classifier head", "10 outputs", "--num-classes is 5"]),
         "input_size": ({"--input-shape": "1,28,28"}, ["clean.npz", "x has shape (300, 1, 16, 16)", "1,28,28"]),
-        "input_channels": ({"--input-shape": "3,16,16"}, ["first layer", "1 input channel", "--input-shape has 3"]),
+        "input_channels": ({"--input-shape": "3,32,32"}, ["first layer", "1 input channel", "--input-shape has 3"]),
         "rgb_data_grey_model": ({"--clean": str(tmp / "nhwc.npz")}, ["nhwc.npz", "(300, 16, 16, 3)", "1,16,16"]),
         "bad_shape_text": ({"--input-shape": "16,16"}, ["--input-shape '16,16'", "C,H,W"]),
-        "wrong_architecture": ({"--architecture": "resnet18"}, ["does not match --architecture resnet18", "missing"]),
+        "weights_of_another_net": (
+            {"--weights": str(tmp / "other.safetensors")},
+            ["does not match --architecture small_cnn", "1 tensor(s) missing (first: body.4.weight)", "extra.weight"],
+        ),
+        "conv_width": (
+            {"--weights": str(tmp / "wide.safetensors")},
+            ["does not match", "body.3.weight is (64, 32, 3, 3) where the architecture has (32, 32, 3, 3)"],
+        ),
         "unknown_architecture": ({"--architecture": "vgg99"}, ["unknown architecture 'vgg99'", "small_cnn"]),
         "torch_save_pickle": ({"--weights": str(tmp / "model.pt")}, ["model.pt", "torch.save", "never unpickles"]),
         "plain_pickle": ({"--weights": str(tmp / "model.pkl")}, ["model.pkl", "a Python pickle"]),
