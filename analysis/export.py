@@ -8,6 +8,7 @@ otherwise they are fitted now with the same parameters and seed."""
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from bdx_study.stages import StageStore, run_detector
 from bdx_study.tables import StudyTables
 from bdx_study.training import pick_device
 from bdx_study.victims import VictimCache, VictimConfig
+
+from .domain import check_domain, render_warnings
 
 
 def pick_victim(spec: StudySpec, which: str | None) -> VictimConfig:
@@ -90,6 +93,17 @@ def export_detector(
         raise FileNotFoundError(f"victim {vcfg.name} is not in the cache; run `bdx-study launch` first")
     device = pick_device(prefer_gpu=spec.resources.gpu > 0)  # where the study's trials ran
     splits = vcfg.data.splits(vcfg.dataset)
+    outside = check_domain(
+        yaml.safe_load(recipe_path.read_text()),
+        dataset=vcfg.dataset,
+        architecture=vcfg.architecture,
+        input_shape=splits.info.input_shape,
+        num_classes=splits.info.num_classes,
+        attack=vcfg.attack.name,
+        detector=family_name,
+    )
+    if outside:  # normally never: the study's own victims lie inside its recipe's domain
+        print(render_warnings(outside, command="export"), file=sys.stderr, flush=True)
     store = StageStore(spec.storage_root() / "stages" if spec.study.stage_cache else None)
     model = record.load_model(device)
     run = run_detector(
@@ -125,6 +139,7 @@ def export_detector(
             "trial_run_id": _trial_run_id(ids, trial_id),
         },
         "metrics_protocol": "evaluation split of the victim's dataset, disjoint from the defender's clean data",
+        "domain_warnings": outside,
     }
     bundle = save_bundle(
         out,

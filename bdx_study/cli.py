@@ -174,6 +174,44 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    """Apply a recipe to the user's own model and clean data; every input is checked first."""
+    from bdx_study.analysis.domain import render_warnings
+    from bdx_study.analysis.fit import (
+        check_out,
+        describe_job,
+        describe_result,
+        parse_input_shape,
+        per_channel,
+        prepare_fit,
+        run_fit,
+    )
+
+    out = Path(args.out)
+    check_out(out, args.force)
+    shape = parse_input_shape(args.input_shape)
+    job = prepare_fit(
+        recipe_path=Path(args.recipe),
+        detector=args.detector,
+        architecture=args.architecture,
+        input_shape=shape,
+        num_classes=args.num_classes,
+        mean=per_channel(args.mean, shape[0], "--mean"),
+        std=per_channel(args.std, shape[0], "--std"),
+        weights=Path(args.weights),
+        clean=Path(args.clean),
+        heldout_fraction=args.heldout_fraction,
+        split_seed=args.split_seed,
+    )
+    if job.domain_warnings:
+        print(render_warnings(job.domain_warnings, command="fit") + "\n", file=sys.stderr, flush=True)
+    print("\n".join(describe_job(job)), flush=True)
+    print(f"fitting {job.family.name} ...", flush=True)
+    result = run_fit(job, out, force=args.force)
+    print("\n".join(describe_result(job, result)))
+    return 0
+
+
 DETECT_CHUNK = 1024  # inputs scored at a time: memory stays bounded whatever the file holds
 
 
@@ -335,6 +373,53 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="replace the bundle already in --out (other files stay)")
     sp.add_argument("--no-mlflow", action="store_true", help="do not log the detector to MLflow")
     sp.set_defaults(fn=cmd_export)
+
+    sp = sub.add_parser(
+        "fit",
+        help="apply a recipe to your own model and clean data: a detector bundle that `detect` serves",
+        description="Fit a recipe's detector family on your model and clean images. A seeded --heldout-fraction "
+        "of the images is held out (never fitted or calibrated on) and the realized false-positive rate is "
+        "measured on it; the rest is the defender's clean set D_c of the recipe's protocol (scaled down, with a "
+        "notice, when you have fewer images). Every input is checked before any work.",
+    )
+    sp.add_argument("--recipe", required=True, help="recipe.yaml written by `bdx-study analyze`")
+    sp.add_argument("--detector", help="detector family of the recipe (default: its default_detector)")
+    sp.add_argument("--architecture", required=True, help="registered architecture (`bdx-study list`) of the model")
+    sp.add_argument("--num-classes", required=True, type=int, help="classes the model was trained on")
+    sp.add_argument("--input-shape", required=True, help="C,H,W the model was trained on, e.g. 3,32,32")
+    sp.add_argument(
+        "--mean",
+        type=float,
+        nargs="+",
+        help="per-channel normalization mean the model was trained with (one value or C); default: the one saved "
+        "in --weights (a bdx-study model holds it)",
+    )
+    sp.add_argument("--std", type=float, nargs="+", help="per-channel normalization std, as --mean")
+    sp.add_argument(
+        "--weights",
+        required=True,
+        help="the model's weights as safetensors (a state_dict: of the bdx-study model, or of the bare network); "
+        "pickles (torch.save) are refused",
+    )
+    sp.add_argument(
+        "--clean",
+        required=True,
+        help="clean images with labels: an .npz with x ((N,C,H,W) or (N,H,W,C), uint8 0-255 or float 0-1) and y "
+        "(int labels), read without pickles; or a folder of class folders (named by class index, or all classes "
+        "whose sorted names give the class order) of images (png, jpg, bmp, gif, tiff, webp, ppm, pgm), read "
+        "with PIL, converted to grayscale (PIL 'L') for C=1 or RGB for C=3 (alpha dropped), resized to H x W "
+        "(bilinear, aspect ratio not kept) when their size differs, and scaled to [0, 1]",
+    )
+    sp.add_argument("--out", required=True, help="bundle folder to write (new or empty; an existing bundle: --force)")
+    sp.add_argument("--force", action="store_true", help="replace the bundle already in --out (other files stay)")
+    sp.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=0.2,
+        help="share of the clean images held out to measure the realized FPR (default 0.2)",
+    )
+    sp.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split (default 0)")
+    sp.set_defaults(fn=cmd_fit)
 
     sp = sub.add_parser("detect", help="flag inputs (.npy, (N, C, H, W) in [0, 1]) with a detector bundle")
     sp.add_argument("--detector", required=True, help="bundle folder")
