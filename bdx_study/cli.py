@@ -84,65 +84,12 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def _analyze(spec: StudySpec, quiet: bool = False) -> Path:
-    from bdx_study.analysis.report import plot_comparison, plot_params, recipe, render, write_recipe
-    from bdx_study.analysis.robust import comparison, load_trials, robust_defaults, write_optuna_study
-    from bdx_study.tables import StudyTables, write_table_atomic
+    from bdx_study.analysis.analyze import analyze
 
-    study_dir = spec.study_dir
-    trials = load_trials(study_dir)
-    per_family = robust_defaults(study_dir, spec, trials)
-    out = write_recipe(recipe(per_family, spec, study_dir), study_dir / "recipe.yaml")
-    table = comparison(per_family)
-    folder = study_dir / "analysis"
-    import pandas as pd
-    import pyarrow as pa
-
-    from bdx_study._io import write_text_atomic
-
-    write_text_atomic(folder / "comparison.csv", table.to_csv(index=False))
-    write_table_atomic(pa.Table.from_pandas(table, preserve_index=False), folder / "comparison.parquet")
-    tables = StudyTables(study_dir)
-    scores = pd.concat(
-        [
-            tables.read_part(
-                "scores" if rd.seed_policy["fit_kind"] == "trials" else "refit_scores", rd.seed_policy["fit"]
-            ).to_pandas()
-            for rd in per_family.values()
-        ],
-        ignore_index=True,
-    )
-    roc = plot_comparison(per_family, scores, folder / "comparison_roc.png")
-    plot = plot_params(trials, spec, spec.search.objective.metric, folder / "objective_vs_params.png")
-    optuna_db = write_optuna_study(trials, spec, study_dir / "optuna.db")
-    files = [out, folder / "comparison.csv", folder / "comparison.parquet", roc] + ([plot] if plot else [])
-    logged = _log_analysis(study_dir, files)
+    result = analyze(spec)
     if not quiet:
-        print(render(per_family, spec, table))
-        print(
-            f"\nrecipe: {out}\ncomparison: {folder / 'comparison.csv'} (and .parquet), plot {roc}"
-            + (f"\nplot: {plot}" if plot else "")
-            + (f"\noptuna studies: sqlite:///{optuna_db}" if optuna_db.exists() else "")
-            + ("\nlogged to the study's MLflow run under analysis/" if logged else "")
-        )
-    return out
-
-
-def _log_analysis(study_dir: Path, files: list[Path]) -> bool:
-    """Attach the analysis files to the study's parent MLflow run (best effort)."""
-    ids_path = study_dir / "study.json"
-    try:
-        ids = json.loads(ids_path.read_text())
-        if not (ids.get("tracking_uri") and ids.get("parent_run_id")):
-            return False
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(ids["tracking_uri"])
-        for f in files:
-            client.log_artifact(ids["parent_run_id"], str(f), "analysis")
-        return True
-    except Exception as e:
-        print(f"bdx-study: warning: analysis not logged to MLflow ({type(e).__name__}: {e})", file=sys.stderr)
-        return False
+        print(result.text)
+    return result.recipe
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:

@@ -277,13 +277,18 @@ class Refit(StrictModel):
 
 
 class SearchSection(StrictModel):
-    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    sampler: Literal["tpe", "random", "grid", "nsga2"] = "tpe"
     num_trials: int | dict[str, int] | None = Field(
         16, description="trials per detector family, or {family: trials}; null = the whole grid (grid sampler)"
     )
     max_concurrent: int = Field(2, ge=1, description="trials at once (also keeps TPE from degrading to random)")
     seed: int = 0
     objective: Objective = Objective()
+    objectives: list[Objective] = Field(
+        default_factory=list,
+        description="nsga2 only: the objectives searched jointly (e.g. AUROC, clean-accuracy drop, fit seconds); "
+        "`objective` still picks the robust defaults",
+    )
     constraint: Constraint = Constraint()
     refit: Refit = Refit()
     nested_folds: list[Literal["attack", "victim_seed", "architecture", "dataset"]] = Field(
@@ -510,6 +515,10 @@ def _check_values(spec: StudySpec, source: str) -> None:
         if spec.search.sampler != "grid" and n is None and spec.searched(family):
             problems.append(f"{source}: search.num_trials: null (the whole grid) needs sampler: grid")
     problems += _check_clean_set(spec, source)
+    if spec.search.sampler == "nsga2" and len(spec.search.objectives) < 2:
+        problems.append(f"{source}: search.objectives: the nsga2 sampler searches 2 or more objectives jointly")
+    if spec.search.objectives and spec.search.sampler != "nsga2":
+        problems.append(f"{source}: search.objectives: only the nsga2 sampler searches several objectives")
     for column in spec.search.nested_folds:
         from bdx_study.folds import fold_values
 

@@ -23,6 +23,19 @@ class StudyContext:
         return self.spec.study.name
 
 
+def objective_values(spec: StudySpec, aggregates: dict[str, float]) -> list[float]:
+    """The values a multi-objective (nsga2) search optimizes, one per ``search.objectives``, on
+    the selection split; an undefined one is the worst finite value."""
+    out = []
+    for obj in spec.search.objectives:
+        value = aggregates.get(obj.selection_key, math.nan)
+        if not math.isfinite(value):
+            key = f"{obj.aggregate}/{obj.metric}"  # cost metrics have no selection split
+            value = aggregates.get(key, math.nan)
+        out.append(value if math.isfinite(value) else (-2.0 if obj.mode == "max" else 1e9))
+    return out
+
+
 def objective_value(spec: StudySpec, aggregates: dict[str, float]) -> tuple[float, bool]:
     """The value the search optimizes and whether the trial meets the constraint.
 

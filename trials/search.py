@@ -25,6 +25,8 @@ from bdx_study.space import StudySpec
 
 def _sampler(spec: StudySpec, family: str, seed: int) -> optuna.samplers.BaseSampler:
     s = spec.search
+    if s.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
     if s.sampler == "grid":
         return optuna.samplers.GridSampler(spec.grid(family), seed=seed)
     if s.sampler == "random":
@@ -39,14 +41,18 @@ class FamilySearcher(Searcher):
         mode = spec.search.objective.mode
         super().__init__(metric=metric, mode=mode)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        direction: Literal["maximize", "minimize"] = "maximize" if mode == "max" else "minimize"
+        objectives = spec.search.objectives or [spec.search.objective]
+        directions: list[Literal["maximize", "minimize"]] = [
+            "maximize" if o.mode == "max" else "minimize" for o in objectives
+        ]
+        self._multi = len(objectives) > 1
         self._families = spec.families
         self._spaces = {f: spec.optuna_space(f) for f in self._families}
         self._budget = {f: spec.trials_for(f) for f in self._families}
         self._studies = {
             f: optuna.create_study(
                 study_name=f"{spec.study.name}-{f}",
-                direction=direction,
+                directions=directions,
                 sampler=_sampler(spec, f, spec.search.seed + i),
             )
             for i, f in enumerate(self._families)
@@ -79,12 +85,17 @@ class FamilySearcher(Searcher):
         family, trial = self._live.pop(trial_id, ("", None))
         if trial is None:
             return
-        value = (result or {}).get(self.metric)
+        result = result or {}
+        if self._multi:  # one value per objective, reported by the trial as objectives/<i>
+            n = len(self._studies[family].directions)
+            values = [result.get(f"objectives/{i}") for i in range(n)]
+        else:
+            values = [result.get(self.metric)]
         study = self._studies[family]
-        if error or value is None or not math.isfinite(float(value)):
+        if error or any(v is None or not math.isfinite(float(v)) for v in values):
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
         else:
-            study.tell(trial, float(value))
+            study.tell(trial, [float(v) for v in values] if self._multi else float(values[0]))  # type: ignore[arg-type]
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:

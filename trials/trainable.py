@@ -29,7 +29,7 @@ from bdx_study.tables import SCORES_OF, StudyTables
 from bdx_study.training import pick_device
 from bdx_study.victims import VictimCache, VictimConfig
 
-from .context import StudyContext, objective_value
+from .context import StudyContext, objective_value, objective_values
 from .plots import plot_trial
 
 # Victims, splits, scored inputs and the stage store are kept per worker process: Ray reuses
@@ -226,6 +226,8 @@ def _record(
         "stages_fitted": float(sum(run.fitted_now for _, run in res.runs)),
     }
     report.update(aggregates)
+    for i, value in enumerate(objective_values(ctx.spec, aggregates)):
+        report[f"objectives/{i}"] = value
     for victim, run in res.runs:
         for k in HEADLINE:
             val = run.evaluation.metrics.get(k, math.nan)

@@ -1,0 +1,111 @@
+"""``bdx-study analyze``: every analysis of a finished (or interrupted) study, written to the
+study folder and attached to its MLflow run.
+
+1. robust defaults per family (with refit uncertainty, bootstrap intervals and held-out folds),
+   written as ``recipe.yaml``;
+2. the family x victim comparison (``analysis/comparison.csv`` and ``.parquet``, ROC plot);
+3. the searches: each family's objective against each searched setting, fANOVA importance, the
+   Pareto front of a multi-objective search, and the sweep rebuilt as Optuna studies
+   (``optuna.db``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+
+from bdx_study._io import write_text_atomic
+from bdx_study.space import StudySpec
+from bdx_study.tables import StudyTables, write_table_atomic
+
+from .report import plot_comparison, plot_params, recipe, render, write_recipe
+from .robust import comparison, load_trials, robust_defaults
+from .searches import param_importances, pareto, plot_importances, plot_pareto, write_optuna_study
+
+
+@dataclass
+class Analysis:
+    text: str  # what `analyze` prints
+    recipe: Path
+    files: list[Path] = field(default_factory=list)  # everything written under the study folder
+    logged: bool = False  # attached to the study's MLflow run
+
+
+def _write(table: pd.DataFrame, folder: Path, stem: str) -> list[Path]:
+    write_text_atomic(folder / f"{stem}.csv", table.to_csv(index=False))
+    write_table_atomic(pa.Table.from_pandas(table, preserve_index=False), folder / f"{stem}.parquet")
+    return [folder / f"{stem}.csv", folder / f"{stem}.parquet"]
+
+
+def analyze(spec: StudySpec) -> Analysis:
+    study_dir = spec.study_dir
+    folder = study_dir / "analysis"
+    trials = load_trials(study_dir)
+    per_family = robust_defaults(study_dir, spec, trials)
+    out = write_recipe(recipe(per_family, spec, study_dir), study_dir / "recipe.yaml")
+    table = comparison(per_family)
+    files = [out, *_write(table, folder, "comparison")]
+    tables = StudyTables(study_dir)
+    scores = pd.concat(
+        [
+            tables.read_part(
+                "scores" if rd.seed_policy["fit_kind"] == "trials" else "refit_scores", rd.seed_policy["fit"]
+            ).to_pandas()
+            for rd in per_family.values()
+        ],
+        ignore_index=True,
+    )
+    files.append(plot_comparison(per_family, scores, folder / "comparison_roc.png"))
+    text = [render(per_family, spec, table)]
+
+    plot = plot_params(trials, spec, spec.search.objective.metric, folder / "objective_vs_params.png")
+    importance = param_importances(trials, spec)
+    if not importance.empty:
+        files += _write(importance, folder, "importance")
+        text.append("\nHyperparameter importance (fANOVA on the searched settings; selection-split objective):")
+        for family, t in importance.groupby("detector", sort=False):
+            top = ", ".join(
+                f"{r.param} {r.importance:.2f}" for r in t.sort_values("importance").iloc[::-1].itertuples()
+            )
+            text.append(f"  {family}: {top}")
+        imp_plot = plot_importances(importance, folder / "importance.png")
+        files += [imp_plot] if imp_plot else []
+    front = pareto(trials, spec)
+    if not front.empty:
+        files += _write(front, folder, "pareto")
+        text.append("\nPareto front of the multi-objective search (selection split; cost as measured):")
+        with pd.option_context("display.width", 200, "display.float_format", "{:.4g}".format):
+            text.append(front[front["pareto_front"]].drop(columns=["pareto_front"]).to_string(index=False))
+        p = plot_pareto(front, spec, folder / "pareto.png")
+        files += [p] if p else []
+    files += [plot] if plot else []
+    optuna_db = write_optuna_study(trials, spec, study_dir / "optuna.db")
+    logged = _log(study_dir, files)
+    text.append(
+        f"\nrecipe: {out}\ncomparison: {folder / 'comparison.csv'} (and .parquet), plots in {folder}"
+        + (f"\noptuna studies: sqlite:///{optuna_db}" if optuna_db.exists() else "")
+        + ("\nlogged to the study's MLflow run under analysis/" if logged else "")
+    )
+    return Analysis("\n".join(text), out, files, logged)
+
+
+def _log(study_dir: Path, files: list[Path]) -> bool:
+    """Attach the analysis files to the study's parent MLflow run (best effort)."""
+    try:
+        ids = json.loads((study_dir / "study.json").read_text())
+        if not (ids.get("tracking_uri") and ids.get("parent_run_id")):
+            return False
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(ids["tracking_uri"])
+        for f in files:
+            client.log_artifact(ids["parent_run_id"], str(f), "analysis")
+        return True
+    except Exception as e:
+        print(f"bdx-study: warning: analysis not logged to MLflow ({type(e).__name__}: {e})", file=sys.stderr)
+        return False

@@ -1,0 +1,187 @@
+"""The searches themselves: each family's sweep rebuilt as an Optuna study (for optuna-dashboard
+and for Optuna's own analyses), hyperparameter importance (fANOVA) and, for a multi-objective
+(nsga2) search, the Pareto front. Every figure here is of the selection split, what the search
+optimized."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bdx_study._io import atomic_path
+from bdx_study.metrics import HIGHER_IS_BETTER, worst
+from bdx_study.protocol import ProtocolConfig
+from bdx_study.space import Objective, StudySpec
+
+
+def _trials(rows_f: pd.DataFrame, spec: StudySpec, family: str) -> list[Any]:
+    """One completed Optuna trial per study trial: params = the searched values, value = the
+    objective Tune optimized (the primary objective), per-victim figures as user attrs."""
+    import optuna
+
+    dists = spec.optuna_space(family)
+    metric = spec.search.objective.metric
+    out = []
+    for tid, rows in rows_f.groupby("trial_id", sort=False):
+        first = rows.iloc[0]
+        full = {**ProtocolConfig.from_row(first).model_dump(), **json.loads(first["params"])}
+        params = {k: full[k] for k in dists}
+        out.append(
+            optuna.trial.create_trial(
+                params=params,
+                distributions={k: dists[k] for k in params},
+                value=float(first["objective"]),
+                user_attrs={
+                    "trial_id": str(tid),
+                    "feasible": bool(first["feasible"]),
+                    **{f"{r['victim_name']}/{metric}": _none_if_nan(r[metric]) for _, r in rows.iterrows()},
+                },
+            )
+        )
+    return out
+
+
+def _studies(df: pd.DataFrame, spec: StudySpec, storage: str | None = None) -> dict[str, Any]:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out = {}
+    for family in spec.families:
+        rows_f = df[df["detector"] == family]
+        if not spec.optuna_space(family) or rows_f.empty:
+            continue
+        study = optuna.create_study(
+            study_name=f"{spec.study.name}-{family}",
+            storage=storage,
+            direction="maximize" if spec.search.objective.mode == "max" else "minimize",
+        )
+        study.add_trials(_trials(rows_f, spec, family))
+        out[family] = study
+    return out
+
+
+def write_optuna_study(df: pd.DataFrame, spec: StudySpec, path: Path) -> Path:
+    """Rebuild the sweep as Optuna studies in SQLite (``optuna-dashboard sqlite:///PATH``, or
+    ``optuna.load_study``), one per family (``<study>-<family>``)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    _studies(df, spec, storage=f"sqlite:///{tmp}")
+    if tmp.exists():
+        tmp.replace(path)
+    return path
+
+
+def param_importances(df: pd.DataFrame, spec: StudySpec, seed: int = 0) -> pd.DataFrame:
+    """fANOVA importance (Optuna's FanovaImportanceEvaluator, a random-forest functional ANOVA) of
+    each searched setting for the objective the search optimized, per family; families with
+    fewer than 4 trials, or one searched setting, are left out."""
+    from optuna.importance import FanovaImportanceEvaluator, get_param_importances
+
+    rows = []
+    for family, study in _studies(df, spec).items():
+        varying = [k for k in spec.optuna_space(family) if len({json.dumps(t.params.get(k)) for t in study.trials}) > 1]
+        if len(study.trials) < 4 or len(varying) < 2:
+            continue
+        imp = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=seed), params=varying)
+        rows += [{"detector": family, "param": k, "importance": float(v)} for k, v in imp.items()]
+    return pd.DataFrame(rows, columns=["detector", "param", "importance"])
+
+
+def _aggregate(rows: pd.DataFrame, obj: Objective) -> float:
+    col = "selection_" + obj.metric if "selection_" + obj.metric in rows.columns else obj.metric
+    vals = rows[col].dropna().to_numpy()
+    return worst(vals, obj.metric) if obj.aggregate == "worst" else float(np.mean(vals)) if len(vals) else math.nan
+
+
+def pareto(df: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
+    """Per family and trial, each of ``search.objectives`` (selection split; cost metrics as
+    measured) and whether the trial is on the family's Pareto front (no other trial is at least
+    as good on every objective and better on one)."""
+    objectives = spec.search.objectives
+    if not objectives:
+        return pd.DataFrame()
+    out = []
+    for family in spec.families:
+        rows_f = df[df["detector"] == family]
+        table = pd.DataFrame(
+            [
+                {
+                    "detector": family,
+                    "trial_id": tid,
+                    **{f"{o.aggregate}/{o.metric}": _aggregate(r, o) for o in objectives},
+                }
+                for tid, r in rows_f.groupby("trial_id")
+            ]
+        )
+        if table.empty:
+            continue
+        signs = np.array([1.0 if o.metric in HIGHER_IS_BETTER else -1.0 for o in objectives])
+        vals = table[[f"{o.aggregate}/{o.metric}" for o in objectives]].to_numpy() * signs  # higher = better
+        on_front = []
+        for i in range(len(vals)):
+            dominated = np.any(np.all(vals >= vals[i], axis=1) & np.any(vals > vals[i], axis=1))
+            on_front.append(not dominated and np.isfinite(vals[i]).all())
+        out.append(table.assign(pareto_front=on_front))
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+
+def plot_importances(table: pd.DataFrame, path: Path) -> Path | None:
+    if table.empty:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = list(dict.fromkeys(table["detector"]))
+    fig, axes = plt.subplots(1, len(families), figsize=(3.6 * len(families), 2.8), squeeze=False)
+    for ax, family in zip(axes[0], families, strict=True):
+        t = table[table["detector"] == family].sort_values("importance")
+        ax.barh(t["param"], t["importance"], color="tab:blue")
+        ax.set_title(f"{family}: fANOVA importance", fontsize=8)
+        ax.set_xlabel("share of the objective's variance")
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_pareto(table: pd.DataFrame, spec: StudySpec, path: Path) -> Path | None:
+    """The first two objectives of every trial, the Pareto front joined, the third as colour."""
+    if table.empty:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [f"{o.aggregate}/{o.metric}" for o in spec.search.objectives]
+    families = list(dict.fromkeys(table["detector"]))
+    fig, axes = plt.subplots(1, len(families), figsize=(3.8 * len(families), 3.3), squeeze=False)
+    for ax, family in zip(axes[0], families, strict=True):
+        t = table[table["detector"] == family]
+        colour = t[cols[2]] if len(cols) > 2 else None
+        sc = ax.scatter(t[cols[0]], t[cols[1]], c=colour, s=14, cmap="viridis")
+        front = t[t["pareto_front"]].sort_values(cols[0])
+        ax.plot(front[cols[0]], front[cols[1]], color="tab:red", linewidth=1, marker="o", markersize=3)
+        ax.set_xlabel(cols[0] + " (selection)", fontsize=7)
+        ax.set_ylabel(cols[1] + " (selection)", fontsize=7)
+        ax.set_title(f"{family}: Pareto front", fontsize=8)
+        if colour is not None:
+            fig.colorbar(sc, ax=ax).set_label(cols[2], fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    return path
+
+
+def _none_if_nan(v: Any) -> Any:
+    return None if isinstance(v, float) and math.isnan(v) else v
