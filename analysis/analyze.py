@@ -6,7 +6,9 @@ study folder and attached to its MLflow run.
 2. the family x victim comparison (``analysis/comparison.csv`` and ``.parquet``, ROC plot);
 3. the searches: each family's objective against each searched setting, fANOVA importance, the
    Pareto front of a multi-objective search, and the sweep rebuilt as Optuna studies
-   (``optuna.db``).
+   (``optuna.db``);
+4. the paper's two figures (BaDExpert): B's unlearning curve, and AUROC against |D_c| when the
+   study varies it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from bdx_study._io import write_text_atomic
 from bdx_study.space import StudySpec
 from bdx_study.tables import StudyTables, write_table_atomic
 
+from .figures import auroc_vs_clean_set, plot_auroc_vs_clean_set, plot_unlearning_curve
 from .report import plot_comparison, plot_params, recipe, render, write_recipe
 from .robust import comparison, load_trials, robust_defaults
 from .searches import param_importances, pareto, plot_importances, plot_pareto, write_optuna_study
@@ -84,6 +87,16 @@ def analyze(spec: StudySpec) -> Analysis:
         p = plot_pareto(front, spec, folder / "pareto.png")
         files += [p] if p else []
     files += [plot] if plot else []
+    if "badexpert" in per_family:  # the paper's two figures
+        curve = plot_unlearning_curve(per_family["badexpert"], folder / "unlearning_curve.png")
+        files += [curve] if curve else []
+        by_size = auroc_vs_clean_set(trials, spec)
+        if len(by_size) >= 2:
+            files += _write(by_size, folder, "auroc_vs_clean_set_size")
+            p = plot_auroc_vs_clean_set(by_size, spec.search.objective.metric, folder / "auroc_vs_clean_set_size.png")
+            files += [p] if p else []
+            text.append("\nBaDExpert, best config per |D_c| (evaluation split):")
+            text.append(by_size.to_string(index=False, float_format="{:.4f}".format))
     optuna_db = write_optuna_study(trials, spec, study_dir / "optuna.db")
     logged = _log(study_dir, files)
     text.append(

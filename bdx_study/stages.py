@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from bdx_study._io import atomic_dir, atomic_path, file_lock, sha256_file, sha256_json, write_json_atomic
 from bdx_study.archs import Classifier
 from bdx_study.attacks import Attack
-from bdx_study.data import Splits
+from bdx_study.data import ImageData, Splits
 from bdx_study.detectors import DetectorFamily, FitContext, Fitted
 from bdx_study.protocol import Evaluation, Part, ProtocolConfig, evaluate, scoring_parts
 from bdx_study.training import predict_proba
@@ -381,7 +381,10 @@ def run_detector(
     probs, base_cost = store.predictions(victim_key, layout, protocol, model, parts, device)
     preds = {name: p.argmax(1) for name, p in probs.items()}
     finetune, calibration = protocol.defender_split(splits.reserve)
-    ctx = FitContext(model=model, clean=finetune, holdout=calibration, info=splits.info, device=device)
+    by_name = {p.name: p for p in parts}
+    sel_clean, sel_trig = by_name["selection/clean"], by_name["selection/triggered"]
+    probe = (ImageData(sel_clean.x, sel_clean.label), ImageData(sel_trig.x, sel_trig.attack_label))
+    ctx = FitContext(model=model, clean=finetune, holdout=calibration, info=splits.info, device=device, probe=probe)
     runs = {
         c: store.component(
             family, c, victim_key=victim_key, layout=layout, protocol=protocol, ctx=ctx, parts=parts, preds=preds

@@ -6,6 +6,7 @@ correctly classified calibration inputs)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -152,7 +153,7 @@ def test_family_computes_the_method(digits_splits: Splits, model: torch.nn.Modul
     )
     finetune, cal = PROTOCOL.defender_split(digits_splits.reserve)
     augment = digits_splits.info
-    expert, _ = finetune_expert(model, finetune, p, 10, augment=augment, holdout=cal, device=CPU)
+    expert, _, _ = finetune_expert(model, finetune, p, 10, augment=augment, holdout=cal, device=CPU)
     aux = finetune_auxiliary(model, finetune, p, augment=augment, device=CPU)
 
     def score(x: torch.Tensor) -> torch.Tensor:
@@ -195,3 +196,58 @@ def test_params_validation() -> None:
         BaDExpertParams(unlearn_lr=float("inf"))
     with pytest.raises(ValueError):
         BaDExpertParams(not_a_field=1)  # type: ignore[call-arg]
+
+
+def test_unlearning_curve_is_recorded(planted: dict[str, Any]) -> None:
+    """B's clean accuracy falls while its attack success stays: the paper's unlearning curve,
+    recorded on the selection split (a diagnostic) at up to 20 points."""
+    v = planted["patch"]
+    p = BaDExpertParams(unlearn_batch_size=32, unlearn_epochs=4, unlearn_lr=5e-4, aux_epochs=1, aux_milestones=())
+    run = run_detector(
+        StageStore(None),
+        create_detector("badexpert", p),
+        ProtocolConfig(clean_set_size=300, target_fpr=0.1),
+        victim_key="v",
+        model=v["model"],
+        splits=planted["splits"],
+        attack=v["attack"],
+        layout={},
+        device=CPU,
+    )
+    curve = run.fitted["expert"].meta["curve"]
+    steps = curve["step"]
+    assert steps[0] == 0 and steps[-1] == run.fitted["expert"].meta["expert_steps"] and 3 <= len(steps) <= 21
+    assert steps == sorted(steps)
+    assert curve["clean_acc"][0] > 0.8 and curve["clean_acc"][-1] < 0.5  # it forgets the task ...
+    assert curve["attack_success"][-1] > 0.8  # ... and keeps the backdoor
+
+
+def test_self_calibrating_expert_finds_its_own_lr(planted: dict[str, Any]) -> None:
+    v = planted["patch"]
+    p = BaDExpertParams(
+        unlearn_lr_mode="calibrated",
+        unlearn_batch_size=32,
+        unlearn_epochs=2,
+        aux_epochs=4,
+        aux_milestones=(2,),
+        aux_lr=0.1,
+    )
+    run = run_detector(
+        StageStore(None),
+        create_detector("badexpert", p),
+        ProtocolConfig(clean_set_size=300, target_fpr=0.1),
+        victim_key="v",
+        model=v["model"],
+        splits=planted["splits"],
+        attack=v["attack"],
+        layout={},
+        device=CPU,
+    )
+    meta = run.fitted["expert"].meta
+    assert meta["calibrated_target_acc"] == pytest.approx(0.2)
+    assert meta["calibrated_reached"] and meta["calibrated_holdout_acc"] <= 0.2
+    tries = {float(k): a for k, a in meta["calibration_tries"].items()}
+    assert 2 <= len(tries) <= 5  # a bisection, not the whole grid of 13
+    smaller = [lr for lr in tries if lr < meta["calibrated_lr"]]
+    assert all(tries[lr] > 0.2 for lr in smaller)  # the smallest lr that reaches the target
+    assert run.evaluation.metrics["auroc_correct_only"] > 0.75

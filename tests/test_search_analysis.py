@@ -50,3 +50,41 @@ def test_nsga2_search_importance_and_pareto_front(ray_cluster: Any, tmp_path: Pa
     assert set(importance["param"]) <= {"unlearn_lr", "aux_lr", "ensemble_alpha"} and len(importance) >= 2
     assert np.isclose(importance["importance"].sum(), 1.0, atol=1e-6)
     assert (folder / "pareto.png").stat().st_size > 0 and (folder / "importance.png").stat().st_size > 0
+
+
+def test_the_papers_two_figures(ray_cluster: Any, tmp_path: Path, capsys: Any) -> None:
+    """B's unlearning curve (logged per trial as stepped MLflow metrics, plotted by analyze) and
+    AUROC against |D_c| from a study that varies it."""
+    from mlflow.tracking import MlflowClient
+
+    doc = tiny_study(tmp_path, name="figures", search__sampler="grid", search__num_trials=None)
+    doc["protocol"]["clean_set_size"] = {"dist": "choice", "values": [60, 100]}
+    doc["detectors"]["badexpert"] = {
+        "unlearn_lr": 5e-4,
+        "unlearn_epochs": 3,
+        "unlearn_batch_size": 16,
+        "aux_lr": 0.05,
+        "aux_epochs": 2,
+        "aux_milestones": [1],
+    }
+    path = write_study(tmp_path, doc)
+    spec = load_space(path)
+    result = launch(spec, source=path)
+    assert result.num_errors == 0 and result.num_trials == 2
+    client = MlflowClient(result.tracking_uri)
+    run = client.search_runs([result.experiment_id], filter_string="tags.`bdx.kind` = 'trial'", max_results=1)[0]
+    victim = spec.victim_configs()[0].name
+    history = client.get_metric_history(run.info.run_id, f"{victim}/expert_curve/clean_acc")
+    assert len(history) >= 3 and [m.step for m in history] == sorted(m.step for m in history)
+    assert history[0].step == 0
+    capsys.readouterr()
+    assert cli(["analyze", "--space", str(path)]) == 0
+    assert "best config per |D_c|" in capsys.readouterr().out
+    folder = spec.study_dir / "analysis"
+    table = pd.read_csv(folder / "auroc_vs_clean_set_size.csv")
+    assert list(table["clean_set_size"]) == [60, 100]
+    assert (table["worst_auroc_correct_only"] <= table["mean_auroc_correct_only"]).all()
+    for name in ("unlearning_curve.png", "auroc_vs_clean_set_size.png"):
+        assert (folder / name).stat().st_size > 0
+    logged = {a.path for a in client.list_artifacts(result.parent_run_id, "analysis")}
+    assert {"analysis/unlearning_curve.png", "analysis/auroc_vs_clean_set_size.png"} <= logged

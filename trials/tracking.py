@@ -200,6 +200,25 @@ class StudyTracker:
         for i in range(0, len(items), 900):
             self.client.log_batch(run_id, metrics=items[i : i + 900])
 
+    def log_curves(self, run_id: str, path: Path) -> None:
+        """Per-step curves of the trial's fitted components (e.g. BaDExpert's unlearning curve:
+        B's clean accuracy and attack success vs its finetuning steps) as stepped metrics
+        ``<victim>/<component>_curve/<name>``."""
+        if not path.is_file():
+            return
+        now = int(time.time() * 1000)
+        items = []
+        for victim, components in json.loads(path.read_text()).items():
+            for component, curve in components.items():
+                for name, values in curve.items():
+                    if name == "step":
+                        continue
+                    for step, v in zip(curve["step"], values, strict=True):
+                        if _finite(v):
+                            items.append(Metric(_key(f"{victim}/{component}_curve/{name}"), float(v), now, int(step)))
+        for i in range(0, len(items), 900):
+            self.client.log_batch(run_id, metrics=items[i : i + 900])
+
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         if path.is_file():
             self.client.log_artifact(run_id, str(path), artifact_path)
@@ -213,6 +232,7 @@ class StudyTracker:
     def log_trial(self, run_id: str, result: dict[str, Any]) -> None:
         """Metrics and artifacts of a finished trial, then mark its run FINISHED."""
         self.log_metrics(run_id, trial_metrics(result))
+        self.log_curves(run_id, Path(result.get("curves_path", "")))
         self.log_artifact(run_id, Path(result.get("scores_path", "")), "scores")
         self.log_artifact(run_id, Path(result.get("plot_path", "")), "plots")
         self.finish(run_id, ok=True)

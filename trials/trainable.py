@@ -233,6 +233,13 @@ def _record(
             val = run.evaluation.metrics.get(k, math.nan)
             if math.isfinite(val):
                 report[f"{victim.name}/{k}"] = val
+    curves = {
+        v.name: {c: r.fitted.meta["curve"] for c, r in run.components.items() if "curve" in r.fitted.meta}
+        for v, run in res.runs
+    }
+    if any(curves.values()):
+        write_json_atomic(artifacts / "curves.json", curves)
+        report["curves_path"] = str(artifacts / "curves.json")
     report["detector"] = res.family.name
     report["scores_path"] = str(tables.part(SCORES_OF[kind], trial_id))
     report["plot_path"] = str(plot_path)

@@ -93,6 +93,9 @@ class FitContext:
     holdout: ImageData  # the calibration part of D_c: only for recipes that early-stop on held-out clean data
     info: DatasetInfo  # shape, classes and training augmentation of the dataset
     device: torch.device
+    # Diagnostics only, never to decide anything: clean and triggered selection inputs (labels =
+    # true class / attack label) on which a family may record curves, e.g. B's unlearning curve.
+    probe: tuple[ImageData, ImageData] | None = None
 
 
 class DetectorFamily(ABC):

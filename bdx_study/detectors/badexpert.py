@@ -62,6 +62,23 @@ class BaDExpertParams(DetectorParams):
     unlearn_milestones: tuple[int, ...] = fit_param(
         EXPERT, (), description="epochs after which B's lr x0.1 (the reference: [1] for ResNet-18 when epochs > 1)"
     )
+    unlearn_lr_mode: Literal["fixed", "calibrated"] = fit_param(
+        EXPERT,
+        "fixed",
+        description="fixed: unlearn_lr; calibrated: the smallest lr in unlearn_lr_range whose B falls to "
+        "unlearn_target_acc on held-out clean data (a line search, no per-architecture lr)",
+    )
+    unlearn_lr_range: tuple[float, float] = fit_param(
+        EXPERT, (1e-5, 1e-2), description="calibrated mode: the lrs searched (13 log-spaced points, bisected)"
+    )
+    unlearn_target_acc: float | None = fit_param(
+        EXPERT,
+        None,
+        gt=0,
+        le=1,
+        description="calibrated mode: held-out clean accuracy B must fall to; null = 2 / classes (0.2 on 10: the "
+        "paper's early-stop bound)",
+    )
     aux_lr: float = fit_param(AUX, 0.1, gt=0, le=10, description="first SGD lr of M' (paper: 0.1, deliberately large)")
     aux_epochs: int = fit_param(AUX, 10, ge=1, description="epochs of the auxiliary model's finetuning (paper: 10)")
     aux_milestones: tuple[int, ...] = fit_param(AUX, (2, 4, 6, 8), description="epochs at which the auxiliary lr x0.1")
@@ -74,6 +91,13 @@ class BaDExpertParams(DetectorParams):
     score_kind: ScoreKind = Field("ensemble", description="which score flags inputs (paper: ensemble)")
     ensemble_alpha: float = Field(2.0, gt=0, le=1e6, description="ensemble weight alpha (paper: 2 for ResNet-18)")
     ensemble_beta: float = Field(0.5, gt=0, le=1, description="ensemble weight beta (paper: 0.5 for ResNet-18)")
+
+    @model_validator(mode="after")
+    def _lr_range(self) -> BaDExpertParams:
+        lo, hi = self.unlearn_lr_range
+        if not 0 < lo < hi <= 10:
+            raise ValueError(f"unlearn_lr_range must be 0 < low < high <= 10, got {list(self.unlearn_lr_range)}")
+        return self
 
     @model_validator(mode="after")
     def _milestones_sorted(self) -> BaDExpertParams:
@@ -113,6 +137,10 @@ def _in_pred(probs: Tensor, pred: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------ finetuning
 
 
+CURVE_POINTS = 20  # B's unlearning curve: at most this many evaluations over its finetuning
+CALIBRATION_GRID = 13  # lrs of the self-calibrating expert's range (x1.78 apart over 3 decades): ~4 fits
+
+
 def finetune_expert(
     model: nn.Module,
     finetune: ImageData,
@@ -122,26 +150,48 @@ def finetune_expert(
     augment: DatasetInfo | None,
     holdout: ImageData | None,
     device: torch.device,
-) -> tuple[nn.Module, int]:
-    """The backdoor expert B: a copy of ``model`` finetuned towards (y + 1) mod C. Returns (B, steps)."""
+    probe: tuple[ImageData, ImageData] | None = None,
+    lr: float | None = None,
+) -> tuple[nn.Module, int, dict[str, list[float]]]:
+    """The backdoor expert B: a copy of ``model`` finetuned towards (y + 1) mod C with Adam at
+    ``lr`` (default: unlearn_lr). Returns (B, steps, its unlearning curve). The curve records B's
+    accuracy on the clean and triggered ``probe`` inputs (a diagnostic only) at up to
+    CURVE_POINTS steps; it never decides anything."""
     expert = copy.deepcopy(model).to(device)
-    opt = torch.optim.Adam(expert.parameters(), lr=p.unlearn_lr)
+    opt = torch.optim.Adam(expert.parameters(), lr=p.unlearn_lr if lr is None else lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(p.unlearn_milestones), 0.1) if p.unlearn_milestones else None
     gen = torch.Generator().manual_seed(p.seed)
-    stop = None
-    if p.unlearn_early_stop_acc is not None and holdout is not None and len(holdout):
-        bound = p.unlearn_early_stop_acc
-        per_epoch = math.ceil(len(finetune) / p.unlearn_batch_size) if p.unlearn_early_stop_every == "epoch" else 1
-        taken = 0
+    per_epoch = math.ceil(len(finetune) / p.unlearn_batch_size)
+    total = min(p.unlearn_epochs * per_epoch, p.unlearn_steps or 10**12)
+    every = max(1, math.ceil(total / CURVE_POINTS))
+    curve: dict[str, list[float]] = {"step": [], "clean_acc": [], "attack_success": []}
 
-        def stop() -> bool:
-            nonlocal taken
-            taken += 1
-            if taken % per_epoch:
-                return False
-            pred = predict_proba(expert, holdout.x, device=device).argmax(1)
-            return float((pred == holdout.y).float().mean()) < bound
+    def hits(data: ImageData) -> float:
+        if not len(data):
+            return float("nan")
+        return float((predict_proba(expert, data.x, device=device).argmax(1) == data.y).float().mean())
 
+    def record(step: int) -> None:
+        if probe is not None:
+            curve["step"].append(float(step))
+            curve["clean_acc"].append(hits(probe[0]))
+            curve["attack_success"].append(hits(probe[1]))
+
+    early = p.unlearn_early_stop_acc is not None and holdout is not None and len(holdout)
+    check_every = per_epoch if p.unlearn_early_stop_every == "epoch" else 1
+    taken = 0
+
+    def after_step() -> bool:
+        nonlocal taken
+        taken += 1
+        if taken % every == 0 or taken == total:
+            record(taken)
+        if not early or taken % check_every:
+            return False
+        assert holdout is not None and p.unlearn_early_stop_acc is not None
+        return hits(holdout) < p.unlearn_early_stop_acc
+
+    record(0)
     steps = fit(
         expert,
         ImageData(finetune.x, shifted_labels(finetune.y, num_classes)),
@@ -152,10 +202,64 @@ def finetune_expert(
         gen=gen,
         augment=augment,
         scheduler=sched,
-        stop=stop,
+        stop=after_step,
         device=device,
     )
-    return expert.eval(), steps
+    if curve["step"] and curve["step"][-1] != steps:
+        record(steps)
+    return expert.eval(), steps, curve
+
+
+def calibrated_expert(
+    model: nn.Module,
+    finetune: ImageData,
+    p: BaDExpertParams,
+    num_classes: int,
+    *,
+    augment: DatasetInfo | None,
+    holdout: ImageData,
+    device: torch.device,
+    probe: tuple[ImageData, ImageData] | None = None,
+) -> tuple[nn.Module, int, dict[str, list[float]], dict[str, Any]]:
+    """The self-calibrating expert: bisect 13 log-spaced lrs of ``unlearn_lr_range`` for the
+    smallest whose B's clean accuracy on ``holdout`` (defender data, disjoint from everything
+    scored) falls to the target; the largest when none does. Assumes accuracy falls as lr grows."""
+    if not len(holdout):
+        raise ValueError("the calibrated expert needs held-out clean data (the calibration part is empty)")
+    target = p.unlearn_target_acc if p.unlearn_target_acc is not None else 2.0 / num_classes
+    lo, hi = p.unlearn_lr_range
+    grid = [float(v) for v in torch.logspace(math.log10(lo), math.log10(hi), CALIBRATION_GRID, dtype=torch.float64)]
+    tried: dict[int, tuple[nn.Module, int, dict[str, list[float]], float]] = {}
+
+    def run(i: int) -> float:
+        if i not in tried:
+            b, steps, curve = finetune_expert(
+                model, finetune, p, num_classes, augment=augment, holdout=None, device=device, probe=probe, lr=grid[i]
+            )
+            acc = float((predict_proba(b, holdout.x, device=device).argmax(1) == holdout.y).float().mean())
+            tried[i] = (b, steps, curve, acc)
+        return tried[i][3]
+
+    left, right = 0, len(grid) - 1
+    if run(right) > target:
+        chosen = right  # even the largest lr leaves B accurate: take it, and say so
+    else:
+        while left < right:  # the smallest i with acc(i) <= target
+            mid = (left + right) // 2
+            if run(mid) <= target:
+                right = mid
+            else:
+                left = mid + 1
+        chosen = left
+    b, steps, curve, acc = tried[chosen]
+    meta = {
+        "calibrated_lr": grid[chosen],
+        "calibrated_holdout_acc": acc,
+        "calibrated_target_acc": target,
+        "calibrated_reached": acc <= target,
+        "calibration_tries": {f"{grid[i]:.3g}": tried[i][3] for i in sorted(tried)},
+    }
+    return b, steps, curve, meta
 
 
 def finetune_auxiliary(
@@ -212,16 +316,19 @@ class BaDExpert(DetectorFamily):
     def fit(self, component: str, ctx: FitContext) -> Fitted:
         augment = ctx.info if self.p.augment else None
         if component == EXPERT:
-            expert, steps = finetune_expert(
-                ctx.model,
-                ctx.clean,
-                self.p,
-                ctx.info.num_classes,
-                augment=augment,
-                holdout=ctx.holdout,
-                device=ctx.device,
+            args = (ctx.model, ctx.clean, self.p, ctx.info.num_classes)
+            if self.p.unlearn_lr_mode == "calibrated":
+                expert, steps, curve, meta = calibrated_expert(
+                    *args, augment=augment, holdout=ctx.holdout, device=ctx.device, probe=ctx.probe
+                )
+            else:
+                expert, steps, curve = finetune_expert(
+                    *args, augment=augment, holdout=ctx.holdout, device=ctx.device, probe=ctx.probe
+                )
+                meta = {}
+            return Fitted(
+                _state(expert), {"expert_steps": steps, **meta, **({"curve": curve} if curve["step"] else {})}
             )
-            return Fitted(_state(expert), {"expert_steps": steps})
         aux = finetune_auxiliary(ctx.model, ctx.clean, self.p, augment=augment, device=ctx.device)
         return Fitted(_state(aux), {})
 
