@@ -88,15 +88,18 @@ def plot_auroc_vs_clean_set(table: pd.DataFrame, metric: str, path: Path) -> Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.2, 3.2))
+    fig, ax = plt.subplots(figsize=(4.6, 3.4))
     x = table["clean_set_size"]
     ax.fill_between(x, table[f"worst_{metric}"], table[f"max_{metric}"], alpha=0.2, label="range across victims")
     ax.plot(x, table[f"mean_{metric}"], marker="o", label="mean across victims")
     ax.plot(x, table[f"worst_{metric}"], marker="s", linestyle="--", label="worst victim")
+    from matplotlib.ticker import NullFormatter
+
     ax.set_xscale("log")
     ax.set_xticks(list(x))
     ax.set_xticklabels([str(v) for v in x])
-    ax.set_xlabel("|D_c|, clean images the expert and auxiliary model finetune on")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("|D_c| (clean images B and M' finetune on)")
     ax.set_ylabel(f"{metric} (evaluation split)")
     ax.legend(fontsize=7)
     ax.set_title("BaDExpert: best config per |D_c|", fontsize=8)
