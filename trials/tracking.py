@@ -369,6 +369,13 @@ class MlflowStudyCallback(tune.Callback):
             flush=True,
         )
 
+    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        print(
+            f"[bdx-study] trial {trial.trial_id} failed (e.g. its node was lost) and is retried "
+            f"({trial.num_failures} failure(s) so far, at most {self.spec.resources.max_failures})",
+            flush=True,
+        )
+
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         run_id = self._run_id(trial)
         if run_id is not None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import time
 from dataclasses import dataclass
@@ -107,8 +106,16 @@ def run_family(
     return TrialResult(family, protocol, runs)
 
 
+def _node_id() -> str:
+    """The Ray node this process runs on (several nodes may share a host), else the host name."""
+    try:
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:
+        return socket.gethostname()
+
+
 def _rows(ctx: StudyContext, trial_id: str, res: TrialResult, device: torch.device) -> list[dict[str, Any]]:
-    node = os.environ.get("RAY_NODE_ID") or socket.gethostname()
+    node = _node_id()
     common = {
         "study": ctx.name,
         "trial_id": trial_id,
