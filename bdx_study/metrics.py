@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
 
 PROTOCOLS = ("correct_only", "all_inputs")
 FIXED_FPRS = {"1pct": 0.01, "5pct": 0.05}
@@ -130,6 +129,8 @@ def tpr_at_fpr(negatives: np.ndarray, positives: np.ndarray, fpr: float) -> floa
     evaluation data itself: a property of the scores, not of the calibrated detector)."""
     if negatives.size == 0 or positives.size == 0:
         return math.nan
+    from sklearn.metrics import roc_curve  # imported where used: `validate` stays light
+
     y = np.r_[np.zeros(negatives.size), np.ones(positives.size)]
     f, t, _ = roc_curve(y, np.r_[negatives, positives])
     return float(t[f <= fpr + 1e-12].max())
@@ -138,6 +139,8 @@ def tpr_at_fpr(negatives: np.ndarray, positives: np.ndarray, fpr: float) -> floa
 def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
     if negatives.size == 0 or positives.size == 0:
         return math.nan
+    from sklearn.metrics import roc_auc_score
+
     y = np.r_[np.zeros(negatives.size), np.ones(positives.size)]
     return float(roc_auc_score(y, np.r_[negatives, positives]))
 

@@ -30,9 +30,8 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import optuna
 import yaml
 from pydantic import (
     BaseModel,
@@ -55,6 +54,9 @@ from bdx_study.detectors import DETECTORS, DetectorParams
 from bdx_study.metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER, min_calibration
 from bdx_study.protocol import ProtocolConfig
 from bdx_study.victims import AttackSpec, DataConfig, TrainingConfig, VictimConfig
+
+if TYPE_CHECKING:
+    import optuna
 
 
 class SpaceError(ValueError):
@@ -114,6 +116,8 @@ SearchDistribution = LogUniform | Uniform | IntRange | Choice
 
 
 def to_optuna(d: SearchDistribution) -> optuna.distributions.BaseDistribution:
+    import optuna  # only where a search is built: `validate` stays light
+
     if isinstance(d, LogUniform):
         return optuna.distributions.FloatDistribution(d.low, d.high, log=True)
     if isinstance(d, Uniform):

@@ -288,6 +288,14 @@ def _tuner(spec: StudySpec, ctx: StudyContext, tracker: StudyTracker, resume: bo
     )
 
 
+def _as_task(spec: StudySpec, fn: Any) -> Any:
+    """``fn`` as a Ray task with a trial's resources and retries (work done outside Tune's trials)."""
+    import ray
+
+    res = trial_resources(spec)
+    return ray.remote(fn).options(num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=spec.resources.max_failures)
+
+
 def _rerun(ctx: StudyContext, trial_id: str, config: dict[str, Any]) -> dict[str, Any]:
     from .trainable import execute_trial
 
@@ -309,8 +317,7 @@ def repair_lost_trials(spec: StudySpec, ctx: StudyContext, grid: Any) -> int:
     if not lost:
         return 0
     print(f"[bdx-study] running {len(lost)} trial(s) again whose stored result was lost", flush=True)
-    res = trial_resources(spec)
-    task = ray.remote(_rerun).options(num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=spec.resources.max_failures)
+    task = _as_task(spec, _rerun)
     ray.get([task.remote(ctx, trial_id, config) for trial_id, config in lost])
     return len(lost)
 
@@ -353,8 +360,7 @@ def run_refits(spec: StudySpec, ctx: StudyContext) -> int:
     if not todo:
         return 0
     print(f"[bdx-study] refitting: {len(todo)} fit(s) of the best configs with fresh seeds and D_c draws", flush=True)
-    res = trial_resources(spec)
-    task = ray.remote(_refit).options(num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=spec.resources.max_failures)
+    task = _as_task(spec, _refit)
     ray.get([task.remote(ctx, row, r) for row, r in todo])
     return len(todo)
 
@@ -377,10 +383,7 @@ def run_nested_folds(spec: StudySpec, ctx: StudyContext, tracker: StudyTracker) 
     from bdx_study.selection import select
 
     obj, max_drop = spec.search.objective, spec.search.constraint.max_clean_acc_drop
-    res = trial_resources(spec)
-    task = ray.remote(_heldout).options(
-        num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=spec.resources.max_failures
-    )
+    task = _as_task(spec, _heldout)
     ran = 0
     for column in spec.search.nested_folds:
         for value in fold_values(spec, column):

@@ -19,11 +19,11 @@ from bdx_study._registry import Registry
 
 from ._base import DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
 
-DETECTORS: Registry[type[DetectorFamily]] = Registry("detector family")
+DETECTORS: Registry[type[DetectorFamily[Any]]] = Registry("detector family")
 
 
-def register_detector(name: str) -> Callable[[type[DetectorFamily]], type[DetectorFamily]]:
-    def deco(cls: type[DetectorFamily]) -> type[DetectorFamily]:
+def register_detector(name: str) -> Callable[[type[DetectorFamily[Any]]], type[DetectorFamily[Any]]]:
+    def deco(cls: type[DetectorFamily[Any]]) -> type[DetectorFamily[Any]]:
         cls.name = name
         for fname, f in cls.Params.model_fields.items():
             if not f.description:
@@ -36,7 +36,7 @@ def register_detector(name: str) -> Callable[[type[DetectorFamily]], type[Detect
     return deco
 
 
-def create_detector(name: str, params: dict[str, Any] | DetectorParams | None = None) -> DetectorFamily:
+def create_detector(name: str, params: dict[str, Any] | DetectorParams | None = None) -> DetectorFamily[Any]:
     """Build family ``name``; ``params`` are validated by its Params model (unknown keys fail)."""
     cls = DETECTORS.get(name)
     if not isinstance(params, DetectorParams):

@@ -31,7 +31,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
 
 import torch
 from pydantic import Field
@@ -98,8 +98,12 @@ class FitContext:
     probe: tuple[ImageData, ImageData] | None = None
 
 
-class DetectorFamily(ABC):
-    """One detector family with fixed parameters. Subclasses set :attr:`Params` and implement
+P = TypeVar("P", bound=DetectorParams)
+
+
+class DetectorFamily(ABC, Generic[P]):
+    """One detector family with fixed parameters (``self.params``, typed by the subclass:
+    ``class Strip(DetectorFamily[StripParams])``). Subclasses set :attr:`Params` and implement
     :meth:`fit`, :meth:`features` and :meth:`score`; the registry sets :attr:`name`."""
 
     name: ClassVar[str] = ""
@@ -117,7 +121,7 @@ class DetectorFamily(ABC):
     def __init__(self, params: DetectorParams) -> None:
         if not isinstance(params, self.Params):
             raise TypeError(f"{type(self).__name__} takes {self.Params.__name__}, got {type(params).__name__}")
-        self.params = params
+        self.params: P = cast(P, params)
 
     @abstractmethod
     def fit(self, component: str, ctx: FitContext) -> Fitted:

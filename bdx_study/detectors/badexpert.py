@@ -298,7 +298,7 @@ def _state(module: nn.Module) -> dict[str, Tensor]:
 
 
 @register_detector("badexpert")
-class BaDExpert(DetectorFamily):
+class BaDExpert(DetectorFamily[BaDExpertParams]):
     """Backdoor expert + auxiliary model + ensemble score (white-box finetuning on clean data)."""
 
     Params = BaDExpertParams
@@ -310,14 +310,13 @@ class BaDExpert(DetectorFamily):
 
     def __init__(self, params: DetectorParams) -> None:
         super().__init__(params)
-        self.p: BaDExpertParams = params  # type: ignore[assignment]
         self._nets: dict[str, tuple[Fitted, nn.Module]] = {}  # component -> (its state, its network)
 
     def fit(self, component: str, ctx: FitContext) -> Fitted:
-        augment = ctx.info if self.p.augment else None
+        augment = ctx.info if self.params.augment else None
         if component == EXPERT:
-            args = (ctx.model, ctx.clean, self.p, ctx.info.num_classes)
-            if self.p.unlearn_lr_mode == "calibrated":
+            args = (ctx.model, ctx.clean, self.params, ctx.info.num_classes)
+            if self.params.unlearn_lr_mode == "calibrated":
                 expert, steps, curve, meta = calibrated_expert(
                     *args, augment=augment, holdout=ctx.holdout, device=ctx.device, probe=ctx.probe
                 )
@@ -329,7 +328,7 @@ class BaDExpert(DetectorFamily):
             return Fitted(
                 _state(expert), {"expert_steps": steps, **meta, **({"curve": curve} if curve["step"] else {})}
             )
-        aux = finetune_auxiliary(ctx.model, ctx.clean, self.p, augment=augment, device=ctx.device)
+        aux = finetune_auxiliary(ctx.model, ctx.clean, self.params, augment=augment, device=ctx.device)
         return Fitted(_state(aux), {})
 
     def _network(self, component: str, fitted: Fitted, model: nn.Module, device: torch.device) -> nn.Module:
@@ -353,7 +352,7 @@ class BaDExpert(DetectorFamily):
 
     def score(self, feats: Mapping[str, Tensor], pred: Tensor) -> Tensor:
         b, m = self._confidences(feats, pred)
-        return badexpert_score(b, m, self.p.score_kind, self.p.ensemble_alpha, self.p.ensemble_beta)
+        return badexpert_score(b, m, self.params.score_kind, self.params.ensemble_alpha, self.params.ensemble_beta)
 
     def extras(self, feats: Mapping[str, Tensor], pred: Tensor) -> dict[str, Tensor]:
         b, m = self._confidences(feats, pred)
@@ -381,7 +380,9 @@ class BaDExpert(DetectorFamily):
             ax.scatter(samples["expert_conf"][sel], samples["aux_conf"][sel], s=4, alpha=0.5, c=color, label=label)
         grid = torch.linspace(0, 1, 101)
         bb, mm = torch.meshgrid(grid, grid, indexing="xy")
-        z = badexpert_score(bb, mm, self.p.score_kind, self.p.ensemble_alpha, self.p.ensemble_beta).numpy()
+        z = badexpert_score(
+            bb, mm, self.params.score_kind, self.params.ensemble_alpha, self.params.ensemble_beta
+        ).numpy()
         if np.isfinite(threshold) and z.min() < threshold < z.max():
             ax.contour(grid.numpy(), grid.numpy(), z, levels=[threshold], colors="k", linewidths=1)
         ax.set_xlabel("expert confidence b")

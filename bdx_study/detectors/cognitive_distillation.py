@@ -103,7 +103,7 @@ def distill_masks(
 
 
 @register_detector("cognitive_distillation")
-class CognitiveDistillation(DetectorFamily):
+class CognitiveDistillation(DetectorFamily[CognitiveDistillationParams]):
     """Size of the smallest input pattern that keeps the model's logits (white-box gradients)."""
 
     Params = CognitiveDistillationParams
@@ -118,10 +118,6 @@ class CognitiveDistillation(DetectorFamily):
     # Fashion-MNIST small CNN (6,000 images, 4 epochs) the defaults give BadNet 0.68, Blend 0.996.
     detects = frozenset({"blend"})
 
-    def __init__(self, params: DetectorParams) -> None:
-        super().__init__(params)
-        self.p: CognitiveDistillationParams = params  # type: ignore[assignment]
-
     def fit(self, component: str, ctx: FitContext) -> Fitted:
         """Nothing to fit: each input's mask is optimised when it is scored."""
         return Fitted()
@@ -129,17 +125,17 @@ class CognitiveDistillation(DetectorFamily):
     def features(
         self, component: str, fitted: Fitted, model: nn.Module, x: Tensor, pred: Tensor, device: torch.device
     ) -> dict[str, Tensor]:
-        gen = torch.Generator().manual_seed(self.p.seed)
-        colours = torch.rand(self.p.cd_steps, x.shape[1], generator=gen)
+        gen = torch.Generator().manual_seed(self.params.seed)
+        colours = torch.rand(self.params.cd_steps, x.shape[1], generator=gen)
         norms = []
         for i in range(0, len(x), CHUNK):
             masks = distill_masks(
                 model,
                 x[i : i + CHUNK].to(device),
-                steps=self.p.cd_steps,
-                lr=self.p.cd_lr,
-                gamma=self.p.cd_gamma,
-                beta=self.p.cd_beta,
+                steps=self.params.cd_steps,
+                lr=self.params.cd_lr,
+                gamma=self.params.cd_gamma,
+                beta=self.params.cd_beta,
                 colours=colours,
             )
             norms.append(masks.sum((1, 2, 3)).cpu())

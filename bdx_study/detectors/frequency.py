@@ -273,7 +273,7 @@ def train_dct_net(
 
 
 @register_detector("frequency")
-class Frequency(DetectorFamily):
+class Frequency(DetectorFamily[FrequencyParams]):
     """A DCT-domain CNN trained on clean vs synthetic-trigger images (input-only)."""
 
     Params = FrequencyParams
@@ -287,20 +287,19 @@ class Frequency(DetectorFamily):
 
     def __init__(self, params: DetectorParams) -> None:
         super().__init__(params)
-        self.p: FrequencyParams = params  # type: ignore[assignment]
         self._net: tuple[Fitted, DctNet] | None = None
 
     def fit(self, component: str, ctx: FitContext) -> Fitted:
         if len(ctx.clean) < 2:
             raise ValueError(f"frequency needs at least 2 clean finetune images, got {len(ctx.clean)}")
-        net, stats = train_dct_net(ctx.clean.x, ctx.info, self.p, ctx.device)
+        net, stats = train_dct_net(ctx.clean.x, ctx.info, self.params, ctx.device)
         state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         return Fitted(state, {**stats, "train_images": 2 * len(ctx.clean)})
 
     def _network(self, fitted: Fitted, device: torch.device) -> DctNet:
         """The classifier rebuilt from its state (once per fitted state)."""
         if self._net is None or self._net[0] is not fitted:
-            net = DctNet(tuple(fitted.tensors["dct_mean"].shape), self.p.freq_width)  # type: ignore[arg-type]
+            net = DctNet(tuple(fitted.tensors["dct_mean"].shape), self.params.freq_width)  # type: ignore[arg-type]
             net.load_state_dict(fitted.tensors)
             self._net = (fitted, net.to(device).eval())
         return self._net[1]
@@ -316,7 +315,7 @@ class Frequency(DetectorFamily):
 
     def score(self, feats: Mapping[str, Tensor], pred: Tensor) -> Tensor:
         d = feats["freq_logit"].double()
-        return d if self.p.freq_score == "logit" else torch.tanh(d / 2.0)  # = p(poison) - p(clean)
+        return d if self.params.freq_score == "logit" else torch.tanh(d / 2.0)  # = p(poison) - p(clean)
 
     def extras(self, feats: Mapping[str, Tensor], pred: Tensor) -> dict[str, Tensor]:
         return {"freq_poison_prob": torch.sigmoid(feats["freq_logit"].double())}

@@ -100,7 +100,7 @@ def layer_counts(start: int, n: int, num_layers: int) -> list[int]:
 
 
 @register_detector("ibd_psc")
-class IbdPsc(DetectorFamily):
+class IbdPsc(DetectorFamily[IbdPscParams]):
     """Scaled prediction confidence under amplified BatchNorm parameters (white-box)."""
 
     Params = IbdPscParams
@@ -113,7 +113,6 @@ class IbdPsc(DetectorFamily):
 
     def __init__(self, params: DetectorParams) -> None:
         super().__init__(params)
-        self.p: IbdPscParams = params  # type: ignore[assignment]
         self._copies: tuple[Fitted, list[nn.Module]] | None = None  # (state, the amplified copies)
 
     def fit(self, component: str, ctx: FitContext) -> Fitted:
@@ -128,10 +127,10 @@ class IbdPsc(DetectorFamily):
             raise ValueError("ibd_psc calibrates its start layer on clean images; the finetune part of D_c is empty")
         errors = torch.zeros(num, dtype=torch.float64)
         for m in range(1, num + 1):
-            net = scaled_copy(ctx.model, m, self.p.psc_bn_scale)
+            net = scaled_copy(ctx.model, m, self.params.psc_bn_scale)
             pred = predict_proba(net, clean.x, device=ctx.device).argmax(1)
             errors[m - 1] = float((pred != clean.y).float().mean())
-        start, reached = select_start(errors, self.p.psc_xi, self.p.psc_num_models)
+        start, reached = select_start(errors, self.params.psc_xi, self.params.psc_num_models)
         meta = {"start_layer": start, "bn_layers": num, "xi_reached": reached, "clean_errors": errors.tolist()}
         return Fitted({"start_layer": torch.tensor(start), "clean_errors": errors}, meta)
 
@@ -139,8 +138,8 @@ class IbdPsc(DetectorFamily):
         """The n amplified copies of M (built once per fitted state, not per batch)."""
         if self._copies is None or self._copies[0] is not fitted:
             num = len(bn_layers(model))
-            counts = layer_counts(int(fitted.tensors["start_layer"]), self.p.psc_num_models, num)
-            self._copies = (fitted, [scaled_copy(model, m, self.p.psc_bn_scale).to(device) for m in counts])
+            counts = layer_counts(int(fitted.tensors["start_layer"]), self.params.psc_num_models, num)
+            self._copies = (fitted, [scaled_copy(model, m, self.params.psc_bn_scale).to(device) for m in counts])
         return self._copies[1]
 
     def features(

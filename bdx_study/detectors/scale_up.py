@@ -60,7 +60,7 @@ def scaled_consistency(
 
 
 @register_detector("scale_up")
-class ScaleUp(DetectorFamily):
+class ScaleUp(DetectorFamily[ScaleUpParams]):
     """Scaled prediction consistency (black-box hard labels)."""
 
     Params = ScaleUpParams
@@ -69,16 +69,12 @@ class ScaleUp(DetectorFamily):
     access = "black-box hard labels; len(scales) forwards per input (+ a few clean images per class, data-limited)"
     detects = frozenset({"patch"})
 
-    def __init__(self, params: DetectorParams) -> None:
-        super().__init__(params)
-        self.p: ScaleUpParams = params  # type: ignore[assignment]
-
     def fit(self, component: str, ctx: FitContext) -> Fitted:
         """Clean per-class SPC statistics (used only by ``standardize: class``)."""
         x = ctx.clean.x
         pred = predict_proba(ctx.model, x, device=ctx.device).argmax(1)
-        spc = scaled_consistency(ctx.model, x, pred, self.p.scales, ctx.device)
-        floor = 0.5 / len(self.p.scales)
+        spc = scaled_consistency(ctx.model, x, pred, self.params.scales, ctx.device)
+        floor = 0.5 / len(self.params.scales)
         c = ctx.info.num_classes
         mean = torch.full((c,), float(spc.mean()) if len(spc) else 0.0)
         std = torch.full((c,), max(float(spc.std()) if len(spc) > 1 else 0.0, floor))
@@ -93,12 +89,12 @@ class ScaleUp(DetectorFamily):
     def features(
         self, component: str, fitted: Fitted, model: nn.Module, x: Tensor, pred: Tensor, device: torch.device
     ) -> dict[str, Tensor]:
-        spc = scaled_consistency(model, x, pred, self.p.scales, device)
+        spc = scaled_consistency(model, x, pred, self.params.scales, device)
         p = pred.long()
         return {"spc": spc, "spc_class_z": (spc - fitted.tensors["class_mean"][p]) / fitted.tensors["class_std"][p]}
 
     def score(self, feats: Mapping[str, Tensor], pred: Tensor) -> Tensor:
-        return feats["spc_class_z"] if self.p.standardize == "class" else feats["spc"]
+        return feats["spc_class_z"] if self.params.standardize == "class" else feats["spc"]
 
     def extras(self, feats: Mapping[str, Tensor], pred: Tensor) -> dict[str, Tensor]:
         return {"spc": feats["spc"]}

@@ -184,7 +184,7 @@ def signed_distance(avgconf: Tensor, fooled: Tensor, coef: Tensor, span: Tensor)
 
 
 @register_detector("sentinet")
-class SentiNet(DetectorFamily):
+class SentiNet(DetectorFamily[SentiNetParams]):
     """Transferability of the Grad-CAM-salient region (white-box gradients + clean pool)."""
 
     Params = SentiNetParams
@@ -196,10 +196,6 @@ class SentiNet(DetectorFamily):
     )
     detects = frozenset({"patch"})
 
-    def __init__(self, params: DetectorParams) -> None:
-        super().__init__(params)
-        self.p: SentiNetParams = params  # type: ignore[assignment]
-
     def _probe_all(
         self, model: nn.Module, x: Tensor, pred: Tensor, fitted: Fitted, device: torch.device
     ) -> tuple[Tensor, Tensor]:
@@ -210,7 +206,7 @@ class SentiNet(DetectorFamily):
         hits, confs = [], []
         for i in range(0, len(x), chunk):
             xb, pb = x[i : i + chunk].to(device), pred[i : i + chunk]
-            mask = top_mask(gradcam(model, xb, pb, layer), self.p.sentinet_mask_fraction)
+            mask = top_mask(gradcam(model, xb, pb, layer), self.params.sentinet_mask_fraction)
             h, c = probe(model, xb, pb, mask, pool, noise, device)
             hits.append(h)
             confs.append(c)
@@ -221,24 +217,24 @@ class SentiNet(DetectorFamily):
 
     def fit(self, component: str, ctx: FitContext) -> Fitted:
         """Draw the pool and its inert noise, probe clean finetune inputs, fit the boundary."""
-        clean, n = ctx.clean, self.p.sentinet_num_images
+        clean, n = ctx.clean, self.params.sentinet_num_images
         if len(clean) < 3:
             raise ValueError(f"sentinet needs at least 3 clean finetune images, got {len(clean)}")
-        gen = torch.Generator().manual_seed(self.p.seed)
+        gen = torch.Generator().manual_seed(self.params.seed)
         if n <= len(clean):
             pool_idx = torch.randperm(len(clean), generator=gen)[:n]
         else:  # fewer clean images than requested: draw with replacement
             pool_idx = torch.randint(0, len(clean), (n,), generator=gen)
         pool = clean.x[pool_idx].contiguous()
         noise = torch.rand(pool.shape, generator=gen)
-        fit_idx = torch.randperm(len(clean), generator=gen)[: self.p.sentinet_fit_size]
+        fit_idx = torch.randperm(len(clean), generator=gen)[: self.params.sentinet_fit_size]
         pool_pred = predict_proba(ctx.model, pool, device=ctx.device).argmax(1)
         x = clean.x[fit_idx]
         pred = predict_proba(ctx.model, x, device=ctx.device).argmax(1)
         state = Fitted({"pool": pool, "noise": noise, "pool_pred": pool_pred})
         hit, conf = self._probe_all(ctx.model, x, pred, state, ctx.device)
         fooled, avgconf = aggregate(hit, conf, pred, pool_pred, exclude=fit_idx[:, None] == pool_idx[None, :])
-        coef, span, bins = fit_envelope(avgconf, fooled, self.p.sentinet_bin_width)
+        coef, span, bins = fit_envelope(avgconf, fooled, self.params.sentinet_bin_width)
         state.tensors.update(
             {"coef": coef, "span": span, "fit_avgconf": avgconf.contiguous(), "fit_fooled": fooled.contiguous()}
         )

@@ -50,7 +50,7 @@ def mean_entropy(probs: Tensor, n: int) -> Tensor:
 
 
 @register_detector("strip")
-class Strip(DetectorFamily):
+class Strip(DetectorFamily[StripParams]):
     """Entropy of the model's predictions on superimposed inputs (black-box soft labels + clean pool)."""
 
     Params = StripParams
@@ -59,15 +59,11 @@ class Strip(DetectorFamily):
     access = "black-box soft labels + a pool of clean images; N forwards per input"
     detects = frozenset({"patch"})
 
-    def __init__(self, params: DetectorParams) -> None:
-        super().__init__(params)
-        self.p: StripParams = params  # type: ignore[assignment]
-
     def fit(self, component: str, ctx: FitContext) -> Fitted:
-        n, pool = self.p.num_images, ctx.clean
+        n, pool = self.params.num_images, ctx.clean
         if len(pool) == 0:
             raise ValueError("strip needs clean images to superimpose; the finetune part of D_c is empty")
-        gen = torch.Generator().manual_seed(self.p.seed)
+        gen = torch.Generator().manual_seed(self.params.seed)
         if n <= len(pool):
             idx = torch.randperm(len(pool), generator=gen)[:n]
         else:  # fewer clean images than requested: draw with replacement
@@ -82,7 +78,7 @@ class Strip(DetectorFamily):
         chunk = max(1, 4096 // n)
         out = []
         for i in range(0, len(x), chunk):
-            blends = superimpose(x[i : i + chunk].to(device), pool, self.p.superimpose, self.p.weight)
+            blends = superimpose(x[i : i + chunk].to(device), pool, self.params.superimpose, self.params.weight)
             out.append(mean_entropy(predict_proba(model, blends, device=device), n))
         return {"entropy": torch.cat(out) if out else torch.empty(0)}
 

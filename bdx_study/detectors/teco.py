@@ -184,7 +184,7 @@ def corrupt_library(x: Tensor, name: str, severity: int, seeds: list[int]) -> Te
 
 
 @register_detector("teco")
-class Teco(DetectorFamily):
+class Teco(DetectorFamily[TecoParams]):
     """Deviation of corruption robustness across corruption types (black-box hard labels)."""
 
     Params = TecoParams
@@ -196,17 +196,13 @@ class Teco(DetectorFamily):
     detects = frozenset({"patch"})
     CHUNK = 512  # inputs corrupted at once
 
-    def __init__(self, params: DetectorParams) -> None:
-        super().__init__(params)
-        self.p: TecoParams = params  # type: ignore[assignment]
-
     def fit(self, component: str, ctx: FitContext) -> Fitted:
         """Nothing to fit: the corruption set is resolved for the input shape and recorded."""
-        return Fitted({}, {"corruptions": resolve_corruptions(self.p, ctx.info.input_shape)})
+        return Fitted({}, {"corruptions": resolve_corruptions(self.params, ctx.info.input_shape)})
 
     def _corrupt(self, x: Tensor, name: str, severity: int, draws: Tensor | None, seeds: list[int]) -> Tensor:
-        if self.p.teco_backend == "torch":
-            return corrupt(x, name, severity, draws, self.p.teco_severity_table)
+        if self.params.teco_backend == "torch":
+            return corrupt(x, name, severity, draws, self.params.teco_severity_table)
         return corrupt_library(x, name, severity, seeds)
 
     def _first_change(
@@ -217,10 +213,10 @@ class Teco(DetectorFamily):
         first = torch.full((len(x), len(names)), NEVER)
         xd = x.to(device)
         for k, name in enumerate(names):
-            if self.p.teco_backend == "torch":
-                draws, seeds = draw_batch(CORRUPTIONS[name], xd, self.p.seed, self.p.teco_severity_table), []
+            if self.params.teco_backend == "torch":
+                draws, seeds = draw_batch(CORRUPTIONS[name], xd, self.params.seed, self.params.teco_severity_table), []
             else:
-                draws, seeds = None, input_seeds(x, self.p.seed, name)
+                draws, seeds = None, input_seeds(x, self.params.seed, name)
             alive = torch.arange(len(x))  # inputs whose label has not changed yet
             for s in range(1, SEVERITIES + 1):
                 if len(alive) == 0:

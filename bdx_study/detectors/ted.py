@@ -191,7 +191,7 @@ def choose_pool(y: Tensor, pred: Tensor, per_class: int, num_classes: int, seed:
 
 
 @register_detector("ted")
-class Ted(DetectorFamily):
+class Ted(DetectorFamily[TedParams]):
     """Nearest-neighbour rank evolution across layers + a PCA outlier score (white-box activations)."""
 
     Params = TedParams
@@ -206,13 +206,12 @@ class Ted(DetectorFamily):
 
     def __init__(self, params: DetectorParams) -> None:
         super().__init__(params)
-        self.p: TedParams = params  # type: ignore[assignment]
         self._pool: tuple[Fitted, list[Tensor]] | None = None  # (state, the pool's activations)
 
     def fit(self, component: str, ctx: FitContext) -> Fitted:
         clean = ctx.clean
         pred = predict_proba(ctx.model, clean.x, device=ctx.device).argmax(1)
-        idx = choose_pool(clean.y, pred, self.p.ted_pool_per_class, ctx.info.num_classes, self.p.seed)
+        idx = choose_pool(clean.y, pred, self.params.ted_pool_per_class, ctx.info.num_classes, self.params.seed)
         if len(idx) < 3:
             raise ValueError(
                 f"ted needs a clean pool; only {len(idx)} correctly classified images in the finetune part of D_c"
@@ -220,8 +219,8 @@ class Ted(DetectorFamily):
         x, y = clean.x[idx].contiguous(), clean.y[idx].contiguous()
         acts = layer_activations(ctx.model, x, ctx.device)
         self_index = torch.arange(len(y), device=ctx.device)
-        ranks = rank_vectors(acts, acts, y.to(ctx.device), y.to(ctx.device), self.p.ted_distance, self_index).cpu()
-        outlier = fit_outlier_model(ranks, self.p.ted_pca_variance)
+        ranks = rank_vectors(acts, acts, y.to(ctx.device), y.to(ctx.device), self.params.ted_distance, self_index).cpu()
+        outlier = fit_outlier_model(ranks, self.params.ted_pca_variance)
         meta = {"pool_size": len(y), "layers": ranks.shape[1], "components_kept": int(outlier["kept"])}
         return Fitted({"pool_x": x, "pool_y": y, "pool_ranks": ranks, **outlier}, meta)
 
@@ -244,13 +243,13 @@ class Ted(DetectorFamily):
         for i in range(0, len(x), self.CHUNK):
             acts = layer_activations(model, x[i : i + self.CHUNK], device)
             cls = pred[i : i + self.CHUNK].to(device)
-            ranks.append(rank_vectors(acts, pool_acts, pool_y, cls, self.p.ted_distance).cpu())
+            ranks.append(rank_vectors(acts, pool_acts, pool_y, cls, self.params.ted_distance).cpu())
         r = torch.cat(ranks)
         recon, maha = outlier_scores(r, t)
         return {"ted_ranks": r, "ted_recon": recon, "ted_maha": maha}
 
     def score(self, feats: Mapping[str, Tensor], pred: Tensor) -> Tensor:
-        return feats["ted_recon"] if self.p.ted_outlier_score == "reconstruction" else feats["ted_maha"]
+        return feats["ted_recon"] if self.params.ted_outlier_score == "reconstruction" else feats["ted_maha"]
 
     def extras(self, feats: Mapping[str, Tensor], pred: Tensor) -> dict[str, Tensor]:
         return {"ted_outlier": self.score(feats, pred)}
