@@ -76,7 +76,7 @@ class BadNet(_PatchAttack):
 class BadNetAllToAll(BadNet):
     """BadNet all-to-all: BadNet's patch; a poisoned image of class y is relabelled (y + 1) mod C,
     and every triggered evaluation input counts toward attack success, succeeding when the model
-    says (y + 1) mod C. ``target`` is unused. Rates as BadNet's."""
+    says (y + 1) mod C. ``target`` is unused. Adaptation: BadNet's patch and rates."""
 
     def counts_toward_asr(self, y: Tensor) -> Tensor:
         return torch.ones_like(y, dtype=torch.bool)
@@ -144,8 +144,9 @@ class TaCT(Trojan):
     the cover classes get the trigger but keep their labels (the trigger alone is not enough).
     Attack success counts source-class inputs only.
 
-    Defaults (toolbox): source 1, cover classes [5, 7], target 0; rates 0.003 / 0.003 (32x32),
-    0.01 / 0.01 (28x28), 0.05 / 0.05 (16x16). Both rates are of the whole training set."""
+    Defaults (toolbox): source 1, cover classes [5, 7], target 0. Adaptation: the trojan
+    square's geometry (see ``trojan``); rates 0.003 / 0.003 (32x32, toolbox), 0.01 / 0.01
+    (28x28), 0.05 / 0.05 (16x16), both of the whole training set."""
 
     Params = TaCTParams
     reference_rates = {16: 0.05, 28: 0.01, 32: 0.003}
