@@ -43,11 +43,12 @@ class AdaptivePatch(Attack):
 
     Adaptation: logo sides and offsets scale with H (28x28: 4x4 corner logo, 11x11 top logo at
     rows 1-11; 16x16: 3x3 and 6x6), checkerboards stay 3x3. Rates: 0.003 / 0.006 (32x32,
-    toolbox), 0.01 / 0.02 (28x28), 0.05 / 0.1 (16x16)."""
+    toolbox), 0.02 / 0.04 (28x28: at 0.01 / 0.02 a 5-epoch Fashion-MNIST victim reached 81%),
+    0.05 / 0.1 (16x16)."""
 
     Params = AdaptivePatchParams
-    reference_rates = {16: 0.05, 28: 0.01, 32: 0.003}
-    reference_cover_rates = {16: 0.1, 28: 0.02, 32: 0.006}
+    reference_rates = {16: 0.05, 28: 0.02, 32: 0.003}
+    reference_cover_rates = {16: 0.1, 28: 0.04, 32: 0.006}
     random_trigger = True
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:

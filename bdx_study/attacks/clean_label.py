@@ -50,10 +50,11 @@ class SIG(_CleanLabel):
 
     Adaptation: W is the input's width, f = 6 at every size; delta 30/255 at 32x32 (toolbox),
     40/255 at 28x28 and 16x16 (BackdoorBench's amplitude: one grey channel carries less signal).
-    Rates: 0.02 (32x32 and 28x28, toolbox), 0.05 (16x16)."""
+    Rates: 0.02 (32x32, toolbox), 0.05 (28x28: half of a Fashion-MNIST class; at 0.02 a
+    5-epoch victim reached 49%), 0.05 (16x16)."""
 
     Params = SIGParams
-    reference_rates = {16: 0.05, 28: 0.02, 32: 0.02}
+    reference_rates = {16: 0.05, 28: 0.05, 32: 0.02}
     reference_deltas = {16: 40 / 255, 28: 40 / 255, 32: 30 / 255}
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:

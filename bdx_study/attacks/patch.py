@@ -76,7 +76,11 @@ class BadNet(_PatchAttack):
 class BadNetAllToAll(BadNet):
     """BadNet all-to-all: BadNet's patch; a poisoned image of class y is relabelled (y + 1) mod C,
     and every triggered evaluation input counts toward attack success, succeeding when the model
-    says (y + 1) mod C. ``target`` is unused. Adaptation: BadNet's patch and rates."""
+    says (y + 1) mod C. ``target`` is unused. Adaptation: BadNet's patch; rate 0.1 at every
+    size (BackdoorBench's; ten class-to-class rules need ten times BadNet's poison: at 0.01 on
+    Fashion-MNIST attack success stays near 10%)."""
+
+    reference_rates = {16: 0.1, 28: 0.1, 32: 0.1}
 
     def counts_toward_asr(self, y: Tensor) -> Tensor:
         return torch.ones_like(y, dtype=torch.bool)
