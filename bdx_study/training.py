@@ -46,7 +46,7 @@ def fit(
     steps = 0
     n = len(data)
     if hook is not None:
-        hook.start(model, device)
+        hook.start(model, optimizer, device)
     try:
         for epoch in range(epochs):
             if hook is not None:

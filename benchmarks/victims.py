@@ -16,6 +16,7 @@ Target: attack success >= 85% with a drop of at most 2 points.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
@@ -90,6 +91,14 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--artifacts", type=Path, default=None, help="attack artifact store (default: a temp folder)")
     ap.add_argument("--out", type=Path, default=Path("docs/victims.md"))
+    ap.add_argument(
+        "--results",
+        type=Path,
+        default=Path("bdx_runs/bench-victims"),
+        help="per-victim results, keyed by the victim key: a row whose attack, defaults and recipe are unchanged "
+        "is reused instead of retrained (--rerun retrains all)",
+    )
+    ap.add_argument("--rerun", action="store_true")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,10 +112,21 @@ def main() -> int:
     )
     start = time.perf_counter()
     results: dict[str, tuple[dict[str, float], bool]] = {}
+    reused = 0
+    args.results.mkdir(parents=True, exist_ok=True)
     for name in names:
         cfg = victim(name, {}, args)
-        _, metrics, attack = train_victim(cfg, device=torch.device("cpu"), artifacts=store)
-        results[name] = (metrics, attack.controls_training)
+        saved = args.results / f"{name}-{cfg.key}.json"
+        if saved.is_file() and not args.rerun:
+            record = json.loads(saved.read_text())
+            metrics, controls = record["metrics"], record["controls_training"]
+            reused += 1
+        else:
+            _, metrics, attack = train_victim(cfg, device=torch.device("cpu"), artifacts=store)
+            controls = attack.controls_training
+            record = {"config": cfg.model_dump(mode="json"), "metrics": metrics, "controls_training": controls}
+            saved.write_text(json.dumps(record, indent=2))
+        results[name] = (metrics, controls)
         print(
             f"{name:16s} clean {metrics['clean_acc']:.4f}  ASR {metrics['attack_success']:.4f}  "
             f"rates {metrics['poison_rate']:g}/{metrics['cover_rate']:g}  {metrics['train_seconds']:.0f} s",
@@ -130,7 +150,13 @@ def main() -> int:
         "",
         f"Command: `{command}`  ",
         f"Machine: {machine}  ",
-        f"Wall time: {wall / 60:.0f} min.",
+        f"Training time of the rows: {sum(m['train_seconds'] for m, _ in results.values()) / 60:.0f} min"
+        + (
+            f" ({reused} of {len(results)} rows reused from an earlier run of this command: unchanged victim keys; "
+            f"this run {wall / 60:.0f} min)."
+            if reused
+            else "."
+        ),
         "",
         "| attack | clean acc | drop (pts) | ASR | poison / cover rate | poisoned / cover | time (s) | meets target |",
         "|---|---|---|---|---|---|---|---|",

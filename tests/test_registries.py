@@ -285,7 +285,7 @@ def test_training_hook_contract(name: str, shape: tuple[int, int, int]) -> None:
     assert hook is not None
     c = shape[0]
     model = create_model("small_cnn", shape, NUM_CLASSES, (0.5,) * c, (0.25,) * c)
-    hook.start(model, torch.device("cpu"))
+    hook.start(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.device("cpu"))
     hook.start_epoch(model, 0, 1)
     idx = torch.arange(10, 110)  # past the all-black and all-white images
     x, y = ps.data.images(idx), ps.data.y[idx]

@@ -91,14 +91,17 @@ class HookBatch(NamedTuple):
 class TrainingHook(ABC):
     """Per-batch control of a victim's training, for attacks that control training.
 
-    ``training.fit`` calls ``start`` once before the first step, ``start_epoch`` before every
+    ``training.fit`` calls ``start`` once before the first step (with the classifier's optimizer,
+    whose schedule the attack's own optimizers may follow), ``start_epoch`` before every
     epoch, ``batch`` on every mini-batch (float [0, 1] on the training device, before the
     trainer's augmentation; ``idx`` are the batch's training-set indices), ``after_step`` after
     every optimizer step, and ``finish`` once at the end. Randomness comes from ``gen`` (a CPU
     generator), so training stays reproducible under its seed.
     """
 
-    def start(self, model: nn.Module, device: torch.device) -> None:  # noqa: B027  (optional)
+    def start(  # noqa: B027  (optional)
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+    ) -> None:
         """Before the first step (move generators to ``device``, build optimizers)."""
 
     def start_epoch(self, model: nn.Module, epoch: int, epochs: int) -> None:  # noqa: B027  (optional)

@@ -110,11 +110,12 @@ class AdaptiveBlend(Attack):
 
     Adaptation: a 4 x 4 grid needs H, W divisible by 4 (16, 28, 32 all are); the seeded noise
     replaces the toolbox's Hello Kitty. Rates: 0.003 / 0.003 (32x32, toolbox),
-    0.01 / 0.01 (28x28), 0.05 / 0.05 (16x16)."""
+    0.02 / 0.02 (28x28: at 0.01 / 0.01 Fashion-MNIST victims reached 91% and 82% in two budgets),
+    0.05 / 0.05 (16x16)."""
 
     Params = AdaptiveBlendParams
-    reference_rates = {16: 0.05, 28: 0.01, 32: 0.003}
-    reference_cover_rates = {16: 0.05, 28: 0.01, 32: 0.003}
+    reference_rates = {16: 0.05, 28: 0.02, 32: 0.003}
+    reference_cover_rates = {16: 0.05, 28: 0.02, 32: 0.003}
     random_trigger = True
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:

@@ -49,13 +49,13 @@ class SIG(_CleanLabel):
     (clamped, labels kept). Test: v added to every non-target input.
 
     Adaptation: W is the input's width, f = 6 at every size; delta 30/255 at 32x32 (toolbox),
-    40/255 at 28x28 and 16x16 (BackdoorBench's amplitude: one grey channel carries less signal).
-    Rates: 0.02 (32x32, toolbox), 0.05 (28x28: half of a Fashion-MNIST class; at 0.02 a
-    5-epoch victim reached 49%), 0.05 (16x16)."""
+    40/255 at 16x16 (BackdoorBench's amplitude: one grey channel carries less signal), 60/255 at
+    28x28 (at 40/255 Fashion-MNIST victims reached 49% with rate 0.02 and 53% with 0.05).
+    Rates: 0.02 (32x32, toolbox), 0.05 (28x28: half of a Fashion-MNIST class), 0.05 (16x16)."""
 
     Params = SIGParams
     reference_rates = {16: 0.05, 28: 0.05, 32: 0.02}
-    reference_deltas = {16: 40 / 255, 28: 40 / 255, 32: 30 / 255}
+    reference_deltas = {16: 40 / 255, 28: 60 / 255, 32: 30 / 255}
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:
         super().__init__(params, input_shape, num_classes, seed)
@@ -100,10 +100,11 @@ class CleanLabel(_CleanLabel):
 
     Adaptation: L2 PGD with the toolbox's eps 600/255 at 32x32x3 scaled by sqrt(CHW / 3072)
     (the same per-pixel strength: 1.19 at 28x28, 0.59 at 16x16), 20 steps; 3x3 patches at every
-    size. Rates: 0.003 (32x32, toolbox), 0.02 (28x28), 0.05 (16x16)."""
+    size. Rates: 0.003 (32x32, toolbox), 0.05 (28x28: half of a Fashion-MNIST class; at 0.02
+    victims reached 88% and 69% in two budgets), 0.05 (16x16)."""
 
     Params = CleanLabelParams
-    reference_rates = {16: 0.05, 28: 0.02, 32: 0.003}
+    reference_rates = {16: 0.05, 28: 0.05, 32: 0.003}
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:
         super().__init__(params, input_shape, num_classes, seed)

@@ -52,12 +52,23 @@ class _DynamicHook(TrainingHook):
     def __init__(self, attack: InputAware) -> None:
         self.attack = attack
         self.opt: torch.optim.Optimizer | None = None
+        self.classifier_opt: torch.optim.Optimizer | None = None
+        self.base_lr = 1.0
 
-    def start(self, model: nn.Module, device: torch.device) -> None:
+    def start(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
         a = self.attack
         a.pattern_gen.to(device).train()
         a.mask_gen.to(device).eval()
         self.opt = torch.optim.Adam(a.pattern_gen.parameters(), lr=a.params.generator_lr, betas=(0.5, 0.9))  # type: ignore[attr-defined]
+        self.classifier_opt, self.base_lr = optimizer, float(optimizer.param_groups[0]["lr"])
+
+    def start_epoch(self, model: nn.Module, epoch: int, epochs: int) -> None:
+        """G's lr follows the classifier's schedule (BackdoorBench steps both): a generator that
+        keeps moving at full lr while the classifier settles leaves it a stale trigger."""
+        assert self.opt is not None and self.classifier_opt is not None
+        scale = float(self.classifier_opt.param_groups[0]["lr"]) / self.base_lr
+        for group in self.opt.param_groups:
+            group["lr"] = self.attack.params.generator_lr * scale  # type: ignore[attr-defined]
 
     def batch(self, x: Tensor, y: Tensor, idx: Tensor, gen: torch.Generator) -> HookBatch:
         a = self.attack
@@ -100,7 +111,8 @@ class InputAware(TrainingControlledAttack):
 
     Training-controlled: M is first trained alone (``prepare``: a density loss
     lambda_norm * relu(mean(M(x)) - density) plus lambda_div times the diversity loss), then
-    fixed; G trains jointly with the classifier (its own Adam): in every batch the first
+    fixed; G trains jointly with the classifier (its own Adam, its lr scaled as the classifier's
+    follows its schedule): in every batch the first
     ``int(B * poison_rate)`` images get their own trigger and the target label, the next
     ``int(B * cover_rate)`` get another image's pattern and mask but keep their label (cross
     samples: the trigger must match its input), the rest stay clean; G's loss adds
