@@ -113,7 +113,7 @@ def export_detector(
         victim_key=vcfg.key,
         model=model,
         splits=splits,
-        attack=vcfg.build_attack(),
+        attack=record.load_attack(),
         layout=vcfg.data.layout(),
         device=device,
     )

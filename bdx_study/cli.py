@@ -214,6 +214,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from bdx_study.analysis.export import pick_victim
     from bdx_study.detector import Detector
     from bdx_study.trials.launch import launch
+    from bdx_study.victims import VictimCache
 
     t0 = time.perf_counter()
     spec, path = _load(args.space)
@@ -230,7 +231,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     # Use the exported detector as a user would: clean and triggered evaluation inputs as .npy files.
     vcfg = pick_victim(spec, None)
     splits = vcfg.data.splits(vcfg.dataset)
-    attack = vcfg.build_attack()
+    record = VictimCache(spec.storage_root() / "victims").load(vcfg)
+    attack = record.load_attack() if record is not None else vcfg.build_attack()
     clean = splits.evaluation.x.numpy()
     triggered = attack.apply_trigger(splits.evaluation.x[attack.counts_toward_asr(splits.evaluation.y)]).numpy()
     det = Detector.load(bundle)

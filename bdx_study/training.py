@@ -1,13 +1,19 @@
-"""Minimal training and inference loops over in-memory tensors (CPU or one GPU)."""
+"""Minimal training and inference loops over in-memory data (CPU or one GPU). Images are
+converted to float one batch at a time (``ImageData.images``), so uint8 datasets never get a
+float copy."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from bdx_study.data import DatasetInfo, ImageData, augment_batch
+
+if TYPE_CHECKING:  # the attack contract imports this module's loop at run time
+    from bdx_study.attacks import TrainingHook
 
 
 def pick_device(prefer_gpu: bool = True) -> torch.device:
@@ -28,30 +34,50 @@ def fit(
     stop: Callable[[], bool] | None = None,
     max_steps: int | None = None,
     device: torch.device = torch.device("cpu"),
+    hook: TrainingHook | None = None,
 ) -> int:
     """Cross-entropy training in train() mode; ``scheduler`` steps once per epoch; training ends
     after ``epochs``, after ``max_steps`` optimizer steps, or once ``stop()`` (asked after every
-    step) returns True. Returns the number of steps taken."""
+    step) returns True. Returns the number of steps taken.
+
+    ``hook`` (attacks that control training) sees every batch before augmentation and may
+    replace it and add a loss term; see :class:`bdx_study.attacks.TrainingHook`."""
     loss_fn = nn.CrossEntropyLoss()
     steps = 0
     n = len(data)
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(n, generator=gen)
-        for start in range(0, n, batch_size):
-            idx = perm[start : start + batch_size]
-            x = data.x[idx]
-            if augment is not None:
-                x = augment_batch(x, augment, gen)
-            x, y = x.to(device, non_blocking=True), data.y[idx].to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            optimizer.step()
-            steps += 1
-            if (max_steps is not None and steps >= max_steps) or (stop is not None and stop()):
-                return steps
-        if scheduler is not None:
-            scheduler.step()
+    if hook is not None:
+        hook.start(model, optimizer, device)
+    try:
+        for epoch in range(epochs):
+            if hook is not None:
+                hook.start_epoch(model, epoch, epochs)
+            model.train()
+            perm = torch.randperm(n, generator=gen)
+            for start in range(0, n, batch_size):
+                idx = perm[start : start + batch_size]
+                x = data.images(idx).to(device, non_blocking=True)
+                y = data.y[idx].to(device, non_blocking=True)
+                extra = None
+                if hook is not None:
+                    x, y, extra, _, _ = hook.batch(x, y, idx, gen)
+                if augment is not None:
+                    x = augment_batch(x, augment, gen)
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x), y)
+                if extra is not None:
+                    loss = loss + extra
+                loss.backward()
+                optimizer.step()
+                if hook is not None:
+                    hook.after_step()
+                steps += 1
+                if (max_steps is not None and steps >= max_steps) or (stop is not None and stop()):
+                    return steps
+            if scheduler is not None:
+                scheduler.step()
+    finally:
+        if hook is not None:
+            hook.finish()
     return steps
 
 
@@ -67,8 +93,27 @@ def predict_proba(model: nn.Module, x: Tensor, *, batch_size: int = 512, device:
     return torch.cat(out)
 
 
+@torch.no_grad()
+def predict_data(
+    model: nn.Module,
+    data: ImageData,
+    *,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    batch_size: int = 512,
+    device: torch.device | None = None,
+) -> Tensor:
+    """Predicted classes (N,) for ``data``, converted batch by batch; ``transform`` (e.g. a
+    test-time trigger) is applied to each float batch first."""
+    preds = []
+    for idx in data.batches(batch_size):
+        x = data.images(idx)
+        if transform is not None:
+            x = transform(x)
+        preds.append(predict_proba(model, x, batch_size=batch_size, device=device).argmax(1))
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
+
+
 def accuracy(model: nn.Module, data: ImageData, *, device: torch.device | None = None) -> float:
     if len(data) == 0:
         return float("nan")
-    pred = predict_proba(model, data.x, device=device).argmax(1)
-    return float((pred == data.y).float().mean())
+    return float((predict_data(model, data, device=device) == data.y).float().mean())

@@ -2,8 +2,11 @@
 hash of that config (any node that sees the cache folder finds it again).
 
 Cache layout: ``<cache>/<key>/model.safetensors`` and ``victim.json`` (config, metrics, sha256
-of the weights). Entries are written to a temporary folder and renamed into place, so a cache
-entry is either complete or absent; a corrupted entry fails its hash check and is retrained.
+of the weights), plus ``attack.safetensors`` when training taught the attack something (its
+generators, an optimized trigger, an encoder; see :meth:`VictimRecord.load_attack`). What attacks
+train once per dataset (ISSBA's encoder, the clean-label surrogate) is kept beside the victims in
+``<cache>/attack-artifacts/``. Entries are written to a temporary folder and renamed into place, so
+a cache entry is either complete or absent; a corrupted entry fails its hash check and is retrained.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from safetensors.torch import load_file, save_file
 
 from bdx_study._config import StrictModel
 from bdx_study._io import sha256_file
-from bdx_study.archs import ARCHITECTURES, Classifier, create_model
-from bdx_study.attacks import ATTACKS, Attack, create_attack
+from bdx_study.archs import ARCHITECTURES, Classifier, check_input_shape, create_model
+from bdx_study.attacks import ATTACKS, ArtifactStore, Attack, AttackContext, create_attack
 from bdx_study.data import DATASETS, ImageData, Splits, dataset_info, load_splits, load_test_portion
-from bdx_study.training import accuracy, fit, pick_device, predict_proba
+from bdx_study.training import accuracy, fit, pick_device, predict_data
+
+ARTIFACTS_DIR = "attack-artifacts"  # under the victim cache: what attacks train once per dataset
 
 
 class DataConfig(StrictModel):
@@ -118,8 +123,11 @@ class VictimConfig(StrictModel):
         return v
 
     def identity(self) -> dict[str, Any]:
+        """What the key hashes: the config (less where the data lies and how the held-out part is
+        divided) and the attack's resolved parameters (its defaults depend on the input size)."""
         d = self.model_dump(mode="json", exclude={"data"})
         d["data"] = self.data.identity()
+        d["attack"] = {"name": self.attack.name, "resolved": self.build_attack().identity()}
         return d
 
     @property
@@ -140,6 +148,18 @@ class VictimConfig(StrictModel):
         info = dataset_info(self.dataset)
         return create_model(self.architecture, info.input_shape, info.num_classes, info.mean, info.std)
 
+    def check(self) -> None:
+        """The checks that need no data: the attack's params against the dataset's shape and
+        classes, and the architecture against the dataset's input shape (ValueError)."""
+        self.build_attack()
+        check_input_shape(self.architecture, dataset_info(self.dataset).input_shape)
+
+    def check_data(self) -> None:
+        """Load the victim's training split and let the attack check it (e.g. a clean-label
+        target class with too few images): ValueError naming the attack, target and counts;
+        a missing data root raises DataError naming the dataset and where it looked."""
+        self.build_attack().check_data(self.data.splits(self.dataset).train)
+
 
 @dataclass(frozen=True)
 class VictimRecord:
@@ -156,29 +176,50 @@ class VictimRecord:
     def weights(self) -> Path:
         return self.path / "model.safetensors"
 
+    @property
+    def attack_state(self) -> Path:
+        return self.path / "attack.safetensors"
+
     def load_model(self, device: torch.device | str = "cpu") -> Classifier:
         model = self.config.build_model()
         model.load_state_dict(load_file(self.weights, device=str(device)))
         return model.to(device).eval()
 
+    def load_attack(self) -> Attack:
+        """The victim's attack as it was trained: the config's attack plus what training taught
+        it (generators, an optimized trigger, an encoder). Use this, not
+        ``config.build_attack()``, for test-time triggers: attacks with learned state refuse to
+        apply an untrained trigger."""
+        attack = self.config.build_attack()
+        if self.attack_state.is_file():
+            attack.load_state_dict(load_file(self.attack_state))
+        return attack
 
-def attack_success_rate(model: torch.nn.Module, config: VictimConfig, data: ImageData) -> float:
-    attack = config.build_attack()
-    y = data.y
-    mask = attack.counts_toward_asr(y)
+
+def attack_success_rate(model: torch.nn.Module, attack: Attack, data: ImageData) -> float:
+    """Share of the inputs that count toward attack success whose triggered version the model
+    assigns the attack label (nan when none counts, e.g. a clean victim)."""
+    mask = attack.counts_toward_asr(data.y)
     if not bool(mask.any()):
         return float("nan")
-    xp = attack.apply_trigger(data.x[mask])
-    pred = predict_proba(model, xp).argmax(1)
-    return float((pred == attack.attack_label(y[mask])).float().mean())
+    counted = data.take(mask.nonzero().flatten())
+    pred = predict_data(model, counted, transform=attack.apply_trigger)
+    return float((pred == attack.attack_label(counted.y)).float().mean())
 
 
-def train_victim(config: VictimConfig, *, device: torch.device | None = None) -> tuple[Classifier, dict[str, float]]:
-    """Poison the training split, train the victim, and measure clean accuracy and attack success."""
+def train_victim(
+    config: VictimConfig, *, device: torch.device | None = None, artifacts: ArtifactStore | None = None
+) -> tuple[Classifier, dict[str, float], Attack]:
+    """Poison the training split, train the victim, and measure clean accuracy and attack
+    success. Returns (model, metrics, attack as trained). ``artifacts`` caches what the attack
+    trains once per dataset (None: trained in memory)."""
     device = device or pick_device()
     start = time.perf_counter()
     splits = config.data.splits(config.dataset)
-    poisoned = config.build_attack().poison(splits.train)
+    attack = config.build_attack()
+    attack.check_data(splits.train)
+    attack.prepare(splits.train, AttackContext(store=artifacts, device=device))
+    poisoned = attack.poison(splits.train)
     torch.manual_seed(config.seed)
     model = config.build_model().to(device)
     t = config.training
@@ -199,16 +240,20 @@ def train_victim(config: VictimConfig, *, device: torch.device | None = None) ->
         augment=splits.info if t.augment else None,
         scheduler=sched,
         device=device,
+        hook=attack.training_hook(),
     )
     model.eval()
     test = config.data.test_portion(config.dataset)
     metrics = {
         "clean_acc": accuracy(model, test, device=device),
-        "attack_success": attack_success_rate(model, config, test),
+        "attack_success": attack_success_rate(model, attack, test),
         "train_seconds": time.perf_counter() - start,
         "poisoned_count": float(len(poisoned.poison_indices)),
+        "cover_count": float(len(poisoned.cover_indices)),
+        "poison_rate": attack.poison_rate,
+        "cover_rate": attack.cover_rate,
     }
-    return model, metrics
+    return model, metrics, attack
 
 
 class VictimError(ValueError):
@@ -240,6 +285,11 @@ class VictimCache:
     def entry(self, config: VictimConfig) -> Path:
         return self.root / config.key
 
+    @property
+    def artifacts(self) -> ArtifactStore:
+        """Where attacks keep what they train once per dataset (ISSBA encoders, surrogates)."""
+        return ArtifactStore(self.root / ARTIFACTS_DIR)
+
     def load(self, config: VictimConfig) -> VictimRecord | None:
         """The cached record, or None when absent or when its weights fail the hash check."""
         folder = self.entry(config)
@@ -249,6 +299,11 @@ class VictimCache:
         meta = json.loads(meta_path.read_text())
         weights = folder / "model.safetensors"
         if not weights.is_file() or sha256_file(weights) != meta["weights_sha256"]:
+            return None
+        attack_state = folder / "attack.safetensors"
+        if "attack_sha256" in meta and (
+            not attack_state.is_file() or sha256_file(attack_state) != meta["attack_sha256"]
+        ):
             return None
         return VictimRecord(
             config=config,
@@ -264,19 +319,23 @@ class VictimCache:
         record = self.load(config)
         if record is not None:
             return record, False
-        model, metrics = train_victim(config, device=device)
+        model, metrics, attack = train_victim(config, device=device, artifacts=self.artifacts)
         check_learned(config, metrics["clean_acc"])
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{config.key}.", dir=self.root))
         tmp.chmod(0o755)
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-        meta = {
+        meta: dict[str, Any] = {
             "key": config.key,
             "name": config.name,
             "config": config.model_dump(mode="json"),
             "metrics": metrics,
             "weights_sha256": sha256_file(tmp / "model.safetensors"),
         }
+        state = attack.state_dict()
+        if state:
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / "attack.safetensors")
+            meta["attack_sha256"] = sha256_file(tmp / "attack.safetensors")
         (tmp / "victim.json").write_text(json.dumps(meta, indent=2))
         final = self.entry(config)
         if final.exists() and self.load(config) is None:  # a corrupted entry: replace it

@@ -55,6 +55,7 @@ def _victim_rows(args: tuple[str, str, list[str]]) -> list[dict[str, Any]]:
         raise SystemExit(f"victim {victim.name} is not in the cache: run `bdx-study launch --space {space}` first")
     cpu = torch.device("cpu")
     model = record.load_model(cpu)
+    attack = record.load_attack()
     splits = victim.data.splits(victim.dataset)
     _, _, protocol = spec.trial_config({"detector": "badexpert"})
     x = splits.evaluation.x
@@ -70,7 +71,7 @@ def _victim_rows(args: tuple[str, str, list[str]]) -> list[dict[str, Any]]:
             victim_key=victim.key,
             model=model,
             splits=splits,
-            attack=victim.build_attack(),
+            attack=attack,
             layout=victim.data.layout(),
             device=cpu,
         )
@@ -127,18 +128,21 @@ def main() -> int:
     from bdx_study.space import load_space
 
     spec = load_space(args.space)
+    families = args.families or DETECTORS.names()
+    t0 = time.perf_counter()
+    # The families need only the study's victims (fits and outputs land in the study's stage
+    # cache, so a rerun rescores nothing); BaDExpert's LOAO column needs its finished trials.
+    jobs = [(args.space, v.key, families) for v in spec.victim_configs()]
+    with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+        rows = [r for part in pool.imap_unordered(_victim_rows, jobs) for r in part]
+    seconds = time.perf_counter() - t0
     try:
         robust = _robust_loao(spec)
     except FileNotFoundError:
         print(f"no finished trials at {spec.study_dir}: run `bdx-study launch --space {args.space}` first")
         return 2
-    families = args.families or DETECTORS.names()
-    t0 = time.perf_counter()
-    jobs = [(args.space, v.key, families) for v in spec.victim_configs()]
-    with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-        rows = [r for part in pool.map(_victim_rows, jobs) for r in part]
     table = pd.DataFrame(rows + robust)
-    write_report(table, spec, args, time.perf_counter() - t0)
+    write_report(table, spec, args, seconds)
     return 0
 
 

@@ -92,8 +92,9 @@ def main() -> int:
                 flush=True,
             )
             model = record.load_model(cpu)
+            attack = record.load_attack()
 
-            def evaluate(params: dict[str, Any], v: VictimConfig = v, model: Any = model) -> Any:
+            def evaluate(params: dict[str, Any], v: VictimConfig = v, model: Any = model, attack: Any = attack) -> Any:
                 return run_detector(
                     store,
                     create_detector("badexpert", params),
@@ -101,7 +102,7 @@ def main() -> int:
                     victim_key=v.key,
                     model=model,
                     splits=splits,  # noqa: B023
-                    attack=v.build_attack(),
+                    attack=attack,
                     layout=data.layout(),  # noqa: B023
                     device=cpu,
                 )

@@ -112,7 +112,7 @@ def in_process(work: Path) -> None:
         model = trainable._victim_model(str(cache.root), v, "cpu")
         splits = trainable._splits(v)
         _, _, protocol = spec.trial_config(grid[0])  # one protocol for the whole grid
-        parts = scoring_parts(splits, v.build_attack(), protocol)
+        parts = scoring_parts(splits, trainable._victim_attack(str(cache.root), v), protocol)
         t = time.perf_counter()
         preds = {p.name: predict_proba(model, p.x).argmax(1) for p in parts}  # once per victim
         bare += time.perf_counter() - t

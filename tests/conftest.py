@@ -92,6 +92,6 @@ def planted() -> dict[str, Any]:
             training=TrainingConfig(epochs=6, lr=2e-3),
             data=data,
         )
-        model, metrics = train_victim(cfg, device=torch.device("cpu"))
-        out[kind] = {"config": cfg, "model": model.eval(), "attack": cfg.build_attack(), "metrics": metrics}
+        model, metrics, attack_obj = train_victim(cfg, device=torch.device("cpu"))
+        out[kind] = {"config": cfg, "model": model.eval(), "attack": attack_obj, "metrics": metrics}
     return out

@@ -25,7 +25,10 @@ def run_cli(*args: str, cwd: Path) -> tuple[int, str, float]:
 BAD_CASES = {
     "unknown_key": ({"search__colour": "red"}, ["search.colour", "Extra inputs are not permitted"]),
     "wrong_type": ({"search__num_trials": "many"}, ["search.num_trials", "'many'"]),
-    "unknown_attack": ({"victims__attacks": [{"name": "badnett"}]}, ["unknown attack 'badnett'", "badnet, blend"]),
+    "unknown_attack": (
+        {"victims__attacks": [{"name": "badnett"}]},
+        ["unknown attack 'badnett'", "badnet, badnet_all2all, blend"],
+    ),
     "lr_not_positive": (
         {"detectors": {"badexpert": {"unlearn_lr": -0.001}}},
         ["detectors.badexpert.unlearn_lr", "greater than 0", "-0.001"],

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bdx_study.data import (
+    DATASETS,
     DataError,
     ImageData,
     augment_batch,
@@ -72,6 +73,7 @@ def _hashes(x: torch.Tensor) -> list[str]:
 
 def _check_images(data: ImageData, raw_images: np.ndarray, raw_labels: np.ndarray) -> None:
     n, h, w = raw_images.shape
+    assert data.pixels.dtype == torch.uint8  # held as bytes, converted per batch
     assert data.x.shape == (n, 1, h, w)
     assert data.x.dtype == torch.float32
     assert data.y.dtype == torch.int64
@@ -221,6 +223,7 @@ def test_cifar10_binary_loader(tmp_path: Path) -> None:
     splits = load_splits("cifar10", root=tmp_path, reserve_size=3)
     assert splits.info.input_shape == (3, 32, 32)
     tr = splits.train
+    assert tr.pixels.dtype == torch.uint8
     assert tr.x.shape == (15, 3, 32, 32) and tr.x.dtype == torch.float32
     assert tr.y.dtype == torch.int64
     # batches 1..5 concatenated in order, CHW, scaled to [0, 1]
@@ -391,3 +394,189 @@ def test_augment_crop_is_a_shift() -> None:
     rows, cols = pos // 16, pos % 16
     assert bool(((rows - 7).abs() <= 1).all()) and bool(((cols - 7).abs() <= 1).all())
     assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) > 1
+
+
+# ------------------------------------------------------------------------------------- ImageData
+
+
+def test_image_data_uint8_storage_converts_per_batch() -> None:
+    pixels = torch.tensor([0, 51, 255], dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 1, 2, 2).contiguous()
+    data = ImageData(pixels, torch.tensor([0, 1, 2]))
+    assert data.shape == (1, 2, 2) and len(data) == 3
+    assert data.images(torch.tensor([1])).dtype == torch.float32
+    torch.testing.assert_close(data.images(torch.tensor([2, 1]))[:, 0, 0, 0], torch.tensor([1.0, 0.2]))
+    torch.testing.assert_close(data.x[:, 0, 0, 0], torch.tensor([0.0, 0.2, 1.0]))
+    assert data.take(slice(0, 2)).pixels.dtype == torch.uint8  # taking keeps the storage
+    # replaced rows are stored rounded to 0..255, as an image file would hold them
+    out = data.with_rows(torch.tensor([0]), torch.full((1, 1, 2, 2), 0.5), torch.tensor([7]))
+    assert out.pixels.dtype == torch.uint8 and int(out.pixels[0, 0, 0, 0]) == 128
+    assert out.y.tolist() == [7, 1, 2] and data.y.tolist() == [0, 1, 2]  # a copy
+    assert torch.equal(out.pixels[1:], data.pixels[1:])
+    # float storage keeps floats exactly
+    f = ImageData(torch.rand(3, 1, 2, 2), torch.arange(3))
+    g = f.with_rows(torch.tensor([2]), torch.full((1, 1, 2, 2), 0.123), torch.tensor([0]))
+    assert float(g.x[2, 0, 0, 0]) == pytest.approx(0.123) and torch.equal(g.x[:2], f.x[:2])
+    assert [b.tolist() for b in ImageData(torch.rand(5, 1, 2, 2), torch.arange(5)).batches(2)] == [[0, 1], [2, 3], [4]]
+
+
+def test_image_data_rejects_bad_storage() -> None:
+    with pytest.raises(TypeError, match="uint8 or float32"):
+        ImageData(torch.zeros(2, 1, 2, 2, dtype=torch.float64), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="N, C, H, W"):
+        ImageData(torch.zeros(2, 2, 2), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="3 images but labels"):
+        ImageData(torch.zeros(3, 1, 2, 2), torch.zeros(2, dtype=torch.int64))
+
+
+# ------------------------------------------------------------------------------------- GTSRB
+
+
+def _rgb(rng: np.random.Generator, h: int, w: int, index: int) -> np.ndarray:
+    img = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    img[: h // 2, : w // 2] = [index % 256, index // 256, 17]  # a flat block that survives resizing
+    return img
+
+
+def _write_gtsrb(
+    root: Path, classes: tuple[int, ...] = (0, 7, 42), per_class: int = 4, n_test: int = 9
+) -> dict[str, list[int]]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    base = root / "gtsrb"
+    labels: dict[str, list[int]] = {"train": [], "test": []}
+    k = 0
+    for c in classes:
+        folder = base / "GTSRB" / "Training" / f"{c:05d}"
+        folder.mkdir(parents=True)
+        (folder / f"GT-{c:05d}.csv").write_text("Filename;ClassId\n")  # present in real GTSRB; ignored
+        for i in range(per_class):
+            Image.fromarray(_rgb(rng, 30 + i, 41 - i, k)).save(folder / f"00000_{i:05d}.ppm")
+            labels["train"].append(c)
+            k += 1
+    test_dir = base / "GTSRB" / "Final_Test" / "Images"
+    test_dir.mkdir(parents=True)
+    rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+    for i in range(n_test):
+        c = classes[i % len(classes)]
+        Image.fromarray(_rgb(rng, 35, 33, k)).save(test_dir / f"{i:05d}.ppm")
+        rows.append(f"{i:05d}.ppm;33;35;5;5;28;30;{c}")
+        labels["test"].append(c)
+        k += 1
+    (base / "GT-final_test.csv").write_text("\n".join(rows) + "\n")
+    return labels
+
+
+def test_gtsrb_folder_loader(tmp_path: Path) -> None:
+    labels = _write_gtsrb(tmp_path)
+    splits = load_splits("gtsrb", root=tmp_path, reserve_size=3)
+    assert splits.info.input_shape == (3, 32, 32) and splits.info.num_classes == 43
+    tr = splits.train
+    assert tr.pixels.dtype == torch.uint8 and tr.pixels.shape == (12, 3, 32, 32)  # resized from 30-41 px
+    assert sorted(tr.y.tolist()) == sorted(labels["train"])
+    parts = (splits.reserve, splits.selection, splits.evaluation)
+    assert [len(p) for p in parts] == [3, 3, 3]
+    assert sorted(sum((p.y.tolist() for p in parts), [])) == sorted(labels["test"])
+    hashes = [h for p in parts for h in _hashes(p.pixels)]
+    assert len(set(hashes)) == 9  # disjoint
+    # the flat block keeps its colour through PIL's resize: labels follow their images
+    assert int(tr.pixels[0, 2, 0, 0]) == 17
+    # the gtsrb folder itself works as data.root too
+    assert len(load_splits("gtsrb", root=tmp_path / "gtsrb", reserve_size=3).train) == 12
+
+
+def test_gtsrb_missing_root_names_where_it_looked(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as ei:
+        load_splits("gtsrb", root=tmp_path / "nowhere", reserve_size=3)
+    msg = str(ei.value)
+    assert "gtsrb" in msg and str(tmp_path / "nowhere") in msg and "GTSRB/Training" in msg
+    with pytest.raises(DataError, match="gtsrb.*needs data.root"):
+        load_splits("gtsrb", root=None, reserve_size=3)
+    _write_gtsrb(tmp_path / "broken")
+    (tmp_path / "broken" / "gtsrb" / "GT-final_test.csv").unlink()
+    with pytest.raises(DataError, match="GT-final_test.csv"):
+        load_splits("gtsrb", root=tmp_path / "broken", reserve_size=3)
+
+
+# ------------------------------------------------------------------------------------- image folders
+
+WNIDS = ["n01440764", "n02102040", "n02979186", "n03000684", "n03028079", "n03394916", "n03417042", "n03425413",
+         "n03445777", "n03888257"]  # fmt: skip
+
+
+def _write_image_folder(base: Path, per_class: int = 2, val_per_class: int = 1, classes: list[str] = WNIDS) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    k = 0
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        for c in classes:
+            folder = base / split / c
+            folder.mkdir(parents=True)
+            for i in range(n):
+                ext = ".JPEG" if (k % 2) else ".png"
+                Image.fromarray(_rgb(rng, 80 + 7 * (k % 3), 100 - 5 * (k % 4), k)).save(folder / f"{c}_{i}{ext}")
+                k += 1
+        (base / split / "notes.txt").write_text("not an image, not a class")  # ignored
+
+
+@pytest.mark.parametrize("sub", ["", "imagenette2-160"])
+def test_imagenette_folder_loader(tmp_path: Path, sub: str) -> None:
+    _write_image_folder(tmp_path / sub if sub else tmp_path)
+    splits = load_splits("imagenette", root=tmp_path, reserve_size=4, eval_size=6)
+    assert splits.info.input_shape == (3, 64, 64) and splits.info.num_classes == 10
+    assert splits.train.pixels.dtype == torch.uint8 and splits.train.pixels.shape == (20, 3, 64, 64)
+    assert sorted(splits.train.y.tolist()) == sorted(list(range(10)) * 2)  # classes: sorted folder names
+    parts = (splits.reserve, splits.selection, splits.evaluation)
+    assert [len(p) for p in parts] == [4, 3, 3]
+    assert sorted(sum((p.y.tolist() for p in parts), [])) == list(range(10))
+    hashes = [h for p in (splits.train, *parts) for h in _hashes(p.pixels)]
+    assert len(set(hashes)) == 30  # all distinct: the splits are disjoint
+
+
+def test_image_folder_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as ei:
+        load_splits("imagenette", root=tmp_path / "nowhere", reserve_size=2)
+    msg = str(ei.value)
+    assert "imagenette" in msg and str(tmp_path / "nowhere") in msg and "imagenette2-160" in msg
+    with pytest.raises(DataError, match="imagenette.*needs data.root"):
+        load_splits("imagenette", root=None, reserve_size=2)
+    _write_image_folder(tmp_path / "few", classes=WNIDS[:3])
+    with pytest.raises(DataError, match="3 class folders, expected 10"):
+        load_splits("imagenette", root=tmp_path / "few", reserve_size=1)
+
+
+# ------------------------------------------------------------------------------------- every dataset
+
+
+def _write_files(name: str, root: Path) -> None:
+    """Small files of dataset ``name`` in its own format (every registered dataset needs one)."""
+    if name in ("mnist", "fashion_mnist"):
+        _write_idx_dataset(root, n_train=30, n_test=25, gz=True)
+    elif name == "cifar10":
+        _write_cifar(root, per_batch=6, n_test=25)
+    elif name == "gtsrb":
+        _write_gtsrb(root, per_class=10, n_test=25)
+    elif name == "imagenette":
+        _write_image_folder(root, per_class=3, val_per_class=3)
+    elif name != "digits":  # built into scikit-learn
+        raise AssertionError(f"no test files for dataset {name!r}: add a writer to _write_files")
+
+
+@pytest.mark.parametrize("name", DATASETS.names())
+def test_every_dataset_shapes_labels_and_disjoint_splits(tmp_path: Path, name: str) -> None:
+    _write_files(name, tmp_path)
+    info = dataset_info(name)
+    root = None if name == "digits" else tmp_path
+    s = load_splits(name, root=root, reserve_size=10, eval_size=12, train_size=20)
+    parts = (s.train, s.reserve, s.selection, s.evaluation)
+    assert [len(p) for p in parts] == [20, 10, 6, 6]
+    hashes = []
+    for p in parts:
+        assert p.shape == info.input_shape
+        assert p.pixels.dtype in (torch.uint8, torch.float32) and p.x.dtype == torch.float32
+        assert float(p.x.min()) >= 0.0 and float(p.x.max()) <= 1.0
+        assert p.y.dtype == torch.int64 and bool(((p.y >= 0) & (p.y < info.num_classes)).all())
+        hashes += _hashes(p.x)
+    assert len(set(hashes)) == len(hashes)  # disjoint (every test image is distinct)
+    assert len(info.mean) == len(info.std) == info.input_shape[0]

@@ -79,7 +79,7 @@ def user(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         training=TrainingConfig(epochs=6, lr=2e-3),
         data=data,
     )
-    model = train_victim(cfg, device=torch.device("cpu"))[0]  # (model, metrics[, attack])
+    model = train_victim(cfg, device=torch.device("cpu"))[0]  # (model, metrics, attack)
     model.eval()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
     splits = data.splits("digits")

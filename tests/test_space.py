@@ -12,7 +12,9 @@ import optuna
 import pytest
 import yaml
 
+from bdx_study.archs import ARCHITECTURES
 from bdx_study.attacks import ATTACKS
+from bdx_study.data import DATASETS
 from bdx_study.detectors import DETECTORS
 from bdx_study.detectors.badexpert import BaDExpertParams
 from bdx_study.protocol import ProtocolConfig
@@ -274,10 +276,10 @@ def test_parse_space_names_source() -> None:
 @pytest.mark.parametrize(
     ("key", "value", "known"),
     [
-        ("attacks", [{"name": "trojan"}], ATTACKS.names()),
-        ("attacks", ["trojan"], ATTACKS.names()),
-        ("datasets", ["svhn"], ["cifar10", "digits", "fashion_mnist", "mnist"]),
-        ("architectures", ["vgg16"], ["resnet18", "small_cnn"]),
+        ("attacks", [{"name": "trojan_horse"}], ATTACKS.names()),
+        ("attacks", ["trojan_horse"], ATTACKS.names()),
+        ("datasets", ["svhn"], DATASETS.names()),
+        ("architectures", ["vgg16"], ARCHITECTURES.names()),
     ],
 )
 def test_unknown_registry_name(

@@ -18,6 +18,7 @@ from ray import tune
 
 from bdx_study._io import write_json_atomic
 from bdx_study.archs import Classifier
+from bdx_study.attacks import Attack
 from bdx_study.data import Splits
 from bdx_study.detectors import DetectorFamily, create_detector
 from bdx_study.metrics import HEADLINE, aggregate
@@ -26,7 +27,7 @@ from bdx_study.schema import scores_table, victim_columns
 from bdx_study.stages import DetectorRun, StageStore, run_detector
 from bdx_study.tables import SCORES_OF, StudyTables
 from bdx_study.training import pick_device
-from bdx_study.victims import VictimCache, VictimConfig
+from bdx_study.victims import VictimCache, VictimConfig, VictimRecord
 
 from .context import StudyContext, objective_value, objective_values
 from .plots import plot_trial
@@ -34,19 +35,32 @@ from .plots import plot_trial
 # Victims, splits, scored inputs and the stage store are kept per worker process: Ray reuses
 # trial actors, so a study loads each victim once per worker.
 _MODELS: dict[tuple[str, str, str], Classifier] = {}
+_ATTACKS: dict[tuple[str, str], Attack] = {}
 _SPLITS: dict[str, Splits] = {}
 _PARTS: dict[tuple[str, str], list[Part]] = {}
 _STORES: dict[str, StageStore] = {}
 
 
+def _victim_record(cache_root: str, config: VictimConfig) -> VictimRecord:
+    record = VictimCache(cache_root).load(config)
+    if record is None:
+        raise RuntimeError(f"victim {config.name} is missing or corrupt in {cache_root}; relaunch to retrain it")
+    return record
+
+
 def _victim_model(cache_root: str, config: VictimConfig, device: str) -> Classifier:
     key = (cache_root, config.key, device)
     if key not in _MODELS:
-        record = VictimCache(cache_root).load(config)
-        if record is None:
-            raise RuntimeError(f"victim {config.name} is missing or corrupt in {cache_root}; relaunch to retrain it")
-        _MODELS[key] = record.load_model(device)
+        _MODELS[key] = _victim_record(cache_root, config).load_model(device)
     return _MODELS[key]
+
+
+def _victim_attack(cache_root: str, config: VictimConfig) -> Attack:
+    """The victim's attack as trained (generators, optimized triggers, encoders loaded)."""
+    key = (cache_root, config.key)
+    if key not in _ATTACKS:
+        _ATTACKS[key] = _victim_record(cache_root, config).load_attack()
+    return _ATTACKS[key]
 
 
 def _splits(config: VictimConfig) -> Splits:
@@ -56,10 +70,10 @@ def _splits(config: VictimConfig) -> Splits:
     return _SPLITS[key]
 
 
-def _parts(config: VictimConfig, protocol: ProtocolConfig) -> list[Part]:
+def _parts(cache_root: str, config: VictimConfig, protocol: ProtocolConfig) -> list[Part]:
     key = (config.key + config.data.model_dump_json(), json.dumps(protocol.clean_set_identity()))
     if key not in _PARTS:
-        _PARTS[key] = scoring_parts(_splits(config), config.build_attack(), protocol)
+        _PARTS[key] = scoring_parts(_splits(config), _victim_attack(cache_root, config), protocol)
     return _PARTS[key]
 
 
@@ -97,10 +111,10 @@ def run_family(
             victim_key=victim.key,
             model=_victim_model(str(ctx.victim_cache), victim, str(device)),
             splits=_splits(victim),
-            attack=victim.build_attack(),
+            attack=_victim_attack(str(ctx.victim_cache), victim),
             layout=victim.data.layout(),
             device=device,
-            parts=_parts(victim, protocol),
+            parts=_parts(str(ctx.victim_cache), victim, protocol),
         )
         runs.append((victim, run))
     return TrialResult(family, protocol, runs)

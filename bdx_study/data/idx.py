@@ -1,0 +1,92 @@
+"""MNIST and Fashion-MNIST: IDX files (optionally .gz) read with numpy; no pickle involved."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bdx_study.data._core import DataError, DatasetInfo, ImageData, register_dataset
+
+FASHION_MNIST_SYSTEM_ROOT = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (plain or .gz) into a numpy array of unsigned bytes."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:  # type: ignore[operator]
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path}: expected {int(np.prod(dims))} values for shape {dims}, found {body.size}")
+    return body.reshape(dims)
+
+
+def _find_idx(dirs: list[Path], stem: str) -> Path | None:
+    for d in dirs:
+        for name in (stem, stem + ".gz"):
+            if (d / name).is_file():
+                return d / name
+    return None
+
+
+def _load_idx_dataset(
+    name: str, tv_class: str, subdirs: list[str], root: Path | None, download: bool, system_root: Path | None
+) -> tuple[ImageData, ImageData]:
+    roots = [root] if root is not None else []
+    if system_root is not None:
+        roots.append(system_root)
+    dirs = [r / s for r in roots for s in ["", *subdirs]]
+    if _find_idx(dirs, _IDX_FILES["train"][0]) is None and download and root is not None:
+        import torchvision.datasets as tvd
+
+        getattr(tvd, tv_class)(str(root), train=True, download=True)
+        getattr(tvd, tv_class)(str(root), train=False, download=True)
+    portions = []
+    for part in ("train", "test"):
+        img_stem, lbl_stem = _IDX_FILES[part]
+        img, lbl = _find_idx(dirs, img_stem), _find_idx(dirs, lbl_stem)
+        if img is None or lbl is None:
+            looked = ", ".join(str(d) for d in dirs) or "(no data root given)"
+            raise DataError(
+                f"dataset {name!r}: IDX files {img_stem}[.gz] and {lbl_stem}[.gz] not found; looked in: "
+                f"{looked}. Set data.root to a folder holding them"
+                + (" (or install Debian's dataset-fashion-mnist)" if name == "fashion_mnist" else "")
+                + ", or set data.download: true where the network allows."
+            )
+        x = torch.from_numpy(read_idx(img).copy()).unsqueeze(1)  # uint8 (N, 1, 28, 28)
+        y = torch.from_numpy(read_idx(lbl).astype(np.int64))
+        if x.shape[0] != y.shape[0]:
+            raise DataError(f"{img} has {x.shape[0]} images but {lbl} has {y.shape[0]} labels")
+        portions.append(ImageData(x, y))
+    return portions[0], portions[1]
+
+
+@register_dataset(DatasetInfo("mnist", (1, 28, 28), 10, (0.1307,), (0.3081,), crop_padding=2, horizontal_flip=False))
+def _load_mnist(root: Path | None, download: bool) -> tuple[ImageData, ImageData]:
+    return _load_idx_dataset("mnist", "MNIST", ["mnist", "MNIST/raw"], root, download, None)
+
+
+@register_dataset(
+    DatasetInfo("fashion_mnist", (1, 28, 28), 10, (0.2860,), (0.3530,), crop_padding=2, horizontal_flip=False)
+)
+def _load_fashion_mnist(root: Path | None, download: bool) -> tuple[ImageData, ImageData]:
+    return _load_idx_dataset(
+        "fashion_mnist",
+        "FashionMNIST",
+        ["fashion-mnist", "FashionMNIST/raw"],
+        root,
+        download,
+        FASHION_MNIST_SYSTEM_ROOT,
+    )
