@@ -47,9 +47,9 @@ from pydantic import (
 
 from bdx_study._config import StrictModel
 from bdx_study._registry import Registry
-from bdx_study.archs import ARCHITECTURES
+from bdx_study.archs import ARCHITECTURES, check_input_shape
 from bdx_study.attacks import ATTACKS
-from bdx_study.data import DATASETS
+from bdx_study.data import DATASETS, dataset_info
 from bdx_study.detectors import DETECTORS, DetectorParams
 from bdx_study.metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER, min_calibration
 from bdx_study.protocol import ProtocolConfig
@@ -598,10 +598,18 @@ def parse_space(raw: Any, source: str = "<study>") -> StudySpec:
         raise SpaceError(_validation_message(source, e)) from None
     _check_values(spec, source)
     try:
-        for v in spec.victim_configs():
-            v.build_attack()
+        victims = spec.victim_configs()
     except (ValueError, ValidationError) as e:
         raise SpaceError(f"{source}: victims.attacks: {e}") from None
+    for v in victims:
+        try:
+            v.build_attack()
+        except (ValueError, ValidationError) as e:
+            raise SpaceError(f"{source}: victims.attacks: {e}") from None
+        try:
+            check_input_shape(v.architecture, dataset_info(v.dataset).input_shape)
+        except ValueError as e:
+            raise SpaceError(f"{source}: victims.architectures: {e} (dataset {v.dataset!r})") from None
     return spec
 
 

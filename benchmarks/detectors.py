@@ -22,6 +22,7 @@ relative to one bare forward pass of the model), with the command and the machin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing
 import os
 import platform
@@ -34,23 +35,30 @@ import pandas as pd
 
 PAPER = "badexpert (paper)"
 ROBUST = "badexpert (robust, LOAO)"
+WAIT_FOR_VICTIMS = float(os.environ.get("BDX_WAIT_FOR_VICTIMS", "0"))  # seconds to wait for a launch still training
 
 
-def _victim_rows(args: tuple[str, str, list[str]]) -> list[dict[str, Any]]:
+def _victim_rows(args: tuple[str, str, list[str], str, int]) -> list[dict[str, Any]]:
     """Every family on one victim (a worker process)."""
     import torch
 
     from bdx_study.detectors import create_detector
+    from bdx_study.protocol import scoring_parts
     from bdx_study.space import load_space
     from bdx_study.stages import StageStore, run_detector
     from bdx_study.training import predict_proba
     from bdx_study.victims import VictimCache
 
-    space, key, families = args
+    space, key, families, stages, selection_inputs = args
     torch.set_num_threads(1)
     spec = load_space(space)
     victim = next(v for v in spec.victim_configs() if v.key == key)
-    record = VictimCache(spec.storage_root() / "victims").load(victim)
+    cache = VictimCache(spec.storage_root() / "victims")
+    record = cache.load(victim)
+    deadline = time.monotonic() + WAIT_FOR_VICTIMS
+    while record is None and time.monotonic() < deadline:  # a launch still training it
+        time.sleep(15)
+        record = cache.load(victim)
     if record is None:
         raise SystemExit(f"victim {victim.name} is not in the cache: run `bdx-study launch --space {space}` first")
     cpu = torch.device("cpu")
@@ -60,7 +68,24 @@ def _victim_rows(args: tuple[str, str, list[str]]) -> list[dict[str, Any]]:
     _, _, protocol = spec.trial_config({"detector": "badexpert"})
     x = splits.evaluation.x
     bare = min(_timed(lambda: predict_proba(model, x, device=cpu)) for _ in range(3)) / max(1, len(x))
-    store = StageStore(spec.storage_root() / "stages")
+    # Only the evaluation split is reported: the selection split is cut to its first inputs (it
+    # feeds BaDExpert's probe and selection metrics nobody reads here). The benchmark's own
+    # stage store, and a layout naming the cut, keep these outputs apart from the study's.
+    parts = [
+        dataclasses.replace(
+            p,
+            x=p.x[:selection_inputs],
+            label=p.label[:selection_inputs],
+            attack_label=p.attack_label[:selection_inputs],
+            sample_index=p.sample_index[:selection_inputs],
+        )
+        if p.split == "selection"
+        else p
+        for p in scoring_parts(splits, attack, protocol)
+    ]
+    layout = {**victim.data.layout(), "benchmark_selection_inputs": selection_inputs}
+    store = StageStore(Path(stages))
+    print(f"{victim.attack.name}: scoring {len(families)} families", flush=True)
     rows = []
     for name in families:
         t = time.perf_counter()
@@ -72,8 +97,9 @@ def _victim_rows(args: tuple[str, str, list[str]]) -> list[dict[str, Any]]:
             model=model,
             splits=splits,
             attack=attack,
-            layout=victim.data.layout(),
+            layout=layout,
             device=cpu,
+            parts=parts,
         )
         rows.append(
             {
@@ -122,6 +148,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("docs/detectors.md"))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--families", nargs="*", default=None, help="default: every registered family")
+    ap.add_argument("--stages", default="bdx_runs/bench-detectors/stages", help="the benchmark's stage cache")
+    ap.add_argument(
+        "--selection-inputs", type=int, default=100, help="selection-split inputs scored per part (not reported)"
+    )
     args = ap.parse_args()
 
     from bdx_study.detectors import DETECTORS
@@ -132,7 +162,7 @@ def main() -> int:
     t0 = time.perf_counter()
     # The families need only the study's victims (fits and outputs land in the study's stage
     # cache, so a rerun rescores nothing); BaDExpert's LOAO column needs its finished trials.
-    jobs = [(args.space, v.key, families) for v in spec.victim_configs()]
+    jobs = [(args.space, v.key, families, args.stages, args.selection_inputs) for v in spec.victim_configs()]
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         rows = [r for part in pool.imap_unordered(_victim_rows, jobs) for r in part]
     seconds = time.perf_counter() - t0
@@ -183,7 +213,9 @@ def write_report(table: pd.DataFrame, spec: Any, args: argparse.Namespace, secon
         f"|D_c| = {protocol.clean_set_size} reserved clean images "
         f"({protocol.clean_set_size - protocol.calibration_images} to fit on, {protocol.calibration_images} to "
         f"calibrate on), a {protocol.threshold_rule} threshold at a {protocol.target_fpr:.0%} target FPR; every "
-        "figure on each victim's evaluation split, never seen by any fit, threshold or search. Baselines run at "
+        "figure on each victim's evaluation split, never seen by any fit, threshold or search (the selection split, "
+        "which no figure here uses, is cut to its first "
+        f"{args.selection_inputs} inputs per part). Baselines run at "
         "their published defaults (`bdx-study list`); BaDExpert at the paper's CIFAR-10 values and at the study's "
         "robust defaults picked leave-one-attack-out (LOAO: the column's attack was not among the victims the "
         "pick was made on; under TPE the candidates were still proposed by a search that saw every victim).",

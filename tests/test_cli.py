@@ -14,10 +14,10 @@ import yaml
 from .conftest import tiny_study
 
 
-def run_cli(*args: str, cwd: Path) -> tuple[int, str, float]:
+def run_cli(*args: str, cwd: Path, timeout: float = 120) -> tuple[int, str, float]:
     t = time.perf_counter()
     p = subprocess.run(
-        [sys.executable, "-m", "bdx_study.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "bdx_study.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
     return p.returncode, p.stdout + p.stderr, time.perf_counter() - t
 
@@ -51,6 +51,35 @@ BAD_CASES = {
     ),
     "fpr_range": ({"protocol": {"target_fpr": 1.5}}, ["protocol.target_fpr", "1.5"]),
     "clean_set_too_big": ({"protocol": {"clean_set_size": 5000}}, ["clean_set_size", "5000", "reserve_size"]),
+    # the victim zoo's bad input: each named before any work starts
+    "unknown_attack_param": (
+        {"victims__attacks": [{"name": "badnet", "patch": 4}]},
+        ["victims.attacks", "patch"],
+    ),
+    "trigger_larger_than_image": (
+        {"victims__attacks": [{"name": "badnet", "patch_size": 20}]},
+        ["victims.attacks", "patch_size 20", "16x16"],
+    ),
+    "target_not_a_class": (
+        {"victims__attacks": [{"name": "badnet", "target": 10}]},
+        ["victims.attacks", "target 10", "num_classes 10"],
+    ),
+    "clean_label_target_too_small": (
+        {"victims__attacks": [{"name": "sig", "poison_rate": 0.5}]},
+        ["victims.attacks", "sig", "poison_rate 0.5", "target class 0"],
+    ),
+    "architecture_shape": (
+        {"victims__architectures": ["vgg16_bn"]},
+        ["victims.architectures", "vgg16_bn", "1x16x16", "3x32x32"],
+    ),
+    "gtsrb_root_missing": (
+        {"victims__datasets": ["gtsrb"], "data__root": "nowhere"},
+        ["dataset 'gtsrb'", "nowhere", "GTSRB/Training"],
+    ),
+    "image_folder_root_missing": (
+        {"victims__datasets": ["imagenette"], "data__root": "nowhere"},
+        ["dataset 'imagenette'", "nowhere", "train/"],
+    ),
 }
 
 
