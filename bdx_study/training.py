@@ -1,11 +1,19 @@
 """Minimal training and inference loops over in-memory data (CPU or one GPU). Images are
 converted to float one batch at a time (``ImageData.images``), so uint8 datasets never get a
-float copy."""
+float copy.
+
+The data path of :func:`fit`: the training set's storage (uint8, or float32 where it is stored
+so) is moved to the training device once per call; every batch is then indexed, converted and
+augmented there. The random draws (the epoch's permutation, the augmentation's offsets and
+flips) still come from the caller's CPU generator ``gen``, in the same order as on the CPU, so
+a CPU run is unchanged bit for bit and a GPU run differs from it only by floating-point
+arithmetic."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
@@ -16,9 +24,37 @@ if TYPE_CHECKING:  # the attack contract imports this module's loop at run time
     from bdx_study.attacks import TrainingHook
 
 
+Precision = Literal["fp32", "bf16"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")
+
+
 def pick_device(prefer_gpu: bool = True) -> torch.device:
     """CUDA when it is visible to this process (Ray sets CUDA_VISIBLE_DEVICES for GPU trials), else CPU."""
     return torch.device("cuda" if prefer_gpu and torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def training_layout(model: nn.Module, channels_last: bool) -> Iterator[None]:
+    """Hold ``model``'s 4-d weights in channels_last memory format for the block (when asked),
+    and give them back their usual layout afterwards (saved states stay contiguous)."""
+    if not channels_last:
+        yield
+        return
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+
+
+def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager[object]:
+    """bf16 autocast on ``device`` for ``precision`` "bf16" (weights, gradients and the optimizer
+    stay float32); nothing for "fp32"."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
 
 
 def fit(
@@ -35,46 +71,62 @@ def fit(
     max_steps: int | None = None,
     device: torch.device = torch.device("cpu"),
     hook: TrainingHook | None = None,
+    precision: Precision = "fp32",
+    channels_last: bool = False,
 ) -> int:
     """Cross-entropy training in train() mode; ``scheduler`` steps once per epoch; training ends
     after ``epochs``, after ``max_steps`` optimizer steps, or once ``stop()`` (asked after every
     step) returns True. Returns the number of steps taken.
 
-    ``hook`` (attacks that control training) sees every batch before augmentation and may
-    replace it and add a loss term; see :class:`bdx_study.attacks.TrainingHook`."""
+    ``data`` is copied to ``device`` once (its storage dtype kept) and batches are gathered and
+    augmented there; the permutation and augmentation draws come from the CPU generator ``gen``.
+    ``precision`` "bf16" runs the forward pass and the loss under bf16 autocast;
+    ``channels_last`` holds weights and batches in channels_last layout while training (both
+    change the arithmetic, not the recipe).
+
+    ``hook`` (attacks that control training) sees every batch before augmentation (float, on
+    ``device``; ``idx`` its rows' CPU indices into ``data``) and may replace it and add a loss
+    term; see :class:`bdx_study.attacks.TrainingHook`."""
     loss_fn = nn.CrossEntropyLoss()
     steps = 0
     n = len(data)
+    resident = ImageData(data.pixels.to(device), data.y.to(device))  # once per call; no copy on the CPU
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     if hook is not None:
         hook.start(model, optimizer, device)
     try:
-        for epoch in range(epochs):
-            if hook is not None:
-                hook.start_epoch(model, epoch, epochs)
-            model.train()
-            perm = torch.randperm(n, generator=gen)
-            for start in range(0, n, batch_size):
-                idx = perm[start : start + batch_size]
-                x = data.images(idx).to(device, non_blocking=True)
-                y = data.y[idx].to(device, non_blocking=True)
-                extra = None
+        with training_layout(model, channels_last):
+            for epoch in range(epochs):
                 if hook is not None:
-                    x, y, extra, _, _ = hook.batch(x, y, idx, gen)
-                if augment is not None:
-                    x = augment_batch(x, augment, gen)
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x), y)
-                if extra is not None:
-                    loss = loss + extra
-                loss.backward()
-                optimizer.step()
-                if hook is not None:
-                    hook.after_step()
-                steps += 1
-                if (max_steps is not None and steps >= max_steps) or (stop is not None and stop()):
-                    return steps
-            if scheduler is not None:
-                scheduler.step()
+                    hook.start_epoch(model, epoch, epochs)
+                model.train()
+                perm = torch.randperm(n, generator=gen)
+                perm_dev = perm.to(device, non_blocking=True)
+                for start in range(0, n, batch_size):
+                    idx = perm[start : start + batch_size]
+                    idx_dev = perm_dev[start : start + batch_size]
+                    x = resident.images(idx_dev)
+                    y = resident.y[idx_dev]
+                    extra = None
+                    if hook is not None:
+                        x, y, extra, _, _ = hook.batch(x, y, idx, gen)
+                    if augment is not None:
+                        x = augment_batch(x, augment, gen)
+                    x = x.contiguous(memory_format=layout)
+                    optimizer.zero_grad(set_to_none=True)
+                    with autocast(device, precision):
+                        loss = loss_fn(model(x), y)
+                    if extra is not None:
+                        loss = loss + extra
+                    loss.backward()
+                    optimizer.step()
+                    if hook is not None:
+                        hook.after_step()
+                    steps += 1
+                    if (max_steps is not None and steps >= max_steps) or (stop is not None and stop()):
+                        return steps
+                if scheduler is not None:
+                    scheduler.step()
     finally:
         if hook is not None:
             hook.finish()

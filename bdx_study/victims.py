@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -30,7 +30,7 @@ from bdx_study._io import sha256_file
 from bdx_study.archs import ARCHITECTURES, Classifier, check_input_shape, create_model
 from bdx_study.attacks import ATTACKS, ArtifactStore, Attack, AttackContext, create_attack
 from bdx_study.data import DATASETS, ImageData, Splits, dataset_info, load_splits, load_test_portion
-from bdx_study.training import accuracy, fit, pick_device, predict_data
+from bdx_study.training import Precision, accuracy, fit, pick_device, predict_data
 
 ARTIFACTS_DIR = "attack-artifacts"  # under the victim cache: what attacks train once per dataset
 
@@ -87,6 +87,24 @@ class TrainingConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
     milestones: tuple[int, ...] = Field((), description="epochs at which lr is multiplied by 0.1")
     augment: bool = Field(True, description="random crop (and flip on CIFAR) while training")
+    # How the arithmetic runs, not what is trained: two knobs, not one combined value, because they
+    # are independent (channels_last also speeds fp32 convolutions on tensor cores; bf16 helps
+    # layouts either way) and each can be measured alone. Both change the trained weights, so a
+    # non-default value is part of the victim key; the defaults are left out of it (IDENTITY_IF_SET),
+    # which keeps every key computed before these fields existed.
+    precision: Precision = Field("fp32", description="fp32, or bf16: forward pass and loss under bf16 autocast")
+    channels_last: bool = Field(False, description="weights and batches in channels_last layout while training")
+
+    IDENTITY_IF_SET: ClassVar[tuple[str, ...]] = ("precision", "channels_last")  # keyed only when not default
+
+    def identity(self) -> dict[str, Any]:
+        """The recipe as the victim key hashes it: every field, less the IDENTITY_IF_SET ones
+        left at their defaults (so keys made before those fields existed stay valid)."""
+        d = self.model_dump(mode="json")
+        for name in self.IDENTITY_IF_SET:
+            if getattr(self, name) == type(self).model_fields[name].default:
+                del d[name]
+        return d
 
 
 class AttackSpec(StrictModel):
@@ -127,6 +145,7 @@ class VictimConfig(StrictModel):
         divided) and the attack's resolved parameters (its defaults depend on the input size)."""
         d = self.model_dump(mode="json", exclude={"data"})
         d["data"] = self.data.identity()
+        d["training"] = self.training.identity()
         d["attack"] = {"name": self.attack.name, "resolved": self.build_attack().identity()}
         return d
 
@@ -241,6 +260,8 @@ def train_victim(
         scheduler=sched,
         device=device,
         hook=attack.training_hook(),
+        precision=t.precision,
+        channels_last=t.channels_last,
     )
     model.eval()
     test = config.data.test_portion(config.dataset)

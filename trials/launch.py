@@ -33,7 +33,7 @@ from bdx_study._io import write_text_atomic
 from bdx_study.preflight import preflight
 from bdx_study.space import SpaceError, StudySpec
 from bdx_study.tables import StudyTables
-from bdx_study.victims import VictimCache
+from bdx_study.victims import VictimCache, VictimConfig
 
 from .cluster import init_ray, stop_orphans
 from .context import StudyContext
@@ -535,17 +535,26 @@ def launch(
     )
 
 
-def _log_victims(tracker: Any, records: list[Any]) -> None:
+def victim_run_fields(config: VictimConfig) -> tuple[dict[str, Any], dict[str, str]]:
+    """(params, tags) of a victim's MLflow run: its identity columns, attack and training recipe
+    (``training.precision`` and ``training.channels_last`` included), and the arithmetic it was
+    trained with as tags (``bdx.precision``, ``bdx.channels_last``) to filter runs by."""
     from bdx_study.schema import victim_columns
 
+    t = config.training
+    params = {
+        **victim_columns(config),
+        **{f"attack.{k}": v for k, v in config.attack.params.items() if k != "poison_rate"},
+        **{f"training.{k}": v for k, v in t.model_dump().items() if k != "epochs"},
+    }
+    return params, {"bdx.precision": t.precision, "bdx.channels_last": str(t.channels_last).lower()}
+
+
+def _log_victims(tracker: Any, records: list[Any]) -> None:
     for rec, trained in records:
         try:
-            params = {
-                **victim_columns(rec.config),
-                **{f"attack.{k}": v for k, v in rec.config.attack.params.items() if k != "poison_rate"},
-                **{f"training.{k}": v for k, v in rec.config.training.model_dump().items() if k != "epochs"},
-            }
-            run_id, created = tracker.child_run("victim", rec.config.key, f"victim-{rec.config.name}", params)
+            params, tags = victim_run_fields(rec.config)
+            run_id, created = tracker.child_run("victim", rec.config.key, f"victim-{rec.config.name}", params, tags)
             if created:
                 tracker.log_metrics(
                     run_id,

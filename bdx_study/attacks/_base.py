@@ -94,7 +94,8 @@ class TrainingHook(ABC):
     ``training.fit`` calls ``start`` once before the first step (with the classifier's optimizer,
     whose schedule the attack's own optimizers may follow), ``start_epoch`` before every
     epoch, ``batch`` on every mini-batch (float [0, 1] on the training device, before the
-    trainer's augmentation; ``idx`` are the batch's training-set indices), ``after_step`` after
+    trainer's augmentation; ``idx`` are the batch's training-set indices, a CPU tensor even when
+    training runs on a GPU), ``after_step`` after
     every optimizer step, and ``finish`` once at the end. Randomness comes from ``gen`` (a CPU
     generator), so training stays reproducible under its seed.
     """

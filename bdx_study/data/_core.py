@@ -243,19 +243,22 @@ def defender_split(reserve: ImageData, clean_set_size: int, calibration_fraction
 
 def augment_batch(x: Tensor, info: DatasetInfo, gen: torch.Generator) -> Tensor:
     """Training augmentation of a float batch in pixel space: random crop with zero padding,
-    optional horizontal flip."""
+    optional horizontal flip. The random offsets and flips are drawn from the CPU generator
+    ``gen`` (the same draws whatever the batch's device); the cropping and flipping run on the
+    batch's device."""
     n, c, h, w = x.shape
     p = info.crop_padding
+    dev = x.device
     if p > 0:
         xp = F.pad(x, (p, p, p, p))
-        dy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
-        dx = torch.randint(0, 2 * p + 1, (n,), generator=gen)
-        rows = (dy[:, None] + torch.arange(h)[None, :]).to(x.device)
-        cols = (dx[:, None] + torch.arange(w)[None, :]).to(x.device)
-        n_idx = torch.arange(n, device=x.device)[:, None, None, None]
-        c_idx = torch.arange(c, device=x.device)[None, :, None, None]
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=gen).to(dev, non_blocking=True)
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=gen).to(dev, non_blocking=True)
+        rows = dy[:, None] + torch.arange(h, device=dev)[None, :]
+        cols = dx[:, None] + torch.arange(w, device=dev)[None, :]
+        n_idx = torch.arange(n, device=dev)[:, None, None, None]
+        c_idx = torch.arange(c, device=dev)[None, :, None, None]
         x = xp[n_idx, c_idx, rows[:, None, :, None], cols[:, None, None, :]]
     if info.horizontal_flip:
-        flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+        flip = (torch.rand(n, generator=gen) < 0.5).to(dev, non_blocking=True)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     return x

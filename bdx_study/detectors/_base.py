@@ -44,12 +44,18 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 FIT_KEY = "fit"  # json_schema_extra key: the components a parameter changes
+KEYED_IF_SET = "keyed_if_set"  # json_schema_extra key: the stage key leaves the default out
 
 
-def fit_param(components: str | tuple[str, ...], default: Any, **kwargs: Any) -> Any:
-    """A parameter that changes the fitted state or the outputs of ``components``."""
+def fit_param(components: str | tuple[str, ...], default: Any, *, keyed_if_set: bool = False, **kwargs: Any) -> Any:
+    """A parameter that changes the fitted state or the outputs of ``components``.
+
+    ``keyed_if_set``: the parameter joins the components' stage key only when it is not at its
+    default. For parameters added after stage keys were in use (e.g. ``precision``): the default
+    reproduces the old behaviour, so the stages cached before the parameter existed stay valid."""
     names = (components,) if isinstance(components, str) else tuple(components)
-    return Field(default, json_schema_extra={FIT_KEY: list(names)}, **kwargs)
+    extra: dict[str, Any] = {FIT_KEY: list(names), **({KEYED_IF_SET: True} if keyed_if_set else {})}
+    return Field(default, json_schema_extra=extra, **kwargs)
 
 
 class DetectorParams(RowModel):
@@ -68,9 +74,17 @@ class DetectorParams(RowModel):
         return out
 
     def component_params(self, component: str) -> dict[str, Any]:
-        """JSON-ready values of :meth:`component_fields` (what keys a cached component)."""
+        """JSON-ready values of :meth:`component_fields` (what keys a cached component), less the
+        ``keyed_if_set`` ones left at their defaults."""
         dumped = self.model_dump(mode="json")
-        return {k: dumped[k] for k in self.component_fields(component)}
+        out = {}
+        for k in self.component_fields(component):
+            f = type(self).model_fields[k]
+            extra = f.json_schema_extra
+            if isinstance(extra, dict) and extra.get(KEYED_IF_SET) and getattr(self, k) == f.default:
+                continue
+            out[k] = dumped[k]
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)

@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from bdx_study.data import DatasetInfo, ImageData
-from bdx_study.training import fit, predict_proba
+from bdx_study.training import Precision, fit, predict_proba
 
 from . import register_detector
 from ._base import DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
@@ -87,6 +87,21 @@ class BaDExpertParams(DetectorParams):
     aux_weight_decay: float = fit_param(AUX, 1e-4, ge=0, le=1, description="weight decay of the auxiliary SGD")
     augment: bool = fit_param(
         (EXPERT, AUX), True, description="training augmentation while finetuning B and M' (paper: on)"
+    )
+    # How the finetuning arithmetic of B and the auxiliary model runs (see TrainingConfig: two independent knobs).
+    # Both change the fitted weights, so they key both components' stages, but only when set:
+    # stages cached before these parameters existed were fitted in fp32, contiguous layout.
+    precision: Precision = fit_param(
+        (EXPERT, AUX),
+        "fp32",
+        keyed_if_set=True,
+        description="finetuning of B and M': fp32, or bf16 (forward pass and loss under bf16 autocast)",
+    )
+    channels_last: bool = fit_param(
+        (EXPERT, AUX),
+        False,
+        keyed_if_set=True,
+        description="finetuning of B and M': weights and batches in channels_last layout",
     )
     score_kind: ScoreKind = Field("ensemble", description="which score flags inputs (paper: ensemble)")
     ensemble_alpha: float = Field(2.0, gt=0, le=1e6, description="ensemble weight alpha (paper: 2 for ResNet-18)")
@@ -204,6 +219,8 @@ def finetune_expert(
         scheduler=sched,
         stop=after_step,
         device=device,
+        precision=p.precision,
+        channels_last=p.channels_last,
     )
     if curve["step"] and curve["step"][-1] != steps:
         record(steps)
@@ -286,6 +303,8 @@ def finetune_auxiliary(
         augment=augment,
         scheduler=sched,
         device=device,
+        precision=p.precision,
+        channels_last=p.channels_last,
     )
     return aux.eval()
 
