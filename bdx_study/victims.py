@@ -102,8 +102,11 @@ class TrainingConfig(StrictModel):
         left at their defaults (so keys made before those fields existed stay valid)."""
         d = self.model_dump(mode="json")
         for name in self.IDENTITY_IF_SET:
-            if getattr(self, name) == type(self).model_fields[name].default:
-                del d[name]
+            default = type(self).model_fields[name].default
+            # getattr's default: a config pickled by a version without the field (a driver
+            # started before an upgrade, its workers after) is at the default
+            if getattr(self, name, default) == default:
+                d.pop(name, None)
         return d
 
 
