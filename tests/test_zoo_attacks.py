@@ -275,6 +275,33 @@ def test_dynamic_triggers_differ_per_input_and_masks_are_sparse() -> None:
     assert density < 0.3  # pulled towards mask_density (0.032) by the norm loss
 
 
+def test_dynamic_trains_on_the_trigger_it_tests_with() -> None:
+    """The hook's poisoned images are exactly apply_trigger's (same G, M, sigmoid, threshold), and
+    its cross samples carry another image's pattern and mask; a mask generator trained only a
+    few steps leaves M's raw outputs far from saturated, so a hook that skips M's sigmoid shows."""
+    from bdx_study.attacks.dynamic import threshold
+
+    data = make_data((1, 16, 16))
+    a = make_attack("dynamic", (1, 16, 16), mask_steps=3, width=4)
+    a.prepare(data)
+    hook = a.training_hook()
+    model = torch.nn.Linear(1, 1)
+    hook.start(model, torch.optim.Adam(model.parameters(), lr=1e-3), torch.device("cpu"))
+    x, y = data.x[:64], data.y[:64]
+    out = hook.batch(x, y, torch.arange(64), torch.Generator().manual_seed(0))
+    n_bd, n_cross = out.n_poison, out.n_cover
+    assert n_bd > 0 and n_cross > 0
+    assert bool((out.y[:n_bd] == a.target).all()) and torch.equal(out.y[n_bd:], y[n_bd:])
+    assert torch.allclose(out.x[:n_bd].detach(), a.apply_trigger(x[:n_bd]), atol=1e-5)
+    assert torch.equal(out.x[n_bd + n_cross :], x[n_bd + n_cross :])
+    other = x[torch.randperm(64, generator=torch.Generator().manual_seed(0))][:n_cross]
+    with torch.no_grad():
+        cross = x[n_bd : n_bd + n_cross]
+        expected = cross + (a.pattern(other) - cross) * threshold(a.mask(other))  # type: ignore[attr-defined]
+    assert torch.allclose(out.x[n_bd : n_bd + n_cross].detach(), expected, atol=1e-5)
+    hook.finish()
+
+
 def test_trojannn_trigger_fires_the_selected_neurons() -> None:
     from bdx_study.archs import create_model, penultimate_layer
     from bdx_study.attacks.trojannn import select_neurons

@@ -79,7 +79,8 @@ class _DynamicHook(TrainingHook):
             return HookBatch(x, y)
         other = x[torch.randperm(len(x), generator=gen).to(x.device)]
         with torch.no_grad():
-            masks = threshold(a.mask_gen(torch.cat([x[:n_bd], other[:n_cross]])))
+            # threshold(M(x)) with M's sigmoid, exactly as apply_trigger: the trigger trained is the one tested
+            masks = threshold(a.mask(torch.cat([x[:n_bd], other[:n_cross]])))
         patterns = a.pattern(torch.cat([x[:n_bd], other[: max(n_bd, n_cross)]]))
         p_bd, p_other = patterns[:n_bd], patterns[n_bd:]  # G(own image), G(other images)
         x_bd = x[:n_bd] + (p_bd - x[:n_bd]) * masks[:n_bd]
