@@ -2,6 +2,7 @@
 
     python benchmarks/self_calibrating.py [--workdir DIR] [--out docs/self_calibrating_expert.md]
                                           [--settings digits:small_cnn fashion_mnist:small_cnn ...]
+                                          [--attacks badnet blend ...] [--space search_spaces/zoo.yaml]
 
 For every victim (dataset x architecture x attack, seed 0; victims are trained once and cached in
 the work folder), BaDExpert is fitted with four ways of setting the backdoor expert's unlearning,
@@ -14,6 +15,9 @@ everything else equal (the paper's auxiliary model and ensemble, a conformal thr
   split: an optimistic upper bound no single recipe can match;
 - ``self-calibrating``: ``unlearn_lr_mode: calibrated``, one recipe for all victims: the
   smallest lr whose expert falls to 2 / classes held-out clean accuracy.
+
+``--space`` adds every backdoored victim of a study (its launch trained them), scored under the
+study's protocol at a 5% target FPR: with the zoo study, every attack on Fashion-MNIST.
 
 Every figure is on the victim's evaluation split (the selection split only chooses ``tuned``'s
 lr). Writes a Markdown report with the command, the machine and the figures.
@@ -59,6 +63,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("docs/self_calibrating_expert.md"))
     ap.add_argument("--settings", nargs="*", default=["digits:small_cnn", "fashion_mnist:small_cnn"])
     ap.add_argument("--attacks", nargs="*", default=list(ATTACKS), choices=list(ATTACKS))
+    ap.add_argument(
+        "--space", default=None, help="also every backdoored victim of this study (e.g. search_spaces/zoo.yaml)"
+    )
     args = ap.parse_args()
 
     import torch
@@ -75,74 +82,89 @@ def main() -> int:
     store = StageStore(args.workdir / "stages")
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
+
+    def score(v: VictimConfig, record: Any, protocol: ProtocolConfig, trained: bool) -> None:
+        """Every method on one victim; rows for the report."""
+        print(
+            f"[{time.perf_counter() - t0:5.0f} s] victim {v.name}: clean acc {record.clean_acc:.3f}, "
+            f"ASR {record.attack_success:.3f}{' (trained now)' if trained else ''}",
+            flush=True,
+        )
+        model, attack, splits = record.load_model(cpu), record.load_attack(), v.data.splits(v.dataset)
+
+        def evaluate(params: dict[str, Any]) -> Any:
+            return run_detector(
+                store,
+                create_detector("badexpert", params),
+                protocol,
+                victim_key=v.key,
+                model=model,
+                splits=splits,
+                attack=attack,
+                layout=v.data.layout(),
+                device=cpu,
+            )
+
+        params = methods(dataset_info(v.dataset).num_classes)
+        results = {name: evaluate(p) for name, p in params.items()}
+        grid = {lr: evaluate({"unlearn_lr": lr, "unlearn_epochs": 2, "unlearn_batch_size": 32}) for lr in TUNED_GRID}
+        best = max(grid, key=lambda lr: grid[lr].evaluation.selection_metrics["auroc_correct_only"])
+        results["tuned"], params["tuned"] = grid[best], {"unlearn_lr": best}
+        for name, run in results.items():
+            m = run.evaluation.metrics
+            meta = run.fitted["expert"].meta
+            rows.append(
+                {
+                    "victim": v.name,
+                    "dataset": v.dataset,
+                    "architecture": v.architecture,
+                    "attack": v.attack.name,
+                    "method": name,
+                    "lr": meta.get("calibrated_lr", params[name].get("unlearn_lr")),
+                    "auroc": m["auroc_correct_only"],
+                    "tpr": m["tpr_at_threshold_correct_only"],
+                    "fpr": m["fpr_at_threshold_correct_only"],
+                    "expert_clean": m["expert_clean_acc"],
+                    "expert_asr": m["expert_attack_success"],
+                    "victim_acc": record.clean_acc,
+                    "victim_asr": record.attack_success,
+                }
+            )
+            print(
+                f"   {name:17s} lr {rows[-1]['lr']:.3g}  AUROC {m['auroc_correct_only']:.3f}  "
+                f"TPR@thr {m['tpr_at_threshold_correct_only']:.3f}  FPR {m['fpr_at_threshold_correct_only']:.3f}",
+                flush=True,
+            )
+
     for setting in args.settings:
         dataset, arch = setting.split(":")
         reserve, clean, cal, training, train_size = SETTINGS[dataset]
-        info = dataset_info(dataset)
         data = DataConfig(reserve_size=reserve, train_size=train_size)
         protocol = ProtocolConfig(clean_set_size=clean, calibration_fraction=cal, target_fpr=0.05)
-        splits = data.splits(dataset)
-        for attack in args.attacks:
+        for attack_name in args.attacks:
             v = VictimConfig(
                 dataset=dataset,
                 architecture=arch,
-                attack=AttackSpec(name=attack, params=ATTACKS[attack]),
+                attack=AttackSpec(name=attack_name, params=ATTACKS[attack_name]),
                 training=TrainingConfig(**training),
                 data=data,
             )
             record, trained = cache.get_or_train(v, device=cpu)
-            print(
-                f"[{time.perf_counter() - t0:5.0f} s] victim {v.name}: clean acc {record.clean_acc:.3f}, "
-                f"ASR {record.attack_success:.3f}{' (trained now)' if trained else ''}",
-                flush=True,
-            )
-            model = record.load_model(cpu)
-            attack = record.load_attack()
+            score(v, record, protocol, trained)
+    if args.space is not None:  # every backdoored victim of a study (trained by its launch)
+        from bdx_study.space import load_space
 
-            def evaluate(params: dict[str, Any], v: VictimConfig = v, model: Any = model, attack: Any = attack) -> Any:
-                return run_detector(
-                    store,
-                    create_detector("badexpert", params),
-                    protocol,  # noqa: B023 - used within this iteration only
-                    victim_key=v.key,
-                    model=model,
-                    splits=splits,  # noqa: B023
-                    attack=attack,
-                    layout=data.layout(),  # noqa: B023
-                    device=cpu,
-                )
-
-            params = methods(info.num_classes)
-            results = {name: evaluate(p) for name, p in params.items()}
-            grid = {
-                lr: evaluate({"unlearn_lr": lr, "unlearn_epochs": 2, "unlearn_batch_size": 32}) for lr in TUNED_GRID
-            }
-            best = max(grid, key=lambda lr: grid[lr].evaluation.selection_metrics["auroc_correct_only"])
-            results["tuned"], params["tuned"] = grid[best], {"unlearn_lr": best}
-            for name, run in results.items():
-                m = run.evaluation.metrics
-                meta = run.fitted["expert"].meta
-                rows.append(
-                    {
-                        "dataset": dataset,
-                        "architecture": arch,
-                        "attack": attack,
-                        "method": name,
-                        "lr": meta.get("calibrated_lr", params[name].get("unlearn_lr")),
-                        "auroc": m["auroc_correct_only"],
-                        "tpr": m["tpr_at_threshold_correct_only"],
-                        "fpr": m["fpr_at_threshold_correct_only"],
-                        "expert_clean": m["expert_clean_acc"],
-                        "expert_asr": m["expert_attack_success"],
-                        "victim_acc": record.clean_acc,
-                        "victim_asr": record.attack_success,
-                    }
-                )
-                print(
-                    f"   {name:17s} lr {rows[-1]['lr']:.3g}  AUROC {m['auroc_correct_only']:.3f}  "
-                    f"TPR@thr {m['tpr_at_threshold_correct_only']:.3f}  FPR {m['fpr_at_threshold_correct_only']:.3f}",
-                    flush=True,
-                )
+        spec = load_space(args.space)
+        _, _, study_protocol = spec.trial_config({"detector": "badexpert"})
+        protocol = study_protocol.model_copy(update={"target_fpr": 0.05})
+        study_cache = VictimCache(spec.storage_root() / "victims")
+        for v in spec.victim_configs():
+            if v.attack.name == "none":
+                continue
+            cached = study_cache.load(v)
+            if cached is None:
+                raise SystemExit(f"victim {v.name} is not cached: run `bdx-study launch --space {args.space}` first")
+            score(v, cached, protocol, False)
     write_report(rows, args, time.perf_counter() - t0)
     return 0
 
@@ -167,8 +189,9 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: 
         "| dataset | arch | attack | victim CA / ASR | " + " | ".join(f"{m} AUROC (lr)" for m in order) + " |",
         "|---|---|---|---|" + "---|" * len(order),
     ]
-    for (ds, arch, att), g in df.groupby(["dataset", "architecture", "attack"], sort=False):
+    for _, g in df.groupby("victim", sort=False):
         first = g.iloc[0]
+        ds, arch, att = first["dataset"], first["architecture"], first["attack"]
         cells = []
         for m in order:
             r = g[g["method"] == m].iloc[0]
