@@ -164,7 +164,10 @@ def main() -> int:
     lines += [row(n, m, clean_acc, c) for n, (m, c) in results.items()]
     lines += recipe_notes(names)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    existing = args.out.read_text() if args.out.is_file() else ""
+    marker = "\n## Notes"  # written by hand, kept across runs
+    tail = existing[existing.index(marker) :] if marker in existing else ""
+    args.out.write_text("\n".join(lines) + "\n" + tail)
     print(f"wrote {args.out} ({wall / 60:.1f} min)")
     return 0
 
