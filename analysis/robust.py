@@ -126,7 +126,7 @@ def _held_out(
     why = (
         "candidates drawn without looking at any victim (grid/random search); re-picked without the group"
         if strict
-        else "NOT strictly held out: TPE proposed the candidates while it saw every victim, this group included "
+        else "TPE proposed the candidates while it saw every victim, this group included "
         "(set search.nested_folds for a search per fold)"
     )
     for col in GROUP_COLUMNS:

@@ -10,9 +10,13 @@ evaluation split:
   the paper's CIFAR-10 ResNet-18 values ("badexpert (paper)");
 - BaDExpert at the study's robust defaults picked **leave-one-attack-out**: for the column of
   attack A, the selection rule applied to the study's trials on the *other* attacks' victims,
-  then that config's figures on A's victim ("badexpert (robust, LOAO)"). These figures come from
-  the study's own trials (the same protocol and inputs); under TPE the candidates were proposed
-  by a search that saw every victim (see the study's nested folds for strictly held-out ones).
+  then that config fitted and scored on A's victim like every other row ("badexpert (robust,
+  LOAO)"); under TPE the candidates were proposed by a search that saw every victim (see the
+  study's nested folds for strictly held-out ones).
+
+Every row scores the same inputs: the first ``--eval-inputs`` clean and triggered inputs of each
+victim's evaluation split (300 each by default, to keep per-input optimizers such as Cognitive
+Distillation to minutes on 2 cores).
 
 Writes a Markdown report: AUROC (correct-only), TPR at 1% FPR, the FPR measured at the calibrated
 threshold, and cost per input (victim forward and backward passes, scoring seconds, throughput
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import multiprocessing
 import os
 import platform
@@ -38,8 +43,11 @@ ROBUST = "badexpert (robust, LOAO)"
 WAIT_FOR_VICTIMS = float(os.environ.get("BDX_WAIT_FOR_VICTIMS", "0"))  # seconds to wait for a launch still training
 
 
-def _victim_rows(args: tuple[str, str, list[str], str, int]) -> list[dict[str, Any]]:
-    """Every family on one victim (a worker process)."""
+Entry = tuple[str, str, dict[str, Any]]  # (row label, family, parameters: {} = its defaults)
+
+
+def _victim_rows(args: tuple[str, str, list[Entry], str, int, int]) -> list[dict[str, Any]]:
+    """Every entry (a family with parameters) on one victim (a worker process)."""
     import torch
 
     from bdx_study.detectors import create_detector
@@ -49,7 +57,7 @@ def _victim_rows(args: tuple[str, str, list[str], str, int]) -> list[dict[str, A
     from bdx_study.training import predict_proba
     from bdx_study.victims import VictimCache
 
-    space, key, families, stages, selection_inputs = args
+    space, key, entries, stages, selection_inputs, eval_inputs = args
     torch.set_num_threads(1)
     spec = load_space(space)
     victim = next(v for v in spec.victim_configs() if v.key == key)
@@ -68,30 +76,32 @@ def _victim_rows(args: tuple[str, str, list[str], str, int]) -> list[dict[str, A
     _, _, protocol = spec.trial_config({"detector": "badexpert"})
     x = splits.evaluation.x
     bare = min(_timed(lambda: predict_proba(model, x, device=cpu)) for _ in range(3)) / max(1, len(x))
-    # Only the evaluation split is reported: the selection split is cut to its first inputs (it
+    # Only the evaluation split is reported, on its first ``eval_inputs`` clean and triggered
+    # inputs (the same for every family); the selection split is cut to its first inputs (it
     # feeds BaDExpert's probe and selection metrics nobody reads here). The benchmark's own
-    # stage store, and a layout naming the cut, keep these outputs apart from the study's.
+    # stage store, and a layout naming the cuts, keep these outputs apart from the study's.
+    cut = {"selection": selection_inputs, "evaluation": eval_inputs}
     parts = [
         dataclasses.replace(
             p,
-            x=p.x[:selection_inputs],
-            label=p.label[:selection_inputs],
-            attack_label=p.attack_label[:selection_inputs],
-            sample_index=p.sample_index[:selection_inputs],
+            x=p.x[: cut[p.split]],
+            label=p.label[: cut[p.split]],
+            attack_label=p.attack_label[: cut[p.split]],
+            sample_index=p.sample_index[: cut[p.split]],
         )
-        if p.split == "selection"
+        if p.split in cut
         else p
         for p in scoring_parts(splits, attack, protocol)
     ]
-    layout = {**victim.data.layout(), "benchmark_selection_inputs": selection_inputs}
+    layout = {**victim.data.layout(), "benchmark_cut": cut}
     store = StageStore(Path(stages))
-    print(f"{victim.attack.name}: scoring {len(families)} families", flush=True)
+    print(f"{victim.attack.name}: scoring {len(entries)} entries", flush=True)
     rows = []
-    for name in families:
+    for label, name, params in entries:
         t = time.perf_counter()
         run = run_detector(
             store,
-            create_detector(name),
+            create_detector(name, params),
             protocol,
             victim_key=victim.key,
             model=model,
@@ -103,7 +113,7 @@ def _victim_rows(args: tuple[str, str, list[str], str, int]) -> list[dict[str, A
         )
         rows.append(
             {
-                "family": PAPER if name == "badexpert" else name,
+                "family": label,
                 "attack": victim.attack.name,
                 **run.evaluation.metrics,
                 **run.costs,
@@ -112,7 +122,7 @@ def _victim_rows(args: tuple[str, str, list[str], str, int]) -> list[dict[str, A
             }
         )
         print(
-            f"  {victim.attack.name:16s} {name:24s} AUROC {rows[-1]['auroc_correct_only']:.3f} "
+            f"  {victim.attack.name:16s} {label:26s} AUROC {rows[-1]['auroc_correct_only']:.3f} "
             f"({rows[-1]['wall_seconds']:.0f} s)",
             flush=True,
         )
@@ -125,21 +135,22 @@ def _timed(fn: Any) -> float:
     return time.perf_counter() - t
 
 
-def _robust_loao(spec: Any) -> list[dict[str, Any]]:
-    """BaDExpert's robust defaults per attack column, picked on the other attacks' victims."""
+def _robust_loao(spec: Any) -> dict[str, tuple[str, dict[str, Any]]]:
+    """BaDExpert's robust defaults per attack column, picked by the study's selection rule on the
+    other attacks' victims: {attack: (picked trial, its parameters)}."""
     from bdx_study.selection import select
     from bdx_study.tables import StudyTables
 
     trials = StudyTables(spec.study_dir).read("trials").to_pandas()
     trials = trials[trials["detector"] == "badexpert"]
     obj, max_drop = spec.search.objective, spec.search.constraint.max_clean_acc_drop
-    rows = []
+    picks = {}
     for attack in sorted(trials["attack"].unique()):
         others = trials[trials["attack"] != attack]
         pick, _ = select(others, obj.metric, obj.aggregate, max_drop)
-        row = trials[(trials["trial_id"] == pick.trial_id) & (trials["attack"] == attack)].iloc[0].to_dict()
-        rows.append({**row, "family": ROBUST, "picked_trial": pick.trial_id})
-    return rows
+        row = trials[trials["trial_id"] == pick.trial_id].iloc[0]
+        picks[attack] = (str(pick.trial_id), json.loads(row["params"]))
+    return picks
 
 
 def main() -> int:
@@ -152,6 +163,10 @@ def main() -> int:
     ap.add_argument(
         "--selection-inputs", type=int, default=100, help="selection-split inputs scored per part (not reported)"
     )
+    ap.add_argument("--attacks", nargs="*", default=None, help="only the victims of these attacks (default: all)")
+    ap.add_argument(
+        "--eval-inputs", type=int, default=300, help="evaluation-split inputs scored per part (clean, triggered)"
+    )
     args = ap.parse_args()
 
     from bdx_study.detectors import DETECTORS
@@ -160,18 +175,33 @@ def main() -> int:
     spec = load_space(args.space)
     families = args.families or DETECTORS.names()
     t0 = time.perf_counter()
-    # The families need only the study's victims (fits and outputs land in the study's stage
-    # cache, so a rerun rescores nothing); BaDExpert's LOAO column needs its finished trials.
-    jobs = [(args.space, v.key, families, args.stages, args.selection_inputs) for v in spec.victim_configs()]
+    victims = [v for v in spec.victim_configs() if args.attacks is None or v.attack.name in args.attacks]
+    cut = (args.stages, args.selection_inputs, args.eval_inputs)
+    # 1. Every family at its defaults: needs only the study's victims (a launch may still be
+    # running its trials; fits and outputs land in the benchmark's stage store, so a rerun
+    # rescores nothing).
+    defaults: list[Entry] = [(PAPER if f == "badexpert" else f, f, {}) for f in families]
+    jobs = [(args.space, v.key, defaults, *cut) for v in victims]
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         rows = [r for part in pool.imap_unordered(_victim_rows, jobs) for r in part]
+        # 2. BaDExpert at the study's robust defaults picked without the column's attack: needs
+        # the study's finished trials; scored here on the same inputs as every other row.
+        try:
+            picks = _robust_loao(spec)
+        except FileNotFoundError:
+            print(f"no finished trials at {spec.study_dir}: run `bdx-study launch --space {args.space}` first")
+            return 2
+        jobs = [
+            (args.space, v.key, [(ROBUST, "badexpert", picks[v.attack.name][1])], *cut)
+            for v in victims
+            if v.attack.name in picks
+        ]
+        rows += [r for part in pool.imap_unordered(_victim_rows, jobs) for r in part]
+    for r in rows:
+        if r["family"] == ROBUST:
+            r["picked_trial"] = picks[r["attack"]][0]
     seconds = time.perf_counter() - t0
-    try:
-        robust = _robust_loao(spec)
-    except FileNotFoundError:
-        print(f"no finished trials at {spec.study_dir}: run `bdx-study launch --space {args.space}` first")
-        return 2
-    table = pd.DataFrame(rows + robust)
+    table = pd.DataFrame(rows)
     write_report(table, spec, args, seconds)
     return 0
 
@@ -208,14 +238,17 @@ def write_report(table: pd.DataFrame, spec: Any, args: argparse.Namespace, secon
         f"{args.space}`, on {platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, no GPU), "
         f"{seconds / 60:.0f} minutes of scoring with {args.workers} worker processes.",
         "",
-        f"Victims: the zoo study's ({len(attacks)} attacks incl. a clean victim; Fashion-MNIST, small CNN; "
+        f"Victims: the zoo study's ({len(backdoored)} attacks"
+        + (" and a clean victim" if "none" in attacks else "")
+        + "; Fashion-MNIST, small CNN; "
         "docs/victims.md). Protocol, the same for every family: "
         f"|D_c| = {protocol.clean_set_size} reserved clean images "
         f"({protocol.clean_set_size - protocol.calibration_images} to fit on, {protocol.calibration_images} to "
         f"calibrate on), a {protocol.threshold_rule} threshold at a {protocol.target_fpr:.0%} target FPR; every "
         "figure on each victim's evaluation split, never seen by any fit, threshold or search (the selection split, "
-        "which no figure here uses, is cut to its first "
-        f"{args.selection_inputs} inputs per part). Baselines run at "
+        f"which no figure here uses, is cut to its first {args.selection_inputs} inputs per part, and every "
+        f"family scores the same first {args.eval_inputs} clean and {args.eval_inputs} triggered evaluation "
+        "inputs). Baselines run at "
         "their published defaults (`bdx-study list`); BaDExpert at the paper's CIFAR-10 values and at the study's "
         "robust defaults picked leave-one-attack-out (LOAO: the column's attack was not among the victims the "
         "pick was made on; under TPE the candidates were still proposed by a search that saw every victim).",
@@ -257,7 +290,7 @@ def write_report(table: pd.DataFrame, spec: Any, args: argparse.Namespace, secon
         "| family | forward passes | backward passes | scoring ms / input | throughput vs one forward | fit s |",
         "|---|---|---|---|---|---|",
     ]
-    measured = table[table["family"] != ROBUST]
+    measured = table
     for fam in [f for f in order if f in set(measured["family"])]:
         t = measured[measured["family"] == fam]
         rel = (t["bare_forward_seconds_per_input"] / t["score_seconds_per_input"]).mean()

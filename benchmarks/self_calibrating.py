@@ -66,6 +66,7 @@ def main() -> int:
     ap.add_argument(
         "--space", default=None, help="also every backdoored victim of this study (e.g. search_spaces/zoo.yaml)"
     )
+    ap.add_argument("--space-attacks", nargs="*", default=None, help="only these attacks of --space, in this order")
     args = ap.parse_args()
 
     import torch
@@ -135,6 +136,7 @@ def main() -> int:
                 f"TPR@thr {m['tpr_at_threshold_correct_only']:.3f}  FPR {m['fpr_at_threshold_correct_only']:.3f}",
                 flush=True,
             )
+        write_report(rows, args, time.perf_counter() - t0)  # after every victim: a partial run still reports
 
     for setting in args.settings:
         dataset, arch = setting.split(":")
@@ -158,9 +160,10 @@ def main() -> int:
         _, _, study_protocol = spec.trial_config({"detector": "badexpert"})
         protocol = study_protocol.model_copy(update={"target_fpr": 0.05})
         study_cache = VictimCache(spec.storage_root() / "victims")
-        for v in spec.victim_configs():
-            if v.attack.name == "none":
-                continue
+        victims = [v for v in spec.victim_configs() if v.attack.name != "none"]
+        if args.space_attacks is not None:
+            victims = [v for a in args.space_attacks for v in victims if v.attack.name == a]
+        for v in victims:
             cached = study_cache.load(v)
             if cached is None:
                 raise SystemExit(f"victim {v.name} is not cached: run `bdx-study launch --space {args.space}` first")

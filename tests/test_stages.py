@@ -118,7 +118,13 @@ def _fit_in_child(args: tuple[str, dict[str, Any]]) -> int:
 def test_concurrent_trials_fit_once(planted: dict[str, Any], tmp_path: Path) -> None:
     """Two processes need the same components at once: one fits, the other waits and loads."""
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(2) as pool:
+    # close + join, not the context manager's terminate: a SIGTERM handler inherited from an
+    # earlier test's Ray (ray.init installs one) can keep a terminated fork worker alive
+    pool = ctx.Pool(2)
+    try:
         fitted = pool.map(_fit_in_child, [(str(tmp_path), planted)] * 2)
+    finally:
+        pool.close()
+        pool.join()
     assert sum(fitted) == 2  # each of the two components fitted once, by one of the two
     assert len(_entries(tmp_path)) == 2

@@ -101,7 +101,9 @@ def test_attack_artifacts_cached_once_per_dataset(tmp_path: Path) -> None:
     cache = VictimCache(tmp_path / "victims")
     attack = AttackSpec(name="issba", params={"encoder_steps": 3, "encoder_width": 4})
     for seed in (0, 1):
-        cache.get_or_train(_cfg(attack=attack, seed=seed, training=TrainingConfig(epochs=1, batch_size=100)))
+        # enough steps to beat chance: a victim no better than chance is refused, not cached
+        training = TrainingConfig(epochs=10, batch_size=50, lr=3e-3)
+        cache.get_or_train(_cfg(attack=attack, seed=seed, training=training))
     entries = sorted(p.name for p in (tmp_path / "victims" / ARTIFACTS_DIR).iterdir())
     assert len(entries) == 1 and entries[0].startswith("issba_encoder-")
 

@@ -75,8 +75,8 @@ def init_ray(address: str | None, study_dir: Path) -> None:
         os.environ[MARKER] = marker  # inherited by every process of the local Ray
         ray.init(address="local", object_store_memory=256 * 2**20, **kwargs)
     finally:
-        if callable(on_term) and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, on_term)
+        if threading.current_thread() is threading.main_thread():  # SIG_DFL too: Ray's would stay
+            signal.signal(signal.SIGTERM, on_term if on_term is not None else signal.SIG_DFL)
     subprocess.Popen(
         [sys.executable, "-m", "bdx_study.trials.cluster", str(os.getpid()), marker],
         start_new_session=True,
