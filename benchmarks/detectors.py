@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from _report import write_keeping_tail
 
 PAPER = "badexpert (paper)"
 ROBUST = "badexpert (robust, LOAO)"
@@ -290,22 +291,16 @@ def write_report(table: pd.DataFrame, spec: Any, args: argparse.Namespace, secon
         "| family | forward passes | backward passes | scoring ms / input | throughput vs one forward | fit s |",
         "|---|---|---|---|---|---|",
     ]
-    measured = table
-    for fam in [f for f in order if f in set(measured["family"])]:
-        t = measured[measured["family"] == fam]
+    for fam in [f for f in order if f in set(table["family"])]:
+        t = table[table["family"] == fam]
         rel = (t["bare_forward_seconds_per_input"] / t["score_seconds_per_input"]).mean()
         lines.append(
             f"| {fam} | {t['forward_passes_per_input'].mean():.1f} | {t['backward_passes_per_input'].mean():.1f} | "
             f"{1000 * t['score_seconds_per_input'].mean():.3f} | {rel:.4f} | {t['fit_seconds'].mean():.1f} |"
         )
-    path = args.out
-    path.parent.mkdir(parents=True, exist_ok=True)
-    existing = path.read_text() if path.is_file() else ""
-    marker = "\n## Notes"
-    tail = existing[existing.index(marker) :] if marker in existing else "\n## Notes\n\n(written by hand)\n"
-    path.write_text("\n".join(lines) + "\n" + tail)
-    table.to_csv(path.with_suffix(".csv"), index=False)
-    print(f"wrote {path} and {path.with_suffix('.csv')}")
+    write_keeping_tail(args.out, lines, "## Notes", "\n## Notes\n\n(written by hand)\n")
+    table.to_csv(args.out.with_suffix(".csv"), index=False)
+    print(f"wrote {args.out} and {args.out.with_suffix('.csv')}")
 
 
 if __name__ == "__main__":

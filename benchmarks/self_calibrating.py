@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _report import write_keeping_tail
+
 ATTACKS = {  # BadNet and Blend at the quickstart's rate; the others at their per-size reference defaults
     "badnet": {"poison_rate": 0.05},
     "blend": {"poison_rate": 0.05, "alpha": 0.2},
@@ -227,17 +229,10 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: 
             f"| {r['dataset']} | {r['attack']} | {r['method']} | {r['tpr']:.3f} | {r['fpr']:.3f} | "
             f"{r['expert_clean']:.3f} | {r['expert_asr']:.3f} |"
         )
-    path = args.out
-    path.parent.mkdir(parents=True, exist_ok=True)
-    existing = path.read_text() if path.is_file() else ""
-    marker = "\n## Conclusion"
-    tail = (
-        existing[existing.index(marker) :]
-        if marker in existing
-        else "\n## Conclusion\n\n(written by hand from the figures above)\n"
+    write_keeping_tail(
+        args.out, lines, "## Conclusion", "\n## Conclusion\n\n(written by hand from the figures above)\n"
     )
-    path.write_text("\n".join(lines) + "\n" + tail)
-    print(f"wrote {path}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _report import write_keeping_tail
 
 from bdx_study.attacks import ATTACKS, ArtifactStore, list_attacks
 from bdx_study.victims import AttackSpec, DataConfig, TrainingConfig, VictimConfig, train_victim
@@ -163,11 +164,7 @@ def main() -> int:
     ]
     lines += [row(n, m, clean_acc, c) for n, (m, c) in results.items()]
     lines += recipe_notes(names)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    existing = args.out.read_text() if args.out.is_file() else ""
-    marker = "\n## Notes"  # written by hand, kept across runs
-    tail = existing[existing.index(marker) :] if marker in existing else ""
-    args.out.write_text("\n".join(lines) + "\n" + tail)
+    write_keeping_tail(args.out, lines, "## Notes")  # the notes are written by hand
     print(f"wrote {args.out} ({wall / 60:.1f} min)")
     return 0
 

@@ -24,7 +24,7 @@ from bdx_study.detectors.badexpert import (
     shifted_labels,
 )
 from bdx_study.protocol import ProtocolConfig
-from bdx_study.stages import StageStore, run_detector
+from bdx_study.stages import DetectorRun, StageStore, run_detector
 from bdx_study.training import fit, predict_proba
 from bdx_study.victims import DataConfig
 
@@ -198,12 +198,10 @@ def test_params_validation() -> None:
         BaDExpertParams(not_a_field=1)  # type: ignore[call-arg]
 
 
-def test_unlearning_curve_is_recorded(planted: dict[str, Any]) -> None:
-    """B's clean accuracy falls while its attack success stays: the paper's unlearning curve,
-    recorded on the selection split (a diagnostic) at up to 20 points."""
+def _run_on_planted(planted: dict[str, Any], p: BaDExpertParams) -> DetectorRun:
+    """BaDExpert with ``p`` on the planted BadNet victim, no stage cache."""
     v = planted["patch"]
-    p = BaDExpertParams(unlearn_batch_size=32, unlearn_epochs=4, unlearn_lr=5e-4, aux_epochs=1, aux_milestones=())
-    run = run_detector(
+    return run_detector(
         StageStore(None),
         create_detector("badexpert", p),
         ProtocolConfig(clean_set_size=300, target_fpr=0.1),
@@ -214,6 +212,13 @@ def test_unlearning_curve_is_recorded(planted: dict[str, Any]) -> None:
         layout={},
         device=CPU,
     )
+
+
+def test_unlearning_curve_is_recorded(planted: dict[str, Any]) -> None:
+    """B's clean accuracy falls while its attack success stays: the paper's unlearning curve,
+    recorded on the selection split (a diagnostic) at up to 20 points."""
+    p = BaDExpertParams(unlearn_batch_size=32, unlearn_epochs=4, unlearn_lr=5e-4, aux_epochs=1, aux_milestones=())
+    run = _run_on_planted(planted, p)
     curve = run.fitted["expert"].meta["curve"]
     steps = curve["step"]
     assert steps[0] == 0 and steps[-1] == run.fitted["expert"].meta["expert_steps"] and 3 <= len(steps) <= 21
@@ -223,7 +228,6 @@ def test_unlearning_curve_is_recorded(planted: dict[str, Any]) -> None:
 
 
 def test_self_calibrating_expert_finds_its_own_lr(planted: dict[str, Any]) -> None:
-    v = planted["patch"]
     p = BaDExpertParams(
         unlearn_lr_mode="calibrated",
         unlearn_batch_size=32,
@@ -232,17 +236,7 @@ def test_self_calibrating_expert_finds_its_own_lr(planted: dict[str, Any]) -> No
         aux_milestones=(2,),
         aux_lr=0.1,
     )
-    run = run_detector(
-        StageStore(None),
-        create_detector("badexpert", p),
-        ProtocolConfig(clean_set_size=300, target_fpr=0.1),
-        victim_key="v",
-        model=v["model"],
-        splits=planted["splits"],
-        attack=v["attack"],
-        layout={},
-        device=CPU,
-    )
+    run = _run_on_planted(planted, p)
     meta = run.fitted["expert"].meta
     assert meta["calibrated_target_acc"] == pytest.approx(0.2)
     assert meta["calibrated_reached"] and meta["calibrated_holdout_acc"] <= 0.2
