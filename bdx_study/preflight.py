@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bdx_study.data import DataError, resolve_root
+from bdx_study.data import DataError, ImageData, resolve_root
 from bdx_study.space import SpaceError, StudySpec
 
 
@@ -60,12 +60,16 @@ def check_data(spec: StudySpec, source: str) -> None:
             problems.append(f"data.train_size: {d.train_size} exceeds the {n_train} training images of {ds!r}")
         if problems:
             raise SpaceError("\n".join(f"{source}: {p}" for p in problems))
+    trains: dict[tuple[str, str], ImageData] = {}  # victims share splits: cut them once
     for v in spec.victim_configs():
         attack = v.build_attack()
         check = getattr(attack, "check_data", None)
         if check is not None:
+            key = (v.dataset, v.data.model_dump_json())
+            if key not in trains:
+                trains[key] = v.data.splits(v.dataset).train
             try:
-                check(v.data.splits(v.dataset).train)
+                check(trains[key])
             except ValueError as e:
                 raise SpaceError(f"{source}: victims.attacks ({v.attack.name}): {e}") from None
 

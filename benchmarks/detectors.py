@@ -265,11 +265,13 @@ def write_report(table: pd.DataFrame, spec: Any, args: argparse.Namespace, secon
     rob = auroc.loc[ROBUST] if ROBUST in auroc.index else None
     if rob is not None:
         others = auroc.drop(index=[ROBUST])
-        losses = [
-            f"{a}: {ROBUST} {rob[a]:.3f} < {others[a].idxmax()} {others[a].max():.3f}"
-            for a in backdoored
-            if a in others.columns and pd.notna(rob[a]) and others[a].max() > rob[a] + 1e-9
-        ]
+        losses = []
+        for a in backdoored:
+            if a in others.columns and pd.notna(rob[a]) and others[a].max() > rob[a] + 1e-9:
+                d = 3  # enough digits to show the difference (0.9997 < 1.0000, not 1.000 < 1.000)
+                while f"{rob[a]:.{d}f}" == f"{others[a].max():.{d}f}" and d < 6:
+                    d += 1
+                losses.append(f"{a}: {ROBUST} {rob[a]:.{d}f} < {others[a].idxmax()} {others[a].max():.{d}f}")
         lines += ["Where BaDExpert (robust, LOAO) loses to another detector:", ""]
         lines += [f"- {x}" for x in losses] or ["- nowhere"]
         lines.append("")

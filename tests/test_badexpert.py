@@ -216,12 +216,15 @@ def _run_on_planted(planted: dict[str, Any], p: BaDExpertParams) -> DetectorRun:
 
 def test_unlearning_curve_is_recorded(planted: dict[str, Any]) -> None:
     """B's clean accuracy falls while its attack success stays: the paper's unlearning curve,
-    recorded on the selection split (a diagnostic) at up to 20 points."""
+    recorded on the selection split (a diagnostic) at about 20 points when asked for, and not
+    at all by default."""
     p = BaDExpertParams(unlearn_batch_size=32, unlearn_epochs=4, unlearn_lr=5e-4, aux_epochs=1, aux_milestones=())
+    assert "curve" not in _run_on_planted(planted, p).fitted["expert"].meta
+    p = p.model_copy(update={"unlearn_curve_points": 20})
     run = _run_on_planted(planted, p)
     curve = run.fitted["expert"].meta["curve"]
     steps = curve["step"]
-    assert steps[0] == 0 and steps[-1] == run.fitted["expert"].meta["expert_steps"] and 3 <= len(steps) <= 21
+    assert steps[0] == 0 and steps[-1] == run.fitted["expert"].meta["expert_steps"] and 3 <= len(steps) <= 22
     assert steps == sorted(steps)
     assert curve["clean_acc"][0] > 0.8 and curve["clean_acc"][-1] < 0.5  # it forgets the task ...
     assert curve["attack_success"][-1] > 0.8  # ... and keeps the backdoor

@@ -101,8 +101,18 @@ def test_read_idx_rejects_bad_files(tmp_path: Path) -> None:
         read_idx(bad_magic)
     short = tmp_path / "short"
     short.write_bytes(_idx_bytes(np.zeros((4, 2, 2), np.uint8))[:-3])
-    with pytest.raises(DataError, match=r"expected 16 values"):
+    with pytest.raises(DataError, match=r"expected 16 values for shape \[4, 2, 2\], found 13"):
         read_idx(short)
+    long = tmp_path / "long"
+    long.write_bytes(_idx_bytes(np.zeros((4, 2, 2), np.uint8)) + b"\x00")
+    with pytest.raises(DataError, match=r"found more than 16"):
+        read_idx(long)
+    header = tmp_path / "header"
+    header.write_bytes(bytes([0, 0, 0x08, 3, 0, 0, 0, 4]))  # 3 dims announced, 1 given
+    with pytest.raises(DataError, match="truncated IDX header"):
+        read_idx(header)
+    arr = read_idx(_write_idx(tmp_path / "w-idx3-ubyte", np.ones((2, 2, 2), np.uint8), gz=True))
+    assert arr.flags.writeable  # torch.from_numpy takes it without a copy or a warning
 
 
 @pytest.mark.parametrize(

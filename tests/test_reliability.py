@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -352,7 +353,11 @@ def test_sigterm_stops_a_launch_cleanly(tmp_path: Path) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     log = (tmp_path / "first.log").read_text()
-    assert "interrupted" in log and "Traceback" not in log, log[-3000:]
+    # The driver ends without a traceback. A Ray worker that Ray's own shutdown SIGTERMs may print
+    # "Exception ignored ... SystemExit" (Ray's worker handler raising inside a weakref callback;
+    # seen under heavy load): its lines carry Ray's "(name pid=N)" prefix and are Ray's, not ours.
+    driver = "\n".join(line for line in log.splitlines() if not re.search(r"\(\S+ pid=\d+(, ip=\S+)?\)", line))
+    assert "interrupted" in driver and "Traceback" not in driver, log[-3000:]
     ids = json.loads((study_dir / "study.json").read_text())
     parent = MlflowClient(ids["tracking_uri"]).get_run(ids["parent_run_id"])
     assert parent.info.status == "KILLED"

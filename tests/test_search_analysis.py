@@ -63,6 +63,7 @@ def test_the_papers_two_figures(ray_cluster: Any, tmp_path: Path, capsys: Any) -
         "unlearn_lr": 5e-4,
         "unlearn_epochs": 3,
         "unlearn_batch_size": 16,
+        "unlearn_curve_points": 20,
         "aux_lr": 0.05,
         "aux_epochs": 2,
         "aux_milestones": [1],

@@ -484,12 +484,15 @@ def launch(
             )
             fit_start = time.perf_counter()
             grid = _tuner(spec, ctx, tracker, resume).fit()
+            suffix = "_resumed" if resume else ""
+            ids[f"tune_fit_seconds{suffix}"] = time.perf_counter() - fit_start  # Tuner.fit alone
             if _interrupted(spec, grid):  # Tune stopped on SIGINT/SIGTERM and saved its state
                 raise KeyboardInterrupt
+            after_start = time.perf_counter()
             repaired = repair_lost_trials(spec, ctx, grid)
             refitted = run_refits(spec, ctx)
             folds = run_nested_folds(spec, ctx, tracker)
-            ids["tune_fit_seconds_resumed" if resume else "tune_fit_seconds"] = time.perf_counter() - fit_start
+            ids[f"after_tune_seconds{suffix}"] = time.perf_counter() - after_start  # repairs, refits, nested folds
             _write_ids(study_dir / "study.json", ids)
             StudyTables(study_dir).consolidate()
             best = _best(spec, grid)

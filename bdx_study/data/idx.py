@@ -19,18 +19,32 @@ _IDX_FILES = {
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file (plain or .gz) into a numpy array of unsigned bytes."""
+    """Read one IDX file (plain or .gz) into a writable numpy array of unsigned bytes (decoded
+    straight into one buffer sized from the header: no intermediate copies)."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:  # type: ignore[operator]
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise DataError(f"{path}: not an unsigned-byte IDX file")
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise DataError(f"{path}: expected {int(np.prod(dims))} values for shape {dims}, found {body.size}")
-    return body.reshape(dims)
+        head = f.read(4)
+        if len(head) < 4 or head[:3] != b"\x00\x00\x08":
+            raise DataError(f"{path}: not an unsigned-byte IDX file")
+        ndim = head[3]
+        raw = f.read(4 * ndim)
+        if len(raw) < 4 * ndim:
+            raise DataError(f"{path}: truncated IDX header")
+        dims = [int.from_bytes(raw[4 * i : 4 * i + 4], "big") for i in range(ndim)]
+        expected = int(np.prod(dims))
+        body = bytearray(expected)
+        view, filled = memoryview(body), 0
+        while filled < expected:
+            n = f.readinto(view[filled:])
+            if not n:
+                break
+            filled += n
+        if filled != expected or f.read(1):
+            raise DataError(
+                f"{path}: expected {expected} values for shape {dims}, found "
+                + (f"{filled}" if filled < expected else f"more than {expected}")
+            )
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
 def _find_idx(dirs: list[Path], stem: str) -> Path | None:
@@ -65,7 +79,7 @@ def _load_idx_dataset(
                 + (" (or install Debian's dataset-fashion-mnist)" if name == "fashion_mnist" else "")
                 + ", or set data.download: true where the network allows."
             )
-        x = torch.from_numpy(read_idx(img).copy()).unsqueeze(1)  # uint8 (N, 1, 28, 28)
+        x = torch.from_numpy(read_idx(img)).unsqueeze(1)  # uint8 (N, 1, 28, 28)
         y = torch.from_numpy(read_idx(lbl).astype(np.int64))
         if x.shape[0] != y.shape[0]:
             raise DataError(f"{img} has {x.shape[0]} images but {lbl} has {y.shape[0]} labels")
