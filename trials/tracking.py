@@ -356,7 +356,11 @@ class MlflowStudyCallback(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.completed.add(trial.trial_id)
-        done = len(self.completed | StudyTables(self.study_dir).finished_trials())
+        # Progress counts the trials Tune knows. A trial a killed driver started after Tune's last
+        # snapshot can still finish on its orphaned worker: its result stays in the tables (nothing
+        # finished is lost), but Tune never saw it, so it is not one of this search's trials.
+        known = {t.trial_id for t in trials}
+        done = len(self.completed | (StudyTables(self.study_dir).finished_trials() & known))
         result = trial.last_result or {}
         run_id = self._run_id(trial)
         if run_id is not None:
