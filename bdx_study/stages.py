@@ -45,7 +45,7 @@ from bdx_study._io import atomic_dir, atomic_path, file_lock, sha256_file, sha25
 from bdx_study.archs import Classifier
 from bdx_study.attacks import Attack
 from bdx_study.data import ImageData, Splits
-from bdx_study.detectors import DetectorFamily, FitContext, Fitted
+from bdx_study.detectors import PROBE_INPUTS, DetectorFamily, FitContext, Fitted
 from bdx_study.protocol import Evaluation, Part, ProtocolConfig, evaluate, scoring_parts
 from bdx_study.training import predict_proba
 
@@ -358,13 +358,6 @@ class DetectorRun:
     @property
     def fitted(self) -> dict[str, Fitted]:
         return {name: c.fitted for name, c in self.components.items()}
-
-
-# Inputs per part of the diagnostics probe (``FitContext.probe``: e.g. B's unlearning curve,
-# evaluated at up to ``unlearn_curve_points`` steps of a fit). 128 give an accuracy to about +-4
-# points; the whole selection split (thousands of inputs on Fashion-MNIST) made the curve cost
-# more than the fit it describes.
-PROBE_INPUTS = 128
 
 
 def run_detector(

@@ -17,7 +17,7 @@ from typing import Any
 
 from bdx_study._registry import Registry
 
-from ._base import DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
+from ._base import PROBE_INPUTS, DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
 
 DETECTORS: Registry[type[DetectorFamily[Any]]] = Registry("detector family")
 
@@ -63,6 +63,7 @@ from . import (  # noqa: E402,F401
 
 __all__ = [
     "DETECTORS",
+    "PROBE_INPUTS",
     "DetectorFamily",
     "DetectorParams",
     "FitContext",

@@ -29,7 +29,7 @@ from bdx_study.data import DatasetInfo, ImageData
 from bdx_study.training import Precision, fit, predict_proba
 
 from . import register_detector
-from ._base import DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
+from ._base import PROBE_INPUTS, DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -85,9 +85,9 @@ class BaDExpertParams(DetectorParams):
         keyed_if_set=True,
         ge=0,
         le=1000,
-        description="B's unlearning curve, a diagnostic: its clean accuracy and attack success on 128 clean and "
-        "128 triggered selection inputs at the start, the end and every 1/N of its steps (logged per trial, plotted "
-        "by analyze); 0 = off (on, it costs about a fifth of B's fit on the quickstart)",
+        description=f"B's unlearning curve, a diagnostic: its clean accuracy and attack success on {PROBE_INPUTS} "
+        f"clean and {PROBE_INPUTS} triggered selection inputs at the start, the end and every 1/N of its steps "
+        "(logged per trial, plotted by analyze); 0 = off (on, it costs about a fifth of B's fit on the quickstart)",
     )
     aux_lr: float = fit_param(AUX, 0.1, gt=0, le=10, description="first SGD lr of M' (paper: 0.1, deliberately large)")
     aux_epochs: int = fit_param(AUX, 10, ge=1, description="epochs of the auxiliary model's finetuning (paper: 10)")
