@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 from typing_extensions import Self
+
+Precision = Literal["fp32", "bf16"]  # how training arithmetic runs (victims, BaDExpert's finetuning)
+PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")
 
 
 class StrictModel(BaseModel):

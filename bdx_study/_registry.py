@@ -1,13 +1,25 @@
-"""A small name -> factory registry, one per family (datasets, architectures, attacks).
+"""A small name -> factory registry, one per family (datasets, architectures, attacks, detectors).
 
 Registered names are what search spaces and YAML files use. A duplicate or unknown name is a loud
 error that lists the known ones.
+
+Entries come two ways:
+
+- ``register(name)``: a decorator that stores the object now (user code, and the families'
+  implementation modules);
+- ``declare(name, module, spec)``: the name is known (listed, ``in``), but its implementation
+  module is imported only on the first :meth:`Registry.get`, and that module's own
+  ``register(name)`` fills the entry. ``spec`` is what can be known without importing it (a
+  family's torch-free parameter model, say), read with :meth:`Registry.spec`. This keeps
+  ``bdx-study validate`` free of torch: checking a study file needs names and specs, never
+  an implementation.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -26,6 +38,8 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._modules: dict[str, str] = {}  # declared name -> the module that registers it
+        self._specs: dict[str, Any] = {}  # declared name -> what is known without importing it
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -36,14 +50,43 @@ class Registry(Generic[T]):
 
         return deco
 
+    def declare(self, name: str, module: str, spec: Any = None) -> None:
+        """Make ``name`` known now and import ``module`` (which registers it) on first use."""
+        if name in self._entries or name in self._modules:
+            raise ValueError(f"{self.kind} {name!r} is registered twice")
+        self._modules[name] = module
+        if spec is not None:
+            self._specs[name] = spec
+
+    def _unknown(self, name: str) -> UnknownNameError:
+        return UnknownNameError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
+
     def get(self, name: str) -> T:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._entries))}") from None
+        if name not in self._entries:
+            if name not in self._modules:
+                raise self._unknown(name)
+            importlib.import_module(self._modules[name])
+            if name not in self._entries:
+                raise RuntimeError(f"module {self._modules[name]} did not register {self.kind} {name!r}")
+        return self._entries[name]
+
+    def require(self, name: str) -> None:
+        """Raise :class:`UnknownNameError` (listing the known names) unless ``name`` is known;
+        imports nothing."""
+        if name not in self:
+            raise self._unknown(name)
+
+    def spec(self, name: str) -> Any:
+        """The declared spec of ``name`` (None for names registered directly or declared without one)."""
+        self.require(name)
+        return self._specs.get(name)
+
+    def loaded(self, name: str) -> bool:
+        """Whether ``name``'s implementation is in memory (always, for names registered directly)."""
+        return name in self._entries
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return sorted(set(self._entries) | set(self._modules))
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._entries or name in self._modules

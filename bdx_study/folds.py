@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bdx_study.configs import VictimConfig
 from bdx_study.space import StudySpec
-from bdx_study.victims import VictimConfig
 
 GROUP_COLUMNS = ("attack", "victim_seed", "architecture", "dataset")
 

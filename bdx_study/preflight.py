@@ -8,7 +8,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bdx_study.data import DataError, ImageData, resolve_root
+import numpy as np
+
+from bdx_study.attacks import check_attack_data
+from bdx_study.data import Arrays, DataError, dataset_info, load_arrays, resolve_root, split_indices
 from bdx_study.space import SpaceError, StudySpec
 
 
@@ -27,16 +30,17 @@ def check_storage(spec: StudySpec, source: str) -> None:
 
 
 def check_data(spec: StudySpec, source: str) -> None:
-    """Every dataset is readable and holds the splits the study asks for."""
-    from bdx_study.data import _load_cached
-
+    """Every dataset is readable and holds the splits the study asks for, and every attack can
+    be carried by its victim's training split. Reads the files as arrays: no torch."""
     d = spec.data
+    loaded: dict[str, tuple[Arrays, Arrays]] = {}
     for ds in spec.victims.datasets:
         try:
-            train, test = _load_cached(ds, resolve_root(d.root), d.download)
+            loaded[ds] = load_arrays(ds, resolve_root(d.root), d.download)
         except (DataError, OSError) as e:
             raise SpaceError(f"{source}: data (dataset {ds!r}): {e}") from None
-        n_test, n_train = len(test), len(train)
+        train, test = loaded[ds]
+        n_test, n_train = len(test.labels), len(train.labels)
         problems = []
         if d.reserve_size > n_test - 2:
             problems.append(
@@ -60,18 +64,33 @@ def check_data(spec: StudySpec, source: str) -> None:
             problems.append(f"data.train_size: {d.train_size} exceeds the {n_train} training images of {ds!r}")
         if problems:
             raise SpaceError("\n".join(f"{source}: {p}" for p in problems))
-    trains: dict[tuple[str, str], ImageData] = {}  # victims share splits: cut them once
+    labels: dict[str, np.ndarray] = {}  # victims share their training split: cut it once per dataset
     for v in spec.victim_configs():
-        attack = v.build_attack()
-        check = getattr(attack, "check_data", None)
-        if check is not None:
-            key = (v.dataset, v.data.model_dump_json())
-            if key not in trains:
-                trains[key] = v.data.splits(v.dataset).train
-            try:
-                check(trains[key])
-            except ValueError as e:
-                raise SpaceError(f"{source}: victims.attacks ({v.attack.name}): {e}") from None
+        if v.dataset not in labels:
+            train, test = loaded[v.dataset]
+            idx = split_indices(
+                v.dataset,
+                len(train.labels),
+                len(test.labels),
+                reserve_size=d.reserve_size,
+                eval_size=d.eval_size,
+                selection_fraction=d.selection_fraction,
+                train_size=d.train_size,
+                split_seed=d.split_seed,
+            ).train
+            labels[v.dataset] = train.labels if idx is None else train.labels[idx]
+        info = dataset_info(v.dataset)
+        try:
+            check_attack_data(
+                v.attack.name,
+                v.attack.params,
+                info.input_shape,
+                info.num_classes,
+                loaded[v.dataset][0].pixels.shape[1:],
+                labels[v.dataset],
+            )
+        except ValueError as e:
+            raise SpaceError(f"{source}: victims.attacks ({v.attack.name}): {e}") from None
 
 
 def check_local_resources(spec: StudySpec, source: str) -> None:

@@ -1,4 +1,5 @@
-"""The evaluation protocol shared by every detector family.
+"""The evaluation protocol shared by every detector family. Its settings are
+:class:`~bdx_study.configs.ProtocolConfig` (declared apart, without torch, for study files).
 
 1. **Defender split.** The defender's clean set D_c is ``clean_set_size`` images of the reserved
    pool (the first ones, or a seeded draw: ``clean_set_seed``). By default its last
@@ -25,18 +26,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import Tensor
 
-from bdx_study._config import RowModel
 from bdx_study.attacks import Attack
-from bdx_study.data import DataError, ImageData, Splits, defender_split
+from bdx_study.configs import ProtocolConfig
+from bdx_study.data import ImageData, Splits
 from bdx_study.detectors import DetectorFamily
-from bdx_study.metrics import conformal_threshold, detection_metrics, fit_threshold
+from bdx_study.metrics import detection_metrics
 
 SPLITS = ("calibration", "selection", "evaluation")
 SAMPLE_COLUMNS = (
@@ -49,67 +48,6 @@ SAMPLE_COLUMNS = (
     "score",  # higher = more suspicious
     "flagged",  # score > threshold
 )
-
-
-class ProtocolConfig(RowModel):
-    """Settings every family of a study is evaluated under. Field names are the names used in
-    YAML, MLflow and Parquet."""
-
-    clean_set_size: int = Field(300, ge=2, description="|D_c|, reserved clean images (paper: 2,000 on CIFAR-10)")
-    calibration_fraction: float = Field(
-        0.5, gt=0, lt=1, description="share of D_c held out to calibrate the threshold (when calibration_size is null)"
-    )
-    calibration_size: int | None = Field(
-        None,
-        ge=1,
-        description="a separate calibration budget of reserved images beyond D_c, so families fit on all of D_c "
-        "(the reference's setting); null = calibrate on calibration_fraction of D_c",
-    )
-    clean_set_seed: int = Field(
-        0, ge=0, description="which reserved images form D_c: 0 = the first ones, else a seeded draw (refits)"
-    )
-    target_fpr: float = Field(0.01, gt=0, lt=1, description="false-positive rate the threshold targets (paper: 1%)")
-    threshold_rule: Literal["conformal", "quantile"] = Field(
-        "conformal", description="conformal: FPR <= target in expectation; quantile: the paper's interpolated quantile"
-    )
-
-    @property
-    def calibration_images(self) -> int:
-        """How many clean images the threshold is calibrated on (before keeping correct ones)."""
-        if self.calibration_size is not None:
-            return self.calibration_size
-        return round(self.clean_set_size * self.calibration_fraction)
-
-    @property
-    def reserve_needed(self) -> int:
-        return self.clean_set_size + (self.calibration_size or 0)
-
-    def defender_split(self, reserve: ImageData) -> tuple[ImageData, ImageData]:
-        """(finetune part, calibration part) of the defender's reserved clean pool."""
-        if self.reserve_needed > len(reserve):
-            raise DataError(
-                f"clean_set_size {self.clean_set_size} + calibration_size {self.calibration_size or 0} exceed the "
-                f"{len(reserve)} reserved images"
-            )
-        if self.clean_set_seed == 0:
-            order = torch.arange(len(reserve))
-        else:
-            order = torch.randperm(len(reserve), generator=torch.Generator().manual_seed(self.clean_set_seed))
-        if self.calibration_size is None:
-            dc = reserve.take(order[: self.clean_set_size])
-            return defender_split(dc, self.clean_set_size, self.calibration_fraction)
-        n = self.clean_set_size
-        return reserve.take(order[:n]), reserve.take(order[n : n + self.calibration_size])
-
-    def clean_set_identity(self) -> dict[str, Any]:
-        """What decides which images a family fits on (and calibrates on)."""
-        return self.model_dump(include={"clean_set_size", "calibration_fraction", "calibration_size", "clean_set_seed"})
-
-    def threshold(self, calibration_scores: np.ndarray) -> float:
-        """The threshold from the scores of correctly classified clean calibration inputs."""
-        if self.threshold_rule == "quantile":
-            return fit_threshold(calibration_scores, self.target_fpr)
-        return conformal_threshold(calibration_scores, self.target_fpr)
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,10 @@ from typing import Any, Literal, get_args, get_origin
 import numpy as np
 import pyarrow as pa
 
+from bdx_study.configs import VictimConfig
 from bdx_study.detectors import DETECTORS
 from bdx_study.metrics import COST_METRICS, DETECTION_METRICS
 from bdx_study.protocol import SAMPLE_COLUMNS, ProtocolConfig
-from bdx_study.victims import VictimConfig
 
 SCHEMA_VERSION = "2"
 

@@ -47,13 +47,12 @@ from pydantic import (
 
 from bdx_study._config import StrictModel
 from bdx_study._registry import Registry
-from bdx_study.archs import ARCHITECTURES, check_input_shape
-from bdx_study.attacks import ATTACKS
-from bdx_study.data import DATASETS, dataset_info
-from bdx_study.detectors import DETECTORS, DetectorParams
+from bdx_study.archs import ARCHITECTURES
+from bdx_study.attacks import attack_params
+from bdx_study.configs import AttackSpec, DataConfig, ProtocolConfig, TrainingConfig, VictimConfig
+from bdx_study.data import DATASETS
+from bdx_study.detectors import DETECTORS, DetectorParams, detector_params
 from bdx_study.metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER, min_calibration
-from bdx_study.protocol import ProtocolConfig
-from bdx_study.victims import AttackSpec, DataConfig, TrainingConfig, VictimConfig
 
 if TYPE_CHECKING:
     import optuna
@@ -188,8 +187,8 @@ class AttackEntry(StrictModel):
 
     @model_validator(mode="after")
     def _valid_params(self) -> AttackEntry:
-        cls = ATTACKS.get(self.name)  # unknown names list the known ones
-        cls.Params.model_validate_json(json.dumps(self.model_extra or {}), strict=True)
+        params = attack_params(self.name)  # unknown names list the known ones
+        params.model_validate_json(json.dumps(self.model_extra or {}), strict=True)
         return self
 
     def spec(self, poison_rate: float | None) -> AttackSpec:
@@ -220,7 +219,7 @@ class VictimGrid(StrictModel):
     def _registered(cls, v: list[str], info: ValidationInfo) -> list[str]:
         registry: Registry[Any] = DATASETS if info.field_name == "datasets" else ARCHITECTURES
         for name in v:
-            registry.get(name)  # unknown names fail, listing the known ones
+            registry.require(name)  # unknown names fail, listing the known ones
         return v
 
     @field_validator("poison_rates")
@@ -381,9 +380,7 @@ class StudySpec(StrictModel):
         family = config["detector"]
         values = {**self.fixed(family), **{k: v for k, v in config.items() if k != "detector"}}
         protocol = ProtocolConfig.model_validate({k: v for k, v in values.items() if k in PROTOCOL_FIELDS})
-        params = DETECTORS.get(family).Params.model_validate(
-            {k: v for k, v in values.items() if k not in PROTOCOL_FIELDS}
-        )
+        params = detector_params(family).model_validate({k: v for k, v in values.items() if k not in PROTOCOL_FIELDS})
         return family, params, protocol
 
     def victim_configs(self) -> list[VictimConfig]:
@@ -491,7 +488,7 @@ def _check_values(spec: StudySpec, source: str) -> None:
                 f"{', '.join(DETECTORS.names())}"
             )
             continue
-        params = DETECTORS.get(family).Params
+        params = detector_params(family)
         allowed = tuple(k for k in params.model_fields)
         clash = [k for k in entries if k in PROTOCOL_FIELDS]
         for k in clash:
@@ -603,11 +600,11 @@ def parse_space(raw: Any, source: str = "<study>") -> StudySpec:
         raise SpaceError(f"{source}: victims.attacks: {e}") from None
     for v in victims:
         try:
-            v.build_attack()
+            v.check_attack()
         except (ValueError, ValidationError) as e:
             raise SpaceError(f"{source}: victims.attacks: {e}") from None
         try:
-            check_input_shape(v.architecture, dataset_info(v.dataset).input_shape)
+            v.check_architecture()
         except ValueError as e:
             raise SpaceError(f"{source}: victims.architectures: {e} (dataset {v.dataset!r})") from None
     return spec

@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from bdx_study._config import PRECISIONS, Precision
 from bdx_study.data import DatasetInfo, ImageData, augment_batch
 
 if TYPE_CHECKING:  # the attack contract imports this module's loop at run time
     from bdx_study.attacks import TrainingHook
-
-
-Precision = Literal["fp32", "bf16"]
-PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")
 
 
 def pick_device(prefer_gpu: bool = True) -> torch.device:

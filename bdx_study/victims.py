@@ -7,11 +7,14 @@ generators, an optimized trigger, an encoder; see :meth:`VictimRecord.load_attac
 train once per dataset (ISSBA's encoder, the clean-label surrogate) is kept beside the victims in
 ``<cache>/attack-artifacts/``. Entries are written to a temporary folder and renamed into place, so
 a cache entry is either complete or absent; a corrupted entry fails its hash check and is retrained.
+
+What determines a victim (:class:`VictimConfig`: dataset, architecture, attack, seed, training and
+data settings) is declared in :mod:`bdx_study.configs`, which imports no torch; this module trains
+and caches what it describes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,168 +22,19 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, field_validator
 from safetensors.torch import load_file, save_file
 
-from bdx_study._config import StrictModel
 from bdx_study._io import sha256_file
-from bdx_study.archs import ARCHITECTURES, Classifier, check_input_shape, create_model
-from bdx_study.attacks import ATTACKS, ArtifactStore, Attack, AttackContext, create_attack
-from bdx_study.data import DATASETS, ImageData, Splits, dataset_info, load_splits, load_test_portion
-from bdx_study.training import Precision, accuracy, fit, pick_device, predict_data
+from bdx_study.archs import Classifier
+from bdx_study.attacks import ArtifactStore, Attack, AttackContext
+from bdx_study.configs import AttackSpec, DataConfig, TrainingConfig, VictimConfig  # noqa: F401  (their home is configs)
+from bdx_study.data import ImageData, dataset_info
+from bdx_study.training import accuracy, fit, pick_device, predict_data
 
 ARTIFACTS_DIR = "attack-artifacts"  # under the victim cache: what attacks train once per dataset
-
-
-class DataConfig(StrictModel):
-    """Where the data comes from and how it is split (shared by all victims of a study)."""
-
-    root: str | None = Field(None, description="data root; null = built-in (digits) or system locations")
-    download: bool = Field(False, description="let torchvision download missing files (needs network)")
-    reserve_size: int = Field(300, ge=2, description="defender's reserved clean pool, images from the test portion")
-    eval_size: int | None = Field(
-        None, ge=2, description="held-out images (selection + evaluation); null = the rest of the test portion"
-    )
-    selection_fraction: float = Field(
-        0.5, gt=0, lt=1, description="share of held-out images the search selects on; the rest report results"
-    )
-    train_size: int | None = Field(None, ge=1, description="cap on the victim's training images; null = all")
-    split_seed: int = Field(0, description="seed of the split permutation, fixed across the study")
-
-    def identity(self) -> dict[str, Any]:
-        """The fields that change the data a victim is trained on (not how the held-out part is
-        divided, nor where the files lie): victims are shared by studies that split differently."""
-        return self.model_dump(include={"train_size", "split_seed"})
-
-    def layout(self) -> dict[str, Any]:
-        """The fields that decide how the held-out test images are split (reserve, selection,
-        evaluation): what scored inputs are, besides the victim itself."""
-        return self.model_dump(include={"reserve_size", "eval_size", "selection_fraction", "split_seed"})
-
-    def test_portion(self, dataset: str) -> ImageData:
-        """The dataset's whole test portion: where a victim's own accuracy and ASR are measured."""
-        return load_test_portion(dataset, root=self.root, download=self.download)
-
-    def splits(self, dataset: str) -> Splits:
-        return load_splits(
-            dataset,
-            root=self.root,
-            reserve_size=self.reserve_size,
-            eval_size=self.eval_size,
-            selection_fraction=self.selection_fraction,
-            train_size=self.train_size,
-            split_seed=self.split_seed,
-            download=self.download,
-        )
-
-
-class TrainingConfig(StrictModel):
-    """How the victim is trained (by the attacker; not a defense hyperparameter)."""
-
-    epochs: int = Field(40, ge=1, description="passes over the (poisoned) training set")
-    optimizer: Literal["adam", "sgd"] = Field("adam", description="Adam was stable on digits; SGD is the CIFAR recipe")
-    lr: float = Field(1e-3, gt=0, description="learning rate")
-    batch_size: int = Field(64, ge=1, description="mini-batch size")
-    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
-    milestones: tuple[int, ...] = Field((), description="epochs at which lr is multiplied by 0.1")
-    augment: bool = Field(True, description="random crop (and flip on CIFAR) while training")
-    # How the arithmetic runs, not what is trained: two knobs, not one combined value, because they
-    # are independent (channels_last also speeds fp32 convolutions on tensor cores; bf16 helps
-    # layouts either way) and each can be measured alone. Both change the trained weights, so a
-    # non-default value is part of the victim key; the defaults are left out of it (IDENTITY_IF_SET),
-    # which keeps every key computed before these fields existed.
-    precision: Precision = Field("fp32", description="fp32, or bf16: forward pass and loss under bf16 autocast")
-    channels_last: bool = Field(False, description="weights and batches in channels_last layout while training")
-
-    IDENTITY_IF_SET: ClassVar[tuple[str, ...]] = ("precision", "channels_last")  # keyed only when not default
-
-    def identity(self) -> dict[str, Any]:
-        """The recipe as the victim key hashes it: every field, less the IDENTITY_IF_SET ones
-        left at their defaults (so keys made before those fields existed stay valid)."""
-        d = self.model_dump(mode="json")
-        for name in self.IDENTITY_IF_SET:
-            default = type(self).model_fields[name].default
-            # getattr's default: a config pickled by a version without the field (a driver
-            # started before an upgrade, its workers after) is at the default
-            if getattr(self, name, default) == default:
-                d.pop(name, None)
-        return d
-
-
-class AttackSpec(StrictModel):
-    name: str = Field(description="registered attack name")
-    params: dict[str, Any] = Field(default_factory=dict, description="the attack's own parameters")
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        ATTACKS.get(v)  # raises with the known names
-        return v
-
-
-class VictimConfig(StrictModel):
-    """Everything that determines a victim model; its hash is the cache key."""
-
-    dataset: str
-    architecture: str
-    attack: AttackSpec
-    seed: int = Field(0, description="training seed; also the trigger seed unless the attack sets one")
-    training: TrainingConfig = TrainingConfig()
-    data: DataConfig = DataConfig()
-
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, v: str) -> str:
-        DATASETS.get(v)
-        return v
-
-    @field_validator("architecture")
-    @classmethod
-    def _known_arch(cls, v: str) -> str:
-        ARCHITECTURES.get(v)
-        return v
-
-    def identity(self) -> dict[str, Any]:
-        """What the key hashes: the config (less where the data lies and how the held-out part is
-        divided) and the attack's resolved parameters (its defaults depend on the input size)."""
-        d = self.model_dump(mode="json", exclude={"data"})
-        d["data"] = self.data.identity()
-        d["training"] = self.training.identity()
-        d["attack"] = {"name": self.attack.name, "resolved": self.build_attack().identity()}
-        return d
-
-    @property
-    def key(self) -> str:
-        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    @property
-    def name(self) -> str:
-        """Readable and unique within a study: dataset-arch-attack-seed-key."""
-        return f"{self.dataset}-{self.architecture}-{self.attack.name}-s{self.seed}-{self.key[:6]}"
-
-    def build_attack(self) -> Attack:
-        info = dataset_info(self.dataset)
-        return create_attack(self.attack.name, self.attack.params, info.input_shape, info.num_classes, self.seed)
-
-    def build_model(self) -> Classifier:
-        info = dataset_info(self.dataset)
-        return create_model(self.architecture, info.input_shape, info.num_classes, info.mean, info.std)
-
-    def check(self) -> None:
-        """The checks that need no data: the attack's params against the dataset's shape and
-        classes, and the architecture against the dataset's input shape (ValueError)."""
-        self.build_attack()
-        check_input_shape(self.architecture, dataset_info(self.dataset).input_shape)
-
-    def check_data(self) -> None:
-        """Load the victim's training split and let the attack check it (e.g. a clean-label
-        target class with too few images): ValueError naming the attack, target and counts;
-        a missing data root raises DataError naming the dataset and where it looked."""
-        self.build_attack().check_data(self.data.splits(self.dataset).train)
 
 
 @dataclass(frozen=True)

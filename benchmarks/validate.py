@@ -60,12 +60,12 @@ def main() -> int:
         m = re.match(r"import time:\s+\d+ \|\s+(\d+) \|(\s*)(\S+)", line)
         if m:
             cumulative[m.group(3)] = max(cumulative.get(m.group(3), 0), int(m.group(1)))
-    shown = ["torch", "numpy", "pydantic", "yaml", "bdx_study.space", "bdx_study.preflight", "bdx_study.cli"]
+    shown = ["numpy", "pydantic", "yaml", "bdx_study.space", "bdx_study.preflight", "bdx_study.cli"]
     print(
         "imports (cumulative, first file): "
         + ", ".join(f"{k} {cumulative[k] / 1e6:.2f} s" for k in shown if k in cumulative)
     )
-    for heavy in ("sklearn", "scipy", "optuna", "ray", "mlflow", "torchvision.models", "pyarrow"):
+    for heavy in ("torch", "sklearn", "scipy", "optuna", "ray", "mlflow", "torchvision", "pyarrow"):
         print(f"  {heavy}: {'imported' if heavy in cumulative else 'not imported'}")
     return 0
 

@@ -24,10 +24,10 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from bdx_study.data import ImageData, augment_batch, dataset_info, load_splits, to_uint8
+from bdx_study.data import ImageData, augment_batch, dataset_info, defender_split, load_splits, to_uint8
 from bdx_study.detectors import FitContext, create_detector
 from bdx_study.detectors.badexpert import BaDExpertParams
-from bdx_study.protocol import ProtocolConfig, defender_split
+from bdx_study.protocol import ProtocolConfig
 from bdx_study.space import SpaceError, parse_space
 from bdx_study.stages import StageStore
 from bdx_study.training import fit

@@ -1,22 +1,27 @@
-"""The architecture contract: a registry of entries with per-entry metadata (as timm's
-default_cfgs), the normalizing :class:`Classifier` wrapper and the input-shape check.
+"""The architecture contract, torch-free: a registry of entries with per-entry metadata (as
+timm's default_cfgs) and the input-shape check.
 
-Every model takes pixel-space inputs in [0, 1] and normalizes them itself, so triggers,
-exports and detectors never handle normalization separately.
+Built-in architectures are *declared* (:mod:`bdx_study.archs._catalog`: name, accepted input
+shapes, BaDExpert defaults, description; no torch) and their implementation modules attach only
+the body factory (:func:`register_body`), imported on the first :attr:`ArchSpec.build`.
+:func:`register_architecture` registers a user architecture (factory and metadata) at once.
+The models themselves (:class:`~bdx_study.archs.Classifier`, ``create_model``) live in
+:mod:`bdx_study.archs._model`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING
 
 from bdx_study._registry import Registry
 
+if TYPE_CHECKING:
+    from bdx_study.archs._model import BodyFactory
+
 Shape = tuple[int, int, int]  # (C, H, W)
-BodyFactory = Callable[[int, int, tuple[int, int]], nn.Module]  # (in_channels, classes, (H, W)) -> logits net
 
 
 @dataclass(frozen=True)
@@ -37,34 +42,99 @@ RESNET18_REFERENCE = BadExpertDefaults(1e-4, 2.0, 0.5, 0.2, "paper, ResNet-18 on
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """One registered architecture: its body factory and metadata."""
+    """One architecture: its metadata and (:attr:`build`) its body factory.
+
+    A declared architecture's spec carries no factory: :attr:`build` imports the implementation
+    module (and torch) on first use."""
 
     name: str
-    build: BodyFactory
     input_shapes: tuple[Shape, ...]  # every (C, H, W) it accepts; anything else is refused
     badexpert: BadExpertDefaults
     description: str
+    factory: BodyFactory | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def build(self) -> BodyFactory:
+        """The body factory (in_channels, classes, (H, W)) -> logits network."""
+        if self.factory is not None:
+            return self.factory
+        factory = ARCHITECTURES.get(self.name).factory  # imports the implementation module
+        if factory is None:
+            raise RuntimeError(f"architecture {self.name!r} was registered without a body factory")
+        return factory
 
 
 ARCHITECTURES: Registry[ArchSpec] = Registry("architecture")
 
 
-def register_architecture(
-    name: str, *, input_shapes: Sequence[Shape], badexpert: BadExpertDefaults = RESNET18_REFERENCE
-) -> Callable[[BodyFactory], BodyFactory]:
-    """Decorator: register a body factory with the shapes it accepts and its BaDExpert defaults
-    (the description is the factory's docstring)."""
+def _shapes(input_shapes: Sequence[Sequence[int]]) -> tuple[Shape, ...]:
+    out = []
+    for s in input_shapes:
+        c, h, w = (int(v) for v in s)
+        out.append((c, h, w))
+    return tuple(out)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def declare_architecture(
+    name: str,
+    module: str,
+    *,
+    input_shapes: Sequence[Sequence[int]],
+    badexpert: BadExpertDefaults = RESNET18_REFERENCE,
+    description: str,
+) -> ArchSpec:
+    """Declare architecture ``name`` with its metadata; ``module`` (imported on first use)
+    attaches the body factory with :func:`register_body`. Returns the declared spec."""
+    spec = ArchSpec(name, _shapes(input_shapes), badexpert, _one_line(description))
+    ARCHITECTURES.declare(name, module, spec)
+    return spec
+
+
+def register_body(name: str) -> Callable[[BodyFactory], BodyFactory]:
+    """Decorator for the implementation module of a declared architecture: attach its body
+    factory (the metadata stays in the declaration)."""
 
     def deco(fn: BodyFactory) -> BodyFactory:
-        doc = " ".join((fn.__doc__ or "").split())
-        ARCHITECTURES.register(name)(ArchSpec(name, fn, tuple(tuple(s) for s in input_shapes), badexpert, doc))  # type: ignore[misc]
+        declared = ARCHITECTURES.spec(name)  # UnknownNameError when not declared at all
+        if not isinstance(declared, ArchSpec):
+            raise ValueError(f"architecture {name!r} is not declared with its metadata; use register_architecture")
+        ARCHITECTURES.register(name)(dataclasses.replace(declared, factory=fn))
+        return fn
+
+    return deco
+
+
+def register_architecture(
+    name: str,
+    *,
+    input_shapes: Sequence[Sequence[int]],
+    badexpert: BadExpertDefaults = RESNET18_REFERENCE,
+    description: str | None = None,
+) -> Callable[[BodyFactory], BodyFactory]:
+    """Decorator: register a body factory with the shapes it accepts and its BaDExpert defaults
+    (the description, when not given, is the factory's docstring)."""
+
+    def deco(fn: BodyFactory) -> BodyFactory:
+        if name in ARCHITECTURES:  # declared names too: their module would register them again
+            raise ValueError(f"architecture {name!r} is registered twice")
+        doc = _one_line(fn.__doc__ or "") if description is None else _one_line(description)
+        ARCHITECTURES.register(name)(ArchSpec(name, _shapes(input_shapes), badexpert, doc, factory=fn))
         return fn
 
     return deco
 
 
 def architecture_spec(name: str) -> ArchSpec:
-    return ARCHITECTURES.get(name)
+    """The spec of architecture ``name``, without importing its implementation (a declared
+    architecture's :attr:`ArchSpec.build` imports it)."""
+    if ARCHITECTURES.loaded(name):
+        return ARCHITECTURES.get(name)
+    declared = ARCHITECTURES.spec(name)  # UnknownNameError for unknown names
+    return declared if isinstance(declared, ArchSpec) else ARCHITECTURES.get(name)
 
 
 def list_architectures() -> list[str]:
@@ -77,49 +147,9 @@ def _fmt(shape: Sequence[int]) -> str:
 
 def check_input_shape(name: str, shape: Sequence[int]) -> None:
     """Raise ValueError unless architecture ``name`` accepts inputs of ``shape`` (C, H, W)."""
-    spec = ARCHITECTURES.get(name)
+    spec = architecture_spec(name)
     if tuple(int(s) for s in shape) not in spec.input_shapes:
         raise ValueError(
             f"architecture {name!r} does not accept inputs of shape {_fmt(shape)} (C x H x W); "
             f"it accepts {', '.join(_fmt(s) for s in spec.input_shapes)}"
         )
-
-
-class Classifier(nn.Module):
-    """Normalization (per-channel mean/std buffers) followed by a network body; outputs logits."""
-
-    def __init__(self, body: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-        self.body = body
-
-    def forward(self, x: Tensor) -> Tensor:
-        mean, std = self.get_buffer("mean"), self.get_buffer("std")
-        return self.body((x - mean) / std)  # type: ignore[no-any-return]
-
-
-def create_model(
-    name: str,
-    input_shape: tuple[int, int, int],
-    num_classes: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-) -> Classifier:
-    """Build architecture ``name`` for inputs of ``input_shape`` (C, H, W) in [0, 1]; a shape the
-    architecture does not accept is a ValueError naming both."""
-    check_input_shape(name, input_shape)
-    body = ARCHITECTURES.get(name).build(input_shape[0], num_classes, (input_shape[1], input_shape[2]))
-    return Classifier(body, mean, std)
-
-
-def penultimate_layer(model: nn.Module) -> nn.Linear:
-    """The last ``nn.Linear`` of ``model`` (its input is the penultimate representation; used by
-    attacks that select neurons, e.g. TrojanNN). Every registered architecture ends in one."""
-    last = None
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            last = m
-    if last is None:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer")
-    return last

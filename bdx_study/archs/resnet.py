@@ -1,14 +1,13 @@
 """ResNet-18 and PreAct-ResNet-18, CIFAR variants (3x3 stem, no max-pool), as in the backdoor
-toolbox and BackdoorBench; torchvision has no CIFAR-stem ResNet."""
+toolbox and BackdoorBench; torchvision has no CIFAR-stem ResNet. Their metadata (shapes, BaDExpert
+values, descriptions) is declared in :mod:`bdx_study.archs._catalog`."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from bdx_study.archs._base import RESNET18_REFERENCE, BadExpertDefaults, register_architecture
-
-_CIFAR_SHAPES = [(1, 28, 28), (3, 32, 32)]
+from bdx_study.archs._base import register_body
 
 
 class BasicBlock(nn.Module):
@@ -49,10 +48,8 @@ class PreActBlock(nn.Module):
         return out + short
 
 
-@register_architecture("resnet18", input_shapes=_CIFAR_SHAPES, badexpert=RESNET18_REFERENCE)
+@register_body("resnet18")
 def resnet18(in_channels: int, num_classes: int, hw: tuple[int, int]) -> nn.Module:
-    """ResNet-18, CIFAR variant: 3x3 stem, no max-pool, stages of 64/128/256/512 channels (11M
-    parameters); BaDExpert values: the paper's (lr 1e-4, alpha 2, beta 0.5, stop at 0.2)."""
     layers: list[nn.Module] = [nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
     cin = 64
     for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
@@ -62,14 +59,8 @@ def resnet18(in_channels: int, num_classes: int, hw: tuple[int, int]) -> nn.Modu
     return nn.Sequential(*layers)
 
 
-@register_architecture(
-    "preact_resnet18",
-    input_shapes=_CIFAR_SHAPES,
-    badexpert=BadExpertDefaults(1e-4, 2.0, 0.5, 0.2, "paper's ResNet-18 values (none given for PreAct-ResNet-18)"),
-)
+@register_body("preact_resnet18")
 def preact_resnet18(in_channels: int, num_classes: int, hw: tuple[int, int]) -> nn.Module:
-    """PreAct-ResNet-18 (BackdoorBench's default model), CIFAR variant: 3x3 stem, pre-activation
-    blocks, final BN-ReLU; BaDExpert values: the paper's ResNet-18 ones."""
     layers: list[nn.Module] = [nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)]
     cin = 64
     for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:

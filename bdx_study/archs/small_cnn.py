@@ -1,22 +1,18 @@
-"""The small CNN of bdx-study's quick studies (CPU-sized)."""
+"""The small CNN of bdx-study's quick studies (CPU-sized); declared in :mod:`bdx_study.archs._catalog`."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from bdx_study.archs._base import register_architecture
+from bdx_study.archs._base import register_body
 
 
 def conv_bn(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-@register_architecture(
-    "small_cnn", input_shapes=[(1, 16, 16), (1, 28, 28), (1, 32, 32), (3, 28, 28), (3, 32, 32), (3, 64, 64)]
-)
+@register_body("small_cnn")
 def small_cnn(in_channels: int, num_classes: int, hw: tuple[int, int]) -> nn.Module:
-    """Four 3x3 conv-BN-ReLU layers (32, 32, 64, 64 channels) with two 2x2 max-pools, then a
-    128-unit head (~0.2M parameters); BaDExpert values: the paper's ResNet-18 ones."""
     return nn.Sequential(
         *conv_bn(in_channels, 32),
         *conv_bn(32, 32),

@@ -7,36 +7,44 @@
 - warping: ``wanet`` (:mod:`.wanet`); frequency: ``lf``, ``ftrojan`` (:mod:`.frequency`);
 - generator-based: ``issba`` (:mod:`.issba`), ``dynamic`` (:mod:`.dynamic`);
 - training-controlled: ``bpp`` (:mod:`.bpp`), ``trojannn`` (:mod:`.trojannn`), ``dynamic``.
+
+Importing this package does not import torch: the built-ins are declared (name, module, Params
+model) in :mod:`._registry` and their module is imported on the first ``ATTACKS.get(name)``;
+each attack's params, checks and identity are in its torch-free recipe module, :mod:`.recipes`.
+So :func:`attack_params`, :func:`check_attack`, :func:`check_attack_data` and
+:func:`attack_identity` (what ``bdx-study validate`` and the victim keys need) run without
+torch, and the torch names below are loaded on first use.
 """
 
-from bdx_study.attacks import (  # noqa: F401  (registration)
-    adaptive_patch,
-    blend,
-    bpp,
-    clean_label,
-    dynamic,
-    frequency,
-    issba,
-    patch,
-    trojannn,
-    wanet,
-)
-from bdx_study.attacks._base import (
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bdx_study._lazy import lazy_exports
+from bdx_study.attacks._registry import (
     ATTACKS,
-    Attack,
-    AttackContext,
-    AttackParams,
-    CoverParams,
-    HookBatch,
-    PoisonedSet,
-    TrainingControlledAttack,
-    TrainingHook,
-    create_attack,
+    BUILTIN_ATTACKS,
+    attack_identity,
+    attack_params,
+    check_attack,
+    check_attack_data,
     list_attacks,
     register_attack,
 )
-from bdx_study.attacks._store import ArtifactStore
-from bdx_study.attacks._triggers import patch_blend
+from bdx_study.attacks.recipes import AttackParams, CoverParams
+
+if TYPE_CHECKING:
+    from bdx_study.attacks._base import (
+        Attack,
+        AttackContext,
+        HookBatch,
+        PoisonedSet,
+        TrainingControlledAttack,
+        TrainingHook,
+        create_attack,
+    )
+    from bdx_study.attacks._store import ArtifactStore
+    from bdx_study.attacks._triggers import patch_blend
 
 __all__ = [
     "ATTACKS",
@@ -49,8 +57,33 @@ __all__ = [
     "PoisonedSet",
     "TrainingControlledAttack",
     "TrainingHook",
+    "attack_identity",
+    "attack_params",
+    "check_attack",
+    "check_attack_data",
     "create_attack",
     "list_attacks",
     "patch_blend",
     "register_attack",
 ]
+
+_LAZY = {  # name -> the module that defines it (they import torch)
+    **dict.fromkeys(
+        [
+            "Attack",
+            "AttackContext",
+            "HookBatch",
+            "PoisonedSet",
+            "TrainingControlledAttack",
+            "TrainingHook",
+            "create_attack",
+        ],
+        "bdx_study.attacks._base",
+    ),
+    "ArtifactStore": "bdx_study.attacks._store",
+    "patch_blend": "bdx_study.attacks._triggers",
+}
+
+
+# the torch names on first use; the attack modules too (``bdx_study.attacks.patch``)
+__getattr__ = lazy_exports(__name__, _LAZY, submodules={module for module, _ in BUILTIN_ATTACKS.values()})

@@ -6,7 +6,9 @@ it in this order (``bdx_study.victims.train_victim``):
 1. ``create_attack(name, params, input_shape, num_classes, seed)``: unknown params, a trigger
    larger than the image or a target outside the classes fail here (ValueError);
 2. ``check_data(train)``: data that cannot carry the attack fails here (e.g. a clean-label
-   target class with fewer images than the poison count);
+   target class with fewer images than the poison count). These checks (and ``identity``)
+   are the attack's torch-free recipe's (:mod:`bdx_study.attacks.recipes`): the attack
+   builds its recipe first, ``check_attack`` / ``check_attack_data`` build it alone;
 3. ``prepare(train, context)``: fits what the trigger needs before training (a surrogate and
    its PGD, a steganography encoder, a mask generator); most attacks need nothing;
 4. ``poison(train)``: the fixed poisoned training set: which indices carry the trigger
@@ -29,35 +31,33 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from bdx_study._registry import Registry
+from bdx_study.attacks._registry import ATTACKS, list_attacks, register_attack
 from bdx_study.attacks._store import ArtifactStore
+from bdx_study.attacks.recipes._base import AttackParams, AttackRecipe, CoverParams, by_side
 from bdx_study.data import ImageData
 
-
-class AttackParams(BaseModel):
-    """Parameters shared by every attack; subclasses add their trigger's parameters."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    poison_rate: float | None = Field(
-        None,
-        ge=0.0,
-        lt=1.0,
-        description="fraction of the whole training set poisoned (training-controlled attacks: of every "
-        "training batch); null = the attack's reference rate for the input size",
-    )
-    target: int = Field(0, ge=0, description="target class of the all-to-one backdoor")
-    seed: int | None = Field(None, description="trigger and poison-index seed; null = the victim's seed")
-
-
-class CoverParams(AttackParams):
-    """Attacks with cover (regularization) samples: triggered, but keeping their true labels."""
-
-    cover_rate: float | None = Field(
-        None, ge=0.0, lt=1.0, description="fraction of the training set used as cover samples; null = reference"
-    )
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "AttackContext",
+    "AttackParams",
+    "AttackRecipe",
+    "CoverParams",
+    "HookBatch",
+    "PoisonedSet",
+    "TrainingControlledAttack",
+    "TrainingHook",
+    "batch_counts",
+    "by_side",
+    "class_indices",
+    "create_attack",
+    "draw",
+    "list_attacks",
+    "register_attack",
+    "seeded_init",
+]
 
 
 def _empty_index() -> Tensor:
@@ -119,53 +119,57 @@ class TrainingHook(ABC):
         """After the last step (generators back to the CPU, eval mode)."""
 
 
-def by_side(table: Mapping[int, float], side: int) -> float:
-    """A per-input-size reference value: the entry for this side, else the 32x32 one."""
-    return table.get(side, table[32])
-
-
 class Attack(ABC):
     """One attack instance: a trigger fixed by (input shape, params, seed).
 
-    Class attributes describe the recipe: ``reference_rates`` / ``reference_cover_rates`` map
-    the input side (16, 28, 32; others use 32) to the default poison / cover rate;
+    Class attributes describe the recipe: ``Params``, the parameter model, whose ``Recipe``
+    resolves the params' defaults for the input shape and holds every check of shape, classes
+    and training data (torch-free, see :mod:`bdx_study.attacks.recipes`); ``reference_rates`` /
+    ``reference_cover_rates`` map the input side (16, 28, 32; others use 32) to the default
+    poison / cover rate (read from ``Params`` unless the class sets its own);
     ``random_trigger`` says whether a different seed gives a different trigger;
     ``controls_training`` whether the attack trains through a :class:`TrainingHook`.
     """
 
     Params: ClassVar[type[AttackParams]] = AttackParams
-    reference_rates: ClassVar[Mapping[int, float]] = {16: 0.05, 28: 0.01, 32: 0.003}
-    reference_cover_rates: ClassVar[Mapping[int, float]] = {32: 0.0}
+    reference_rates: ClassVar[Mapping[int, float]] = AttackParams.reference_rates
+    reference_cover_rates: ClassVar[Mapping[int, float]] = AttackParams.reference_cover_rates
     random_trigger: ClassVar[bool] = False
     controls_training: ClassVar[bool] = False
     name: ClassVar[str] = ""
+    recipe: AttackRecipe
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A class that sets ``Params`` takes its reference tables from it (unless it sets its own)."""
+        super().__init_subclass__(**kwargs)
+        if "Params" in cls.__dict__:
+            for table in ("reference_rates", "reference_cover_rates"):
+                if table not in cls.__dict__:
+                    setattr(cls, table, getattr(cls.Params, table))
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:
-        if params.target >= num_classes:
-            raise ValueError(f"attack {self.name!r}: target {params.target} must be < num_classes {num_classes}")
+        self.recipe = params.recipe(
+            self.name,
+            input_shape,
+            num_classes,
+            reference_rates=self.reference_rates,
+            reference_cover_rates=self.reference_cover_rates,
+        )
         self.params = params
-        c, h, w = input_shape
-        self.input_shape: tuple[int, int, int] = (int(c), int(h), int(w))
+        self.input_shape: tuple[int, int, int] = self.recipe.input_shape
         self.num_classes = num_classes
-        self.seed = seed if params.seed is None else params.seed
+        self.seed = self.recipe.seed_for(seed)
         self.target = params.target
-        side = self.input_shape[1]
-        rate = params.poison_rate
-        self.poison_rate: float = by_side(self.reference_rates, side) if rate is None else rate
-        cover = getattr(params, "cover_rate", None)
-        self.cover_rate: float = by_side(self.reference_cover_rates, side) if cover is None else cover
+        self.poison_rate: float = self.recipe.poison_rate
+        self.cover_rate: float = self.recipe.cover_rate
         self.prepared = False
 
     # ---------------------------------------------------------------- identity and randomness
 
     def identity(self) -> dict[str, Any]:
         """Everything that fixes this attack's trigger and poisoning once the shape is known:
-        the params with defaults resolved (part of the victim key)."""
-        d = self.params.model_dump(mode="json")
-        d.update(poison_rate=self.poison_rate, seed=self.seed)
-        if "cover_rate" in d:
-            d["cover_rate"] = self.cover_rate
-        return d
+        the params with defaults resolved (part of the victim key): the recipe's."""
+        return self.recipe.identity(self.seed)
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A CPU generator fixed by the attack's seed; offsets separate independent draws
@@ -179,9 +183,8 @@ class Attack(ABC):
 
     def check_data(self, train: ImageData) -> None:
         """Raise ValueError if ``train`` cannot carry this attack (e.g. too few images of a class
-        the recipe draws from). Data poisoning with uniform indices fits any data."""
-        if train.shape != self.input_shape:
-            raise self.fail(f"built for inputs {self.input_shape}, got training images {train.shape}")
+        the recipe draws from): the recipe's :meth:`~AttackRecipe.check_data`."""
+        self.recipe.check_data(train.shape, train.y.cpu().numpy())
 
     def prepare(self, train: ImageData, context: AttackContext | None = None) -> None:
         """Fit what the trigger needs before the victim trains (no-op for most attacks)."""
@@ -262,30 +265,12 @@ class Attack(ABC):
         return torch.full_like(y, self.target)
 
 
-ATTACKS: Registry[type[Attack]] = Registry("attack")
-
-
-def register_attack(name: str) -> Any:
-    """Class decorator: register an Attack subclass under ``name`` (and set its ``name``)."""
-
-    def deco(cls: type[Attack]) -> type[Attack]:
-        cls.name = name
-        ATTACKS.register(name)(cls)
-        return cls
-
-    return deco
-
-
 def create_attack(
     name: str, params: dict[str, Any], input_shape: tuple[int, int, int], num_classes: int, seed: int
 ) -> Attack:
     """Build attack ``name``; ``params`` are validated by its Params model (unknown keys fail)."""
     cls = ATTACKS.get(name)
     return cls(cls.Params.model_validate(params), input_shape, num_classes, seed)
-
-
-def list_attacks() -> list[str]:
-    return ATTACKS.names()
 
 
 def class_indices(y: Tensor, classes: list[int] | int) -> Tensor:

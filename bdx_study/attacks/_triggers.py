@@ -9,16 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bdx_study.attacks.recipes._base import check_placement, corner_positions
+
 
 def patch_blend(x: Tensor, trigger: Tensor, mask: Tensor, alpha: float | Tensor) -> Tensor:
     """The generic operator x' = x + alpha * m * (t - x): a patch is alpha = 1 with a local mask,
     a blend is mask = 1. ``trigger`` (C, H, W) and ``mask`` (1 or C, H, W) broadcast over N."""
     return (x + alpha * mask * (trigger - x)).clamp(0.0, 1.0)
-
-
-def scaled(n32: int, side: int, minimum: int = 1) -> int:
-    """A length given for 32x32 inputs, scaled to ``side`` (rounded, at least ``minimum``)."""
-    return max(minimum, round(n32 * side / 32))
 
 
 def checkerboard(size: int) -> Tensor:
@@ -35,8 +32,7 @@ def place(shape: tuple[int, int, int], pattern: Tensor, top: int, left: int) -> 
     c, h, w = shape
     pat = pattern if pattern.ndim == 3 else pattern.expand(c, *pattern.shape)
     ph, pw = pat.shape[1:]
-    if top < 0 or left < 0 or top + ph > h or left + pw > w:
-        raise ValueError(f"a {ph}x{pw} patch at ({top}, {left}) does not fit a {h}x{w} image")
+    check_placement(shape, (ph, pw), top, left)
     trigger, mask = torch.zeros(c, h, w), torch.zeros(1, h, w)
     trigger[:, top : top + ph, left : left + pw] = pat
     mask[:, top : top + ph, left : left + pw] = 1.0
@@ -55,15 +51,9 @@ def merge(*parts: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
 def corner_patches(shape: tuple[int, int, int], size: int = 3, margin: int = 0) -> tuple[Tensor, Tensor]:
     """Four ``size`` x ``size`` checkerboards, one in each corner (the toolbox's badnet_patch4),
     mirrored so that each corner shows the same pattern seen from its corner."""
-    _, h, w = shape
     board = checkerboard(size)
-    lo, hi_r, hi_c = margin, h - margin - size, w - margin - size
-    return merge(
-        place(shape, board.flip(0).flip(1), lo, lo),
-        place(shape, board.flip(0), lo, hi_c),
-        place(shape, board.flip(1), hi_r, lo),
-        place(shape, board, hi_r, hi_c),
-    )
+    boards = [board.flip(0).flip(1), board.flip(0), board.flip(1), board]  # top left, top right, bottom left, right
+    return merge(*(place(shape, b, *at) for b, at in zip(boards, corner_positions(shape, size, margin), strict=True)))
 
 
 def seeded_pattern(shape: tuple[int, int, int], gen: torch.Generator, binary: bool = False) -> Tensor:

@@ -1,29 +1,15 @@
-"""Adaptive-Patch (Qi et al., ICLR'23): four weak training patches, a stronger test-time union."""
+"""Adaptive-Patch (Qi et al., ICLR'23): four weak training patches, a stronger test-time union.
+Its params and geometry are in :mod:`bdx_study.attacks.recipes.adaptive_patch`."""
 
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 from torch import Tensor
 
-from bdx_study.attacks._base import Attack, AttackParams, CoverParams, register_attack
-from bdx_study.attacks._triggers import (
-    corner_patches,
-    merge,
-    patch_blend,
-    place,
-    scaled,
-    seeded_pattern,
-    smooth_pattern,
-)
+from bdx_study.attacks._base import Attack, AttackParams, register_attack
+from bdx_study.attacks._triggers import corner_patches, merge, patch_blend, place, seeded_pattern, smooth_pattern
 from bdx_study.attacks.patch import trojan_square
-
-
-class AdaptivePatchParams(CoverParams):
-    alphas: tuple[float, float, float, float] = Field(
-        (0.5, 0.2, 0.5, 0.3), description="training alpha of the corner logo, top logo, four corners, square"
-    )
-    test_alpha: float = Field(1.0, gt=0.0, le=1.0, description="alpha of the test trigger (toolbox: 1)")
+from bdx_study.attacks.recipes.adaptive_patch import AdaptivePatchParams, AdaptivePatchRecipe
 
 
 @register_attack("adaptive_patch")
@@ -47,29 +33,24 @@ class AdaptivePatch(Attack):
     0.05 / 0.1 (16x16)."""
 
     Params = AdaptivePatchParams
-    reference_rates = {16: 0.05, 28: 0.02, 32: 0.003}
-    reference_cover_rates = {16: 0.1, 28: 0.04, 32: 0.006}
     random_trigger = True
+    recipe: AdaptivePatchRecipe  # the geometry, checked
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:
         super().__init__(params, input_shape, num_classes, seed)
-        c, h, w = self.input_shape
+        r, shape = self.recipe, self.input_shape
+        c = shape[0]
         gen = self.generator(2)
-        s0 = scaled(5, h, 3)
-        logo = seeded_pattern((c, s0, s0), gen, binary=True)
-        s1, off = scaled(13, h, 3), scaled(1, h, 0)
-        try:
-            corner = place(self.input_shape, logo, h - s0, w - s0)
-            top = place(self.input_shape, smooth_pattern((c, s1, s1), gen, cells=3), off, w - off - s1)
-            self.triggers = [
-                corner,
-                top,
-                corner_patches(self.input_shape, 3),
-                trojan_square(self.input_shape, gen, None, None),
-            ]
-            corner_left = place(self.input_shape, logo.flip(-1), h - s0, 0)
-        except ValueError as e:
-            raise self.fail(str(e)) from None
+        logo = seeded_pattern((c, r.logo_side, r.logo_side), gen, binary=True)
+        corner = place(shape, logo, *r.corner_at)
+        top = place(shape, smooth_pattern((c, r.top_side, r.top_side), gen, cells=3), *r.top_at)
+        self.triggers = [
+            corner,
+            top,
+            corner_patches(shape, r.checker_side),
+            trojan_square(shape, gen, r.square_side, r.square_margin),
+        ]
+        corner_left = place(shape, logo.flip(-1), *r.corner_left_at)
         self.test_trigger = merge(self.triggers[2], corner, corner_left)  # the logos drawn over the checkerboards
 
     def _chunks(self, x: Tensor) -> Tensor:

@@ -1,45 +1,23 @@
-"""Blend attacks: Blend (seeded noise or a user's image) and Adaptive-Blend."""
+"""Blend attacks: Blend (seeded noise or a user's image) and Adaptive-Blend. Their params and
+checks are in :mod:`bdx_study.attacks.recipes.blend`."""
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-from typing import Any
-
+import numpy as np
 import torch
-from pydantic import Field, model_validator
 from torch import Tensor
 
-from bdx_study._io import sha256_file
-from bdx_study.attacks._base import Attack, AttackParams, CoverParams, register_attack
+from bdx_study.attacks._base import Attack, AttackParams, register_attack
 from bdx_study.attacks._triggers import patch_blend, seeded_pattern
-from bdx_study.data import DataError, read_image
+from bdx_study.attacks.recipes.blend import AdaptiveBlendParams, AdaptiveBlendRecipe, BlendParams, BlendRecipe
 
 
-class BlendParams(AttackParams):
-    alpha: float = Field(0.2, gt=0.0, le=1.0, description="blend weight of the trigger at training time")
-    test_alpha: float | None = Field(None, gt=0.0, le=1.0, description="blend weight at test time; null = alpha")
-    trigger_image: str | None = Field(
-        None, description="an image file (PNG, JPEG, ...) to blend, resized to the input; null = seeded U(0, 1) noise"
-    )
-
-
-def blend_pattern(attack: Attack, path: str | None) -> Tensor:
-    """The blend pattern (C, H, W): the user's image resized to the input (grey: luminance), or
-    seeded U(0, 1) noise from the attack's pattern generator."""
-    c, h, w = attack.input_shape
-    if path is None:
-        return seeded_pattern((c, h, w), attack.generator(2))
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise attack.fail(f"trigger_image {path!r}: no such file")
-    if h != w:
-        raise attack.fail(f"trigger_image needs square inputs, got {h}x{w}")
-    try:
-        arr = read_image(file, h, channels=c)
-    except DataError as e:
-        raise attack.fail(f"trigger_image {path!r}: {e}") from None
-    return torch.from_numpy(arr.copy()).float() / 255.0
+def blend_pattern(attack: Attack, image: np.ndarray | None) -> Tensor:
+    """The blend pattern (C, H, W): the user's image as the recipe read it (resized to the
+    input, grey: luminance), or seeded U(0, 1) noise from the attack's pattern generator."""
+    if image is None:
+        return seeded_pattern(attack.input_shape, attack.generator(2))
+    return torch.from_numpy(image.copy()).float() / 255.0
 
 
 @register_attack("blend")
@@ -52,20 +30,12 @@ class Blend(Attack):
     Rates: 0.003 (32x32, toolbox), 0.01 (28x28), 0.05 (16x16)."""
 
     Params = BlendParams
-    reference_rates = {16: 0.05, 28: 0.01, 32: 0.003}
     random_trigger = True
+    recipe: BlendRecipe
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:
         super().__init__(params, input_shape, num_classes, seed)
-        p: BlendParams = params  # type: ignore[assignment]
-        self.pattern = blend_pattern(self, p.trigger_image)
-        self._file_sha = None if p.trigger_image is None else sha256_file(Path(p.trigger_image).expanduser())
-
-    def identity(self) -> dict[str, Any]:
-        d = super().identity()
-        if self._file_sha is not None:
-            d["trigger_image_sha256"] = self._file_sha  # a changed file is a different victim
-        return d
+        self.pattern = blend_pattern(self, self.recipe.image)
 
     def _blend(self, x: Tensor, alpha: float) -> Tensor:
         return patch_blend(x, self.pattern.to(x), torch.ones(1, device=x.device), alpha)
@@ -76,20 +46,6 @@ class Blend(Attack):
     def apply_trigger(self, x: Tensor) -> Tensor:
         p: BlendParams = self.params  # type: ignore[assignment]
         return self._blend(x, p.alpha if p.test_alpha is None else p.test_alpha)
-
-
-class AdaptiveBlendParams(CoverParams):
-    alpha: float = Field(0.15, gt=0.0, le=1.0, description="blend weight on poison and cover images (toolbox 0.15)")
-    test_alpha: float = Field(0.2, gt=0.0, le=1.0, description="blend weight of the full test trigger (toolbox 0.2)")
-    pieces: int = Field(16, ge=1, description="blocks the trigger is cut into (a square number: 16 = 4 x 4)")
-    mask_rate: float = Field(0.5, ge=0.0, lt=1.0, description="share of blocks dropped on each training image")
-    trigger_image: str | None = Field(None, description="an image file to blend; null = seeded U(0, 1) noise")
-
-    @model_validator(mode="after")
-    def _square(self) -> AdaptiveBlendParams:
-        if math.isqrt(self.pieces) ** 2 != self.pieces:
-            raise ValueError(f"pieces must be a square number (4, 9, 16, ...), got {self.pieces}")
-        return self
 
 
 def block_masks(n: int, grid: int, drop: int, h: int, w: int, gen: torch.Generator) -> Tensor:
@@ -114,26 +70,14 @@ class AdaptiveBlend(Attack):
     0.05 / 0.05 (16x16)."""
 
     Params = AdaptiveBlendParams
-    reference_rates = {16: 0.05, 28: 0.02, 32: 0.003}
-    reference_cover_rates = {16: 0.05, 28: 0.02, 32: 0.003}
     random_trigger = True
+    recipe: AdaptiveBlendRecipe
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:
         super().__init__(params, input_shape, num_classes, seed)
-        p: AdaptiveBlendParams = params  # type: ignore[assignment]
-        _, h, w = self.input_shape
-        self.grid = math.isqrt(p.pieces)
-        if h % self.grid or w % self.grid:
-            raise self.fail(f"pieces {p.pieces} ({self.grid} x {self.grid} blocks) do not divide the {h}x{w} input")
-        self.drop = round(p.mask_rate * p.pieces)
-        self.pattern = blend_pattern(self, p.trigger_image)
-        self._file_sha = None if p.trigger_image is None else sha256_file(Path(p.trigger_image).expanduser())
-
-    def identity(self) -> dict[str, Any]:
-        d = super().identity()
-        if self._file_sha is not None:
-            d["trigger_image_sha256"] = self._file_sha
-        return d
+        r = self.recipe
+        self.grid, self.drop = r.grid, r.drop
+        self.pattern = blend_pattern(self, r.image)
 
     def poison_images(self, x: Tensor, gen: torch.Generator) -> Tensor:
         _, h, w = self.input_shape

@@ -1,14 +1,13 @@
-"""BppAttack (Wang et al., CVPR'22): colour-depth squeezing with dithering, trained with negatives."""
+"""BppAttack (Wang et al., CVPR'22): colour-depth squeezing with dithering, trained with negatives.
+Its params are in :mod:`bdx_study.attacks.recipes.bpp`."""
 
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 from torch import Tensor
 
 from bdx_study.attacks._base import (
     AttackParams,
-    CoverParams,
     HookBatch,
     TrainingControlledAttack,
     TrainingHook,
@@ -16,13 +15,7 @@ from bdx_study.attacks._base import (
     register_attack,
 )
 from bdx_study.attacks._triggers import dither_quantize, quantize
-
-
-class BppParams(CoverParams):
-    squeeze_num: int | None = Field(
-        None, ge=2, le=256, description="levels per channel after squeezing; null = 8 (RGB, toolbox), 4 (grey)"
-    )
-    dither: bool = Field(True, description="Floyd-Steinberg dithering (toolbox: on; BackdoorBench: off)")
+from bdx_study.attacks.recipes.bpp import BppParams, BppRecipe
 
 
 class _BppHook(TrainingHook):
@@ -60,16 +53,11 @@ class Bpp(TrainingControlledAttack):
     neg_ratio; the toolbox uses 0.2 / 0.2) at every size."""
 
     Params = BppParams
-    reference_rates = {32: 0.1}
-    reference_cover_rates = {32: 0.1}
+    recipe: BppRecipe
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:
         super().__init__(params, input_shape, num_classes, seed)
-        p: BppParams = params  # type: ignore[assignment]
-        self.levels = (8 if self.input_shape[0] == 3 else 4) if p.squeeze_num is None else p.squeeze_num
-
-    def identity(self) -> dict[str, object]:
-        return {**super().identity(), "squeeze_num": self.levels}
+        self.levels = self.recipe.levels
 
     def training_hook(self) -> TrainingHook:
         return _BppHook(self)

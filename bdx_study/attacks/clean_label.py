@@ -1,32 +1,22 @@
 """Clean-label attacks: SIG and label-consistent (Turner et al.). Only target-class images are
-poisoned and every label is kept; ``poison_rate`` is still a fraction of the whole training set."""
+poisoned and every label is kept; ``poison_rate`` is still a fraction of the whole training set.
+Their params and checks are in :mod:`bdx_study.attacks.recipes.clean_label`."""
 
 from __future__ import annotations
 
-import math
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
 from bdx_study.attacks._base import Attack, AttackContext, AttackParams, class_indices, draw, register_attack
 from bdx_study.attacks._surrogate import pgd, surrogate
 from bdx_study.attacks._triggers import corner_patches, patch_blend, sinusoid
+from bdx_study.attacks.recipes.clean_label import CleanLabelParams, CleanLabelRecipe, SIGParams, SIGRecipe
 from bdx_study.data import ImageData
 
 
 class _CleanLabel(Attack):
-    """Poison indices drawn from the target class only; labels unchanged."""
-
-    def check_data(self, train: ImageData) -> None:
-        super().check_data(train)
-        need, have = int(len(train) * self.poison_rate), len(class_indices(train.y, self.target))
-        if need > have:
-            raise self.fail(
-                f"poison_rate {self.poison_rate} needs {need} images of target class {self.target} "
-                f"(clean-label attacks poison only the target class), the training set has {have}"
-            )
+    """Poison indices drawn from the target class only (its recipe checks the class holds
+    enough images); labels unchanged."""
 
     def select(self, y: Tensor) -> tuple[Tensor, Tensor]:
         pool = class_indices(y, self.target)
@@ -34,12 +24,6 @@ class _CleanLabel(Attack):
 
     def poison_labels(self, y: Tensor) -> Tensor:
         return y.clone()
-
-
-class SIGParams(AttackParams):
-    delta: float | None = Field(None, gt=0.0, le=1.0, description="amplitude in [0, 1] units; null = reference")
-    frequency: float = Field(6.0, gt=0.0, description="stripes across the width (toolbox and BackdoorBench: 6)")
-    test_delta: float | None = Field(None, gt=0.0, le=1.0, description="amplitude at test time; null = delta")
 
 
 @register_attack("sig")
@@ -54,17 +38,11 @@ class SIG(_CleanLabel):
     Rates: 0.02 (32x32, toolbox), 0.05 (28x28: half of a Fashion-MNIST class), 0.05 (16x16)."""
 
     Params = SIGParams
-    reference_rates = {16: 0.05, 28: 0.05, 32: 0.02}
-    reference_deltas = {16: 40 / 255, 28: 60 / 255, 32: 30 / 255}
+    recipe: SIGRecipe
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:
         super().__init__(params, input_shape, num_classes, seed)
-        p: SIGParams = params  # type: ignore[assignment]
-        self.delta = self.reference_deltas.get(self.input_shape[1], 30 / 255) if p.delta is None else p.delta
-        self.test_delta = self.delta if p.test_delta is None else p.test_delta
-
-    def identity(self) -> dict[str, object]:
-        return {**super().identity(), "delta": self.delta, "test_delta": self.test_delta}
+        self.delta, self.test_delta = self.recipe.delta, self.recipe.test_delta
 
     def _add(self, x: Tensor, delta: float) -> Tensor:
         v = sinusoid(self.input_shape, delta, self.params.frequency)  # type: ignore[attr-defined]
@@ -75,20 +53,6 @@ class SIG(_CleanLabel):
 
     def apply_trigger(self, x: Tensor) -> Tensor:
         return self._add(x, self.test_delta)
-
-
-class CleanLabelParams(AttackParams):
-    norm: Literal["l2", "linf"] = Field("l2", description="PGD norm (toolbox data: L2, 'two_600')")
-    eps: float | None = Field(
-        None,
-        gt=0.0,
-        description="PGD radius in [0, 1] units; null = 600/255 scaled by sqrt(C H W / 3072) (L2), 16/255 (linf)",
-    )
-    pgd_steps: int = Field(20, ge=1, description="PGD steps against the surrogate")
-    surrogate_epochs: int = Field(4, ge=1, description="epochs of the attacker's small-CNN surrogate on clean data")
-    surrogate_seed: int = Field(0, description="seed of the surrogate (shared by victims of any seed)")
-    patch_size: int = Field(3, ge=1, description="side of each corner checkerboard, pixels")
-    amplitude: float = Field(1.0, gt=0.0, le=1.0, description="alpha of the corner patches on training images")
 
 
 @register_attack("clean_label")
@@ -104,23 +68,13 @@ class CleanLabel(_CleanLabel):
     victims reached 88% and 69% in two budgets), 0.05 (16x16)."""
 
     Params = CleanLabelParams
-    reference_rates = {16: 0.05, 28: 0.05, 32: 0.003}
+    recipe: CleanLabelRecipe
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:
         super().__init__(params, input_shape, num_classes, seed)
-        p: CleanLabelParams = params  # type: ignore[assignment]
-        c, h, w = self.input_shape
-        if 2 * p.patch_size > min(h, w):
-            raise self.fail(f"two corner patches of patch_size {p.patch_size} exceed the {h}x{w} input")
-        if p.eps is not None:
-            self.eps = p.eps
-        else:
-            self.eps = 600 / 255 * math.sqrt(c * h * w / 3072) if p.norm == "l2" else 16 / 255
-        self.trigger, self.mask = corner_patches(self.input_shape, p.patch_size)
+        self.eps = self.recipe.eps
+        self.trigger, self.mask = corner_patches(self.input_shape, self.recipe.params.patch_size)
         self.surrogate: nn.Module | None = None
-
-    def identity(self) -> dict[str, object]:
-        return {**super().identity(), "eps": self.eps}
 
     def prepare(self, train: ImageData, context: AttackContext | None = None) -> None:
         p: CleanLabelParams = self.params  # type: ignore[assignment]

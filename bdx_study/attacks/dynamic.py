@@ -6,13 +6,11 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
 from bdx_study.attacks._base import (
     AttackContext,
     AttackParams,
-    CoverParams,
     HookBatch,
     TrainingControlledAttack,
     TrainingHook,
@@ -21,18 +19,10 @@ from bdx_study.attacks._base import (
     seeded_init,
 )
 from bdx_study.attacks._nets import UNetLite
+from bdx_study.attacks.recipes.dynamic import DynamicParams
 from bdx_study.data import ImageData
 
 EPS = 1e-7
-
-
-class DynamicParams(CoverParams):
-    lambda_div: float = Field(1.0, ge=0.0, description="weight of the diversity loss (BackdoorBench: 1)")
-    lambda_norm: float = Field(100.0, ge=0.0, description="weight of the mask-density loss (BackdoorBench: 100)")
-    mask_density: float = Field(0.032, gt=0.0, le=1.0, description="target mean of the mask (BackdoorBench: 0.032)")
-    mask_steps: int = Field(200, ge=1, description="Adam steps pretraining the mask generator (batch 64)")
-    generator_lr: float = Field(0.01, gt=0.0, description="Adam lr of both generators (BackdoorBench: 0.01)")
-    width: int = Field(16, ge=4, description="channels of the generators' first level")
 
 
 def diversity(x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor) -> Tensor:
@@ -124,16 +114,12 @@ class InputAware(TrainingControlledAttack):
     cross_ratio 2) at every size."""
 
     Params = DynamicParams
-    reference_rates = {32: 0.1}
-    reference_cover_rates = {32: 0.2}
     random_trigger = True
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:
-        super().__init__(params, input_shape, num_classes, seed)
+        super().__init__(params, input_shape, num_classes, seed)  # the recipe checks H, W divisible by 4
         p: DynamicParams = params  # type: ignore[assignment]
-        c, h, w = self.input_shape
-        if h % 4 or w % 4:
-            raise self.fail(f"the generators need H and W divisible by 4, got {h}x{w}")
+        c = self.input_shape[0]
         self.pattern_gen: nn.Module = seeded_init(lambda: UNetLite(c, c, p.width), self.seed * 1000 + 5)
         self.mask_gen: nn.Module = seeded_init(lambda: UNetLite(c, 1, p.width), self.seed * 1000 + 6)
         self.pattern_gen.eval()

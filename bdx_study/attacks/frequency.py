@@ -1,31 +1,17 @@
-"""Frequency-domain triggers: low-frequency (LF, Zeng et al. ICCV'21) and FTrojan (Wang et al. ECCV'22)."""
+"""Frequency-domain triggers: low-frequency (LF, Zeng et al. ICCV'21) and FTrojan (Wang et al. ECCV'22).
+Their params and checks are in :mod:`bdx_study.attacks.recipes.frequency`."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
 from torch import Tensor
 
 from bdx_study.attacks._base import Attack, AttackContext, AttackParams, register_attack
 from bdx_study.attacks._surrogate import surrogate
 from bdx_study.attacks._triggers import dct2, idct2, lowpass, rgb_to_yuv, yuv_to_rgb
+from bdx_study.attacks.recipes.frequency import FTrojanParams, FTrojanRecipe, LFParams, LFRecipe
 from bdx_study.data import ImageData
-
-
-class LFParams(AttackParams):
-    eps: float = Field(0.1, gt=0.0, le=1.0, description="L-inf size of the additive trigger, [0, 1] units")
-    keep: int | None = Field(None, ge=1, description="DCT frequencies kept per axis; null = H / 8 (4 at 32x32)")
-    mode: Literal["uap", "random"] = Field(
-        "uap",
-        description="uap: a low-pass universal perturbation towards the target against the attack's "
-        "own surrogate (the LF paper); random: seeded low-pass noise",
-    )
-    uap_steps: int = Field(200, ge=1, description="Adam steps of the universal perturbation")
-    surrogate_epochs: int = Field(4, ge=1, description="epochs of the attacker's small-CNN surrogate")
-    surrogate_seed: int = Field(0, description="seed of the surrogate (shared with clean_label)")
 
 
 @register_attack("lf")
@@ -42,23 +28,16 @@ class LowFrequency(Attack):
     Rates: 0.01 at every size but 16x16 (0.05): BackdoorBench uses 0.1, the toolbox has no LF."""
 
     Params = LFParams
-    reference_rates = {16: 0.05, 28: 0.01, 32: 0.01}
     random_trigger = True
+    recipe: LFRecipe
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:
         super().__init__(params, input_shape, num_classes, seed)
         p: LFParams = params  # type: ignore[assignment]
         c, h, w = self.input_shape
-        if h != w:
-            raise self.fail(f"needs square inputs, got {h}x{w}")
-        self.keep = max(1, h // 8) if p.keep is None else p.keep
-        if self.keep > h:
-            raise self.fail(f"keep {self.keep} exceeds the {h}x{w} input")
+        self.keep = self.recipe.keep
         self.pattern = self._project(torch.randn(c, h, w, generator=self.generator(2)))
         self.prepared = p.mode == "random"
-
-    def identity(self) -> dict[str, object]:
-        return {**super().identity(), "keep": self.keep}
 
     def _project(self, t: Tensor) -> Tensor:
         """Low-pass, then scaled into the eps box (the largest low-pass pattern inside it)."""
@@ -100,24 +79,6 @@ class LowFrequency(Attack):
         return (x + self.pattern.to(x)).clamp(0.0, 1.0)
 
 
-class FTrojanParams(AttackParams):
-    magnitude: float | None = Field(
-        None, gt=0.0, description="added to each chosen DCT coefficient, [0, 1] units; null = reference"
-    )
-    window: int | None = Field(None, ge=2, description="side of the DCT blocks; null = the whole image")
-    positions: list[tuple[int, int]] | None = Field(
-        None, description="(row, column) coefficients inside a block; null = mid (w/2-1, w/2-1) and high (w-1, w-1)"
-    )
-    yuv: bool = Field(True, description="perturb the U and V channels of YUV (RGB inputs; grey: the one channel)")
-
-    @field_validator("positions")
-    @classmethod
-    def _nonempty(cls, v: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
-        if v is not None and not v:
-            raise ValueError("positions must name at least one coefficient")
-        return v
-
-
 @register_attack("ftrojan")
 class FTrojan(Attack):
     """FTrojan: a fixed bump on chosen mid- and high-frequency DCT coefficients of every
@@ -132,26 +93,12 @@ class FTrojan(Attack):
     at 0.05). Rates: 0.01 (32x32; BackdoorBench uses 0.1), 0.05 (28x28 and 16x16)."""
 
     Params = FTrojanParams
-    reference_rates = {16: 0.05, 28: 0.05, 32: 0.01}
+    recipe: FTrojanRecipe
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:
         super().__init__(params, input_shape, num_classes, seed)
-        p: FTrojanParams = params  # type: ignore[assignment]
-        c, h, w = self.input_shape
-        self.window = h if p.window is None else p.window
-        if h != w or h % self.window:
-            raise self.fail(f"window {self.window} must tile the {h}x{w} input (square)")
-        b = self.window
-        self.positions = [(b // 2 - 1, b // 2 - 1), (b - 1, b - 1)] if p.positions is None else list(p.positions)
-        for r, col in self.positions:
-            if not (0 <= r < b and 0 <= col < b):
-                raise self.fail(f"position ({r}, {col}) lies outside the {b}x{b} DCT block")
-        default = 30 / 255 if c == 3 else 0.5
-        self.magnitude = default if p.magnitude is None else p.magnitude
-        self.channels = [1, 2] if (c == 3 and p.yuv) else list(range(c))
-
-    def identity(self) -> dict[str, object]:
-        return {**super().identity(), "magnitude": self.magnitude, "window": self.window, "positions": self.positions}
+        r = self.recipe
+        self.window, self.positions, self.magnitude, self.channels = r.window, r.positions, r.magnitude, r.channels
 
     def apply_trigger(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape

@@ -7,12 +7,12 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
 from bdx_study.attacks._base import Attack, AttackContext, AttackParams, register_attack, seeded_init
 from bdx_study.attacks._nets import Decoder, UNetLite
 from bdx_study.attacks._surrogate import data_fingerprint
+from bdx_study.attacks.recipes.issba import ISSBAParams
 from bdx_study.data import ImageData
 
 
@@ -76,17 +76,6 @@ def train_encoder(
     return {k: v.detach().cpu() for k, v in enc.state_dict().items()}, sum(correct) / max(1, len(correct))
 
 
-class ISSBAParams(AttackParams):
-    secret_bits: int = Field(20, ge=1, description="length of the embedded secret (toolbox: 20)")
-    encoder_steps: int = Field(1500, ge=1, description="training steps of the encoder (batch 64)")
-    encoder_width: int = Field(16, ge=4, description="channels of the encoder's first level")
-    amplitude: float = Field(0.05, gt=0.0, le=1.0, description="bound on the residual, [0, 1] units (~13/255)")
-    image_weight: float = Field(
-        0.0, ge=0.0, description="weight of the residual's mean square in the encoder loss (0: the bound alone)"
-    )
-    encoder_seed: int = Field(0, description="seed of the encoder (shared by victims of any seed)")
-
-
 @register_attack("issba")
 class ISSBA(Attack):
     """ISSBA: poisoned images carry a sample-specific, near-invisible residual E(x, s) that a
@@ -105,15 +94,11 @@ class ISSBA(Attack):
     Rates: 0.02 (32x32, toolbox; 28x28), 0.05 (16x16)."""
 
     Params = ISSBAParams
-    reference_rates = {16: 0.05, 28: 0.02, 32: 0.02}
     random_trigger = True
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:
-        super().__init__(params, input_shape, num_classes, seed)
+        super().__init__(params, input_shape, num_classes, seed)  # the recipe checks H, W divisible by 4
         p: ISSBAParams = params  # type: ignore[assignment]
-        _, h, w = self.input_shape
-        if h % 4 or w % 4:
-            raise self.fail(f"the encoder needs H and W divisible by 4, got {h}x{w}")
         self.secret = torch.randint(0, 2, (1, p.secret_bits), generator=self.generator(2)).float()
         self.encoder: SecretEncoder | None = None
 

@@ -1,31 +1,31 @@
-"""Patch attacks: BadNet (all-to-one and all-to-all), Trojan's square and TaCT."""
+"""Patch attacks: BadNet (all-to-one and all-to-all), Trojan's square and TaCT. Their params
+and checks are in :mod:`bdx_study.attacks.recipes.patch`."""
 
 from __future__ import annotations
 
 import torch
-from pydantic import Field, field_validator
 from torch import Tensor
 
-from bdx_study.attacks._base import (
-    Attack,
-    AttackParams,
-    CoverParams,
-    class_indices,
-    draw,
-    register_attack,
-)
+from bdx_study.attacks._base import Attack, AttackParams, class_indices, draw, register_attack
 from bdx_study.attacks._triggers import checkerboard, patch_blend, place, seeded_pattern
-from bdx_study.data import ImageData
+from bdx_study.attacks.recipes.patch import (
+    BadNetAllToAllParams,
+    BadNetParams,
+    BadNetRecipe,
+    NoAttackParams,
+    TaCTParams,
+    TaCTRecipe,
+    TrojanParams,
+    TrojanRecipe,
+    trojan_geometry,
+)
 
 
 @register_attack("none")
 class NoAttack(Attack):
     """A clean victim: nothing is poisoned and no input counts toward attack success."""
 
-    class Params(AttackParams):
-        poison_rate: float | None = Field(0.0, ge=0.0, le=0.0, description="always 0: nothing is poisoned")
-
-    reference_rates = {32: 0.0}
+    Params = NoAttackParams
 
     def apply_trigger(self, x: Tensor) -> Tensor:
         return x.clone()
@@ -44,11 +44,6 @@ class _PatchAttack(Attack):
         return patch_blend(x, self.trigger.to(x), self.mask.to(x), 1.0)
 
 
-class BadNetParams(AttackParams):
-    patch_size: int = Field(3, ge=1, description="side of the square checkerboard patch, pixels (reference: 3)")
-    margin: int = Field(0, ge=0, description="distance of the patch from the bottom-right corner, pixels")
-
-
 @register_attack("badnet")
 class BadNet(_PatchAttack):
     """BadNet (Gu et al.): a black/white checkerboard pasted in the bottom-right corner (full
@@ -60,16 +55,12 @@ class BadNet(_PatchAttack):
     """
 
     Params = BadNetParams
-    reference_rates = {16: 0.05, 28: 0.01, 32: 0.003}
+    recipe: BadNetRecipe
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:
         super().__init__(params, input_shape, num_classes, seed)
-        p: BadNetParams = params  # type: ignore[assignment]
-        _, h, w = self.input_shape
-        if p.patch_size + p.margin > min(h, w):
-            raise self.fail(f"patch_size {p.patch_size} + margin {p.margin} exceeds the {h}x{w} input")
-        top, left = h - p.margin - p.patch_size, w - p.margin - p.patch_size
-        self.trigger, self.mask = place(self.input_shape, checkerboard(p.patch_size), top, left)
+        r = self.recipe
+        self.trigger, self.mask = place(self.input_shape, checkerboard(r.params.patch_size), r.top, r.left)
 
 
 @register_attack("badnet_all2all")
@@ -80,7 +71,7 @@ class BadNetAllToAll(BadNet):
     size (BackdoorBench's; ten class-to-class rules need ten times BadNet's poison: at 0.01 on
     Fashion-MNIST attack success stays near 10%)."""
 
-    reference_rates = {16: 0.1, 28: 0.1, 32: 0.1}
+    Params = BadNetAllToAllParams
 
     def counts_toward_asr(self, y: Tensor) -> Tensor:
         return torch.ones_like(y, dtype=torch.bool)
@@ -94,18 +85,11 @@ def trojan_square(
 ) -> tuple[Tensor, Tensor]:
     """The toolbox's trojan_square geometry, seeded: a side x side multicolour square of {0, 1}
     values, ``margin`` pixels from the bottom-right corner. Defaults scale 8x8 at rows/columns
-    21-28 of 32x32: side = H / 4, margin = floor(3 H / 32) (28x28: 7x7 at 19-25; 16x16: 4x4 at 11-14)."""
+    21-28 of 32x32 (:func:`~bdx_study.attacks.recipes.patch.trojan_geometry`; 28x28: 7x7 at
+    19-25; 16x16: 4x4 at 11-14)."""
     c, h, w = shape
-    s = max(2, round(h / 4)) if side is None else side
-    m = (3 * h) // 32 if margin is None else margin
-    if s + m > min(h, w):
-        raise ValueError(f"a {s}x{s} trojan square {m} pixels from the corner exceeds the {h}x{w} input")
+    s, m = trojan_geometry(shape, side, margin)
     return place(shape, seeded_pattern((c, s, s), gen, binary=True), h - m - s, w - m - s)
-
-
-class TrojanParams(AttackParams):
-    patch_size: int | None = Field(None, ge=1, description="side of the square, pixels; null = H / 4 (8 at 32x32)")
-    margin: int | None = Field(None, ge=0, description="pixels from the bottom-right corner; null = 3 H / 32")
 
 
 @register_attack("trojan")
@@ -117,28 +101,13 @@ class Trojan(_PatchAttack):
     (16x16). Rates: 0.003 (32x32, toolbox), 0.01 (28x28), 0.05 (16x16)."""
 
     Params = TrojanParams
-    reference_rates = {16: 0.05, 28: 0.01, 32: 0.003}
     random_trigger = True
+    recipe: TrojanRecipe
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:
         super().__init__(params, input_shape, num_classes, seed)
-        p: TrojanParams = params  # type: ignore[assignment]
-        try:
-            self.trigger, self.mask = trojan_square(self.input_shape, self.generator(2), p.patch_size, p.margin)
-        except ValueError as e:
-            raise self.fail(str(e)) from None
-
-
-class TaCTParams(CoverParams, TrojanParams):
-    source: int = Field(1, ge=0, description="the source class: only its images get the target label")
-    cover_classes: list[int] = Field([5, 7], min_length=1, description="classes whose triggered images keep labels")
-
-    @field_validator("cover_classes")
-    @classmethod
-    def _distinct(cls, v: list[int]) -> list[int]:
-        if len(set(v)) != len(v) or min(v) < 0:
-            raise ValueError(f"cover_classes must be distinct class indices, got {v}")
-        return v
+        r = self.recipe
+        self.trigger, self.mask = trojan_square(self.input_shape, self.generator(2), r.side, r.margin)
 
 
 @register_attack("tact")
@@ -153,39 +122,12 @@ class TaCT(Trojan):
     (28x28), 0.05 / 0.05 (16x16), both of the whole training set."""
 
     Params = TaCTParams
-    reference_rates = {16: 0.05, 28: 0.01, 32: 0.003}
-    reference_cover_rates = {16: 0.05, 28: 0.01, 32: 0.003}
+    recipe: TaCTRecipe  # also checks the classes, and the data's source and cover images
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:
         super().__init__(params, input_shape, num_classes, seed)
-        p: TaCTParams = params  # type: ignore[assignment]
-        classes = [p.source, *p.cover_classes]
-        if max(classes) >= num_classes:
-            raise self.fail(
-                f"source {p.source} and cover_classes {p.cover_classes} must be < num_classes {num_classes}"
-            )
-        if p.source == p.target or p.source in p.cover_classes or p.target in p.cover_classes:
-            raise self.fail(
-                f"source {p.source}, target {p.target} and cover_classes {p.cover_classes} must be distinct classes"
-            )
+        p = self.recipe.params
         self.source, self.cover_classes = p.source, list(p.cover_classes)
-
-    def check_data(self, train: ImageData) -> None:
-        super().check_data(train)
-        y = train.y
-        n = len(y)
-        need_p, need_c = int(n * self.poison_rate), int(n * self.cover_rate)
-        have_p, have_c = len(class_indices(y, self.source)), len(class_indices(y, self.cover_classes))
-        if need_p > have_p:
-            raise self.fail(
-                f"poison_rate {self.poison_rate} needs {need_p} images of source class {self.source}, "
-                f"the training set has {have_p}"
-            )
-        if need_c > have_c:
-            raise self.fail(
-                f"cover_rate {self.cover_rate} needs {need_c} images of cover classes {self.cover_classes}, "
-                f"the training set has {have_c}"
-            )
 
     def select(self, y: Tensor) -> tuple[Tensor, Tensor]:
         n = len(y)

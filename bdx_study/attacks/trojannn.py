@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
 from bdx_study.archs import penultimate_layer
@@ -18,16 +17,7 @@ from bdx_study.attacks._base import (
     register_attack,
 )
 from bdx_study.attacks._triggers import patch_blend, place
-
-
-class TrojanNNParams(AttackParams):
-    neurons: int = Field(2, ge=1, description="penultimate neurons the trigger is optimized for (paper: 2)")
-    activation_target: float = Field(100.0, gt=0.0, description="value the selected |activations| are pushed to")
-    trigger_steps: int = Field(1000, ge=1, description="Adam steps of the trigger (toolbox: 1,000 at lr 0.1)")
-    trigger_lr: float = Field(0.1, gt=0.0, description="Adam lr of the trigger, cosine-annealed")
-    retrain_epochs: int = Field(1, ge=1, description="last epochs of victim training spent retraining (toolbox: 1)")
-    patch_size: int | None = Field(None, ge=1, description="side of the trigger square; null = H / 4 (8 at 32x32)")
-    margin: int | None = Field(None, ge=0, description="pixels from the bottom-right corner; null = 3 H / 32")
+from bdx_study.attacks.recipes.trojannn import TrojanNNParams, TrojanNNRecipe
 
 
 def select_neurons(head: nn.Linear, k: int) -> Tensor:
@@ -109,18 +99,13 @@ class TrojanNN(TrainingControlledAttack):
     starts from seeded a ~ N(0, 1), so the trigger depends on the seed and the clean model."""
 
     Params = TrojanNNParams
-    reference_rates = {32: 0.1}
     random_trigger = True
+    recipe: TrojanNNRecipe
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:
         super().__init__(params, input_shape, num_classes, seed)
-        p: TrojanNNParams = params  # type: ignore[assignment]
-        c, h, w = self.input_shape
-        s = max(2, round(h / 4)) if p.patch_size is None else p.patch_size
-        m = (3 * h) // 32 if p.margin is None else p.margin
-        if s + m > min(h, w):
-            raise self.fail(f"patch_size {s} + margin {m} exceeds the {h}x{w} input")
-        _, self.mask = place(self.input_shape, torch.zeros(s, s), h - m - s, w - m - s)
+        r = self.recipe
+        _, self.mask = place(self.input_shape, torch.zeros(r.side, r.side), r.top, r.left)
         self.init = torch.randn(self.input_shape, generator=self.generator(2))
         self.trigger: Tensor | None = None
 

@@ -1,35 +1,15 @@
-"""WaNet (Nguyen & Tran, ICLR'21): an imperceptible warping field, with noise-mode cover samples."""
+"""WaNet (Nguyen & Tran, ICLR'21): an imperceptible warping field, with noise-mode cover samples.
+Its params and checks are in :mod:`bdx_study.attacks.recipes.wanet`."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import Tensor
 
-from bdx_study.attacks._base import (
-    Attack,
-    AttackParams,
-    CoverParams,
-    HookBatch,
-    PoisonedSet,
-    TrainingHook,
-    register_attack,
-)
+from bdx_study.attacks._base import Attack, AttackParams, HookBatch, PoisonedSet, TrainingHook, register_attack
 from bdx_study.attacks._triggers import wanet_grid, wanet_noise_grid, warp
+from bdx_study.attacks.recipes.wanet import WaNetParams
 from bdx_study.data import ImageData
-
-
-class WaNetParams(CoverParams):
-    k: int = Field(4, ge=2, description="side of the random control grid (toolbox: 4)")
-    strength: float = Field(0.5, gt=0.0, description="warping strength s (toolbox: 0.5)")
-    grid_rescale: float = Field(1.0, gt=0.0, description="grid rescale factor (toolbox: 1)")
-    cover_noise: Literal["per_batch", "fixed"] = Field(
-        "per_batch",
-        description="noise-mode covers: a fresh random perturbation every time a cover image is trained on "
-        "(original WaNet, through the training hook), or one perturbation drawn once (the toolbox's poisoned set)",
-    )
 
 
 class _NoiseModeHook(TrainingHook):
@@ -63,16 +43,12 @@ class WaNet(Attack):
     28x28 (at 0.05 / 0.1 a 5-epoch Fashion-MNIST victim reached 57%) and 16x16."""
 
     Params = WaNetParams
-    reference_rates = {16: 0.1, 28: 0.1, 32: 0.05}
-    reference_cover_rates = {16: 0.2, 28: 0.2, 32: 0.1}
     random_trigger = True
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:
-        super().__init__(params, input_shape, num_classes, seed)
+        super().__init__(params, input_shape, num_classes, seed)  # the recipe checks k against the input
         p: WaNetParams = params  # type: ignore[assignment]
         _, h, w = self.input_shape
-        if p.k > min(h, w):
-            raise self.fail(f"control grid k {p.k} exceeds the {h}x{w} input")
         self.noise_grid = wanet_noise_grid(p.k, h, w, self.generator(2))
         self.grid = wanet_grid(self.noise_grid, p.strength, p.grid_rescale)
         self._cover = torch.zeros(0, dtype=torch.int64)

@@ -1,28 +1,39 @@
-"""Datasets (a registry) and the study's disjoint splits; see :mod:`bdx_study.data._core`.
+"""Datasets (a registry) and the study's disjoint splits.
 
-One module per dataset family registers itself: digits, IDX (MNIST, Fashion-MNIST), CIFAR-10
-(binary), GTSRB (torchvision's folders, PIL) and image folders (Imagenette).
+Two layers:
+
+- torch-free (:mod:`bdx_study.data._core`; what ``bdx-study validate`` uses): dataset facts and
+  the registry, :func:`load_arrays` (images as numpy :class:`Arrays`) and :func:`split_indices`
+  (the splits as index arrays, :func:`randperm` being ``torch.randperm`` in numpy);
+- torch (:mod:`bdx_study.data._tensors`, imported on first use of one of its names):
+  :class:`ImageData`, :func:`load_splits` and the rest, wrapping the same arrays and indices.
+
+One module per dataset family registers itself (all torch-free): digits, IDX (MNIST,
+Fashion-MNIST), CIFAR-10 (binary), GTSRB (torchvision's folders, PIL) and image folders
+(Imagenette).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bdx_study._lazy import lazy_exports
 from bdx_study.data._core import (
     DATASETS,
+    Arrays,
     DataError,
     DatasetInfo,
-    ImageData,
     Loader,
-    Splits,
-    _load_cached,
+    SplitIndices,
     _register,
-    augment_batch,
-    check_loaded,
+    check_arrays,
     dataset_info,
-    defender_split,
     list_datasets,
-    load_splits,
-    load_test_portion,
+    load_arrays,
+    randperm,
     register_dataset,
     resolve_root,
-    to_uint8,
+    split_indices,
 )
 from bdx_study.data._images import read_image, read_images
 from bdx_study.data.cifar import CIFAR10_BINARY_MD5, CIFAR10_BINARY_URL, read_cifar_binary
@@ -31,6 +42,38 @@ from bdx_study.data.gtsrb import GTSRB_CLASSES
 from bdx_study.data.idx import FASHION_MNIST_SYSTEM_ROOT, read_idx
 from bdx_study.data.image_folder import IMAGE_EXTENSIONS, register_image_folder
 
+if TYPE_CHECKING:
+    from bdx_study.data._tensors import (
+        ImageData,
+        Splits,
+        _load_cached,
+        augment_batch,
+        check_loaded,
+        defender_split,
+        load_splits,
+        load_test_portion,
+        to_uint8,
+    )
+
+# Names served by the torch layer, imported on first access (PEP 562).
+_TORCH_NAMES = frozenset(
+    {
+        "ImageData",
+        "Splits",
+        "_load_cached",
+        "augment_batch",
+        "check_loaded",
+        "defender_split",
+        "load_splits",
+        "load_test_portion",
+        "to_uint8",
+    }
+)
+
+
+__getattr__ = lazy_exports(__name__, dict.fromkeys(_TORCH_NAMES, "bdx_study.data._tensors"))
+
+
 __all__ = [
     "CIFAR10_BINARY_MD5",
     "CIFAR10_BINARY_URL",
@@ -38,21 +81,26 @@ __all__ = [
     "FASHION_MNIST_SYSTEM_ROOT",
     "GTSRB_CLASSES",
     "IMAGE_EXTENSIONS",
+    "Arrays",
     "DataError",
     "DatasetInfo",
     "ImageData",
     "Loader",
+    "SplitIndices",
     "Splits",
     "_load_cached",
     "_load_digits",
     "_register",
     "augment_batch",
+    "check_arrays",
     "check_loaded",
     "dataset_info",
     "defender_split",
     "list_datasets",
+    "load_arrays",
     "load_splits",
     "load_test_portion",
+    "randperm",
     "read_cifar_binary",
     "read_idx",
     "read_image",
@@ -60,5 +108,6 @@ __all__ = [
     "register_dataset",
     "register_image_folder",
     "resolve_root",
+    "split_indices",
     "to_uint8",
 ]

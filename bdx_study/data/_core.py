@@ -1,15 +1,13 @@
-"""The data contract: images, dataset facts, the dataset registry and the study's disjoint splits.
-
-Images live in :class:`ImageData`: pixels stored as uint8 (what every loader produces; an
-ImageNet subset fits in memory) or float32 in [0, 1] (what triggers produce), read as float32
-in [0, 1] one batch at a time. Triggers are applied in that [0, 1] pixel space; normalization
-belongs to the model (see ``bdx_study.archs``).
+"""The torch-free data contract: dataset facts, the dataset registry, images as numpy arrays and
+the study's disjoint splits as index arrays. ``bdx-study validate`` reads datasets through this
+module alone; :mod:`bdx_study.data._tensors` wraps the same arrays into torch tensors
+(:class:`~bdx_study.data.ImageData`) without copying them.
 
 Splits, all disjoint:
 - ``train``: the victim's training data (the attacker poisons it);
 - ``reserve``: the defender's reserved clean pool; a trial takes its first ``clean_set_size``
   images and splits them into a part to finetune on and a part to calibrate the threshold on
-  (:func:`defender_split`);
+  (:func:`~bdx_study.data.defender_split`);
 - ``selection``: inputs the hyperparameter search scores trials on (its objective);
 - ``evaluation``: inputs every reported figure comes from: never seen by training, finetuning,
   calibration or the search that picked the hyperparameters.
@@ -25,12 +23,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+import numpy as np
 
 from bdx_study._registry import Registry
+
+if TYPE_CHECKING:
+    from bdx_study.data._tensors import ImageData
 
 
 class DataError(ValueError):
@@ -50,88 +50,25 @@ class DatasetInfo:
     horizontal_flip: bool  # whether training augmentation flips
 
 
-Index = Tensor | slice
+class Arrays(NamedTuple):
+    """One portion of a dataset as numpy arrays: what every built-in loader returns.
 
-
-def to_uint8(x: Tensor) -> Tensor:
-    """Float pixels in [0, 1] -> uint8 0..255 (rounded, as an image file would hold them)."""
-    return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
-
-
-@dataclass(frozen=True)
-class ImageData:
-    """Images (N, C, H, W) and int64 labels (N,).
-
-    ``pixels`` is the storage, kept as given: uint8 0..255 (the loaders; 4x smaller) or float32
-    in [0, 1]. Read images as float32 in [0, 1] with :meth:`images` (a batch: only those rows are
-    converted) or :attr:`x` (all of them: a converted copy when the storage is uint8, so prefer
-    :meth:`images` on large data).
+    ``pixels`` (N, C, H, W) is uint8 0..255 (decoded image files), or float32 in [0, 1] where the
+    images are computed rather than read (digits: interpolated); ``labels`` (N,) is int64.
     """
 
-    pixels: Tensor
-    y: Tensor
-
-    def __post_init__(self) -> None:
-        if self.pixels.dtype not in (torch.uint8, torch.float32):
-            raise TypeError(f"ImageData pixels must be uint8 or float32, got {self.pixels.dtype}")
-        if self.pixels.ndim != 4:
-            raise ValueError(f"ImageData pixels must be (N, C, H, W), got shape {tuple(self.pixels.shape)}")
-        if self.y.shape != (self.pixels.shape[0],):
-            raise ValueError(f"{self.pixels.shape[0]} images but labels of shape {tuple(self.y.shape)}")
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one image."""
-        c, h, w = self.pixels.shape[1:]
-        return int(c), int(h), int(w)
-
-    @property
-    def x(self) -> Tensor:
-        """All images as float32 in [0, 1] (the storage itself when it is float32: do not modify)."""
-        return self.images()
-
-    def images(self, idx: Index | None = None) -> Tensor:
-        """Float32 images in [0, 1] of rows ``idx`` (all when None)."""
-        p = self.pixels if idx is None else self.pixels[idx]
-        return p.float().div_(255.0) if p.dtype == torch.uint8 else p
-
-    def take(self, idx: Index) -> ImageData:
-        """The rows ``idx`` (storage dtype kept)."""
-        return ImageData(self.pixels[idx], self.y[idx])
-
-    def with_rows(self, idx: Tensor, x: Tensor, y: Tensor) -> ImageData:
-        """A copy with rows ``idx`` replaced by float images ``x`` in [0, 1] and labels ``y``;
-        uint8 storage stores them rounded to 0..255, as image files would."""
-        pixels, labels = self.pixels.clone(), self.y.clone()
-        if len(idx):
-            pixels[idx] = to_uint8(x) if pixels.dtype == torch.uint8 else x.to(torch.float32)
-            labels[idx] = y
-        return ImageData(pixels, labels)
-
-    def batches(self, batch_size: int = 512) -> list[Tensor]:
-        """Index tensors of consecutive batches covering every row (for batched evaluation)."""
-        n = len(self)
-        return [torch.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    pixels: np.ndarray
+    labels: np.ndarray
 
 
-@dataclass(frozen=True)
-class Splits:
-    info: DatasetInfo
-    train: ImageData
-    reserve: ImageData
-    selection: ImageData
-    evaluation: ImageData
-
-
-Loader = Callable[[Path | None, bool], tuple[ImageData, ImageData]]  # (root, download) -> (train, test)
+# (root, download) -> (train, test); a loader may also return ImageData (torch), converted on load.
+Loader = Callable[[Path | None, bool], "tuple[Arrays, Arrays] | tuple[ImageData, ImageData]"]
 DATASETS: Registry[tuple[DatasetInfo, Loader]] = Registry("dataset")
 
 
 def register_dataset(info: DatasetInfo) -> Callable[[Loader], Loader]:
-    """Decorator: register ``info.name`` with its loader (root, download) -> (train, test)."""
+    """Decorator: register ``info.name`` with its loader (root, download) -> (train, test), each
+    portion :class:`Arrays` (or :class:`~bdx_study.data.ImageData`)."""
 
     def deco(fn: Loader) -> Loader:
         DATASETS.register(info.name)((info, fn))
@@ -155,59 +92,112 @@ def resolve_root(root: str | os.PathLike[str] | None) -> Path | None:
     return None if root is None else Path(root).expanduser().resolve()
 
 
-def check_loaded(name: str, train: ImageData, test: ImageData) -> None:
-    """A loader's output matches its registered facts (shape, label range)."""
+def check_portion(name: str, part: str, shape: tuple[int, ...], labels_min: int | None, labels_max: int | None) -> None:
+    """One loaded portion matches ``name``'s registered facts: image shape (C, H, W) and label
+    range (``labels_min``/``labels_max``: None when the portion is empty)."""
     info = dataset_info(name)
+    if shape != info.input_shape:
+        raise DataError(f"dataset {name!r}: {part} images are {shape}, expected {info.input_shape}")
+    if labels_min is not None and labels_max is not None and (labels_min < 0 or labels_max >= info.num_classes):
+        raise DataError(f"dataset {name!r}: {part} labels outside [0, {info.num_classes})")
+
+
+def _as_arrays(name: str, part: str, data: Any) -> Arrays:
+    """A loader's portion as :class:`Arrays` (ImageData is converted without copying), checked."""
+    if not isinstance(data, Arrays):
+        if not (hasattr(data, "pixels") and hasattr(data, "y")):
+            raise DataError(f"dataset {name!r}: the loader returned {type(data).__name__} for {part}, not Arrays")
+        data = Arrays(data.pixels.numpy(force=True), data.y.numpy(force=True))  # ImageData: torch is loaded
+    pixels, labels = data
+    if not isinstance(pixels, np.ndarray) or pixels.dtype not in (np.uint8, np.float32) or pixels.ndim != 4:
+        got = f"{pixels.dtype} {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
+        raise DataError(f"dataset {name!r}: {part} pixels must be a uint8 or float32 (N, C, H, W) array, got {got}")
+    if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "iu" or labels.shape != pixels.shape[:1]:
+        got = f"{labels.dtype} {labels.shape}" if isinstance(labels, np.ndarray) else type(labels).__name__
+        raise DataError(f"dataset {name!r}: {part} has {len(pixels)} images but labels {got} (integers (N,) expected)")
+    return Arrays(pixels, labels.astype(np.int64, copy=False))
+
+
+def check_arrays(name: str, train: Arrays, test: Arrays) -> None:
+    """A loader's output matches its registered facts (shape, label range)."""
     for part, data in (("train", train), ("test", test)):
-        if data.shape != info.input_shape:
-            raise DataError(f"dataset {name!r}: {part} images are {data.shape}, expected {info.input_shape}")
-        if len(data) and (int(data.y.min()) < 0 or int(data.y.max()) >= info.num_classes):
-            raise DataError(f"dataset {name!r}: {part} labels outside [0, {info.num_classes})")
+        px, y = data
+        c, h, w = px.shape[1:]
+        lo, hi = (int(y.min()), int(y.max())) if len(y) else (None, None)
+        check_portion(name, part, (int(c), int(h), int(w)), lo, hi)
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(name: str, root: Path | None, download: bool) -> tuple[ImageData, ImageData]:
+def load_arrays(name: str, root: Path | None, download: bool) -> tuple[Arrays, Arrays]:
+    """The (train, test) portions of dataset ``name`` as numpy arrays, checked against its
+    registered facts; cached (``root`` as :func:`resolve_root` gives it). Torch is imported only
+    for a loader that returns ImageData, and torchvision only to download."""
     _, loader = DATASETS.get(name)
-    train, test = loader(root, download)
-    check_loaded(name, train, test)
+    raw_train, raw_test = loader(root, download)
+    train, test = _as_arrays(name, "train", raw_train), _as_arrays(name, "test", raw_test)
+    check_arrays(name, train, test)
     return train, test
 
 
-def load_test_portion(name: str, *, root: str | os.PathLike[str] | None = None, download: bool = False) -> ImageData:
-    """The whole test portion of ``name`` (reserve, selection and evaluation come from it)."""
-    return _load_cached(name, resolve_root(root), download)[1]
+# torch's CPU randperm keeps its 32-bit Fisher-Yates below this size (ATen's randperm_cpu).
+_RANDPERM_MAX = (2**32 - 1) // 20
 
 
-def load_splits(
+def randperm(n: int, seed: int) -> np.ndarray:
+    """A permutation of 0..n-1 (int64), bit-identical to ``torch.randperm(n,
+    generator=torch.Generator().manual_seed(seed))`` on CPU: torch's Fisher-Yates swaps position
+    i with i + (draw % (n - i)), the draws being mt19937's 32-bit outputs; numpy's RandomState
+    runs the same mt19937, seeded the same way (torch keeps the seed's low 32 bits)."""
+    if not 0 <= n < _RANDPERM_MAX:
+        raise ValueError(f"randperm: n must be in [0, {_RANDPERM_MAX}) (torch's 32-bit shuffle), got {n}")
+    draws = np.random.RandomState(seed % 2**32).randint(0, 2**32, size=max(n - 1, 0), dtype=np.uint64)
+    offsets = (draws % np.arange(n, 1, -1, dtype=np.uint64)).tolist()
+    perm = list(range(n))
+    for i, z in enumerate(offsets):
+        j = i + z
+        perm[i], perm[j] = perm[j], perm[i]
+    return np.array(perm, dtype=np.int64)
+
+
+class SplitIndices(NamedTuple):
+    """Row indices of the splits: ``train`` into the training portion (None: all of it), the
+    others into the test portion."""
+
+    train: np.ndarray | None
+    reserve: np.ndarray
+    selection: np.ndarray
+    evaluation: np.ndarray
+
+
+def split_indices(
     name: str,
+    n_train: int,
+    n_test: int,
     *,
-    root: str | os.PathLike[str] | None = None,
     reserve_size: int,
     eval_size: int | None = None,
     selection_fraction: float = 0.5,
     train_size: int | None = None,
     split_seed: int = 0,
-    download: bool = False,
-) -> Splits:
-    """Load ``name`` and cut its disjoint splits.
+) -> SplitIndices:
+    """The disjoint splits of dataset ``name`` (``n_train`` training, ``n_test`` test images) as
+    index arrays.
 
     ``reserve_size`` test-portion images form the defender's pool; of the next ``eval_size``
     (default: all the rest), ``selection_fraction`` form the selection split and the others the
     evaluation split. ``train_size`` (default: all) caps the victim's training set. The
-    permutation is fixed by ``split_seed``, so every trial and victim sees the same splits.
+    permutations are fixed by ``split_seed``, so every trial and victim sees the same splits.
     """
-    info = dataset_info(name)
-    train, test = _load_cached(name, resolve_root(root), download)
+    train = None
     if train_size is not None:
-        if train_size > len(train):
-            raise DataError(f"dataset {name!r}: train_size {train_size} > {len(train)} training images")
-        sub_gen = torch.Generator().manual_seed(split_seed + 1)  # independent of the test permutation
-        train = train.take(torch.randperm(len(train), generator=sub_gen)[:train_size])
-    available = len(test) - reserve_size
+        if train_size > n_train:
+            raise DataError(f"dataset {name!r}: train_size {train_size} > {n_train} training images")
+        train = randperm(n_train, split_seed + 1)[:train_size]  # independent of the test permutation
+    available = n_test - reserve_size
     if reserve_size < 1 or available < 1:
         raise DataError(
-            f"dataset {name!r}: reserve_size {reserve_size} must be in [1, {len(test) - 1}] "
-            f"(the test portion has {len(test)} images)"
+            f"dataset {name!r}: reserve_size {reserve_size} must be in [1, {n_test - 1}] "
+            f"(the test portion has {n_test} images)"
         )
     n_held = available if eval_size is None else eval_size
     if not 2 <= n_held <= available:
@@ -215,50 +205,6 @@ def load_splits(
     n_sel = round(n_held * selection_fraction)
     if not 1 <= n_sel < n_held:
         raise DataError(f"selection_fraction {selection_fraction} leaves {n_sel} of {n_held} images for selection")
-    perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(split_seed))
+    perm = randperm(n_test, split_seed)
     held = perm[reserve_size : reserve_size + n_held]
-    return Splits(
-        info=info,
-        train=train,
-        reserve=test.take(perm[:reserve_size]),
-        selection=test.take(held[:n_sel]),
-        evaluation=test.take(held[n_sel:]),
-    )
-
-
-def defender_split(reserve: ImageData, clean_set_size: int, calibration_fraction: float) -> tuple[ImageData, ImageData]:
-    """The defender's clean set D_c (the first ``clean_set_size`` reserved images), split into
-    (finetune part, calibration part); the calibration part is the last
-    ``round(clean_set_size * calibration_fraction)`` images of D_c."""
-    if not 2 <= clean_set_size <= len(reserve):
-        raise DataError(f"clean_set_size {clean_set_size} must be in [2, {len(reserve)}] (the reserved pool)")
-    n_cal = round(clean_set_size * calibration_fraction)
-    if not 1 <= n_cal < clean_set_size:
-        raise DataError(
-            f"calibration_fraction {calibration_fraction} leaves {n_cal} of {clean_set_size} images to calibrate on"
-        )
-    cut = clean_set_size - n_cal
-    return reserve.take(slice(0, cut)), reserve.take(slice(cut, clean_set_size))
-
-
-def augment_batch(x: Tensor, info: DatasetInfo, gen: torch.Generator) -> Tensor:
-    """Training augmentation of a float batch in pixel space: random crop with zero padding,
-    optional horizontal flip. The random offsets and flips are drawn from the CPU generator
-    ``gen`` (the same draws whatever the batch's device); the cropping and flipping run on the
-    batch's device."""
-    n, c, h, w = x.shape
-    p = info.crop_padding
-    dev = x.device
-    if p > 0:
-        xp = F.pad(x, (p, p, p, p))
-        dy = torch.randint(0, 2 * p + 1, (n,), generator=gen).to(dev, non_blocking=True)
-        dx = torch.randint(0, 2 * p + 1, (n,), generator=gen).to(dev, non_blocking=True)
-        rows = dy[:, None] + torch.arange(h, device=dev)[None, :]
-        cols = dx[:, None] + torch.arange(w, device=dev)[None, :]
-        n_idx = torch.arange(n, device=dev)[:, None, None, None]
-        c_idx = torch.arange(c, device=dev)[None, :, None, None]
-        x = xp[n_idx, c_idx, rows[:, None, :, None], cols[:, None, None, :]]
-    if info.horizontal_flip:
-        flip = (torch.rand(n, generator=gen) < 0.5).to(dev, non_blocking=True)
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    return x
+    return SplitIndices(train, perm[:reserve_size], held[:n_sel], held[n_sel:])

@@ -1,4 +1,4 @@
-"""Decoding image files with PIL into uint8 tensors (no pickles; decoding runs on a thread pool)."""
+"""Decoding image files with PIL into uint8 numpy arrays (no pickles; decoding runs on a thread pool)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from bdx_study.data._core import DataError
 
@@ -42,7 +40,7 @@ def read_image(path: Path, size: int, channels: int = 3, fit: Fit = "stretch") -
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def read_images(paths: Sequence[Path], size: int, channels: int = 3, fit: Fit = "stretch") -> Tensor:
+def read_images(paths: Sequence[Path], size: int, channels: int = 3, fit: Fit = "stretch") -> np.ndarray:
     """Many image files -> uint8 (N, channels, size, size), decoded on a thread pool."""
     out = np.empty((len(paths), channels, size, size), dtype=np.uint8)
 
@@ -51,4 +49,4 @@ def read_images(paths: Sequence[Path], size: int, channels: int = 3, fit: Fit = 
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         list(pool.map(one, range(len(paths))))
-    return torch.from_numpy(out)
+    return out

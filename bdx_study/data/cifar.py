@@ -6,28 +6,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from bdx_study.data._core import DataError, DatasetInfo, ImageData, register_dataset
+from bdx_study.data._core import Arrays, DataError, DatasetInfo, register_dataset
 
 CIFAR10_BINARY_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_BINARY_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
 
 
-def read_cifar_binary(path: Path) -> ImageData:
+def read_cifar_binary(path: Path) -> Arrays:
     """Read one CIFAR-10 binary batch: records of 1 label byte + 3,072 pixel bytes (CHW); uint8."""
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size % 3073:
         raise DataError(f"{path}: size {raw.size} is not a multiple of 3073 bytes (CIFAR-10 binary records)")
     rec = raw.reshape(-1, 3073)
-    x = torch.from_numpy(rec[:, 1:].reshape(-1, 3, 32, 32).copy())
-    return ImageData(x, torch.from_numpy(rec[:, 0].astype(np.int64)))
+    return Arrays(rec[:, 1:].reshape(-1, 3, 32, 32).copy(), rec[:, 0].astype(np.int64))
 
 
 @register_dataset(
     DatasetInfo("cifar10", (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 4, horizontal_flip=True)
 )
-def _load_cifar10(root: Path | None, download: bool) -> tuple[ImageData, ImageData]:
+def _load_cifar10(root: Path | None, download: bool) -> tuple[Arrays, Arrays]:
     if root is None:
         raise DataError("dataset 'cifar10' needs data.root (a folder holding cifar-10-batches-bin)")
     folder = root / "cifar-10-batches-bin"
@@ -44,5 +42,5 @@ def _load_cifar10(root: Path | None, download: bool) -> tuple[ImageData, ImageDa
             f"(cifar-10-binary.tar.gz, extracted) under {root}, or set data.download: true."
         )
     parts = [read_cifar_binary(p) for p in train_files]
-    train = ImageData(torch.cat([p.pixels for p in parts]), torch.cat([p.y for p in parts]))
+    train = Arrays(np.concatenate([p.pixels for p in parts]), np.concatenate([p.labels for p in parts]))
     return train, read_cifar_binary(test_file)

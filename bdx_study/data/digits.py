@@ -10,22 +10,42 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from bdx_study.data._core import DatasetInfo, ImageData, register_dataset
+from bdx_study.data._core import Arrays, DatasetInfo, randperm, register_dataset
 
 
 @register_dataset(DatasetInfo("digits", (1, 16, 16), 10, (0.31,), (0.38,), crop_padding=1, horizontal_flip=False))
-def _load_digits(root: Path | None, download: bool) -> tuple[ImageData, ImageData]:
+def _load_digits(root: Path | None, download: bool) -> tuple[Arrays, Arrays]:
     images, target = _digits_arrays()
-    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
-    y = torch.tensor(target, dtype=torch.int64)
+    x = images.astype(np.float32)[:, None] / np.float32(16.0)
+    x = np.clip(_resize_bilinear(x, 16, 16), 0.0, 1.0)
+    y = np.asarray(target, dtype=np.int64)
     # digits has no official split: a fixed permutation, 700 images form the test portion.
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(12345))
+    perm = randperm(len(y), 12345)
     test, train = perm[:700], perm[700:]
-    return ImageData(x[train], y[train]), ImageData(x[test], y[test])
+    return Arrays(x[train], y[train]), Arrays(x[test], y[test])
+
+
+def _taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source rows (i0, i1) and weights (w0, w1) of linear resizing n_in -> n_out, half-pixel
+    centres (torch's align_corners=False)."""
+    src = np.maximum((np.arange(n_out, dtype=np.float32) + 0.5) * np.float32(n_in / n_out) - 0.5, 0.0)
+    i0 = src.astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = (src - i0).astype(np.float32)
+    return i0, i1, np.float32(1.0) - w1, w1
+
+
+def _resize_bilinear(x: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Float32 images (N, C, H, W) -> (N, C, h, w): torch's ``F.interpolate(x, (h, w),
+    mode="bilinear", align_corners=False)`` in numpy. Equal to the bit where every product and sum
+    is exact in float32, as for digits (8 -> 16: weights 1/4 and 3/4 on multiples of 1/16, which
+    tests/test_data_torchfree.py checks against torch); elsewhere within float32 rounding."""
+    r0, r1, a0, a1 = _taps(x.shape[2], h)
+    c0, c1, b0, b1 = _taps(x.shape[3], w)
+    top, bottom = x[:, :, r0], x[:, :, r1]
+    row = a0[:, None] * (b0 * top[..., c0] + b1 * top[..., c1])
+    return row + a1[:, None] * (b0 * bottom[..., c0] + b1 * bottom[..., c1])
 
 
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:

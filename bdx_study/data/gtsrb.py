@@ -13,9 +13,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import torch
+import numpy as np
 
-from bdx_study.data._core import DataError, DatasetInfo, ImageData, register_dataset
+from bdx_study.data._core import Arrays, DataError, DatasetInfo, register_dataset
 from bdx_study.data._images import read_images
 
 GTSRB_CLASSES = 43
@@ -57,12 +57,12 @@ def _test_samples(base: Path) -> list[tuple[Path, int]]:
     return [(images / r["Filename"], int(r["ClassId"])) for r in rows]
 
 
-def _load(samples: list[tuple[Path, int]]) -> ImageData:
+def _load(samples: list[tuple[Path, int]]) -> Arrays:
     missing = [str(p) for p, _ in samples if not p.is_file()]
     if missing:
         raise DataError(f"dataset 'gtsrb': {len(missing)} image file(s) missing, e.g. {missing[0]}")
     x = read_images([p for p, _ in samples], 32, 3, "stretch")
-    return ImageData(x, torch.tensor([c for _, c in samples], dtype=torch.int64))
+    return Arrays(x, np.array([c for _, c in samples], dtype=np.int64))
 
 
 @register_dataset(
@@ -76,7 +76,7 @@ def _load(samples: list[tuple[Path, int]]) -> ImageData:
         horizontal_flip=False,
     )
 )
-def _load_gtsrb(root: Path | None, download: bool) -> tuple[ImageData, ImageData]:
+def _load_gtsrb(root: Path | None, download: bool) -> tuple[Arrays, Arrays]:
     if download and root is not None and not (root / "gtsrb" / "GTSRB" / "Training").is_dir():
         from torchvision.datasets import GTSRB
 

@@ -6,9 +6,8 @@ import gzip
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from bdx_study.data._core import DataError, DatasetInfo, ImageData, register_dataset
+from bdx_study.data._core import Arrays, DataError, DatasetInfo, register_dataset
 
 FASHION_MNIST_SYSTEM_ROOT = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 
@@ -57,7 +56,7 @@ def _find_idx(dirs: list[Path], stem: str) -> Path | None:
 
 def _load_idx_dataset(
     name: str, tv_class: str, subdirs: list[str], root: Path | None, download: bool, system_root: Path | None
-) -> tuple[ImageData, ImageData]:
+) -> tuple[Arrays, Arrays]:
     roots = [root] if root is not None else []
     if system_root is not None:
         roots.append(system_root)
@@ -79,23 +78,23 @@ def _load_idx_dataset(
                 + (" (or install Debian's dataset-fashion-mnist)" if name == "fashion_mnist" else "")
                 + ", or set data.download: true where the network allows."
             )
-        x = torch.from_numpy(read_idx(img)).unsqueeze(1)  # uint8 (N, 1, 28, 28)
-        y = torch.from_numpy(read_idx(lbl).astype(np.int64))
+        x = read_idx(img)[:, None]  # uint8 (N, 1, 28, 28), a view of the decoded buffer
+        y = read_idx(lbl).astype(np.int64)
         if x.shape[0] != y.shape[0]:
             raise DataError(f"{img} has {x.shape[0]} images but {lbl} has {y.shape[0]} labels")
-        portions.append(ImageData(x, y))
+        portions.append(Arrays(x, y))
     return portions[0], portions[1]
 
 
 @register_dataset(DatasetInfo("mnist", (1, 28, 28), 10, (0.1307,), (0.3081,), crop_padding=2, horizontal_flip=False))
-def _load_mnist(root: Path | None, download: bool) -> tuple[ImageData, ImageData]:
+def _load_mnist(root: Path | None, download: bool) -> tuple[Arrays, Arrays]:
     return _load_idx_dataset("mnist", "MNIST", ["mnist", "MNIST/raw"], root, download, None)
 
 
 @register_dataset(
     DatasetInfo("fashion_mnist", (1, 28, 28), 10, (0.2860,), (0.3530,), crop_padding=2, horizontal_flip=False)
 )
-def _load_fashion_mnist(root: Path | None, download: bool) -> tuple[ImageData, ImageData]:
+def _load_fashion_mnist(root: Path | None, download: bool) -> tuple[Arrays, Arrays]:
     return _load_idx_dataset(
         "fashion_mnist",
         "FashionMNIST",

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
+import numpy as np
 
-from bdx_study.data._core import DataError, DatasetInfo, ImageData, Loader, register_dataset
+from bdx_study.data._core import Arrays, DataError, DatasetInfo, Loader, register_dataset
 from bdx_study.data._images import read_images
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp", ".tif", ".tiff")
@@ -54,7 +54,7 @@ def list_image_folder(
 def image_folder_loader(name: str, num_classes: int, size: int, subfolders: Sequence[str] = ()) -> Loader:
     """A loader for ``<root>[/<subfolder>]/{train,val}/<class>/<image>``; checks the class count."""
 
-    def load(root: Path | None, download: bool) -> tuple[ImageData, ImageData]:
+    def load(root: Path | None, download: bool) -> tuple[Arrays, Arrays]:
         base = find_split_root(name, root, subfolders)
         files, labels, classes = list_image_folder(name, base / "train")
         if len(classes) != num_classes:
@@ -62,8 +62,8 @@ def image_folder_loader(name: str, num_classes: int, size: int, subfolders: Sequ
                 f"dataset {name!r}: {base / 'train'} has {len(classes)} class folders, expected {num_classes}"
             )
         vfiles, vlabels, _ = list_image_folder(name, base / "val", classes)
-        train = ImageData(read_images(files, size, 3, "center_crop"), torch.tensor(labels, dtype=torch.int64))
-        test = ImageData(read_images(vfiles, size, 3, "center_crop"), torch.tensor(vlabels, dtype=torch.int64))
+        train = Arrays(read_images(files, size, 3, "center_crop"), np.array(labels, dtype=np.int64))
+        test = Arrays(read_images(vfiles, size, 3, "center_crop"), np.array(vlabels, dtype=np.int64))
         return train, test
 
     return load

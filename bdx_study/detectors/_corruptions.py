@@ -1,7 +1,7 @@
 """Common image corruptions in torch, batched, at severities 1..5 (for TeCo).
 
 Our own implementation of the corruption types of Hendrycks & Dietterich (ICLR 2019), with
-either of their two severity tables (:data:`TABLES`):
+either of their two severity tables (:data:`TABLES`, in ``_corruption_tables.py``):
 
 - ``imagenet_c``: the ImageNet-C settings, as the ``imagecorruptions`` package applies them and
   as TeCo's peers (BackdoorBench) apply that package to CIFAR-10's 32x32 images, unchanged;
@@ -46,59 +46,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._corruption_tables import SEVERITIES, TABLES, corruption_names
+
 Apply = Callable[[Tensor, Any, Tensor | None], Tensor]  # (x, this severity's setting, its draws) -> x'
 Draw = Callable[[Tensor, torch.Generator, Sequence[Any]], Tensor]  # (image (C, H, W), gen, 5 settings) -> draws
 
-SEVERITIES = 5
-REFERENCE_SIZE = 32.0  # the image size at which the tables' pixel sizes hold
-
-# Severity 1..5 settings per corruption. Pixel sizes at 32x32; see each function for the fields.
-TABLES: dict[str, dict[str, list[Any]]] = {
-    "imagenet_c": {
-        "gaussian_noise": [0.08, 0.12, 0.18, 0.26, 0.38],
-        "shot_noise": [60.0, 25.0, 12.0, 5.0, 3.0],
-        "impulse_noise": [0.03, 0.06, 0.09, 0.17, 0.27],
-        "speckle_noise": [0.15, 0.2, 0.35, 0.45, 0.6],
-        "gaussian_blur": [1.0, 2.0, 3.0, 4.0, 6.0],
-        "glass_blur": [(0.7, 1, 2), (0.9, 2, 1), (1.0, 2, 3), (1.1, 3, 2), (1.5, 4, 2)],
-        "defocus_blur": [(3.0, 0.1), (4.0, 0.5), (6.0, 0.5), (8.0, 0.5), (10.0, 0.5)],
-        "motion_blur": [(10.0, 3.0), (15.0, 5.0), (15.0, 8.0), (15.0, 12.0), (20.0, 15.0)],
-        "zoom_blur": [(1.11, 0.01), (1.16, 0.01), (1.21, 0.02), (1.26, 0.02), (1.31, 0.03)],
-        "fog": [(1.5, 2.0), (2.0, 2.0), (2.5, 1.7), (2.5, 1.5), (3.0, 1.4)],
-        "brightness": [0.1, 0.2, 0.3, 0.4, 0.5],
-        "contrast": [0.4, 0.3, 0.2, 0.1, 0.05],
-        "saturate": [(0.3, 0.0), (0.1, 0.0), (2.0, 0.0), (5.0, 0.1), (20.0, 0.2)],
-        "jpeg_compression": [25, 18, 15, 10, 7],
-        "pixelate": [0.6, 0.5, 0.4, 0.3, 0.25],
-        # (displacement, field sigma, affine jitter) in pixels at 32x32: 250 a x 0.005 x 32, 0.01 x 32, none
-        "elastic_transform": [(2.0, 0.32, 0.0), (2.6, 0.32, 0.0), (3.4, 0.32, 0.0), (4.0, 0.32, 0.0), (4.8, 0.32, 0.0)],
-    },
-    "cifar10_c": {
-        "gaussian_noise": [0.04, 0.06, 0.08, 0.09, 0.10],
-        "shot_noise": [500.0, 250.0, 100.0, 75.0, 50.0],
-        "impulse_noise": [0.01, 0.02, 0.03, 0.05, 0.07],
-        "speckle_noise": [0.06, 0.1, 0.12, 0.16, 0.2],
-        "gaussian_blur": [0.4, 0.6, 0.7, 0.8, 1.0],
-        "glass_blur": [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)],
-        "defocus_blur": [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1.0, 0.2), (1.5, 0.1)],
-        "motion_blur": [(6.0, 1.0), (6.0, 1.5), (6.0, 2.0), (8.0, 2.0), (9.0, 2.5)],
-        "zoom_blur": [(1.06, 0.01), (1.11, 0.01), (1.16, 0.01), (1.21, 0.01), (1.26, 0.01)],
-        "fog": [(0.2, 3.0), (0.5, 3.0), (0.75, 2.5), (1.0, 2.0), (1.5, 1.75)],
-        "brightness": [0.05, 0.1, 0.15, 0.2, 0.3],
-        "contrast": [0.75, 0.5, 0.4, 0.3, 0.15],
-        "saturate": [(0.3, 0.0), (0.1, 0.0), (1.5, 0.0), (2.0, 0.1), (2.5, 0.2)],
-        "jpeg_compression": [80, 65, 58, 50, 40],
-        "pixelate": [0.95, 0.9, 0.85, 0.75, 0.65],
-        # (displacement, field sigma, affine jitter) = 32 x (0, 0, .08), (.05, .2, .07), (.08, .06, .06), ...
-        "elastic_transform": [
-            (0.0, 0.0, 2.56),
-            (1.6, 6.4, 2.24),
-            (2.56, 1.92, 1.92),
-            (3.2, 1.28, 1.6),
-            (3.2, 0.96, 0.96),
-        ],
-    },
-}
+REFERENCE_SIZE = 32.0  # the image size at which the tables' pixel sizes hold (``TABLES``)
 GLASS_ROUNDS = 3  # the most rounds of pixel moves in either table
 
 
@@ -483,3 +436,11 @@ def elastic_transform(x: Tensor, c: tuple[float, float, float], u: Tensor | None
             px * inv[:, 0, 1, None, None] + py * inv[:, 1, 1, None, None] + inv[:, 2, 1, None, None],
         )
     return _sample(x, px, py).clamp(0, 1)
+
+
+# The names have one home, the tables (read without torch by the parameter models): one function each.
+if list(CORRUPTIONS) != corruption_names() or any(set(t) != set(CORRUPTIONS) for t in TABLES.values()):
+    raise RuntimeError(
+        f"_corruptions implements {list(CORRUPTIONS)}; _corruption_tables lists {corruption_names()} "
+        "(every table, in this order)"
+    )

@@ -18,119 +18,23 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from bdx_study.data import DatasetInfo, ImageData
-from bdx_study.training import Precision, fit, predict_proba
+from bdx_study.training import fit, predict_proba
 
 from . import register_detector
-from ._base import PROBE_INPUTS, DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
+from ._base import DetectorFamily, DetectorParams, FitContext, Fitted
+from .params import AUX, EXPERT, BaDExpertParams, ScoreKind
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-ScoreKind = Literal["ensemble", "expert", "auxiliary"]
 SCORE_EPS = 1e-8
-EXPERT, AUX = "expert", "auxiliary"
-
-
-class BaDExpertParams(DetectorParams):
-    """BaDExpert's hyperparameters. Defaults: the paper's CIFAR-10 ResNet-18 values."""
-
-    unlearn_lr: float = fit_param(EXPERT, 1e-4, gt=0, le=10, description="Adam lr of the backdoor expert (paper: 1e-4)")
-    unlearn_epochs: int = fit_param(EXPERT, 1, ge=1, description="epochs of mislabeled finetuning (paper: 1)")
-    unlearn_steps: int | None = fit_param(
-        EXPERT,
-        None,
-        ge=1,
-        description="cap on the expert's optimizer steps (ends finetuning early); null = epochs only",
-    )
-    unlearn_batch_size: int = fit_param(
-        EXPERT, 128, ge=1, description="batch size of the expert's finetuning (paper: 128)"
-    )
-    unlearn_early_stop_acc: float | None = fit_param(
-        EXPERT, None, gt=0, le=1, description="stop B once its held-out clean accuracy < this (paper: 0.2); null = off"
-    )
-    unlearn_early_stop_every: Literal["step", "epoch"] = fit_param(
-        EXPERT, "step", description="when the early stop is checked: after every step, or per epoch (the reference)"
-    )
-    unlearn_milestones: tuple[int, ...] = fit_param(
-        EXPERT, (), description="epochs after which B's lr x0.1 (the reference: [1] for ResNet-18 when epochs > 1)"
-    )
-    unlearn_lr_mode: Literal["fixed", "calibrated"] = fit_param(
-        EXPERT,
-        "fixed",
-        description="fixed: unlearn_lr; calibrated: the smallest lr in unlearn_lr_range whose B falls to "
-        "unlearn_target_acc on held-out clean data (a line search, no per-architecture lr)",
-    )
-    unlearn_lr_range: tuple[float, float] = fit_param(
-        EXPERT, (1e-5, 1e-2), description="calibrated mode: the lrs searched (13 log-spaced points, bisected)"
-    )
-    unlearn_target_acc: float | None = fit_param(
-        EXPERT,
-        None,
-        gt=0,
-        le=1,
-        description="calibrated mode: held-out clean accuracy B must fall to; null = 2 / classes (0.2 on 10: the "
-        "paper's early-stop bound)",
-    )
-    unlearn_curve_points: int = fit_param(
-        EXPERT,
-        0,
-        keyed_if_set=True,
-        ge=0,
-        le=1000,
-        description=f"B's unlearning curve, a diagnostic: its clean accuracy and attack success on {PROBE_INPUTS} "
-        f"clean and {PROBE_INPUTS} triggered selection inputs at the start, the end and every 1/N of its steps "
-        "(logged per trial, plotted by analyze); 0 = off (on, it costs about a fifth of B's fit on the quickstart)",
-    )
-    aux_lr: float = fit_param(AUX, 0.1, gt=0, le=10, description="first SGD lr of M' (paper: 0.1, deliberately large)")
-    aux_epochs: int = fit_param(AUX, 10, ge=1, description="epochs of the auxiliary model's finetuning (paper: 10)")
-    aux_milestones: tuple[int, ...] = fit_param(AUX, (2, 4, 6, 8), description="epochs at which the auxiliary lr x0.1")
-    aux_batch_size: int = fit_param(AUX, 64, ge=1, description="batch size of the auxiliary finetuning (paper: 64)")
-    aux_momentum: float = fit_param(AUX, 0.9, ge=0, lt=1, description="Nesterov momentum of the auxiliary SGD")
-    aux_weight_decay: float = fit_param(AUX, 1e-4, ge=0, le=1, description="weight decay of the auxiliary SGD")
-    augment: bool = fit_param(
-        (EXPERT, AUX), True, description="training augmentation while finetuning B and M' (paper: on)"
-    )
-    # How the finetuning arithmetic of B and the auxiliary model runs (see TrainingConfig: two independent knobs).
-    # Both change the fitted weights, so they key both components' stages, but only when set:
-    # stages cached before these parameters existed were fitted in fp32, contiguous layout.
-    precision: Precision = fit_param(
-        (EXPERT, AUX),
-        "fp32",
-        keyed_if_set=True,
-        description="finetuning of B and M': fp32, or bf16 (forward pass and loss under bf16 autocast)",
-    )
-    channels_last: bool = fit_param(
-        (EXPERT, AUX),
-        False,
-        keyed_if_set=True,
-        description="finetuning of B and M': weights and batches in channels_last layout",
-    )
-    score_kind: ScoreKind = Field("ensemble", description="which score flags inputs (paper: ensemble)")
-    ensemble_alpha: float = Field(2.0, gt=0, le=1e6, description="ensemble weight alpha (paper: 2 for ResNet-18)")
-    ensemble_beta: float = Field(0.5, gt=0, le=1, description="ensemble weight beta (paper: 0.5 for ResNet-18)")
-
-    @model_validator(mode="after")
-    def _lr_range(self) -> BaDExpertParams:
-        lo, hi = self.unlearn_lr_range
-        if not 0 < lo < hi <= 10:
-            raise ValueError(f"unlearn_lr_range must be 0 < low < high <= 10, got {list(self.unlearn_lr_range)}")
-        return self
-
-    @model_validator(mode="after")
-    def _milestones_sorted(self) -> BaDExpertParams:
-        for name in ("aux_milestones", "unlearn_milestones"):
-            m = list(getattr(self, name))
-            if m != sorted(set(m)) or any(e < 1 for e in m):
-                raise ValueError(f"{name} must be increasing epochs >= 1, got {m}")
-        return self
 
 
 # ------------------------------------------------------------------------------------ pure maths

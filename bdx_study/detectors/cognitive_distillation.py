@@ -39,20 +39,11 @@ import torch
 from torch import Tensor, nn
 
 from . import register_detector
-from ._base import DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
+from ._base import DetectorFamily, FitContext, Fitted
+from .params import MAIN, CognitiveDistillationParams
 
-MAIN = "main"
 ADAM_BETAS = (0.1, 0.1)  # the paper's and both toolboxes' (fast-moving moments)
 CHUNK = 256  # inputs optimised together (memory bound; scores do not depend on it)
-
-
-class CognitiveDistillationParams(DetectorParams):
-    cd_steps: int = fit_param(MAIN, 100, ge=1, le=10_000, description="Adam steps of each mask (paper: 100)")
-    cd_lr: float = fit_param(MAIN, 0.1, gt=0, le=10, description="Adam lr on the tanh-parameterised mask (paper: 0.1)")
-    cd_gamma: float = fit_param(MAIN, 0.01, ge=0, le=100, description="weight of the mask's L1 norm (paper: 0.01)")
-    cd_beta: float = fit_param(
-        MAIN, 1.0, ge=0, le=1000, description="weight of the mask's total variation (paper: 1; BackdoorBench: 10)"
-    )
 
 
 def mask_from(w: Tensor) -> Tensor:

@@ -48,51 +48,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from bdx_study.data import DatasetInfo, augment_batch
 
 from . import register_detector
-from ._base import DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
+from ._base import DetectorFamily, DetectorParams, FitContext, Fitted
+from .params import ALL_TRIGGERS as ALL_TRIGGERS
+from .params import MAIN, FrequencyParams
 
-MAIN = "main"
-SyntheticTrigger = Literal["solid_patch", "noise_patch", "gaussian_noise", "shadow", "image_blend", "smooth"]
-ALL_TRIGGERS: tuple[SyntheticTrigger, ...] = (
-    "solid_patch",
-    "noise_patch",
-    "gaussian_noise",
-    "shadow",
-    "image_blend",
-    "smooth",
-)
 STD_FLOOR = 0.01  # floor of the per-coefficient DCT standard deviation (about 2.5 grey levels)
 WEIGHT_DECAY = 1e-4  # the paper's L2 regularisation of every conv
-
-
-class FrequencyParams(DetectorParams):
-    freq_triggers: tuple[SyntheticTrigger, ...] = fit_param(
-        MAIN, ALL_TRIGGERS, min_length=1, description="synthetic trigger kinds the CNN learns from (see the docs)"
-    )
-    freq_epochs: int = fit_param(MAIN, 30, ge=1, le=10_000, description="epochs over the clean + synthetic pairs")
-    freq_lr: float = fit_param(MAIN, 1e-3, gt=0, le=1, description="Adam learning rate of the DCT classifier")
-    freq_batch_size: int = fit_param(MAIN, 64, ge=2, description="batch size (paper: 64)")
-    freq_width: int = fit_param(
-        MAIN, 16, ge=1, le=256, description="channels of the first stage (x1, x2, x4; paper 32; 16 fits a CPU)"
-    )
-    freq_score: Literal["prob_diff", "logit"] = Field(
-        "prob_diff", description="prob_diff: p(poison) - p(clean) (paper); logit: same ranking, never saturates"
-    )
-
-    @field_validator("freq_triggers")
-    @classmethod
-    def _distinct(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"freq_triggers lists a kind twice: {list(v)}")
-        return v
 
 
 # ------------------------------------------------------------------------------------ DCT

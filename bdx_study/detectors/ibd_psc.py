@@ -52,19 +52,8 @@ from torch import Tensor, nn
 from bdx_study.training import predict_proba
 
 from . import register_detector
-from ._base import DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
-
-MAIN = "main"
-
-
-class IbdPscParams(DetectorParams):
-    psc_num_models: int = fit_param(MAIN, 5, ge=1, le=64, description="amplified copies of M averaged (paper: n = 5)")
-    psc_xi: float = fit_param(
-        MAIN, 0.6, gt=0, lt=1, description="clean error the first scaled copy must exceed; picks k (paper: 0.6)"
-    )
-    psc_bn_scale: float = fit_param(
-        MAIN, 1.5, gt=1, le=100, description="factor on the selected BN layers' weight and bias (paper: 1.5)"
-    )
+from ._base import DetectorFamily, DetectorParams, FitContext, Fitted
+from .params import MAIN, IbdPscParams
 
 
 def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

@@ -19,34 +19,15 @@ neither AUROC nor what a calibrated threshold flags, so it is not offered separa
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from bdx_study.training import predict_proba
 
 from . import register_detector
-from ._base import DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
-
-MAIN = "main"
-
-
-class ScaleUpParams(DetectorParams):
-    scales: tuple[float, ...] = fit_param(
-        MAIN, (3.0, 5.0, 7.0, 9.0, 11.0), min_length=1, max_length=64, description="pixel multipliers (paper: 3..11)"
-    )
-    standardize: Literal["none", "class"] = Field(
-        "none", description="none: raw SPC; class: standardized by clean per-class SPC stats (data-limited variant)"
-    )
-
-    @field_validator("scales")
-    @classmethod
-    def _above_one(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        if any(not 1.0 < s <= 1e3 for s in v):
-            raise ValueError(f"every scale must be in (1, 1000], got {list(v)}")
-        return v
+from ._base import DetectorFamily, FitContext, Fitted
+from .params import MAIN, ScaleUpParams
 
 
 def scaled_consistency(

@@ -49,29 +49,14 @@ from torch import Tensor, nn
 from bdx_study.training import predict_proba
 
 from . import register_detector
-from ._base import DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
+from ._base import DetectorFamily, FitContext, Fitted
+from .params import MAIN, SentiNetParams
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-MAIN = "main"
 COMPOSITES_PER_CHUNK = 4096  # pasted images built at once (memory bound, not a result knob)
 DISTANCE_GRID = 2049  # points per input of the nearest-point search along the boundary
-
-
-class SentiNetParams(DetectorParams):
-    sentinet_num_images: int = fit_param(
-        MAIN, 100, ge=2, le=4096, description="clean images the salient region is pasted onto (N; toolbox: 100)"
-    )
-    sentinet_mask_fraction: float = fit_param(
-        MAIN, 0.15, gt=0, lt=1, description="share of pixels in the Grad-CAM mask (paper and toolbox: top 15%)"
-    )
-    sentinet_fit_size: int = fit_param(
-        MAIN, 400, ge=3, description="clean finetune inputs the boundary is fitted on, at most (toolbox: 400)"
-    )
-    sentinet_bin_width: float = fit_param(
-        MAIN, 0.02, gt=0, le=0.5, description="avgconf bin width of the upper envelope (toolbox: 0.02)"
-    )
 
 
 # ------------------------------------------------------------------------------------ pure maths

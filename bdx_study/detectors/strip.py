@@ -14,7 +14,6 @@ Cost: N forward passes per input.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -22,17 +21,8 @@ from torch import Tensor, nn
 from bdx_study.training import predict_proba
 
 from . import register_detector
-from ._base import DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
-
-MAIN = "main"
-
-
-class StripParams(DetectorParams):
-    num_images: int = fit_param(MAIN, 64, ge=1, le=1024, description="clean images superimposed on each input (N)")
-    superimpose: Literal["blend", "add"] = fit_param(
-        MAIN, "blend", description="blend: (1-w) x + w c (TrojanZoo, ART); add: clip(x + w c) (backdoor-toolbox)"
-    )
-    weight: float = fit_param(MAIN, 0.5, gt=0, le=1, description="weight w of the clean image (blend 0.5, add 1.0)")
+from ._base import DetectorFamily, FitContext, Fitted
+from .params import MAIN, StripParams
 
 
 def superimpose(x: Tensor, pool: Tensor, mode: str, weight: float) -> Tensor:

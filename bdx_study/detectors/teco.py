@@ -59,76 +59,22 @@ corruptions themselves; an input stops being corrupted by a type once its label 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import model_validator
 from torch import Tensor, nn
 
 from bdx_study.training import predict_proba
 
 from . import register_detector
-from ._base import DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
-from ._corruptions import CORRUPTIONS, SEVERITIES, applicable, corrupt, draw_batch, input_seeds
+from ._base import DetectorFamily, FitContext, Fitted
+from ._corruption_tables import SEVERITIES
+from ._corruptions import CORRUPTIONS, applicable, corrupt, draw_batch, input_seeds
+from .params import LIBRARY_DEFAULT, MAIN, TecoParams
 
-MAIN = "main"
 NEVER = float(SEVERITIES + 1)  # first-change severity of a label that never changes
 LIBRARY_REQUIREMENT = "imagecorruptions-imaug>=1.1.5"
 LIBRARY_MIN_SIZE = 32  # the imagecorruptions package refuses smaller images
-LIBRARY_CORRUPTIONS = (
-    "gaussian_noise",
-    "shot_noise",
-    "impulse_noise",
-    "defocus_blur",
-    "glass_blur",
-    "motion_blur",
-    "zoom_blur",
-    "snow",
-    "frost",
-    "fog",
-    "brightness",
-    "contrast",
-    "elastic_transform",
-    "pixelate",
-    "jpeg_compression",
-    "speckle_noise",
-    "gaussian_blur",
-    "spatter",
-    "saturate",
-)
-LIBRARY_DEFAULT = LIBRARY_CORRUPTIONS[:15]  # the ImageNet-C benchmark set ("common")
-
-
-class TecoParams(DetectorParams):
-    teco_corruptions: tuple[str, ...] | None = fit_param(
-        MAIN,
-        None,
-        min_length=2,
-        max_length=32,
-        description="corruption types; null = all that apply to the input shape (see the module docs)",
-    )
-    teco_backend: Literal["torch", "imagecorruptions"] = fit_param(
-        MAIN, "torch", description="torch: ours, any size, batched; imagecorruptions: the reference package, >= 32x32"
-    )
-    teco_severity_table: Literal["imagenet_c", "cifar10_c"] = fit_param(
-        MAIN,
-        "imagenet_c",
-        description="severity settings: imagenet_c as the peers apply them to CIFAR-10; cifar10_c milder (torch only)",
-    )
-
-    @model_validator(mode="after")
-    def _known_names(self) -> TecoParams:
-        known = list(CORRUPTIONS) if self.teco_backend == "torch" else list(LIBRARY_CORRUPTIONS)
-        names = self.teco_corruptions or ()
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise ValueError(f"unknown {self.teco_backend} corruptions {unknown}; known: {', '.join(known)}")
-        if len(set(names)) != len(names):
-            raise ValueError(f"teco_corruptions lists a corruption twice: {list(names)}")
-        if self.teco_backend == "imagecorruptions" and self.teco_severity_table != "imagenet_c":
-            raise ValueError("the imagecorruptions package has only its own (imagenet_c) severity table")
-        return self
 
 
 def resolve_corruptions(p: TecoParams, input_shape: tuple[int, int, int]) -> list[str]:

@@ -41,37 +41,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
 from bdx_study.training import predict_proba
 
 from . import register_detector
-from ._base import DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
+from ._base import DetectorFamily, DetectorParams, FitContext, Fitted
+from .params import MAIN, TedParams
 
-MAIN = "main"
 RANK_STD_FLOOR = 1.0  # ranks are integers: never standardize by less than one rank
 VARIANCE_FLOOR = 1e-2  # of a standardized principal component, for the whitened (Mahalanobis) score
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-class TedParams(DetectorParams):
-    ted_pool_per_class: int = fit_param(
-        MAIN, 20, ge=2, le=1000, description="clean pool images per class, from the finetune part of D_c (paper: ~20)"
-    )
-    ted_distance: Literal["euclidean", "cosine"] = fit_param(
-        MAIN, "euclidean", description="distance between flattened activations of one layer"
-    )
-    ted_pca_variance: float = fit_param(
-        MAIN, 0.95, gt=0, lt=1, description="share of the pool's rank variance the reconstruction keeps"
-    )
-    ted_outlier_score: Literal["reconstruction", "mahalanobis"] = Field(
-        "reconstruction", description="reconstruction: PCA residual (the authors'); mahalanobis: whitened norm"
-    )
 
 
 # ------------------------------------------------------------------------------------ activations

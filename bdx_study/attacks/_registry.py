@@ -1,0 +1,146 @@
+"""The attack registry and the torch-free checks of an attack against an input shape and a
+training set (what ``bdx-study validate`` runs).
+
+The built-in attacks are declared here with their implementation module and their Params
+model: their names and parameters are known without importing torch, and the module (which
+registers the Attack class with :func:`register_attack`) is imported on the first
+``ATTACKS.get(name)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bdx_study._registry import Registry
+from bdx_study.attacks.recipes._base import AttackParams, AttackRecipe
+from bdx_study.attacks.recipes.adaptive_patch import AdaptivePatchParams
+from bdx_study.attacks.recipes.blend import AdaptiveBlendParams, BlendParams
+from bdx_study.attacks.recipes.bpp import BppParams
+from bdx_study.attacks.recipes.clean_label import CleanLabelParams, SIGParams
+from bdx_study.attacks.recipes.dynamic import DynamicParams
+from bdx_study.attacks.recipes.frequency import FTrojanParams, LFParams
+from bdx_study.attacks.recipes.issba import ISSBAParams
+from bdx_study.attacks.recipes.patch import (
+    BadNetAllToAllParams,
+    BadNetParams,
+    NoAttackParams,
+    TaCTParams,
+    TrojanParams,
+)
+from bdx_study.attacks.recipes.trojannn import TrojanNNParams
+from bdx_study.attacks.recipes.wanet import WaNetParams
+
+if TYPE_CHECKING:
+    from bdx_study.attacks._base import Attack
+
+ATTACKS: Registry[type[Attack]] = Registry("attack")
+
+BUILTIN_ATTACKS: dict[str, tuple[str, type[AttackParams]]] = {  # name -> (module, Params)
+    "none": ("patch", NoAttackParams),
+    "badnet": ("patch", BadNetParams),
+    "badnet_all2all": ("patch", BadNetAllToAllParams),
+    "trojan": ("patch", TrojanParams),
+    "tact": ("patch", TaCTParams),
+    "blend": ("blend", BlendParams),
+    "adaptive_blend": ("blend", AdaptiveBlendParams),
+    "adaptive_patch": ("adaptive_patch", AdaptivePatchParams),
+    "sig": ("clean_label", SIGParams),
+    "clean_label": ("clean_label", CleanLabelParams),
+    "wanet": ("wanet", WaNetParams),
+    "lf": ("frequency", LFParams),
+    "ftrojan": ("frequency", FTrojanParams),
+    "issba": ("issba", ISSBAParams),
+    "dynamic": ("dynamic", DynamicParams),
+    "bpp": ("bpp", BppParams),
+    "trojannn": ("trojannn", TrojanNNParams),
+}
+for _name, (_module, _params) in BUILTIN_ATTACKS.items():
+    ATTACKS.declare(_name, f"bdx_study.attacks.{_module}", _params)
+
+
+def register_attack(name: str) -> Any:
+    """Class decorator: register an Attack subclass under ``name`` (and set its ``name``)."""
+
+    def deco(cls: type[Attack]) -> type[Attack]:
+        cls.name = name
+        ATTACKS.register(name)(cls)
+        return cls
+
+    return deco
+
+
+def list_attacks() -> list[str]:
+    return ATTACKS.names()
+
+
+def attack_params(name: str) -> type[AttackParams]:
+    """The Params model of attack ``name``, without importing a built-in's implementation
+    (unknown names raise, listing the known ones)."""
+    spec = ATTACKS.spec(name)
+    return spec if spec is not None else ATTACKS.get(name).Params
+
+
+def attack_recipe(
+    name: str, params: Mapping[str, Any] | AttackParams, input_shape: tuple[int, int, int], num_classes: int
+) -> AttackRecipe:
+    """The recipe ``create_attack(name, params, input_shape, num_classes, seed)`` builds its
+    attack from: the same validation of ``params`` (a pydantic ValidationError) and the same
+    checks (ValueError), torch-free."""
+    model = attack_params(name)
+    p = model.model_validate(dict(params) if isinstance(params, Mapping) else params)
+    if not ATTACKS.loaded(name):  # a declared built-in: its Params holds its tables
+        return p.recipe(name, input_shape, num_classes)
+    cls = ATTACKS.get(name)  # the Attack's own tables, as it resolves them
+    return p.recipe(
+        name,
+        input_shape,
+        num_classes,
+        reference_rates=cls.reference_rates,
+        reference_cover_rates=cls.reference_cover_rates,
+    )
+
+
+def check_attack(
+    name: str, params: Mapping[str, Any] | AttackParams, input_shape: tuple[int, int, int], num_classes: int
+) -> None:
+    """Raise what ``create_attack(name, params, input_shape, num_classes, seed)`` raises at
+    construction (unknown or invalid params, a target outside the classes, a trigger that does
+    not fit the input, ...), without building the attack."""
+    attack_recipe(name, params, input_shape, num_classes)
+
+
+def attack_identity(
+    name: str,
+    params: Mapping[str, Any] | AttackParams,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    seed: int,
+) -> dict[str, Any]:
+    """``create_attack(name, params, input_shape, num_classes, seed).identity()``: the attack's
+    part of the victim key (the params with defaults resolved), torch-free for the built-ins.
+    Raises what :func:`check_attack` raises."""
+    recipe = attack_recipe(name, params, input_shape, num_classes)
+    if ATTACKS.loaded(name):
+        from bdx_study.attacks._base import Attack  # loaded with the attack's class
+
+        cls = ATTACKS.get(name)
+        if cls.identity is not Attack.identity:  # a user's attack that adds to its identity
+            return cls(recipe.params, input_shape, num_classes, seed).identity()
+    return recipe.identity(seed)
+
+
+def check_attack_data(
+    name: str,
+    params: Mapping[str, Any] | AttackParams,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    train_shape: Sequence[int],
+    labels: np.ndarray,
+) -> None:
+    """:func:`check_attack`, then what the attack's ``check_data`` raises for a training set of
+    ``train_shape`` (C, H, W) images with int ``labels`` (N,): a shape mismatch, too few images
+    of the classes the attack draws its poisons or covers from."""
+    attack_recipe(name, params, input_shape, num_classes).check_data(train_shape, np.asarray(labels, dtype=np.int64))
