@@ -155,6 +155,35 @@ def test_killed_driver_leaves_no_orphans_and_resume_logs_each_trial_once(tmp_pat
     assert not _marked_processes(study_dir)
 
 
+def test_progress_counts_only_the_trials_tune_knows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A trial the killed driver started after Tune's last snapshot can finish on its orphaned
+    worker: its rows reach the tables, but the resumed search never knew it. The progress line
+    counts the search's own trials only (it once printed "trial 5/4")."""
+    from ray.tune.experiment import Trial
+
+    from bdx_study.space import parse_space
+    from bdx_study.tables import StudyTables
+    from bdx_study.trials.tracking import MlflowStudyCallback, StudyTracker
+
+    from .test_tables import _rows, _scores
+
+    spec = parse_space(tiny_study(tmp_path))  # 3 trials
+    tables = StudyTables(spec.study_dir)
+    for done in ("bdx_00000", "orphan_00009"):  # finished before the kill; the orphan after it
+        tables.write_trial(done, _rows(done, 0.9), _scores(done, 4))
+    config = {"detector": "badexpert", "unlearn_lr": 3e-4, "aux_lr": 0.05}
+    trials = [Trial("__fake", config=config, trial_id=f"bdx_0000{i}", stub=True) for i in range(3)]
+    tracker = StudyTracker(spec.tracking.uri or "", spec.experiment_name, spec.study.name)
+    tracker.start({"space_file": "tiny.yaml"})
+    callback = MlflowStudyCallback(tracker, spec, spec.study_dir)
+    callback.setup()
+    callback.on_trial_complete(0, trials, trials[1])
+    out = capsys.readouterr().out
+    assert "trial 2/3 bdx_00001 finished" in out, out  # bdx_00000 from the tables, bdx_00001 now
+    callback.on_trial_complete(0, trials, trials[2])
+    assert "trial 3/3 bdx_00002 finished" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------ 5. unreadable stored result
 
 
