@@ -41,10 +41,17 @@ class Registry(Generic[T]):
         self._modules: dict[str, str] = {}  # declared name -> the module that registers it
         self._specs: dict[str, Any] = {}  # declared name -> what is known without importing it
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(self, name: str, module: str | None = None) -> Callable[[T], T]:
+        """Decorator storing ``obj`` under ``name``. A declared name may only be registered by
+        its declared module (``module``: the caller's ``__name__``), so user code cannot shadow
+        a built-in whose module is not imported yet."""
+
         def deco(obj: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
+            declared = self._modules.get(name)
+            if declared is not None and module != declared:
+                raise ValueError(f"{self.kind} {name!r} is registered twice: it is built in (module {declared})")
             self._entries[name] = obj
             return obj
 
@@ -80,6 +87,10 @@ class Registry(Generic[T]):
         """The declared spec of ``name`` (None for names registered directly or declared without one)."""
         self.require(name)
         return self._specs.get(name)
+
+    def declared_module(self, name: str) -> str | None:
+        """The module that registers declared name ``name`` (None for names registered directly)."""
+        return self._modules.get(name)
 
     def loaded(self, name: str) -> bool:
         """Whether ``name``'s implementation is in memory (always, for names registered directly)."""

@@ -21,7 +21,7 @@ from pydantic import Field, field_validator
 from bdx_study._config import Precision, RowModel, StrictModel
 from bdx_study.archs import ARCHITECTURES, check_input_shape
 from bdx_study.attacks import ATTACKS, attack_identity, check_attack
-from bdx_study.data import DATASETS, DataError, dataset_info
+from bdx_study.data import DATASETS, Arrays, DataError, dataset_info, load_arrays, resolve_root, split_indices
 from bdx_study.metrics import conformal_threshold, fit_threshold
 
 if TYPE_CHECKING:
@@ -126,19 +126,24 @@ class DataConfig(StrictModel):
 
         return load_test_portion(dataset, root=self.root, download=self.download)
 
+    def _cut(self) -> dict[str, Any]:
+        """The fields that cut the splits, as :func:`~bdx_study.data.split_indices` and
+        :func:`~bdx_study.data.load_splits` take them (one spelling for both)."""
+        return self.model_dump(include={"reserve_size", "eval_size", "selection_fraction", "train_size", "split_seed"})
+
     def splits(self, dataset: str) -> Splits:
+        """The dataset's splits as tensors (what victims train and trials score on)."""
         from bdx_study.data import load_splits
 
-        return load_splits(
-            dataset,
-            root=self.root,
-            reserve_size=self.reserve_size,
-            eval_size=self.eval_size,
-            selection_fraction=self.selection_fraction,
-            train_size=self.train_size,
-            split_seed=self.split_seed,
-            download=self.download,
-        )
+        return load_splits(dataset, root=self.root, download=self.download, **self._cut())
+
+    def train_arrays(self, dataset: str) -> Arrays:
+        """The victim's training split as numpy arrays, cut as :meth:`splits` cuts it, without
+        torch (what ``validate`` checks attacks on); the pixels are indexed only when a
+        ``train_size`` subsample is drawn."""
+        train, test = load_arrays(dataset, resolve_root(self.root), self.download)
+        rows = split_indices(dataset, len(train.labels), len(test.labels), **self._cut()).train
+        return train if rows is None else Arrays(train.pixels[rows], train.labels[rows])
 
 
 class TrainingConfig(StrictModel):
@@ -243,7 +248,7 @@ class VictimConfig(StrictModel):
     def check_attack(self) -> None:
         """The attack's params against the dataset's shape and classes (ValueError); no torch."""
         info = dataset_info(self.dataset)
-        check_attack(self.attack.name, self.attack.params, info.input_shape, info.num_classes)
+        check_attack(self.attack.name, self.attack.params, info.input_shape, info.num_classes, self.seed)
 
     def check_architecture(self) -> None:
         """The architecture against the dataset's input shape (ValueError); no torch."""

@@ -375,7 +375,7 @@ def run_detector(
 ) -> DetectorRun:
     """Fit (or find) every component of ``family`` on the victim's defender data, score every
     part and evaluate it under the shared protocol. ``layout`` identifies how the held-out images
-    were split (see :meth:`bdx_study.victims.DataConfig.layout`)."""
+    were split (see :meth:`bdx_study.configs.DataConfig.layout`)."""
     parts = parts if parts is not None else scoring_parts(splits, attack, protocol)
     model = model.to(device).eval()
     probs, base_cost = store.predictions(victim_key, layout, protocol, model, parts, device)

@@ -25,6 +25,7 @@ from bdx_study.attacks import (
     check_attack_data,
     create_attack,
     list_attacks,
+    register_attack,
 )
 from bdx_study.data import ImageData
 
@@ -233,6 +234,66 @@ def test_user_registered_attack(monkeypatch: pytest.MonkeyPatch) -> None:
         expected = create_attack(name, {"seed": 3}, (1, 28, 28), NUM_CLASSES, 0).identity()
         assert attack_identity(name, {"seed": 3}, (1, 28, 28), NUM_CLASSES, 0) == expected
     assert expected["extra"] == 1 and expected["poison_rate"] == 0.25
+
+
+def test_a_users_attack_is_checked_by_its_own_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user's attack keeps its checks in its class: check_attack builds it, and its data
+    check (which may read the images) is refused here rather than silently skipped."""
+
+    class Picky(Attack):
+        """Refuses inputs narrower than 30 pixels."""
+
+        name = "picky"
+
+        def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], classes: int, seed: int) -> None:
+            super().__init__(params, input_shape, classes, seed)
+            if input_shape[2] < 30:
+                raise self.fail("needs inputs at least 30 pixels wide")
+
+        def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
+            return x.clone()
+
+    monkeypatch.setitem(ATTACKS._entries, "picky", Picky)
+    check_attack("picky", {}, (3, 32, 32), NUM_CLASSES)
+    with pytest.raises(ValueError, match="at least 30 pixels wide"):
+        check_attack("picky", {}, (1, 28, 28), NUM_CLASSES)
+    with pytest.raises(TypeError, match="VictimConfig.check_data"):
+        check_attack_data("picky", {}, (3, 32, 32), NUM_CLASSES, (3, 32, 32), np.zeros(10, dtype=np.int64))
+
+
+def test_user_code_cannot_shadow_a_built_in_before_its_module_loads() -> None:
+    """register_attack("badnet") from user code fails even while patch.py is not imported yet
+    (otherwise validation would check the built-in's Params and training run the user's class)."""
+    code = textwrap.dedent(
+        """
+        from bdx_study.attacks import ATTACKS, AttackParams, register_attack
+        assert not ATTACKS.loaded("badnet")
+        from bdx_study.attacks._base import Attack
+        try:
+            @register_attack("badnet")
+            class Mine(Attack):
+                Params = AttackParams
+        except ValueError as e:
+            print("refused:", e)
+        print("badnet is", ATTACKS.get("badnet").__module__, "trojan is", ATTACKS.get("trojan").__module__)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "refused: attack 'badnet' is registered twice: it is built in (module bdx_study.attacks.patch)" in out
+    assert "badnet is bdx_study.attacks.patch trojan is bdx_study.attacks.patch" in out
+
+
+def test_a_built_in_must_use_its_declared_params_and_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation resolves a built-in's defaults from its declared Params: its class may not
+    bring other Params or other reference tables (the victim key would differ between a
+    driver that never loaded the class and a worker that did)."""
+    from bdx_study.attacks import patch
+
+    monkeypatch.delitem(ATTACKS._entries, "badnet")
+    for attrs in ({"Params": AttackParams}, {"reference_rates": {32: 0.5}}):  # other Params; other tables
+        with pytest.raises(TypeError, match="must use the Params it is declared with"):
+            register_attack("badnet")(type("BadNet2", (patch.BadNet,), {"__module__": patch.__name__, **attrs}))
+    register_attack("badnet")(patch.BadNet)  # the real one registers again
 
 
 # ------------------------------------------------------------------------------ check_attack_data == check_data

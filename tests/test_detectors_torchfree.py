@@ -132,11 +132,14 @@ def test_a_declared_family_must_register_the_declared_params(monkeypatch: pytest
     import bdx_study.detectors as detectors
 
     fresh: Registry[type[DetectorFamily]] = Registry("detector family")
-    fresh.declare("declared_family", "no.such.module", DetectorParams)
+    fresh.declare("declared_family", UserFamily.__module__, DetectorParams)  # declared by this module
+    fresh.declare("built_in", "no.such.module", DetectorParams)
     monkeypatch.setattr(detectors, "DETECTORS", fresh)
     with pytest.raises(TypeError, match="declared with bdx_study.detectors.params.DetectorParams"):
         register_detector("declared_family")(UserFamily)
-    assert not fresh.loaded("declared_family")
+    with pytest.raises(ValueError, match="registered twice: it is built in"):  # another module's name
+        register_detector("built_in")(UserFamily)
+    assert not fresh.loaded("declared_family") and not fresh.loaded("built_in")
 
 
 def test_a_parameter_without_a_reason_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

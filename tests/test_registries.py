@@ -429,3 +429,19 @@ def test_fresh_registry() -> None:
     assert reg.get("a") == 1
     with pytest.raises(UnknownNameError, match="unknown widget 'c'; known: a, b"):
         reg.get("c")
+
+
+def test_a_declared_name_is_known_before_its_module_and_registered_only_by_it() -> None:
+    from bdx_study._registry import Registry, UnknownNameError
+
+    reg: Registry[int] = Registry("thing")
+    reg.declare("a", "json", spec="a's spec")
+    assert "a" in reg and reg.names() == ["a"] and reg.spec("a") == "a's spec" and not reg.loaded("a")
+    with pytest.raises(ValueError, match="registered twice: it is built in"):
+        reg.register("a", "my_module")(1)
+    with pytest.raises(RuntimeError, match="did not register thing 'a'"):
+        reg.get("a")  # json imports, but registers nothing
+    reg.register("a", "json")(2)
+    assert reg.get("a") == 2 and reg.loaded("a")
+    with pytest.raises(UnknownNameError, match="known: a"):
+        reg.require("b")

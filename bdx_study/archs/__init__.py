@@ -35,7 +35,12 @@ if TYPE_CHECKING:
 _TORCH_NAMES = frozenset({"BodyFactory", "Classifier", "create_model", "penultimate_layer"})
 
 
-__getattr__ = lazy_exports(__name__, dict.fromkeys(_TORCH_NAMES, "bdx_study.archs._model"))
+# the torch names on first use; the model modules too (``bdx_study.archs.resnet``)
+__getattr__ = lazy_exports(
+    __name__,
+    dict.fromkeys(_TORCH_NAMES, "bdx_study.archs._model"),
+    submodules={ARCHITECTURES.declared_module(n).rpartition(".")[2] for n in ARCHITECTURES.names()},  # type: ignore[union-attr]
+)
 
 
 __all__ = [

@@ -102,7 +102,7 @@ def register_body(name: str) -> Callable[[BodyFactory], BodyFactory]:
         declared = ARCHITECTURES.spec(name)  # UnknownNameError when not declared at all
         if not isinstance(declared, ArchSpec):
             raise ValueError(f"architecture {name!r} is not declared with its metadata; use register_architecture")
-        ARCHITECTURES.register(name)(dataclasses.replace(declared, factory=fn))
+        ARCHITECTURES.register(name, fn.__module__)(dataclasses.replace(declared, factory=fn))
         return fn
 
     return deco

@@ -30,6 +30,7 @@ from bdx_study.attacks._registry import (
     check_attack_data,
     list_attacks,
     register_attack,
+    user_attack,
 )
 from bdx_study.attacks.recipes import AttackParams, CoverParams
 
@@ -65,6 +66,7 @@ __all__ = [
     "list_attacks",
     "patch_blend",
     "register_attack",
+    "user_attack",
 ]
 
 _LAZY = {  # name -> the module that defines it (they import torch)

@@ -65,8 +65,19 @@ def register_attack(name: str) -> Any:
     """Class decorator: register an Attack subclass under ``name`` (and set its ``name``)."""
 
     def deco(cls: type[Attack]) -> type[Attack]:
+        if ATTACKS.declared_module(name) == cls.__module__:  # a built-in: validation reads its declared Params
+            declared = ATTACKS.spec(name)
+            same_tables = all(
+                getattr(cls, t) is getattr(declared, t) for t in ("reference_rates", "reference_cover_rates")
+            )
+            if cls.Params is not declared or not same_tables:
+                raise TypeError(
+                    f"attack {name!r}: {cls.__name__} must use the Params it is declared with "
+                    f"({declared.__module__}.{declared.__qualname__}) and that model's reference rate tables "
+                    "(what validation resolves defaults from)"
+                )
+        ATTACKS.register(name, cls.__module__)(cls)  # a user's class may not shadow a built-in
         cls.name = name
-        ATTACKS.register(name)(cls)
         return cls
 
     return deco
@@ -83,6 +94,13 @@ def attack_params(name: str) -> type[AttackParams]:
     return spec if spec is not None else ATTACKS.get(name).Params
 
 
+def user_attack(name: str) -> bool:
+    """Whether ``name`` was registered by user code rather than declared: its checks may live in
+    its own class (constructor, ``check_data``) rather than in a recipe."""
+    ATTACKS.require(name)
+    return ATTACKS.declared_module(name) is None
+
+
 def attack_recipe(
     name: str, params: Mapping[str, Any] | AttackParams, input_shape: tuple[int, int, int], num_classes: int
 ) -> AttackRecipe:
@@ -91,9 +109,9 @@ def attack_recipe(
     checks (ValueError), torch-free."""
     model = attack_params(name)
     p = model.model_validate(dict(params) if isinstance(params, Mapping) else params)
-    if not ATTACKS.loaded(name):  # a declared built-in: its Params holds its tables
+    if not user_attack(name):  # a built-in's class uses its Params' tables (register_attack checks)
         return p.recipe(name, input_shape, num_classes)
-    cls = ATTACKS.get(name)  # the Attack's own tables, as it resolves them
+    cls = ATTACKS.get(name)  # a user's Attack may set its own tables
     return p.recipe(
         name,
         input_shape,
@@ -104,11 +122,25 @@ def attack_recipe(
 
 
 def check_attack(
-    name: str, params: Mapping[str, Any] | AttackParams, input_shape: tuple[int, int, int], num_classes: int
+    name: str,
+    params: Mapping[str, Any] | AttackParams,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    seed: int = 0,
 ) -> None:
     """Raise what ``create_attack(name, params, input_shape, num_classes, seed)`` raises at
     construction (unknown or invalid params, a target outside the classes, a trigger that does
-    not fit the input, ...), without building the attack."""
+    not fit the input, ...): a built-in's recipe, without torch; a user's attack is built, as
+    its checks may be in its constructor."""
+    if user_attack(name):
+        cls = ATTACKS.get(name)  # the user's class imported torch already
+        cls(
+            cls.Params.model_validate(dict(params) if isinstance(params, Mapping) else params),
+            input_shape,
+            num_classes,
+            seed,
+        )
+        return
     attack_recipe(name, params, input_shape, num_classes)
 
 
@@ -142,5 +174,9 @@ def check_attack_data(
 ) -> None:
     """:func:`check_attack`, then what the attack's ``check_data`` raises for a training set of
     ``train_shape`` (C, H, W) images with int ``labels`` (N,): a shape mismatch, too few images
-    of the classes the attack draws its poisons or covers from."""
+    of the classes the attack draws its poisons or covers from. Built-ins only: a user's attack
+    (:func:`user_attack`) checks data in its own class, which may read the images, so check it
+    on the tensors training uses (``VictimConfig.check_data``)."""
+    if user_attack(name):
+        raise TypeError(f"attack {name!r} is registered by user code: check its data with VictimConfig.check_data")
     attack_recipe(name, params, input_shape, num_classes).check_data(train_shape, np.asarray(labels, dtype=np.int64))

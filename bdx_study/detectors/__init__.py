@@ -51,7 +51,7 @@ def register_detector(name: str) -> Callable[[type[DetectorFamily[Any]]], type[D
     every component a parameter, and a declared family the Params it was declared with."""
 
     def deco(cls: type[DetectorFamily[Any]]) -> type[DetectorFamily[Any]]:
-        declared = DETECTORS.spec(name) if name in DETECTORS else None
+        declared = DETECTORS.spec(name) if DETECTORS.declared_module(name) == cls.__module__ else None
         if declared is not None and cls.Params is not declared:
             raise TypeError(
                 f"detector family {name!r}: {cls.__name__}.Params is {cls.Params.__module__}.{cls.Params.__qualname__},"
@@ -64,8 +64,9 @@ def register_detector(name: str) -> Callable[[type[DetectorFamily[Any]]], type[D
         for comp in cls.components:
             if not cls.Params.component_fields(comp):
                 raise TypeError(f"detector family {name!r}: component {comp!r} has no parameters")
+        DETECTORS.register(name, cls.__module__)(cls)  # a user's class may not shadow a built-in
         cls.name = name
-        return DETECTORS.register(name)(cls)
+        return cls
 
     return deco
 
@@ -104,7 +105,12 @@ DETECTORS.declare("ted", f"{__name__}.ted", TedParams)
 _FROM_BASE = ("DetectorFamily", "FitContext", "Fitted")  # they import torch: loaded on first use
 
 
-__getattr__ = lazy_exports(__name__, dict.fromkeys(_FROM_BASE, f"{__name__}._base"))
+# the torch classes on first use; the family modules too (``bdx_study.detectors.strip``)
+__getattr__ = lazy_exports(
+    __name__,
+    dict.fromkeys(_FROM_BASE, f"{__name__}._base"),
+    submodules={DETECTORS.declared_module(n).rpartition(".")[2] for n in DETECTORS.names()},  # type: ignore[union-attr]
+)
 
 
 __all__ = [
