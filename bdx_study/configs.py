@@ -21,7 +21,7 @@ from pydantic import Field, field_validator
 from bdx_study._config import Precision, RowModel, StrictModel
 from bdx_study.archs import ARCHITECTURES, check_input_shape
 from bdx_study.attacks import ATTACKS, attack_identity, check_attack
-from bdx_study.data import DATASETS, Arrays, DataError, dataset_info, load_arrays, resolve_root, split_indices
+from bdx_study.data import DATASETS, DataError, dataset_info, load_arrays, resolve_root, split_indices
 from bdx_study.metrics import conformal_threshold, fit_threshold
 
 if TYPE_CHECKING:
@@ -137,13 +137,12 @@ class DataConfig(StrictModel):
 
         return load_splits(dataset, root=self.root, download=self.download, **self._cut())
 
-    def train_arrays(self, dataset: str) -> Arrays:
-        """The victim's training split as numpy arrays, cut as :meth:`splits` cuts it, without
-        torch (what ``validate`` checks attacks on); the pixels are indexed only when a
-        ``train_size`` subsample is drawn."""
+    def train_labels(self, dataset: str) -> np.ndarray:
+        """The labels of the victim's training split, cut as :meth:`splits` cuts it, without torch
+        (what ``validate`` checks attacks on; no pixels are copied)."""
         train, test = load_arrays(dataset, resolve_root(self.root), self.download)
         rows = split_indices(dataset, len(train.labels), len(test.labels), **self._cut()).train
-        return train if rows is None else Arrays(train.pixels[rows], train.labels[rows])
+        return train.labels if rows is None else train.labels[rows]
 
 
 class TrainingConfig(StrictModel):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from bdx_study.attacks import check_attack_data, user_attack
 from bdx_study.data import Arrays, DataError, dataset_info, load_arrays, resolve_root
 from bdx_study.space import SpaceError, StudySpec
@@ -62,18 +64,18 @@ def check_data(spec: StudySpec, source: str) -> None:
             problems.append(f"data.train_size: {d.train_size} exceeds the {n_train} training images of {ds!r}")
         if problems:
             raise SpaceError("\n".join(f"{source}: {p}" for p in problems))
-    trains: dict[str, Arrays] = {}  # victims share their training split: cut it once per dataset
+    labels: dict[str, np.ndarray] = {}  # victims share their training split: cut it once per dataset
     for v in spec.victim_configs():
         try:
             if user_attack(v.attack.name):  # its checks are in its class and may read the images
                 v.check_data()
                 continue
-            if v.dataset not in trains:
-                trains[v.dataset] = d.train_arrays(v.dataset)
+            if v.dataset not in labels:
+                labels[v.dataset] = d.train_labels(v.dataset)
             info = dataset_info(v.dataset)
-            train = trains[v.dataset]
+            shape = loaded[v.dataset][0].pixels.shape[1:]
             check_attack_data(
-                v.attack.name, v.attack.params, info.input_shape, info.num_classes, train.pixels.shape[1:], train.labels
+                v.attack.name, v.attack.params, info.input_shape, info.num_classes, shape, labels[v.dataset]
             )
         except ValueError as e:  # DataError too
             raise SpaceError(f"{source}: victims.attacks ({v.attack.name}): {e}") from None

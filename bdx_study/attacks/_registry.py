@@ -155,8 +155,8 @@ def attack_identity(
     part of the victim key (the params with defaults resolved), torch-free for the built-ins.
     Raises what :func:`check_attack` raises."""
     recipe = attack_recipe(name, params, input_shape, num_classes)
-    if ATTACKS.loaded(name):
-        from bdx_study.attacks._base import Attack  # loaded with the attack's class
+    if user_attack(name):  # a built-in's identity is its recipe's, loaded or not
+        from bdx_study.attacks._base import Attack  # loaded with the user's class
 
         cls = ATTACKS.get(name)
         if cls.identity is not Attack.identity:  # a user's attack that adds to its identity
