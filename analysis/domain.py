@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bdx_study.metrics import LOWER_IS_BETTER
+
 Shape = tuple[int, int, int]
 
 
@@ -179,6 +181,37 @@ def check_domain(
             "run search_spaces/zoo.yaml (every attack, on Fashion-MNIST)"
         )
     return out
+
+
+def unseen_triggers(recipe: dict[str, Any], detector: str | None = None) -> str:
+    """One line on what the domain check cannot see: the trigger kind a user's model carries.
+    A recipe knows the attacks it was tuned on, nothing more; the line names them and the
+    family's weakest held-out attack with its figure (its evidence of how defaults transfer to an
+    attack they were not tuned on)."""
+    family = detector or recipe.get("default_detector")
+    dom = recipe.get("domain") if isinstance(recipe.get("domain"), dict) else {}
+    attacks = _fmt_list((dom or {}).get("attacks") or [])
+    entry = (recipe.get("detectors") or {}).get(family) or {}
+    folds = ((entry.get("evidence") or {}).get("held_out") or {}).get("folds") or []
+    head = (
+        f"unchecked: the recipe was tuned on attacks {attacks}; no check can see which trigger a model carries, "
+        "and a trigger unlike these may go undetected"
+    )
+    figures = []
+    not_figures = ("held_out_ci95", "held_out_victims", "held_out_worst_clean_acc_drop")
+    for f in folds:
+        key = next((k for k in f if k.startswith("held_out_") and k not in not_figures), None)
+        if not str(f.get("held_out", "")).startswith("attack=") or key is None or f.get(key) is None:
+            continue
+        attack = str(f["held_out"]).removeprefix("attack=")
+        figures.append((float(f[key]), attack, key, bool(f.get("strictly_held_out"))))
+    if not figures:
+        return head + f" (the recipe has no held-out-attack evidence for {family}: its study had one attack)"
+    metric = figures[0][2].removeprefix("held_out_")  # e.g. worst_auroc_correct_only
+    lower_is_better = metric.split("_", 1)[1] in LOWER_IS_BETTER
+    value, attack, _, strict = (max if lower_is_better else min)(figures)
+    how = "strictly held out" if strict else "held out, not strictly: the search saw it"
+    return head + f"; {family}'s weakest held-out attack: {attack}, {metric} {value:.3f} ({how})"
 
 
 def render_warnings(warnings: Sequence[str], *, command: str) -> str:

@@ -24,7 +24,7 @@ from bdx_study.tables import StudyTables
 from bdx_study.training import pick_device
 from bdx_study.victims import VictimCache, VictimConfig
 
-from .domain import check_domain, render_warnings
+from .domain import check_domain, render_warnings, unseen_triggers
 
 
 def pick_victim(spec: StudySpec, which: str | None) -> VictimConfig:
@@ -140,6 +140,7 @@ def export_detector(
         },
         "metrics_protocol": "evaluation split of the victim's dataset, disjoint from the defender's clean data",
         "domain_warnings": outside,
+        "unchecked": unseen_triggers(yaml.safe_load(recipe_path.read_text()), family_name),
     }
     bundle = save_bundle(
         out,
@@ -153,6 +154,7 @@ def export_detector(
         info=splits.info,
         metrics={**metrics, **run.costs},
         provenance=provenance,
+        reference=run.reference,
         force=force,
     )
     if log_to_mlflow and ids.get("tracking_uri") and ids.get("experiment_id"):
@@ -217,7 +219,7 @@ def log_bundle_to_mlflow(bundle: Path, ids: dict[str, Any], *, name: str) -> str
             {
                 "detector": manifest["detector"],
                 **manifest["protocol"],
-                **family.params.to_row(),
+                **family.params.to_params(),
                 "threshold": manifest["threshold"],
             }
         )

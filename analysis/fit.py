@@ -39,12 +39,13 @@ from bdx_study.attacks import create_attack
 from bdx_study.data import DatasetInfo, ImageData, Splits, dataset_info, list_datasets
 from bdx_study.detector import save_bundle
 from bdx_study.detectors import DetectorFamily, create_detector
+from bdx_study.detectors.params import MIN_REFERENCE
 from bdx_study.metrics import min_calibration
 from bdx_study.protocol import ProtocolConfig
 from bdx_study.stages import StageStore, run_detector
 from bdx_study.training import pick_device, predict_proba
 
-from .domain import check_domain
+from .domain import check_domain, unseen_triggers
 from .export import read_recipe, recipe_config
 
 Shape = tuple[int, int, int]
@@ -396,11 +397,17 @@ class SplitPlan:
         return p.clean_set_size if p.calibration_size is not None else p.clean_set_size - self.calibration
 
 
-def _calibration_needed(protocol: ProtocolConfig) -> int:
-    return min_calibration(protocol.target_fpr) if protocol.threshold_rule == "conformal" else 1
+def _calibration_needed(protocol: ProtocolConfig, share: float = 0.0) -> int:
+    """Correctly classified calibration images the threshold needs; a family scored against a
+    clean reference (a committee) takes ``share`` of them for that first, at least MIN_REFERENCE."""
+    need = min_calibration(protocol.target_fpr) if protocol.threshold_rule == "conformal" else 1
+    n = need
+    while share > 0 and (n - round(n * share) < need or round(n * share) < MIN_REFERENCE):
+        n += 1
+    return n
 
 
-def _fits(protocol: ProtocolConfig, total: int, heldout_fraction: float) -> ProtocolConfig | None:
+def _fits(protocol: ProtocolConfig, total: int, heldout_fraction: float, share: float = 0.0) -> ProtocolConfig | None:
     """The protocol scaled to ``total`` images, or None when they are too few."""
     heldout = round(total * heldout_fraction)
     reserve = total - heldout
@@ -410,31 +417,34 @@ def _fits(protocol: ProtocolConfig, total: int, heldout_fraction: float) -> Prot
         protocol = protocol.model_copy(update={"clean_set_size": reserve - (protocol.calibration_size or 0)})
     size, n_cal = protocol.clean_set_size, protocol.calibration_images
     finetune = size if protocol.calibration_size is not None else size - n_cal
-    if size < 2 or finetune < 1 or n_cal < _calibration_needed(protocol):
+    if size < 2 or finetune < 1 or n_cal < _calibration_needed(protocol, share):
         return None
     return protocol
 
 
-def _fewest_images(protocol: ProtocolConfig, heldout_fraction: float) -> int:
+def _fewest_images(protocol: ProtocolConfig, heldout_fraction: float, share: float = 0.0) -> int:
     """The fewest clean images that serve ``protocol`` and a held-out part (doubling, then
     bisection, then a step back over rounding)."""
     hi = 2
-    while _fits(protocol, hi, heldout_fraction) is None:
+    while _fits(protocol, hi, heldout_fraction, share) is None:
         hi *= 2
     lo = hi // 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if _fits(protocol, mid, heldout_fraction) is not None else (mid, hi)
-    while hi > 2 and _fits(protocol, hi - 1, heldout_fraction) is not None:
+        lo, hi = (lo, mid) if _fits(protocol, mid, heldout_fraction, share) is not None else (mid, hi)
+    while hi > 2 and _fits(protocol, hi - 1, heldout_fraction, share) is not None:
         hi -= 1
     return hi
 
 
-def plan_split(total: int, protocol: ProtocolConfig, heldout_fraction: float, source: Path) -> SplitPlan:
-    """Check that ``total`` clean images serve the recipe's protocol and a held-out part; the
-    error names the numbers and the fewest images that would do."""
+def plan_split(
+    total: int, protocol: ProtocolConfig, heldout_fraction: float, source: Path, share: float = 0.0
+) -> SplitPlan:
+    """Check that ``total`` clean images serve the recipe's protocol and a held-out part (and the
+    ``share`` of the calibration images a committee's scales take); the error names the numbers
+    and the fewest images that would do."""
     heldout = round(total * heldout_fraction)
-    scaled = _fits(protocol, total, heldout_fraction)
+    scaled = _fits(protocol, total, heldout_fraction, share)
     if scaled is None:
         reserve = total - heldout
         if protocol.calibration_size is not None:
@@ -445,12 +455,14 @@ def plan_split(total: int, protocol: ProtocolConfig, heldout_fraction: float, so
                 f"{round(size * protocol.calibration_fraction)} of them would calibrate the threshold "
                 f"(calibration_fraction {protocol.calibration_fraction})"
             )
-        need = _fewest_images(protocol, heldout_fraction)
+        need = _fewest_images(protocol, heldout_fraction, share)
+        why = f" ({share} of them first set the committee's clean scales)" if share else ""
         raise FitError(
             f"--clean {source}: {total} clean images are too few for this recipe: --heldout-fraction "
             f"{heldout_fraction} holds out {heldout}, leaving {reserve} for the defender; {cal}, but its "
             f"{protocol.threshold_rule} threshold at target_fpr {protocol.target_fpr} needs at least "
-            f"{_calibration_needed(protocol)} calibration images and D_c at least 2. Give at least {need} clean images"
+            f"{_calibration_needed(protocol, share)} calibration images{why} and D_c at least 2. Give at least {need} "
+            "clean images"
         )
     notice = None
     if scaled.clean_set_size != protocol.clean_set_size:
@@ -533,18 +545,19 @@ def prepare_fit(
         raise FitError(f"--heldout-fraction {heldout_fraction}: expected a fraction in (0, 1), e.g. 0.2")
     model = load_model(weights, architecture, input_shape, num_classes, mean, std)
     data = load_clean(clean, input_shape, num_classes)
-    plan = plan_split(len(data), protocol, heldout_fraction, clean)
+    plan = plan_split(len(data), protocol, heldout_fraction, clean, family.reference_fraction)
     pred = predict_proba(model, data.x).argmax(1)
     accuracy = float((pred == data.y).float().mean())
     _check_learned(accuracy, num_classes, data, model, clean)
     reserve, heldout = split_clean(data, plan.heldout, split_seed)
     _, calibration = plan.protocol.defender_split(reserve)
     correct = int((predict_proba(model, calibration.x).argmax(1) == calibration.y).sum())
-    if correct < _calibration_needed(plan.protocol):
+    needed = _calibration_needed(plan.protocol, family.reference_fraction)
+    if correct < needed:
         raise FitError(
             f"--clean {clean}: the model classifies {correct} of the {len(calibration)} calibration images correctly; "
-            f"the threshold at target_fpr {plan.protocol.target_fpr} needs at least "
-            f"{_calibration_needed(plan.protocol)} correct ones: give more clean images"
+            f"the threshold at target_fpr {plan.protocol.target_fpr} needs at least {needed} correct ones: give more "
+            "clean images"
         )
     norm_mean, norm_std = model.get_buffer("mean").flatten().tolist(), model.get_buffer("std").flatten().tolist()
     return FitJob(
@@ -643,6 +656,7 @@ def run_fit(job: FitJob, out: Path, *, force: bool = False) -> FitResult:
         "split_seed": job.split_seed,
         "protocol_notice": job.plan.notice,
         "domain_warnings": job.domain_warnings,
+        "unchecked": unseen_triggers(job.recipe, job.family.name),
         "stage_keys": run.stage_keys,
         "metrics_protocol": "held-out part of the user's clean images, never used to fit or calibrate; clean "
         "images only (no triggered inputs): FPR and clean accuracy",
@@ -659,6 +673,7 @@ def run_fit(job: FitJob, out: Path, *, force: bool = False) -> FitResult:
         info=info,
         metrics=metrics,
         provenance=provenance,
+        reference=run.reference,
         force=force,
     )
     return FitResult(bundle, metrics)
@@ -691,6 +706,7 @@ def describe_job(job: FitJob) -> list[str]:
             else ""
         ),
         *([f"notice: {plan.notice}"] if plan.notice else []),
+        unseen_triggers(job.recipe, job.family.name),
     ]
 
 

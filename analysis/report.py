@@ -11,11 +11,12 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from bdx_study._config import flatten
 from bdx_study._io import atomic_path, write_text_atomic
 from bdx_study.metrics import HEADLINE, HIGHER_IS_BETTER
 from bdx_study.space import StudySpec
 
-from .robust import RobustDefaults
+from .robust import RobustDefaults, family_board, with_flat_params
 
 
 def _clean_nested(v: Any) -> Any:
@@ -96,12 +97,20 @@ def _family_recipe(rd: RobustDefaults, spec: StudySpec) -> dict[str, Any]:
 
 def recipe(per_family: dict[str, RobustDefaults], spec: StudySpec, study_dir: Path) -> dict[str, Any]:
     """The recipe: per family, the chosen parameters and protocol, the rule that chose them and
-    the per-victim evidence. ``default_detector`` is what ``export`` uses unless told otherwise."""
-    default = "badexpert" if "badexpert" in per_family else next(iter(per_family))
+    the per-victim evidence. ``default_detector`` is what ``export`` and ``fit`` use unless told
+    otherwise: the family the selection rule favours across families (:func:`family_board`)."""
+    board = family_board(per_family)
     return {
         "study": spec.study.name,
         "study_dir": str(study_dir),
-        "default_detector": default,
+        "default_detector": str(board["detector"].iloc[0]),
+        "default_detector_chosen_by": {
+            "rule": "the selection rule across families: feasible first, then the best "
+            f"{spec.search.objective.aggregate}-case {spec.search.objective.metric} on the selection split (averaged "
+            "over the refits of the chosen config, where it was refitted), then the best mean; evaluation-split "
+            "figures play no part",
+            "board": [{k: _clean(v) for k, v in r.items()} for r in board.to_dict(orient="records")],
+        },
         "domain": domain(spec),
         "detectors": {family: _family_recipe(rd, spec) for family, rd in per_family.items()},
     }
@@ -152,9 +161,9 @@ def _render_family(rd: RobustDefaults, spec: StudySpec) -> list[str]:
     searched = spec.searched(rd.detector)
     fixed = spec.fixed(rd.detector)
     lines.append("Settings (* = searched):")
-    for k, v in {**rd.protocol, **rd.params}.items():
+    for k, v in {**rd.protocol, **flatten(rd.params)}.items():
         if k in searched or k in fixed:
-            lines.append(f"  {'*' if k in searched else ' '} {k:24s} {v}")
+            lines.append(f"  {'*' if k in searched else ' '} {k:36s} {v}")
     lines.append(
         "Per victim (evaluation split: inputs the search never saw; the defaults were tuned on these victims):"
     )
@@ -196,6 +205,13 @@ def render(per_family: dict[str, RobustDefaults], spec: StudySpec, table: pd.Dat
         cost = table.groupby("detector")[["forward_passes_per_input", "score_seconds_per_input", "fit_seconds"]].mean()
         lines.append("Cost (mean over victims): forward passes and scoring seconds per input, fit seconds per victim:")
         lines.append(cost.loc[[f for f in per_family if f in cost.index]].to_string(float_format="{:.4g}".format))
+        board = family_board(per_family)
+        lines.append(
+            f"\nDefault detector: {board['detector'].iloc[0]} (what export and fit use unless --detector), chosen by "
+            "the selection rule across families on the selection split (refit-averaged where refitted; feasible "
+            "first, then worst case, then mean):"
+        )
+        lines.append(board.to_string(index=False))
     return "\n".join(lines)
 
 
@@ -214,7 +230,7 @@ def plot_params(df: pd.DataFrame, spec: StudySpec, metric: str, path: Path) -> P
     fig, axes = plt.subplots(len(families), width, figsize=(3 * width, 2.8 * len(families)), squeeze=False)
     how = "min" if metric in HIGHER_IS_BETTER else "max"
     for row, family in zip(axes, families, strict=True):
-        rows = df[df["detector"] == family]
+        rows = with_flat_params(df[df["detector"] == family])
         searched = spec.searched(family)
         per_trial = rows.groupby("trial_id").agg({**{k: "first" for k in searched}, metric: how})
         for ax, k in zip(row, searched, strict=False):

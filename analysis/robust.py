@@ -27,6 +27,7 @@ from typing import Any
 
 import pandas as pd
 
+from bdx_study._config import flatten
 from bdx_study.folds import GROUP_COLUMNS, fold_name, fold_spec, fold_values
 from bdx_study.metrics import COST_METRICS, HEADLINE, HIGHER_IS_BETTER, worst
 from bdx_study.protocol import ProtocolConfig
@@ -64,6 +65,15 @@ class RobustDefaults:
 
 def load_trials(study_dir: Path) -> pd.DataFrame:
     return StudyTables(study_dir).read("trials").to_pandas()
+
+
+def with_flat_params(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with a column per nested setting of the exact ``params`` JSON, named as the study
+    file's search space names it (a committee's ``members.badexpert.unlearn_lr``)."""
+    if rows.empty:
+        return rows
+    flat = pd.DataFrame([flatten(json.loads(p)) for p in rows["params"]], index=rows.index)
+    return pd.concat([rows, flat[[c for c in flat.columns if c not in rows.columns]]], axis=1)
 
 
 def _summary(rows: pd.DataFrame, metric: str) -> dict[str, float]:
@@ -312,6 +322,40 @@ def robust_defaults(
     if not out:
         raise ValueError(f"no finished trial of {', '.join(spec.families)} in {study_dir}")
     return out
+
+
+def family_board(per_family: dict[str, RobustDefaults]) -> pd.DataFrame:
+    """The selection rule across families: each family's robust defaults as the search saw them
+    (selection split; the refit-averaged figure where the config was refitted, so that a lucky fit
+    does not win), best first: feasible before infeasible, then the better aggregate of the
+    objective, then the better mean, then file order. The first row is the recipe's
+    ``default_detector``. Evaluation-split figures are not used: they are what the choice is
+    reported on."""
+    rows = []
+    for order, (family, rd) in enumerate(per_family.items()):
+        refitted = len(rd.fits) > 1
+        rows.append(
+            {
+                "detector": family,
+                "feasible": rd.chosen.feasible,
+                f"selection_{rd.aggregate}_{rd.objective}": float(rd.fits["selection"].mean())
+                if refitted
+                else rd.chosen.score,
+                f"selection_mean_{rd.objective}_of_trial": rd.chosen.mean,  # the tie-break: the chosen trial's
+                "fits": int(len(rd.fits)) if refitted else 1,
+                "trial": rd.chosen.trial_id,
+                "order": order,
+            }
+        )
+    board = pd.DataFrame(rows)
+    if board.empty:
+        return board
+    rd0 = next(iter(per_family.values()))
+    sign = 1 if rd0.objective in HIGHER_IS_BETTER else -1
+    score, mean = f"selection_{rd0.aggregate}_{rd0.objective}", f"selection_mean_{rd0.objective}_of_trial"
+    key = board.assign(_s=sign * board[score], _m=sign * board[mean])
+    order = key.sort_values(["feasible", "_s", "_m", "order"], ascending=[False, False, False, True]).index
+    return board.loc[order].drop(columns="order").reset_index(drop=True)
 
 
 COMPARISON_METRICS = (*HEADLINE, "tpr_at_5pct_fpr_correct_only", *(m.name for m in COST_METRICS))

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bdx_study._config import flatten
 from bdx_study._io import atomic_path
 from bdx_study.metrics import HIGHER_IS_BETTER, worst
 from bdx_study.protocol import ProtocolConfig
@@ -29,7 +30,7 @@ def _trials(rows_f: pd.DataFrame, spec: StudySpec, family: str) -> list[Any]:
     out = []
     for tid, rows in rows_f.groupby("trial_id", sort=False):
         first = rows.iloc[0]
-        full = {**ProtocolConfig.from_row(first).model_dump(), **json.loads(first["params"])}
+        full = {**ProtocolConfig.from_row(first).model_dump(), **flatten(json.loads(first["params"]))}
         params = {k: full[k] for k in dists}
         out.append(
             optuna.trial.create_trial(

@@ -195,6 +195,11 @@ def cmd_detect(args: argparse.Namespace) -> int:
     fmt = args.format or (out.suffix.lstrip(".") if out and out.suffix in (".csv", ".json") else "csv")
     if fmt == "json":
         text = json.dumps({"detector": det.family.name, "threshold": det.threshold, "results": records}, indent=1)
+    elif records and "flagged_by" in records[0]:  # a committee: the members that flag each input on their own
+        text = "index,prediction,flagged,score,flagged_by\n" + "".join(
+            f"{r['index']},{r['prediction']},{int(r['flagged'])},{r['score']:.6g},{'+'.join(r['flagged_by'])}\n"
+            for r in records
+        )
     else:
         text = "index,prediction,flagged,score\n" + "".join(
             f"{r['index']},{r['prediction']},{int(r['flagged'])},{r['score']:.6g}\n" for r in records

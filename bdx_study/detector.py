@@ -2,11 +2,13 @@
 
 A bundle is a folder holding ``model.safetensors`` (the served model M), one
 ``<component>.safetensors`` per fitted component of the family (BaDExpert: ``expert`` and
-``auxiliary``), and ``manifest.json``: the family and its exact parameters, the protocol
-settings, architecture, input shape, normalization, classes, threshold, target FPR, measured
-metrics, provenance, the sha256 of each weight file and a sha256 over the fields that decide
-what the detector does. Weights are safetensors only: nothing is unpickled. Loading checks every
-hash and refuses a bundle whose weights or decision fields were changed, or whose family this
+``auxiliary``; a committee: each member's, e.g. ``ted.main``), ``reference.safetensors`` for a
+family scored against a clean reference (a committee's member scales), and ``manifest.json``:
+the family and its exact parameters, the protocol settings, architecture, input shape,
+normalization, classes, threshold, target FPR, measured metrics, provenance, the sha256 of each
+weight file and a sha256 over the fields that decide what the detector does. Weights are
+safetensors only: nothing is unpickled. Loading checks every hash and refuses a bundle whose
+weights or decision fields were changed, or whose family this
 installation does not know.
 """
 
@@ -33,6 +35,8 @@ from bdx_study.training import predict_proba
 FORMAT = "bdx-study/detector"
 FORMAT_VERSION = 2
 MODEL_FILE = "model.safetensors"
+REFERENCE_FILE = "reference.safetensors"
+FLAGGED_BY = "flagged_by_"  # extras naming what flagged an input: flagged_by_<member> (a committee)  # a committee's clean scales (the members' reference scores)
 # Manifest fields that decide what the detector does; their hash is checked at load.
 DECISION_FIELDS = (
     "format_version",
@@ -116,6 +120,7 @@ def save_bundle(
     info: DatasetInfo,
     metrics: dict[str, float],
     provenance: dict[str, Any],
+    reference: Fitted | None = None,
     force: bool = False,
 ) -> Path:
     """Write a fitted family as a bundle at ``path``: a new or empty folder, or (with ``force``)
@@ -128,6 +133,12 @@ def save_bundle(
     for name, state in fitted.items():
         files[f"{name}.safetensors"] = {k: v.detach().cpu().contiguous() for k, v in state.tensors.items()}
         components[name] = {"file": f"{name}.safetensors", "meta": state.meta}
+    if reference is not None:
+        if REFERENCE_FILE in files:
+            raise BundleError(f"a component's file is named {REFERENCE_FILE}, the clean reference's")
+        files[REFERENCE_FILE] = {k: v.detach().cpu().contiguous() for k, v in reference.tensors.items()}
+    elif family.reference_fraction > 0:
+        raise BundleError(f"{family.name} scores against a clean reference, and none was given to save")
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -145,6 +156,7 @@ def save_bundle(
         "threshold": threshold,
         "target_fpr": target_fpr,
         "components": components,
+        **({"reference": {"file": REFERENCE_FILE, "meta": reference.meta}} if reference is not None else {}),
         "metrics": {k: (None if not np.isfinite(v) else float(v)) for k, v in metrics.items()},
         "sha256": {},
         "provenance": provenance,
@@ -167,8 +179,15 @@ def _write_files(folder: Path, files: dict[str, dict[str, torch.Tensor]], manife
         with atomic_path(folder / fname) as tmp:
             save_file(tensors, tmp)
         manifest["sha256"][fname] = sha256_file(folder / fname)
-    manifest["decision_sha256"] = sha256_json({k: manifest[k] for k in DECISION_FIELDS})
+    manifest["decision_sha256"] = sha256_json(_decision(manifest))
     write_json_atomic(folder / "manifest.json", manifest)
+
+
+def _decision(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The fields whose hash the manifest carries: :data:`DECISION_FIELDS`, and the clean
+    reference of a family scored against one (KeyError names a missing field)."""
+    fields = (*DECISION_FIELDS, "reference") if "reference" in manifest else DECISION_FIELDS
+    return {k: manifest[k] for k in fields}
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -216,11 +235,25 @@ class Detection:
     score: np.ndarray
     extras: dict[str, np.ndarray]
 
+    @property
+    def flagged_by(self) -> list[list[str]] | None:
+        """Per input, which parts of the detector flag it on their own (a committee: its
+        members, from the extras ``flagged_by_<member>``); None for a family without parts."""
+        cols = {k.removeprefix(FLAGGED_BY): v for k, v in self.extras.items() if k.startswith(FLAGGED_BY)}
+        if not cols:
+            return None
+        return [[m for m, v in cols.items() if bool(v[i])] for i in range(len(self.score))]
+
     def records(self) -> list[dict[str, Any]]:
-        return [
+        out: list[dict[str, Any]] = [
             {"index": i, "prediction": int(p), "flagged": bool(f), "score": float(s)}
             for i, (p, f, s) in enumerate(zip(self.prediction, self.flagged, self.score, strict=True))
         ]
+        by = self.flagged_by
+        if by is not None:
+            for r, members in zip(out, by, strict=True):
+                r["flagged_by"] = members
+        return out
 
 
 class Detector:
@@ -269,7 +302,7 @@ class Detector:
                 f"{FORMAT_VERSION}: export the detector again"
             )
         try:
-            decision = sha256_json({k: manifest[k] for k in DECISION_FIELDS})
+            decision = sha256_json(_decision(manifest))
         except KeyError as e:
             raise BundleError(f"{mpath}: missing field {e}") from None
         if decision != manifest.get("decision_sha256"):
@@ -285,8 +318,12 @@ class Detector:
             )
         expected = manifest.get("sha256", {})
 
-        def verified(fname: str) -> Path:
+        def verified(fname: Any) -> Path:
+            if not isinstance(fname, str) or Path(fname).name != fname or fname in ("", ".", ".."):
+                raise BundleError(f"{mpath}: file {fname!r} is not a plain file name inside the bundle; refusing it")
             f = root / fname
+            if f.is_symlink():
+                raise BundleError(f"{f}: a symbolic link; a bundle's files must be its own, refusing it")
             if not f.is_file():
                 raise BundleError(f"{root}: missing {fname}")
             if fname not in expected or sha256_file(f) != expected[fname]:
@@ -308,12 +345,21 @@ class Detector:
                 comp: Fitted(load_file(verified(entry["file"])), dict(entry.get("meta") or {}))
                 for comp, entry in manifest["components"].items()
             }
+            entry = manifest.get("reference")
+            if entry is not None:
+                family = family.with_reference(
+                    Fitted(load_file(verified(entry["file"])), dict(entry.get("meta") or {}))
+                )
+            elif family.reference_fraction > 0:
+                raise BundleError(f"{mpath}: {name} scores against a clean reference, and the bundle holds none")
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             if isinstance(e, BundleError):
                 raise
             raise BundleError(f"{mpath}: the bundle does not load ({type(e).__name__}: {e})") from None
-        if set(fitted) != set(family.components):
-            raise BundleError(f"{mpath}: components {sorted(fitted)} do not match {name}'s {list(family.components)}")
+        if set(fitted) != set(family.fitted_components()):
+            raise BundleError(
+                f"{mpath}: components {sorted(fitted)} do not match {name}'s {list(family.fitted_components())}"
+            )
         return cls(manifest, family, model.to(dev).eval(), fitted, dev)
 
     def _as_batch(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -358,4 +404,5 @@ class Detector:
             feats.update(self.family.features(comp, state, self.model, t, pred, self.device))
         s = self.family.score(feats, pred)
         extras = {k: v.numpy() for k, v in self.family.extras(feats, pred).items()}
+        extras.update(self.family.flagged_by(extras, self.threshold))
         return Detection(pred.numpy(), (s > self.threshold).numpy(), s.numpy(), extras)

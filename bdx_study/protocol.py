@@ -15,7 +15,11 @@
    ceil((n + 1)(1 - target_fpr))-th smallest of the n scores, so that the false-positive rate on
    exchangeable clean inputs is at most ``target_fpr`` in expectation; ``quantile``: the paper's
    (1 - target_fpr) quantile (linear interpolation), whose realized FPR exceeds the target on
-   average at small n. Calibration never sees selection or evaluation data.
+   average at small n. Calibration never sees selection or evaluation data. A family whose
+   score needs a clean reference (a committee puts each member on a clean scale) takes it from
+   the first ``reference_fraction`` of the correctly classified calibration inputs, and the
+   threshold is calibrated on the rest only (:func:`reference_rows`): disjoint, so the guarantee
+   still holds (docs/protocol.md).
 4. **Metrics** (:mod:`bdx_study.metrics`), computed per split from that split's rows only:
    correct-only and all-inputs AUROC from continuous scores, TPR/FPR at the threshold and at 1%
    and 5% FPR, CA and ASR before and after filtering. The search optimizes the selection split;
@@ -34,12 +38,13 @@ from torch import Tensor
 from bdx_study.attacks import Attack
 from bdx_study.configs import ProtocolConfig
 from bdx_study.data import ImageData, Splits
-from bdx_study.detectors import DetectorFamily
+from bdx_study.detectors import DetectorFamily, Fitted
 from bdx_study.metrics import detection_metrics
 
 SPLITS = ("calibration", "selection", "evaluation")
+REFERENCE = "reference"  # the split column of calibration inputs that referenced the score (never the threshold's)
 SAMPLE_COLUMNS = (
-    "split",  # calibration | selection | evaluation
+    "split",  # calibration | reference (calibration inputs a committee's scales rest on) | selection | evaluation
     "triggered",  # the attack's test-time trigger was applied
     "sample_index",  # index within the split
     "label",  # true class
@@ -94,6 +99,19 @@ class Evaluation:
     metrics: dict[str, float]  # on the evaluation split: every reported figure
     selection_metrics: dict[str, float]  # on the selection split: what the search optimizes
     samples: dict[str, np.ndarray]  # equal-length columns, one row per scored input
+    reference: Fitted | None = None  # what the score was referenced to (a committee's clean scales), if anything
+
+
+def reference_rows(correct: np.ndarray, fraction: float) -> np.ndarray:
+    """The calibration rows that reference a family's score (:attr:`DetectorFamily.reference_fraction`):
+    the first ``round(fraction * n)`` of the n correctly classified ones (the calibration part is a
+    random draw of the reserve, in a fixed order). The threshold is calibrated on the other
+    correctly classified rows only."""
+    rows = np.zeros(len(correct), dtype=bool)
+    if fraction > 0:
+        idx = np.flatnonzero(correct)
+        rows[idx[: round(len(idx) * fraction)]] = True
+    return rows
 
 
 def evaluate(
@@ -105,14 +123,27 @@ def evaluate(
 ) -> Evaluation:
     """Score every part from its features (``feats[part.name]``) and M's predictions
     (``preds[part.name]``), calibrate the threshold on the correctly classified calibration
-    inputs, and compute each split's metrics from its own rows."""
+    inputs (less those that referenced the score, for a family that needs a reference), and
+    compute each split's metrics from its own rows."""
     by_name = {p.name: p for p in parts}
-    scores = {p.name: family.score(feats[p.name], preds[p.name]).double().numpy() for p in parts}
     cal = by_name["calibration/clean"]
     correct = (preds[cal.name] == cal.label).numpy()
     if not correct.any():
         raise ValueError("the model classifies no calibration input correctly: no clean scores to calibrate on")
-    threshold = protocol.threshold(scores[cal.name][correct])
+    referenced = reference_rows(correct, family.reference_fraction)
+    reference = None
+    if referenced.any():
+        rows = torch.from_numpy(referenced)
+        reference = family.fit_reference({k: v[rows] for k, v in feats[cal.name].items()}, preds[cal.name][rows])
+        family = family.with_reference(reference)
+    scores = {p.name: family.score(feats[p.name], preds[p.name]).double().numpy() for p in parts}
+    calibrating = correct & ~referenced
+    if not calibrating.any():
+        raise ValueError(
+            f"no correctly classified calibration input is left for the threshold once {int(referenced.sum())} "
+            "referenced the score: lower reference_fraction or calibrate on more images"
+        )
+    threshold = protocol.threshold(scores[cal.name][calibrating])
 
     results: dict[str, dict[str, float]] = {}
     for split in SPLITS[1:]:
@@ -129,10 +160,13 @@ def evaluate(
         m.update(family.diagnose(feats[clean.name], clean.label, feats[trig.name], trig.attack_label))
         results[split] = m
 
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in (*SAMPLE_COLUMNS, *family.extra_columns)}
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in SAMPLE_COLUMNS}
     for p in parts:
         n, s = len(p), scores[p.name]
-        cols["split"].append(np.array([p.split] * n, dtype=object))
+        names = np.array([p.split] * n, dtype=object)
+        if p is cal:
+            names[referenced] = REFERENCE
+        cols["split"].append(names)
         cols["triggered"].append(np.full(n, p.triggered))
         cols["sample_index"].append(p.sample_index.numpy())
         cols["label"].append(p.label.numpy())
@@ -140,8 +174,7 @@ def evaluate(
         cols["pred"].append(preds[p.name].numpy())
         cols["score"].append(s)
         cols["flagged"].append(s > threshold)
-        extras = family.extras(feats[p.name], preds[p.name])
-        for k in family.extra_columns:
-            cols[k].append(extras[k].double().numpy())
+        for k, v in family.extras(feats[p.name], preds[p.name]).items():
+            cols.setdefault(k, []).append(v.double().numpy())
     samples = {k: np.concatenate(v) for k, v in cols.items()}
-    return Evaluation(threshold, results["evaluation"], results["selection"], samples)
+    return Evaluation(threshold, results["evaluation"], results["selection"], samples, reference)

@@ -56,7 +56,7 @@ def victim_columns(v: VictimConfig) -> dict[str, Any]:
 
 def arrow_type(annotation: Any) -> pa.DataType:
     """The column type of a config field: bool, int64, float64, or string (text, literals, and
-    lists as JSON text)."""
+    lists and mappings as JSON text)."""
     origin, args = get_origin(annotation), get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
@@ -69,7 +69,7 @@ def arrow_type(annotation: Any) -> pa.DataType:
         return pa.int64()
     if annotation is float:
         return pa.float64()
-    if annotation is str or origin is Literal or origin in (tuple, list):
+    if annotation is str or origin is Literal or origin in (tuple, list, dict):
         return pa.string()
     raise TypeError(f"no column type for {annotation!r}")
 
@@ -139,7 +139,7 @@ def scores_schema() -> pa.Schema:
         "score": pa.float64(),
         "flagged": pa.bool_(),
     }
-    extras = sorted({e for n in DETECTORS.names() for e in DETECTORS.get(n).extra_columns} - set(types_))
+    extras = sorted({e for n in DETECTORS.names() for e in DETECTORS.get(n).schema_columns()} - set(types_))
     fields = [pa.field("trial_id", pa.string()), pa.field("victim_id", pa.string()), pa.field("detector", pa.string())]
     fields += [pa.field(c, types_[c]) for c in SAMPLE_COLUMNS] + [pa.field(e, pa.float64()) for e in extras]
     return _versioned(pa.schema(fields))

@@ -51,7 +51,7 @@ from bdx_study.archs import ARCHITECTURES
 from bdx_study.attacks import attack_params
 from bdx_study.configs import AttackSpec, DataConfig, ProtocolConfig, TrainingConfig, VictimConfig
 from bdx_study.data import DATASETS
-from bdx_study.detectors import DETECTORS, DetectorParams, detector_params
+from bdx_study.detectors import DETECTORS, CommitteeParams, DetectorParams, detector_params
 from bdx_study.metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER, min_calibration
 
 if TYPE_CHECKING:
@@ -380,7 +380,10 @@ class StudySpec(StrictModel):
         family = config["detector"]
         values = {**self.fixed(family), **{k: v for k, v in config.items() if k != "detector"}}
         protocol = ProtocolConfig.model_validate({k: v for k, v in values.items() if k in PROTOCOL_FIELDS})
-        params = detector_params(family).model_validate({k: v for k, v in values.items() if k not in PROTOCOL_FIELDS})
+        own = {k: v for k, v in values.items() if k not in PROTOCOL_FIELDS}
+        if is_committee(family):
+            own = nest_committee(own)
+        params = detector_params(family).model_validate(own)
         return family, params, protocol
 
     def victim_configs(self) -> list[VictimConfig]:
@@ -414,6 +417,146 @@ class StudySpec(StrictModel):
     def storage_root(self, base: Path | None = None) -> Path:
         p = Path(os.path.expandvars(self.study.storage)).expanduser()
         return (p if p.is_absolute() else (base or Path.cwd()) / p).resolve()
+
+
+# ------------------------------------------------------------------------------ committees
+
+
+def is_committee(family: str) -> bool:
+    """Whether ``family`` is a committee of families (its parameters are its members')."""
+    return family in DETECTORS and issubclass(detector_params(family), CommitteeParams)
+
+
+def flatten_committee(entry: Any) -> Any:
+    """A committee's entry as flat search-space keys: ``members`` (the member names, in file
+    order), ``members.<member>.<param>`` and ``weights.<member>`` (each a value or a
+    distribution), and its own settings as they are. Anything malformed is left for the checks,
+    which name it."""
+    if not isinstance(entry, dict):
+        return entry
+    out = {k: v for k, v in entry.items() if k not in ("members", "weights")}
+    members = entry.get("members")
+    if isinstance(members, dict):
+        out["members"] = list(members)
+        for m, params in members.items():
+            if isinstance(params, dict):
+                out.update({f"members.{m}.{k}": v for k, v in params.items()})
+            elif params is not None:
+                out[f"members.{m}"] = params  # refused by the checks
+    elif members is not None:
+        out["members"] = members
+    weights = entry.get("weights")
+    if isinstance(weights, dict):
+        out.update({f"weights.{m}": w for m, w in weights.items()})
+    elif weights is not None:
+        out["weights"] = weights
+    return out
+
+
+def nest_committee(values: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`flatten_committee` on a trial's values (every key a value)."""
+    out: dict[str, Any] = {}
+    members: dict[str, dict[str, Any]] = {m: {} for m in values.get("members") or []}
+    weights: dict[str, Any] = {}
+    for k, v in values.items():
+        head, _, rest = k.partition(".")
+        if head == "members" and rest:
+            m, _, param = rest.partition(".")
+            members.setdefault(m, {})[param] = v
+        elif head == "weights" and rest:
+            weights[rest] = v
+        elif k != "members":
+            out[k] = v
+    out["members"] = members
+    if weights:
+        out["weights"] = weights
+    return out
+
+
+class _Weight(StrictModel):
+    w: float = Field(ge=0, description="a member's weight")
+
+
+def _check_committee(source: str, family: str, entries: dict[str, Any]) -> list[str]:
+    """A committee's flat entry (:func:`flatten_committee`): its members (known, not committees,
+    each once, two at least), each member's parameters against that family's own, its weights
+    (members only, >= 0, not all zero) and its own settings."""
+    where = f"{source}: detectors.{family}"
+    names = entries.get("members")
+    if names is None:
+        example = "members: {badexpert: {}, ted: {}}"
+        return [f"{where}.members: missing; name two or more member families, e.g. {example}"]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        form = "a mapping {family: {param: value}} or a list of family names"
+        return [f"{where}.members: {form} (got {_short(names)})"]
+    problems: list[str] = []
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        problems.append(f"{where}.members: {', '.join(repeated)} listed twice; a committee has each family once")
+    if len(set(names)) < 2:
+        problems.append(f"{where}.members: a committee needs at least two member families (got {names})")
+    good = []
+    for m in dict.fromkeys(names):
+        if m not in DETECTORS:
+            known = ", ".join(DETECTORS.names())
+            problems.append(f"{where}.members.{m}: unknown detector family {m!r}; known: {known}")
+        elif is_committee(m):
+            problems.append(f"{where}.members.{m}: a committee cannot be a member of a committee")
+        elif "." in m or "/" in m:
+            problems.append(f"{where}.members.{m}: a member's family name cannot contain '.' or '/'")
+        else:
+            good.append(m)
+    member_keys: dict[str, dict[str, Any]] = {m: {} for m in good}
+    weights: dict[str, Any] = {}
+    own: dict[str, Any] = {}
+    for key, value in entries.items():
+        head, _, rest = key.partition(".")
+        if key == "members":
+            continue
+        if head == "members":
+            m, _, param = rest.partition(".")
+            if not param:
+                problems.append(f"{where}.members.{m}: a member's parameters are a mapping (got {_short(value)})")
+            elif m in member_keys:
+                member_keys[m][param] = value
+        elif head == "weights" and rest:
+            weights[rest] = value
+        elif key == "weights":
+            problems.append(f"{where}.weights: a mapping {{member: weight}} (got {_short(value)})")
+        else:
+            own[key] = value
+    for m, params in member_keys.items():
+        if "seed" in params:
+            problems.append(f"{where}.members.{m}.seed: set `seed` on the committee; every member takes its seed")
+            params = {k: v for k, v in params.items() if k != "seed"}
+        model = detector_params(m)
+        allowed = tuple(k for k in model.model_fields if k != "seed")
+        problems += _check_section(source, f"detectors.{family}.members.{m}", model, params, allowed)
+    for m, w in weights.items():
+        if m not in names:
+            problems.append(f"{where}.weights.{m}: not a member; members: {', '.join(names)}")
+        else:
+            problems += _check_value(f"{where}.weights.{m}", _Weight, "w", w)
+    largest = [_largest(weights.get(m, 1.0)) for m in dict.fromkeys(names)]
+    if names and all(w is not None and w <= 0 for w in largest):
+        problems.append(f"{where}.weights: every member's weight is 0; at least one needs a positive weight")
+    if len(good) >= 2 and len(good) == len(set(names)):  # the committee's own settings, beside valid members
+        params_model = detector_params(family)
+        allowed = tuple(k for k in params_model.model_fields if k not in ("members", "weights"))
+        base: dict[str, Any] = {"members": {m: {} for m in good}}
+        problems += _check_section(source, f"detectors.{family}", params_model, own, allowed, base)
+    return problems
+
+
+def _is_dist(d: Any) -> bool:
+    return isinstance(d, LogUniform | Uniform | IntRange | Choice)
+
+
+def _largest(w: Any) -> float | None:
+    """The largest number a weight (a value or a distribution) can take; None if not a number."""
+    values = [v for _, v in _extremes(w)] if _is_dist(w) else [w]
+    nums = [float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    return max(nums) if nums else None
 
 
 # ------------------------------------------------------------------------------ checks
@@ -454,27 +597,40 @@ def _strict(model: type[BaseModel], values: dict[str, Any]) -> None:
 
 
 def _check_section(
-    source: str, where: str, model: type[BaseModel], entries: dict[str, Any], allowed: tuple[str, ...]
+    source: str,
+    where: str,
+    model: type[BaseModel],
+    entries: dict[str, Any],
+    allowed: tuple[str, ...],
+    base: dict[str, Any] | None = None,
 ) -> list[str]:
     """Every key of ``entries`` must be a field of ``model`` (and in ``allowed``); each fixed value,
-    each bound and each choice must be a valid value of it."""
+    each bound and each choice must be a valid value of it (validated beside ``base``: valid
+    values of the model's required fields)."""
     problems: list[str] = []
     for key, d in entries.items():
         if key not in allowed:
             problems.append(f"{source}: {where}.{key}: unknown parameter; allowed: {', '.join(allowed)}")
             continue
-        if isinstance(d, LogUniform | Uniform | IntRange | Choice):
-            cases = _extremes(d)
-            if isinstance(d, LogUniform | Uniform | IntRange) and d.low > d.high:
-                problems.append(f"{source}: {where}.{key}: low {d.low} > high {d.high}")
-        else:
-            cases = [("", d)]
-        for sub, value in cases:
-            try:
-                _strict(model, {key: value})
-            except ValidationError as e:
-                msg = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
-                problems.append(f"{source}: {where}.{key}{'.' + sub if sub else ''}: {msg} (got {_short(value)})")
+        problems += _check_value(f"{source}: {where}.{key}", model, key, d, base)
+    return problems
+
+
+def _check_value(loc: str, model: type[BaseModel], field: str, d: Any, base: dict[str, Any] | None = None) -> list[str]:
+    """Problems of a value or distribution ``d`` of ``model``'s ``field`` (at ``loc``)."""
+    problems = []
+    if _is_dist(d):
+        cases = _extremes(d)
+        if isinstance(d, LogUniform | Uniform | IntRange) and d.low > d.high:
+            problems.append(f"{loc}: low {d.low} > high {d.high}")
+    else:
+        cases = [("", d)]
+    for sub, value in cases:
+        try:
+            _strict(model, {**(base or {}), field: value})
+        except ValidationError as e:
+            msg = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+            problems.append(f"{loc}{'.' + sub if sub else ''}: {msg} (got {_short(value)})")
     return problems
 
 
@@ -493,9 +649,11 @@ def _check_values(spec: StudySpec, source: str) -> None:
         clash = [k for k in entries if k in PROTOCOL_FIELDS]
         for k in clash:
             problems.append(f"{source}: detectors.{family}.{k}: a protocol setting; put it under `protocol:`")
-        problems += _check_section(
-            source, f"detectors.{family}", params, {k: v for k, v in entries.items() if k not in clash}, allowed
-        )
+        rest = {k: v for k, v in entries.items() if k not in clash}
+        if is_committee(family):
+            problems += _check_committee(source, family, rest)
+        else:
+            problems += _check_section(source, f"detectors.{family}", params, rest, allowed)
     if problems:
         raise SpaceError("\n".join(problems))
 
@@ -544,6 +702,13 @@ def _check_clean_set(spec: StudySpec, source: str) -> list[str]:
 
     problems = []
     reserve = spec.data.reserve_size
+    default_share = CommitteeParams.model_fields["reference_fraction"].default
+    shares = {
+        f: [v for _, v in _extremes(d)] if _is_dist(d) else [d]
+        for f in spec.families
+        if is_committee(f)
+        for d in [spec.detectors[f].get("reference_fraction", default_share)]
+    }
     for n, f, c, fpr, rule in itertools.product(
         values("clean_set_size"),
         values("calibration_fraction"),
@@ -570,7 +735,31 @@ def _check_clean_set(spec: StudySpec, source: str) -> list[str]:
                 f"conformal threshold, but the protocol calibrates on {n_cal}; calibrate on more images "
                 "(calibration_fraction / calibration_size) or raise target_fpr"
             )
+        else:
+            for family, fractions in shares.items():
+                for f_ref in fractions:
+                    problems += _committee_split(source, family, n_cal, f_ref, fpr, rule)
     return problems
+
+
+def _committee_split(source: str, family: str, n_cal: int, share: float, fpr: float, rule: str) -> list[str]:
+    """A committee splits the calibration images: ``share`` reference its members' scales (at
+    least MIN_REFERENCE of them), the rest calibrate the threshold (as many as the rule needs)."""
+    from bdx_study.detectors.params import MIN_REFERENCE
+
+    ref = round(n_cal * share)
+    where = f"{source}: detectors.{family}.reference_fraction"
+    if ref < MIN_REFERENCE:
+        return [
+            f"{where}: {share} of the {n_cal} calibration images leaves {ref} to put the members on their clean "
+            f"scales; at least {MIN_REFERENCE} are needed (raise it, or calibrate on more images)"
+        ]
+    if rule == "conformal" and n_cal - ref < min_calibration(fpr):
+        return [
+            f"{where}: {share} of the {n_cal} calibration images leaves {n_cal - ref} for the threshold; "
+            f"target_fpr {fpr} needs at least {min_calibration(fpr)} (lower it, or calibrate on more images)"
+        ]
+    return []
 
 
 def parse_space(raw: Any, source: str = "<study>") -> StudySpec:
@@ -584,7 +773,10 @@ def parse_space(raw: Any, source: str = "<study>") -> StudySpec:
             "calibration_fraction and target_fpr under `protocol:`"
         )
     if isinstance(raw.get("detectors"), dict):  # `strip:` with nothing after it = the family's defaults
-        raw = {**raw, "detectors": {k: {} if v is None else v for k, v in raw["detectors"].items()}}
+        detectors = {k: {} if v is None else v for k, v in raw["detectors"].items()}
+        # a committee's nested members and weights become flat search-space keys (members.<m>.<param>)
+        detectors = {k: flatten_committee(v) if is_committee(k) else v for k, v in detectors.items()}
+        raw = {**raw, "detectors": detectors}
     try:
         text = json.dumps(raw)
     except (TypeError, ValueError) as e:  # e.g. YAML dates or sets, which no field takes

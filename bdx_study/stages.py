@@ -359,6 +359,11 @@ class DetectorRun:
     def fitted(self) -> dict[str, Fitted]:
         return {name: c.fitted for name, c in self.components.items()}
 
+    @property
+    def reference(self) -> Fitted | None:
+        """The clean reference the score was put on its scale with (a committee's), else None."""
+        return self.evaluation.reference
+
 
 def run_detector(
     store: StageStore,
@@ -386,13 +391,14 @@ def run_detector(
     k = PROBE_INPUTS  # the first inputs of each selection part: a random sample (the split is permuted)
     probe = (ImageData(sel_clean.x[:k], sel_clean.label[:k]), ImageData(sel_trig.x[:k], sel_trig.attack_label[:k]))
     ctx = FitContext(model=model, clean=finetune, holdout=calibration, info=splits.info, device=device, probe=probe)
-    runs = {
-        c: store.component(
-            family, c, victim_key=victim_key, layout=layout, protocol=protocol, ctx=ctx, parts=parts, preds=preds
+    runs: dict[str, ComponentRun] = {}
+    prefixes: dict[str, str] = {}
+    for c in family.fitted_components():
+        owner, component, prefixes[c] = family.stage_of(c)  # a committee's member fits and caches its own
+        runs[c] = store.component(
+            owner, component, victim_key=victim_key, layout=layout, protocol=protocol, ctx=ctx, parts=parts, preds=preds
         )
-        for c in family.components
-    }
-    feats = {p.name: {k: v for r in runs.values() for k, v in r.outputs[p.name].items()} for p in parts}
+    feats = {p.name: {prefixes[c] + k: v for c, r in runs.items() for k, v in r.outputs[p.name].items()} for p in parts}
     ev = evaluate(family, parts, preds, feats, protocol)
     n = max(1, sum(len(p) for p in parts))
     costs = [base_cost, *(r.cost for r in runs.values())]  # each measured when its outputs were computed

@@ -46,11 +46,30 @@ CONTRACT_PARAMS: dict[str, dict[str, Any]] = {
     # one corruption per ImageNet-C category (noise, blur, digital): at most 15 forwards per input, not 75
     "teco": {"teco_corruptions": ["gaussian_noise", "defocus_blur", "pixelate"]},
 }
+# The committee of the contract: BaDExpert (as above) and TED, combined by the default rule.
+CONTRACT_PARAMS["committee"] = {"members": {"badexpert": CONTRACT_PARAMS["badexpert"], "ted": {}}}
 FAMILIES = DETECTORS.names()
 
 
 def _family(name: str, **overrides: Any) -> DetectorFamily:
     return create_detector(name, {**CONTRACT_PARAMS.get(name, {}), **overrides})
+
+
+def _params(name: str) -> Any:
+    """The family's Params at its defaults (a committee: the contract's members)."""
+    return DETECTORS.get(name).Params.model_validate(CONTRACT_PARAMS[name] if name == "committee" else {})
+
+
+def _detects(name: str) -> frozenset[str]:
+    """Planted triggers the family is expected to catch: a committee catches what its members do."""
+    family = _family(name)
+    members = getattr(family, "members", None)
+    return frozenset().union(*(m.detects for m in members.values())) if members else family.detects
+
+
+def _scorer(family: DetectorFamily, run: DetectorRun) -> DetectorFamily:
+    """The family as it scores (against the run's clean reference, if it needs one)."""
+    return family.with_reference(run.reference) if run.reference is not None else family
 
 
 def _run(planted: dict[str, Any], family: DetectorFamily, kind: str = "patch") -> DetectorRun:
@@ -76,15 +95,17 @@ def test_at_least_the_first_families_are_registered() -> None:
 def test_params_typed_with_reasons(name: str) -> None:
     cls = DETECTORS.get(name)
     assert cls.name == name
-    params = cls.Params()
+    params = _params(name)
     assert isinstance(params.seed, int)
     for field, info in cls.Params.model_fields.items():
         assert info.description, f"{name}.{field} needs a reason"
     with pytest.raises(ValueError):
         cls.Params.model_validate({"no_such_param": 1})
-    assert cls.components
-    for comp in cls.components:
-        assert "seed" in cls.Params.component_fields(comp)
+    family = cls(params)
+    assert family.fitted_components()
+    for comp in family.fitted_components():
+        owner, component, _ = family.stage_of(comp)
+        assert "seed" in owner.Params.component_fields(component)
     assert set(cls.Params.model_fields).isdisjoint(ProtocolConfig.model_fields)
     assert cls.access, "say what the defender needs"
     # the table round trip: to_row / from_row and the exact JSON
@@ -101,6 +122,10 @@ def test_finite_scores_one_per_input(name: str, planted: dict[str, Any]) -> None
     assert np.isfinite(samples["score"]).all()
     for col in family.extra_columns:
         assert len(samples[col]) == len(samples["score"])
+    assert set(samples) - {"split", "triggered", "sample_index", "label", "attack_label", "pred", "score", "flagged"} <= {
+        c for n in FAMILIES for c in DETECTORS.get(n).schema_columns()
+    }  # every extra has a column in the declared Parquet schema
+    scorer = _scorer(family, run)
     # a bare batch through the fitted components, an empty one too
     model = planted["patch"]["model"]
     for n in (5, 0):
@@ -109,7 +134,7 @@ def test_finite_scores_one_per_input(name: str, planted: dict[str, Any]) -> None
         feats: dict[str, torch.Tensor] = {}
         for comp, fitted in run.fitted.items():
             feats.update(family.features(comp, fitted, model, x, pred, CPU))
-        s = family.score(feats, pred)
+        s = scorer.score(feats, pred)
         assert s.shape == (n,)
         assert torch.isfinite(s).all()
     assert run.costs["forward_passes_per_input"] >= 1  # M's own forward at least
@@ -118,7 +143,7 @@ def test_finite_scores_one_per_input(name: str, planted: dict[str, Any]) -> None
 
 @pytest.mark.parametrize(
     ("name", "kind"),
-    [(n, k) for n in FAMILIES for k in ("patch", "blend") if k in DETECTORS.get(n).detects],
+    [(n, k) for n in FAMILIES for k in ("patch", "blend") if k in _detects(n)],
 )
 def test_direction_on_planted_trigger(name: str, kind: str, planted: dict[str, Any]) -> None:
     """Triggered inputs score higher than clean ones (AUROC well above chance, both protocols)."""
@@ -154,6 +179,7 @@ def test_bundle_round_trip_identical_scores(name: str, planted: dict[str, Any], 
         info=splits.info,
         metrics=run.evaluation.metrics,
         provenance={"test": True},
+        reference=run.reference,
     )
     det = Detector.load(bundle)
     assert det.family.name == name and det.family.params == family.params
@@ -163,7 +189,7 @@ def test_bundle_round_trip_identical_scores(name: str, planted: dict[str, Any], 
     sel = (samples["split"] == "evaluation") & ~samples["triggered"]
     np.testing.assert_array_equal(d.score.astype(np.float64), samples["score"][sel])
     np.testing.assert_array_equal(d.flagged, samples["flagged"][sel])
-    for col in family.extra_columns:
+    for col in set(samples) & set(d.extras):
         np.testing.assert_allclose(d.extras[col], samples[col][sel])
 
 
@@ -202,12 +228,18 @@ def test_components_depend_on_exactly_their_params(name: str) -> None:
     """Changing a parameter changes the key of exactly the components that declare it: a
     scoring-only knob never causes a refit."""
     cls = DETECTORS.get(name)
-    base = cls.Params()
-    keys = {c: StageStore.component_key(cls(base), c, "v", PROTOCOL) for c in cls.components}
+    base = _params(name)
+
+    def keys(params: Any) -> dict[str, str]:
+        family = cls(params)
+        return {c: StageStore.component_key(*family.stage_of(c)[:2], "v", PROTOCOL) for c in family.fitted_components()}
+
+    before = keys(base)
     for field in cls.Params.model_fields:
         other = _changed(base, field)
         if other is None:
             continue
-        for comp in cls.components:
-            moved = StageStore.component_key(cls(other), comp, "v", PROTOCOL) != keys[comp]
+        after = keys(other)
+        for comp in before:
+            moved = after[comp] != before[comp]
             assert moved == (field in cls.Params.component_fields(comp)), (field, comp)

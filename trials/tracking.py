@@ -272,7 +272,7 @@ def trial_params(spec: StudySpec, sampled: dict[str, Any]) -> dict[str, Any]:
     """Every setting of a trial (the family, its parameters and the protocol's: sampled, fixed
     and defaults), named as in the YAML."""
     family, params, protocol = spec.trial_config(sampled)
-    return {"detector": family, **protocol.to_row(), **params.to_row()}
+    return {"detector": family, **protocol.to_row(), **params.to_params()}
 
 
 def row_params(row: dict[str, Any]) -> dict[str, Any]:
@@ -280,7 +280,7 @@ def row_params(row: dict[str, Any]) -> dict[str, Any]:
     from bdx_study.detectors import DETECTORS
 
     params = DETECTORS.get(row["detector"]).Params.model_validate_json(row["params"])
-    return {"detector": row["detector"], **ProtocolConfig.from_row(row).to_row(), **params.to_row()}
+    return {"detector": row["detector"], **ProtocolConfig.from_row(row).to_row(), **params.to_params()}
 
 
 def _params(params: dict[str, Any]) -> list[Param]:

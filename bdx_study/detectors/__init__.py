@@ -29,6 +29,7 @@ from .params import (
     PROBE_INPUTS,
     BaDExpertParams,
     CognitiveDistillationParams,
+    CommitteeParams,
     DetectorParams,
     FrequencyParams,
     IbdPscParams,
@@ -93,6 +94,7 @@ def list_detectors() -> list[str]:
 
 # The built-in families: name, the module that registers it, its parameter model.
 DETECTORS.declare("badexpert", f"{__name__}.badexpert", BaDExpertParams)
+DETECTORS.declare("committee", f"{__name__}.committee", CommitteeParams)
 DETECTORS.declare("cognitive_distillation", f"{__name__}.cognitive_distillation", CognitiveDistillationParams)
 DETECTORS.declare("frequency", f"{__name__}.frequency", FrequencyParams)
 DETECTORS.declare("ibd_psc", f"{__name__}.ibd_psc", IbdPscParams)

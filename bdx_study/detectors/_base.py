@@ -107,6 +107,45 @@ class DetectorFamily(ABC, Generic[P]):
         """Per-input values kept in the per-sample table, named as in :attr:`extra_columns`."""
         return {}
 
+    # -- hooks a family of families (the committee) overrides; the defaults fit an ordinary family
+
+    def fitted_components(self) -> tuple[str, ...]:
+        """The components this instance fits and scores with: :attr:`components` (a committee's
+        depend on its members)."""
+        return self.components
+
+    def stage_of(self, component: str) -> tuple[DetectorFamily[Any], str, str]:
+        """(family, its component, prefix of its feature names) that fits and caches ``component``
+        in the stage cache: the family itself. A committee hands a member's component to the
+        member, so both share one cached fit under the member's own key."""
+        return self, component, ""
+
+    @classmethod
+    def schema_columns(cls) -> tuple[str, ...]:
+        """Every per-sample column an instance may return from :meth:`extras` (the Parquet schema
+        declares them): :attr:`extra_columns`."""
+        return cls.extra_columns
+
+    @property
+    def reference_fraction(self) -> float:
+        """Share of the correctly classified calibration inputs that :meth:`fit_reference` uses to
+        put the score on its scale; the threshold is calibrated on the others only. 0: the score
+        needs no reference, and the threshold sees every calibration input."""
+        return 0.0
+
+    def fit_reference(self, feats: Mapping[str, Tensor], pred: Tensor) -> Fitted:
+        """State the score needs from clean reference inputs (their features and M's predictions)."""
+        return Fitted()
+
+    def with_reference(self, reference: Fitted) -> DetectorFamily[Any]:
+        """This family scoring against ``reference`` (from :meth:`fit_reference`)."""
+        return self
+
+    def flagged_by(self, extras: Mapping[str, Any], threshold: float) -> dict[str, Any]:
+        """Per-input booleans saying which part of the detector flagged each input (a committee:
+        each member on its own), from :meth:`extras` and the threshold; {} = the score as a whole."""
+        return {}
+
     def diagnose(
         self, clean: Mapping[str, Tensor], clean_label: Tensor, triggered: Mapping[str, Tensor], attack_label: Tensor
     ) -> dict[str, float]:
