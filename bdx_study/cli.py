@@ -239,15 +239,22 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     record = VictimCache(spec.storage_root() / "victims").load(vcfg)
     attack = record.load_attack() if record is not None else vcfg.build_attack()
     clean = splits.evaluation.x.numpy()
-    triggered = attack.apply_trigger(splits.evaluation.x[attack.counts_toward_asr(splits.evaluation.y)]).numpy()
+    asr = attack.counts_toward_asr(splits.evaluation.y)
+    triggered = attack.apply_trigger(splits.evaluation.x[asr]).numpy()
     det = Detector.load(bundle)
-    for name, arr in (("clean", clean), ("triggered", triggered)):
+    for name, arr, label in (
+        ("clean", clean, splits.evaluation.y.numpy()),
+        ("triggered", triggered, attack.attack_label(splits.evaluation.y[asr]).numpy()),
+    ):
         f = study_dir / f"demo_{name}.npy"
         np.save(f, arr)
         d = det.detect(np.load(f, allow_pickle=False))
+        hit = d.prediction == label  # clean: classified correctly; triggered: the attack succeeds
+        what = "classified correctly" if name == "clean" else "the backdoor flips to its target"
+        goal = f"target FPR {det.manifest['target_fpr']:.0%}" if name == "clean" else "flag them all"
         print(
-            f"detect {f.name} ({det.family.name}): {int(d.flagged.sum())}/{len(arr)} flagged ({d.flagged.mean():.1%}; "
-            f"target FPR {det.manifest['target_fpr']:.0%})"
+            f"detect {f.name} ({det.family.name}): {int(d.flagged.sum())}/{len(arr)} flagged; of the {int(hit.sum())} "
+            f"{what}, {int(d.flagged[hit].sum())} ({d.flagged[hit].mean():.1%}; {goal})"
         )
     print(
         f"\nquickstart finished in {time.perf_counter() - t0:.0f} s. Try:\n"
@@ -282,7 +289,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name, f in cls.Params.model_fields.items():
             comps = [c for c in cls.components if name in cls.Params.component_fields(c)]
             where = f"fit: {'+'.join(comps)}" if comps else "scoring"
-            print(f"  {name:24s} default {f.default!r:12s} [{where}] {f.description}")
+            default = "(required)" if f.is_required() else repr(f.default)
+            print(f"  {name:24s} default {default:12s} [{where}] {f.description}")
     return 0
 
 

@@ -35,8 +35,8 @@ from bdx_study.training import predict_proba
 FORMAT = "bdx-study/detector"
 FORMAT_VERSION = 2
 MODEL_FILE = "model.safetensors"
-REFERENCE_FILE = "reference.safetensors"
-FLAGGED_BY = "flagged_by_"  # extras naming what flagged an input: flagged_by_<member> (a committee)  # a committee's clean scales (the members' reference scores)
+REFERENCE_FILE = "reference.safetensors"  # a committee's clean scales (the members' reference scores)
+FLAGGED_BY = "flagged_by_"  # extras naming what flagged an input: flagged_by_<member> (a committee)
 # Manifest fields that decide what the detector does; their hash is checked at load.
 DECISION_FIELDS = (
     "format_version",

@@ -1,6 +1,6 @@
-"""A real tiny comparison study end to end (BaDExpert, STRIP and SCALE-UP on the same victims):
-local Ray, SQLite MLflow store, Optuna, Parquet; then analyze, export, detect for every family,
-and the MLflow pyfunc model."""
+"""A real tiny comparison study end to end (BaDExpert, STRIP, SCALE-UP and a committee of BaDExpert
+and STRIP on the same victims): local Ray, SQLite MLflow store, Optuna, Parquet; then analyze,
+export, detect for every family, and the MLflow pyfunc model."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from bdx_study.trials.launch import launch
 
 from .conftest import tiny_study, write_study
 
-FAMILIES = ("badexpert", "strip", "scale_up")
-N_TRIALS = 5  # badexpert 3, strip 1 (nothing searched), scale_up 1
+FAMILIES = ("badexpert", "strip", "scale_up", "committee")
+N_TRIALS = 7  # badexpert 3, strip 1 (nothing searched), scale_up 1, committee 2
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,11 @@ def study(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     )
     doc["detectors"]["strip"] = {"num_images": 8}
     doc["detectors"]["scale_up"] = {"scales": [3, 7]}
+    doc["detectors"]["committee"] = {  # BaDExpert's unlearning lr searched inside the committee
+        "members": {"badexpert": dict(doc["detectors"]["badexpert"], aux_lr=0.1), "strip": {"num_images": 8}},
+        "combine": "min_p",
+    }
+    doc["search"]["num_trials"] = {"badexpert": 3, "scale_up": 1, "committee": 2}
     path = write_study(tmp, doc)
     spec = load_space(path)
     result = launch(spec, source=path)
@@ -64,7 +69,7 @@ def test_mlflow_holds_study_trials_and_victims(study: dict[str, Any]) -> None:
     for t in trials + by_kind["victim"]:
         assert t.data.tags["mlflow.parentRunId"] == r.parent_run_id
     families = [t.data.tags["bdx.detector"] for t in trials]
-    assert sorted(families) == sorted(["badexpert"] * 3 + ["strip", "scale_up"])
+    assert sorted(families) == sorted(["badexpert"] * 3 + ["strip", "scale_up"] + ["committee"] * 2)
     for t in trials:
         assert t.info.status == "FINISHED"
         assert t.data.params["detector"] == t.data.tags["bdx.detector"]
@@ -73,6 +78,8 @@ def test_mlflow_holds_study_trials_and_victims(study: dict[str, Any]) -> None:
         if t.data.tags["bdx.detector"] == "badexpert":
             assert {"unlearn_lr", "aux_lr", "unlearn_batch_size"} <= set(t.data.params)
             assert float(t.data.params["unlearn_lr"]) > 0
+        if t.data.tags["bdx.detector"] == "committee":  # each member's settings under its own name
+            assert {"members.badexpert.unlearn_lr", "members.strip.num_images", "combine"} <= set(t.data.params)
         m = t.data.metrics
         assert 0.0 <= m["worst/auroc_correct_only"] <= 1.0
         assert "mean/auroc_all_inputs" in m
@@ -93,6 +100,7 @@ def test_parquet_tables(study: dict[str, Any]) -> None:
     assert not trials.duplicated(["trial_id", "victim_id"]).any()
     assert sorted(trials.groupby("trial_id")["detector"].first().value_counts().items()) == [
         ("badexpert", 3),
+        ("committee", 2),
         ("scale_up", 1),
         ("strip", 1),
     ]
@@ -128,8 +136,9 @@ def test_parquet_tables(study: dict[str, Any]) -> None:
     clean = trials[trials.attack == "none"]
     assert clean["auroc_correct_only"].isna().all()  # no triggered inputs: undefined, not faked
     scores = pq.read_table(tables / "scores.parquet").to_pandas()
-    assert set(scores["split"]) == {"calibration", "selection", "evaluation"}
-    assert not scores[scores.split == "calibration"]["triggered"].any()
+    assert set(scores["split"]) == {"calibration", "reference", "selection", "evaluation"}
+    assert set(scores[scores.split == "reference"]["detector"]) == {"committee"}  # its clean scales' images
+    assert not scores[scores.split.isin(["calibration", "reference"])]["triggered"].any()
     assert scores.groupby("trial_id").ngroups == N_TRIALS
     assert set(scores["detector"]) == set(FAMILIES)
     # the per-sample table reproduces the per-victim metrics, each from its own split's rows
@@ -181,7 +190,12 @@ def test_analyze_export_detect(study: dict[str, Any], tmp_path: Path, capsys: An
     import yaml
 
     doc = yaml.safe_load((study_dir / "recipe.yaml").read_text())
-    assert doc["default_detector"] == "badexpert"
+    # the default detector: the selection rule across families, printed with the board that chose it
+    board = doc["default_detector_chosen_by"]["board"]
+    assert doc["default_detector"] == board[0]["detector"] and {r["detector"] for r in board} == set(FAMILIES)
+    best = [r for r in board if r["feasible"]] or board
+    assert board[0]["selection_worst_auroc_correct_only"] == max(r["selection_worst_auroc_correct_only"] for r in best)
+    assert f"Default detector: {board[0]['detector']}" in out
     assert set(doc["detectors"]) == set(FAMILIES)
     trials = pq.read_table(study_dir / "tables" / "trials.parquet").to_pandas()
     from bdx_study.tables import StudyTables
