@@ -19,7 +19,6 @@ from bdx_study.detector import BundleError, Detector, save_bundle
 from bdx_study.detectors import DETECTORS, DetectorParams, create_detector, fit_param, register_detector
 from bdx_study.detectors._base import DetectorFamily, FitContext, Fitted
 from bdx_study.detectors.committee import combine, log_tail
-from bdx_study.metrics import auroc
 from bdx_study.protocol import Part, ProtocolConfig, evaluate
 from bdx_study.space import SpaceError, parse_space
 from bdx_study.stages import StageStore, run_detector
@@ -147,9 +146,7 @@ def _run(planted: dict[str, Any], family: DetectorFamily, kind: str, store: Stag
     )
 
 
-def test_two_members_each_miss_a_trigger_and_the_committee_catches_both(
-    planted: dict[str, Any], probes: None
-) -> None:
+def test_two_members_each_miss_a_trigger_and_the_committee_catches_both(planted: dict[str, Any], probes: None) -> None:
     members = {"probe_patch": {"probe": "patch"}, "probe_blend": {"probe": "blend"}}
     alone = {
         (m, kind): _run(planted, create_detector(m, p), kind).evaluation.metrics["auroc_correct_only"]
