@@ -30,7 +30,8 @@ from bdx_study._io import atomic_dir, atomic_path, sha256_file, sha256_json, wri
 from bdx_study.archs import create_model
 from bdx_study.data import DatasetInfo
 from bdx_study.detectors import DETECTORS, DetectorFamily, Fitted, create_detector
-from bdx_study.training import predict_proba
+from bdx_study.detectors._activations import ACTIVATION_BATCH, model_pass
+from bdx_study.training import PREDICT_BATCH
 
 FORMAT = "bdx-study/detector"
 FORMAT_VERSION = 2
@@ -396,12 +397,28 @@ class Detector:
         return t
 
     def detect(self, x: np.ndarray | torch.Tensor) -> Detection:
-        """Score a batch of pixel-space inputs (N, C, H, W) in [0, 1] (uint8 0-255 also accepted)."""
+        """Score a batch of pixel-space inputs (N, C, H, W) in [0, 1] (uint8 0-255 also accepted).
+
+        M runs once per input: components that read its layer activations (TED, alone or in a
+        committee) get them from the same forward pass as the prediction, batch by batch."""
         t = self._as_batch(x)
-        pred = predict_proba(self.model, t, device=self.device).argmax(1)
-        feats: dict[str, torch.Tensor] = {}
+        shared = [c for c in self.fitted if self.family.stage_of(c)[0].uses_activations]
+        step = ACTIVATION_BATCH if shared else PREDICT_BATCH
+        preds, chunks = [], []
+        for i in range(0, max(len(t), 1), step):
+            batch = t[i : i + step]
+            with model_pass(self.model, batch, self.device, activations=bool(shared)) as probs:
+                p = probs.argmax(1)
+                feats_now: dict[str, torch.Tensor] = {}
+                for c in shared:
+                    feats_now.update(self.family.features(c, self.fitted[c], self.model, batch, p, self.device))
+            preds.append(p)
+            chunks.append(feats_now)
+        pred = torch.cat(preds)
+        feats: dict[str, torch.Tensor] = {k: torch.cat([ch[k] for ch in chunks]) for k in chunks[0]}
         for comp, state in self.fitted.items():
-            feats.update(self.family.features(comp, state, self.model, t, pred, self.device))
+            if comp not in shared:
+                feats.update(self.family.features(comp, state, self.model, t, pred, self.device))
         s = self.family.score(feats, pred)
         extras = {k: v.numpy() for k, v in self.family.extras(feats, pred).items()}
         extras.update(self.family.flagged_by(extras, self.threshold))

@@ -55,7 +55,11 @@ def _detection_metrics() -> list[Metric]:
 DETECTION_METRICS: tuple[Metric, ...] = tuple(_detection_metrics())
 # Cost of scoring, per scored input (computed where the detector's outputs were computed).
 COST_METRICS: tuple[Metric, ...] = (
-    Metric("forward_passes_per_input", "lower", "forward passes of victim-architecture networks per scored input"),
+    Metric(
+        "forward_passes_per_input",
+        "lower",
+        "forward passes of victim-architecture networks per scored input, as served (M's own counted once)",
+    ),
     Metric("backward_passes_per_input", "lower", "backward passes of victim-architecture networks per input"),
     Metric("score_seconds_per_input", "lower", "scoring wall time per input (model and detector outputs, score)"),
     Metric("fit_seconds", "lower", "wall time of fitting the detector's components on this victim"),

@@ -402,13 +402,19 @@ def run_detector(
     ev = evaluate(family, parts, preds, feats, protocol)
     n = max(1, sum(len(p) for p in parts))
     costs = [base_cost, *(r.cost for r in runs.values())]  # each measured when its outputs were computed
+    # Served, components that read M's activations get them from M's own forward (Detector.detect,
+    # model_pass): the cache computed that forward twice (M's predictions, the component's outputs);
+    # the cost of the detector counts it once.
+    shared = any(family.stage_of(c)[0].uses_activations for c in runs)
+    forward = sum(c.forward for c in costs) - (base_cost.forward if shared else 0.0)
+    seconds = sum(c.seconds for c in costs) - (base_cost.seconds if shared else 0.0)
     return DetectorRun(
         ev,
         runs,
         {
-            "forward_passes_per_input": sum(c.forward for c in costs) / n,
+            "forward_passes_per_input": forward / n,
             "backward_passes_per_input": sum(c.backward for c in costs) / n,
-            "score_seconds_per_input": sum(c.seconds for c in costs) / n,
+            "score_seconds_per_input": seconds / n,
             "fit_seconds": sum(r.fit_seconds for r in runs.values()),
         },
     )

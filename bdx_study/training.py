@@ -130,8 +130,13 @@ def fit(
     return steps
 
 
+PREDICT_BATCH = 512  # inputs M scores at once when predicting (bounds memory; serving uses the same batches)
+
+
 @torch.no_grad()
-def predict_proba(model: nn.Module, x: Tensor, *, batch_size: int = 512, device: torch.device | None = None) -> Tensor:
+def predict_proba(
+    model: nn.Module, x: Tensor, *, batch_size: int = PREDICT_BATCH, device: torch.device | None = None
+) -> Tensor:
     """Softmax probabilities (N, classes) on the CPU, model in eval() mode (restored afterwards)."""
     device = device or next(model.parameters()).device
     was_training = model.training

@@ -21,7 +21,7 @@ from bdx_study.detectors._base import DetectorFamily, FitContext, Fitted
 from bdx_study.detectors.committee import combine, log_tail
 from bdx_study.protocol import Part, ProtocolConfig, evaluate
 from bdx_study.space import SpaceError, parse_space
-from bdx_study.stages import StageStore, run_detector
+from bdx_study.stages import StageStore, count_passes, run_detector
 
 from .conftest import tiny_study
 
@@ -349,6 +349,11 @@ def test_committee_bundle_round_trip_and_flagged_by(planted: dict[str, Any], tmp
     samples = run.evaluation.samples
     sel = (samples["split"] == "evaluation") & ~samples["triggered"]
     np.testing.assert_array_equal(det.detect(splits.evaluation.x).score, samples["score"][sel])
+    # served, M runs once per input: TED reads its activations from the prediction's own forward
+    with count_passes() as cost:
+        det.detect(x)
+    assert cost.forward == 3 * len(x)  # M, B and M' (TED's pool activations were computed at the first call)
+    assert run.costs["forward_passes_per_input"] < 3.5  # and the study counts the cost as served
 
     with pytest.raises(BundleError, match="none was given"):
         bundle(tmp_path / "no-ref")

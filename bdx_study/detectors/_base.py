@@ -82,6 +82,9 @@ class DetectorFamily(ABC, Generic[P]):
     # Planted triggers the literature says this family detects (contract tests check the direction
     # of its scores on a tiny model with such a trigger): a subset of {"patch", "blend"}.
     detects: ClassVar[frozenset[str]] = frozenset()
+    # Features read M's layer activations (_activations.layer_activations): served, they come from
+    # M's own forward pass, run once for the prediction and for them (TED).
+    uses_activations: ClassVar[bool] = False
 
     def __init__(self, params: DetectorParams) -> None:
         if not isinstance(params, self.Params):

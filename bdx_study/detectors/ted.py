@@ -27,7 +27,8 @@ nearest-neighbour ranks against a small clean pool, layer by layer.
   whitened norm over all components (each variance floored at 1e-2), which also flags unusual
   values along the leading components. **High = backdoor.**
 
-Cost: one forward per input (with hooks) plus a nearest-neighbour search against the pool at
+Cost: one forward per input (with hooks; served, it is M's own forward, shared with the
+prediction: ``_activations.model_pass``) plus a nearest-neighbour search against the pool at
 every layer; the pool's activations are computed once per fitted state (pool-size forwards).
 Measured on planted victims like the contract's (10% poison; AUROC on correctly classified
 inputs): BadNet patch 0.999 and alpha-0.2 noise Blend 0.997 on the digits small CNN, 0.97 and
@@ -39,9 +40,7 @@ outputs) rather than chosen per network, and the outlier model is our own PCA in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -50,49 +49,12 @@ from torch import Tensor, nn
 from bdx_study.training import predict_proba
 
 from . import register_detector
+from ._activations import ACTIVATION_BATCH, layer_activations
 from ._base import DetectorFamily, DetectorParams, FitContext, Fitted
 from .params import MAIN, TedParams
 
 RANK_STD_FLOOR = 1.0  # ranks are integers: never standardize by less than one rank
 VARIANCE_FLOOR = 1e-2  # of a standardized principal component, for the whitened (Mahalanobis) score
-LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-# ------------------------------------------------------------------------------------ activations
-
-
-@contextmanager
-def hooked_layers(model: nn.Module) -> Iterator[dict[str, Tensor]]:
-    """While open, every forward of ``model`` fills the yielded dict with the flattened output of
-    each conv and linear layer, keyed by module name in the order the layers ran."""
-    acts: dict[str, Tensor] = {}
-
-    def hook(name: str) -> Callable[[nn.Module, Any, Tensor], None]:
-        def fn(module: nn.Module, args: Any, out: Tensor) -> None:
-            acts[name] = out.detach().flatten(1).float().clone()  # clone: an in-place ReLU may follow
-
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
-    try:
-        yield acts
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@torch.no_grad()
-def layer_activations(model: nn.Module, x: Tensor, device: torch.device) -> list[Tensor]:
-    """Flattened activations (N, D_l) of every conv and linear layer of ``model`` on ``x``, on
-    ``device``, in the order the layers run."""
-    was_training = model.training
-    model.eval()
-    with hooked_layers(model) as acts:
-        model(x.to(device))
-    model.train(was_training)
-    if not acts:
-        raise ValueError(f"ted hooks conv and linear layers; the model ({type(model).__name__}) has none")
-    return list(acts.values())
 
 
 # ------------------------------------------------------------------------------------ pure maths
@@ -186,7 +148,8 @@ class Ted(DetectorFamily[TedParams]):
         "+ a nearest-neighbour search against the pool at every layer"
     )
     detects = frozenset({"patch", "blend"})
-    CHUNK = 128  # inputs whose activations are held at once (ResNet-18 on 32x32: ~0.3 GB)
+    uses_activations = True  # served in M's own forward pass (model_pass): one forward per input, not two
+    CHUNK = ACTIVATION_BATCH  # inputs whose activations are held at once (ResNet-18 on 32x32: ~0.3 GB)
 
     def __init__(self, params: DetectorParams) -> None:
         super().__init__(params)
