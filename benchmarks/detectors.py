@@ -11,8 +11,16 @@ evaluation split:
 - BaDExpert at the study's robust defaults picked **leave-one-attack-out**: for the column of
   attack A, the selection rule applied to the study's trials on the *other* attacks' victims,
   then that config fitted and scored on A's victim like every other row ("badexpert (robust,
-  LOAO)"); under TPE the candidates were proposed by a search that saw every victim (see the
-  study's nested folds for strictly held-out ones).
+  LOAO)"); under TPE the candidates were proposed by a search that saw every victim;
+- from the committee study (``--committee-space``, ``search_spaces/zoo-committee.yaml``, run
+  with ``search.nested_folds: [attack]``), **strictly held out**: for the column of attack A, the
+  pick of the fold whose whole search ran without A's victim, for the committee of BaDExpert and
+  TED ("committee (nested LOAO)") and for BaDExpert alone under the same search
+  ("badexpert (nested LOAO)").
+
+Cost: passes and scoring time as the study counts them, and the throughput of the detector as
+served (``Detector.detect`` on the evaluation inputs, M's forward run once for the prediction and
+for TED) relative to one bare forward pass of the model.
 
 Every row scores the same inputs: the first ``--eval-inputs`` clean and triggered inputs of each
 victim's evaluation split (300 each by default, to keep per-input optimizers such as Cognitive
@@ -41,6 +49,8 @@ from _report import write_keeping_tail
 
 PAPER = "badexpert (paper)"
 ROBUST = "badexpert (robust, LOAO)"
+COMMITTEE = "committee (nested LOAO)"
+NESTED = "badexpert (nested LOAO)"
 WAIT_FOR_VICTIMS = float(os.environ.get("BDX_WAIT_FOR_VICTIMS", "0"))  # seconds to wait for a launch still training
 
 
@@ -51,6 +61,7 @@ def _victim_rows(args: tuple[str, str, list[Entry], str, int, int]) -> list[dict
     """Every entry (a family with parameters) on one victim (a worker process)."""
     import torch
 
+    from bdx_study.detector import Detector
     from bdx_study.detectors import create_detector
     from bdx_study.protocol import scoring_parts
     from bdx_study.space import load_space
@@ -98,11 +109,13 @@ def _victim_rows(args: tuple[str, str, list[Entry], str, int, int]) -> list[dict
     store = StageStore(Path(stages))
     print(f"{victim.attack.name}: scoring {len(entries)} entries", flush=True)
     rows = []
+    served_x = x[:eval_inputs]
     for label, name, params in entries:
         t = time.perf_counter()
+        family = create_detector(name, params)
         run = run_detector(
             store,
-            create_detector(name, params),
+            family,
             protocol,
             victim_key=victim.key,
             model=model,
@@ -112,6 +125,12 @@ def _victim_rows(args: tuple[str, str, list[Entry], str, int, int]) -> list[dict
             device=cpu,
             parts=parts,
         )
+        # the detector as served: its bundle's scoring path on the evaluation inputs (after a warm-up call)
+        scorer = family.with_reference(run.reference) if run.reference is not None else family
+        manifest = {"threshold": run.evaluation.threshold, "input_shape": list(splits.info.input_shape)}
+        det = Detector(manifest, scorer, model, run.fitted, cpu)
+        det.detect(served_x[:8])
+        serve = min(_timed(lambda d=det: d.detect(served_x)) for _ in range(3)) / max(1, len(served_x))
         rows.append(
             {
                 "family": label,
@@ -119,6 +138,7 @@ def _victim_rows(args: tuple[str, str, list[Entry], str, int, int]) -> list[dict
                 **run.evaluation.metrics,
                 **run.costs,
                 "bare_forward_seconds_per_input": bare,
+                "served_seconds_per_input": serve,
                 "wall_seconds": time.perf_counter() - t,
             }
         )
@@ -154,9 +174,39 @@ def _robust_loao(spec: Any) -> dict[str, tuple[str, dict[str, Any]]]:
     return picks
 
 
+def _nested_loao(spec: Any, family: str) -> dict[str, tuple[str, dict[str, Any]]]:
+    """``family``'s strictly held-out picks of a study with ``search.nested_folds: [attack]``: for
+    each attack, the selection rule on the trials of the fold whose search never saw it:
+    {attack: (fold/trial, parameters)}."""
+    from bdx_study.folds import fold_spec, fold_values
+    from bdx_study.selection import select
+    from bdx_study.tables import StudyTables
+
+    obj, max_drop = spec.search.objective, spec.search.constraint.max_clean_acc_drop
+    picks = {}
+    for attack in fold_values(spec, "attack"):
+        fs = fold_spec(spec, "attack", attack)
+        try:
+            trials = StudyTables(fs.study_dir).read("trials").to_pandas()
+        except FileNotFoundError:
+            continue
+        trials = trials[trials["detector"] == family]
+        if trials.empty:
+            continue
+        pick, _ = select(trials, obj.metric, obj.aggregate, max_drop)
+        row = trials[trials["trial_id"] == pick.trial_id].iloc[0]
+        picks[str(attack)] = (f"{fs.study.name}/{pick.trial_id}", json.loads(row["params"]))
+    return picks
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--space", default="search_spaces/zoo.yaml")
+    ap.add_argument(
+        "--committee-space",
+        default="search_spaces/zoo-committee.yaml",
+        help="the committee study with nested attack folds (its rows are left out when it has not run)",
+    )
     ap.add_argument("--out", type=Path, default=Path("docs/detectors.md"))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--families", nargs="*", default=None, help="default: every registered family")
@@ -198,9 +248,28 @@ def main() -> int:
             if v.attack.name in picks
         ]
         rows += [r for part in pool.imap_unordered(_victim_rows, jobs) for r in part]
+        # 3. The committee study's strictly held-out picks (a search per attack fold), if it ran.
+        nested = {COMMITTEE: {}, NESTED: {}}
+        if args.committee_space:
+            cspec = load_space(args.committee_space)
+            nested = {COMMITTEE: _nested_loao(cspec, "committee"), NESTED: _nested_loao(cspec, "badexpert")}
+            entries = {
+                v.key: [
+                    (label, fam, p[v.attack.name][1])
+                    for (label, fam), p in zip(
+                        ((COMMITTEE, "committee"), (NESTED, "badexpert")), nested.values(), strict=True
+                    )
+                    if v.attack.name in p
+                ]
+                for v in victims
+            }
+            jobs = [(args.space, key, e, *cut) for key, e in entries.items() if e]
+            rows += [r for part in pool.imap_unordered(_victim_rows, jobs) for r in part]
     for r in rows:
         if r["family"] == ROBUST:
             r["picked_trial"] = picks[r["attack"]][0]
+        elif r["family"] in nested:
+            r["picked_trial"] = nested[r["family"]][r["attack"]][0]
     seconds = time.perf_counter() - t0
     table = pd.DataFrame(rows)
     write_report(table, spec, args, seconds)
@@ -222,12 +291,55 @@ def _md(p: pd.DataFrame, fmt: str = "{:.3f}", extra: dict[str, pd.Series] | None
     return lines
 
 
+def _committee_targets(table: pd.DataFrame, attacks: list[str], backdoored: list[str], target: float) -> list[str]:
+    """The committee's rows against the issue's targets (strictly held out, correct-only)."""
+    t = table[table["family"] == COMMITTEE].set_index("attack")
+    if t.empty:
+        return []
+    auc = t.loc[[a for a in backdoored if a in t.index], "auroc_correct_only"]
+    tpr = t.loc[[a for a in backdoored if a in t.index], "tpr_at_1pct_fpr_correct_only"]
+    fpr_ok = {
+        a: bool(r["fpr_at_threshold_low_correct_only"] <= target <= r["fpr_at_threshold_high_correct_only"])
+        or bool(r["fpr_at_threshold_correct_only"] <= target)
+        for a, r in t.iterrows()
+    }
+    served = (t["bare_forward_seconds_per_input"] / t["served_seconds_per_input"]).mean()
+    missing = [a for a in attacks if a not in t.index]
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    lines = [
+        "",
+        "## The committee (nested LOAO) against its targets",
+        "",
+        f"- worst AUROC {auc.min():.3f} on {auc.idxmin()} (target >= 0.97): {verdict(auc.min() >= 0.97)}",
+        f"- mean AUROC {auc.mean():.3f} (target >= 0.99): {verdict(auc.mean() >= 0.99)}",
+        f"- TPR at 1% FPR {tpr.min():.3f} at worst, on {tpr.idxmin()} (target >= 0.90 on every attack): "
+        f"{verdict(tpr.min() >= 0.90)}"
+        + (
+            f"; below 0.90 on {', '.join(f'{a} {v:.3f}' for a, v in tpr[tpr < 0.90].items())}"
+            if (tpr < 0.90).any()
+            else ""
+        ),
+        f"- realized FPR at the threshold inside its 95% interval of the target (or below it) on "
+        f"{sum(fpr_ok.values())} of {len(fpr_ok)} victims (clean victim included): "
+        f"{verdict(all(fpr_ok.values()))}"
+        + (f"; not on {', '.join(a for a, ok in fpr_ok.items() if not ok)}" if not all(fpr_ok.values()) else ""),
+        f"- served throughput {served:.3f} of one bare forward pass (target >= 0.25): {verdict(served >= 0.25)}",
+    ]
+    if missing:
+        lines.append(f"- no committee row for {', '.join(missing)} (its fold did not finish)")
+    return lines
+
+
 def write_report(table: pd.DataFrame, spec: Any, args: argparse.Namespace, seconds: float) -> None:
     attacks = sorted(a for a in table["attack"].unique() if a != "none") + (
         ["none"] if "none" in set(table["attack"]) else []
     )
     backdoored = [a for a in attacks if a != "none"]
-    order = [ROBUST, PAPER] + sorted(f for f in table["family"].unique() if f not in (ROBUST, PAPER))
+    first = [COMMITTEE, NESTED, ROBUST, PAPER]
+    order = first + sorted(f for f in table["family"].unique() if f not in first)
     auroc = _pivot(table, "auroc_correct_only", order, backdoored)
     summary = {"worst": auroc.min(axis=1), "mean": auroc.mean(axis=1)}
     best_mean, best_worst = summary["mean"].idxmax(), summary["worst"].idxmax()
@@ -252,7 +364,9 @@ def write_report(table: pd.DataFrame, spec: Any, args: argparse.Namespace, secon
         "inputs). Baselines run at "
         "their published defaults (`bdx-study list`); BaDExpert at the paper's CIFAR-10 values and at the study's "
         "robust defaults picked leave-one-attack-out (LOAO: the column's attack was not among the victims the "
-        "pick was made on; under TPE the candidates were still proposed by a search that saw every victim).",
+        "pick was made on; under TPE the candidates were still proposed by a search that saw every victim). "
+        f"From `{args.committee_space}`, strictly held out (nested LOAO: the pick of a whole search run without "
+        "the column's attack): the committee of BaDExpert and TED, and BaDExpert alone under the same search.",
         "",
         "## AUROC (correct-only protocol), from continuous scores",
         "",
@@ -290,16 +404,20 @@ def write_report(table: pd.DataFrame, spec: Any, args: argparse.Namespace, secon
         "scoring wall time, and throughput relative to one bare forward pass of the model (1.0 = as fast as "
         "serving the model alone); fit time is per victim.",
         "",
-        "| family | forward passes | backward passes | scoring ms / input | throughput vs one forward | fit s |",
-        "|---|---|---|---|---|---|",
+        "| family | forward passes | backward passes | scoring ms / input | throughput vs one forward | served "
+        "ms / input | served throughput vs one forward | fit s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for fam in [f for f in order if f in set(table["family"])]:
         t = table[table["family"] == fam]
         rel = (t["bare_forward_seconds_per_input"] / t["score_seconds_per_input"]).mean()
+        served = (t["bare_forward_seconds_per_input"] / t["served_seconds_per_input"]).mean()
         lines.append(
             f"| {fam} | {t['forward_passes_per_input'].mean():.1f} | {t['backward_passes_per_input'].mean():.1f} | "
-            f"{1000 * t['score_seconds_per_input'].mean():.3f} | {rel:.4f} | {t['fit_seconds'].mean():.1f} |"
+            f"{1000 * t['score_seconds_per_input'].mean():.3f} | {rel:.4f} | "
+            f"{1000 * t['served_seconds_per_input'].mean():.3f} | {served:.4f} | {t['fit_seconds'].mean():.1f} |"
         )
+    lines += _committee_targets(table, attacks, backdoored, protocol.target_fpr)
     write_keeping_tail(args.out, lines, "## Notes", "\n## Notes\n\n(written by hand)\n")
     table.to_csv(args.out.with_suffix(".csv"), index=False)
     print(f"wrote {args.out} and {args.out.with_suffix('.csv')}")
