@@ -34,7 +34,14 @@ class ShippedStudy:
 
 
 SHIPPED_STUDIES: tuple[ShippedStudy, ...] = (
-    ShippedStudy("quickstart.yaml", ("digits",), (1, 16, 16), ("small_cnn",), (), "digits 16x16, small CNN"),
+    ShippedStudy(
+        "quickstart.yaml",
+        ("digits",),
+        (1, 16, 16),
+        ("small_cnn",),
+        ("badexpert", "ted", "committee"),
+        "digits 16x16, small CNN: BaDExpert, TED and their committee",
+    ),
     ShippedStudy(
         "compare.yaml",
         ("digits",),
@@ -63,6 +70,14 @@ SHIPPED_STUDIES: tuple[ShippedStudy, ...] = (
     ),
     ShippedStudy(
         "zoo.yaml", ("fashion_mnist",), (1, 28, 28), ("small_cnn",), (), "Fashion-MNIST 28x28, small CNN, every attack"
+    ),
+    ShippedStudy(
+        "zoo-committee.yaml",
+        ("fashion_mnist",),
+        (1, 28, 28),
+        ("small_cnn",),
+        ("badexpert", "ted", "committee"),
+        "Fashion-MNIST 28x28, small CNN, every attack: BaDExpert, TED and their committee, held-out folds",
     ),
     ShippedStudy("paper-cifar10.yaml", ("cifar10",), (3, 32, 32), ("resnet18",), (), "CIFAR-10 32x32, ResNet-18"),
 )

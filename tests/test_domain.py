@@ -11,7 +11,13 @@ import pytest
 import torch
 import yaml
 
-from bdx_study.analysis.domain import SHIPPED_STUDIES, check_domain, nearest_study, render_warnings
+from bdx_study.analysis.domain import (
+    SHIPPED_STUDIES,
+    check_domain,
+    nearest_study,
+    render_warnings,
+    unseen_triggers,
+)
 from bdx_study.data import dataset_info
 from bdx_study.space import builtin_space, load_space
 
@@ -162,3 +168,28 @@ def test_export_warns_outside_the_recipes_domain(tmp_path: Path, capsys: Any) ->
     bundle = export(own, "inside")
     assert "warning" not in capsys.readouterr().err
     assert Detector.load(bundle).manifest["provenance"]["domain_warnings"] == []
+
+
+def test_what_the_domain_check_cannot_see_names_the_weakest_held_out_attack() -> None:
+    fold = {"strictly_held_out": True, "held_out_ci95": [0.9, 1.0], "held_out_victims": 1}
+    recipe = {
+        **QUICKSTART_LIKE,
+        "detectors": {
+            "committee": {
+                "evidence": {
+                    "held_out": {
+                        "folds": [
+                            {**fold, "held_out": "attack=badnet", "held_out_worst_auroc_correct_only": 0.999},
+                            {**fold, "held_out": "attack=blend", "held_out_worst_auroc_correct_only": 0.981},
+                            {**fold, "held_out": "victim_seed=1", "held_out_worst_auroc_correct_only": 0.5},
+                        ]
+                    }
+                }
+            }
+        },
+    }
+    line = unseen_triggers(recipe, "committee")
+    assert line.startswith("unchecked: the recipe was tuned on attacks badnet, blend")
+    assert "committee's weakest held-out attack: blend, worst_auroc_correct_only 0.981 (strictly held out)" in line
+    assert "\n" not in line  # one line
+    assert "no held-out-attack evidence for badexpert" in unseen_triggers(recipe, "badexpert")

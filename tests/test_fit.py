@@ -122,10 +122,13 @@ def test_fit_npz_then_detect(user: dict[str, Any], tmp_path: Path, capsys: Any) 
     for expected in ("badexpert", "unlearn_lr 0.0005", "60 held out", "realized FPR", "target 0.1", "clean accuracy"):
         assert expected in printed.out, expected
     assert f"detector bundle: {out}" in printed.out
+    # what no check can see: the trigger kind; said in one line, and kept in the bundle
+    assert "unchecked: the recipe was tuned on attacks badnet; no check can see which trigger" in printed.out
 
     det = Detector.load(out)
     m = det.manifest
     assert m["provenance"]["kind"] == "fit" and m["provenance"]["heldout_images"] == 60
+    assert m["provenance"]["unchecked"].startswith("unchecked: the recipe was tuned on attacks badnet")
     assert m["params"]["seed"] == 1 and m["protocol"]["clean_set_seed"] == 3  # the recipe's seed policy
     assert m["metrics"]["heldout_images"] == 60 and m["metrics"]["clean_acc_before"] > 0.9
     lo, hi = m["metrics"]["fpr_at_threshold_low_correct_only"], m["metrics"]["fpr_at_threshold_high_correct_only"]
