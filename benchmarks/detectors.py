@@ -240,7 +240,7 @@ def main() -> int:
         try:
             picks = _robust_loao(spec)
         except FileNotFoundError:  # the committee study's strictly held-out BaDExpert rows stand in for them
-            print(f"no finished trials at {spec.study_dir}: no '{ROBUST}' rows (`bdx-study launch --space {args.space}`)")
+            print(f"no finished trials at {spec.study_dir}: no '{ROBUST}' rows (launch {args.space} for them)")
             picks = {}
         jobs = [
             (args.space, v.key, [(ROBUST, "badexpert", picks[v.attack.name][1])], *cut)
