@@ -37,6 +37,7 @@ FORMAT = "bdx-study/detector"
 FORMAT_VERSION = 2
 MODEL_FILE = "model.safetensors"
 REFERENCE_FILE = "reference.safetensors"  # a committee's clean scales (the members' reference scores)
+NONFINITE = "score_not_finite"  # extras: inputs flagged because their score is NaN or infinite
 FLAGGED_BY = "flagged_by_"  # extras naming what flagged an input: flagged_by_<member> (a committee)
 # Manifest fields that decide what the detector does; their hash is checked at load.
 DECISION_FIELDS = (
@@ -128,6 +129,8 @@ def save_bundle(
     a folder holding a bundle, whose own files are then replaced. Files the bundle does not own
     (a user's notes, inputs) are never touched."""
     out = Path(path)
+    if not math.isfinite(threshold):
+        raise BundleError(f"threshold {threshold!r} is not a finite number: a bundle must flag something")
     replace = out.exists() and _check_replaceable(out, force)
     files: dict[str, dict[str, torch.Tensor]] = {MODEL_FILE: _state(model)}
     components = {}
@@ -189,6 +192,28 @@ def _decision(manifest: dict[str, Any]) -> dict[str, Any]:
     reference of a family scored against one (KeyError names a missing field)."""
     fields = (*DECISION_FIELDS, "reference") if "reference" in manifest else DECISION_FIELDS
     return {k: manifest[k] for k in fields}
+
+
+REFERENCE = "reference"  # the manifest key of a family's clean reference (beside "components")
+
+
+def _entries(manifest: dict[str, Any], mpath: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's component entries, and its clean reference under :data:`REFERENCE`; each a
+    mapping with a plain file name inside the bundle (no folder, no '..') and a mapping of
+    metadata. Anything else is refused, naming it."""
+    comps = manifest.get("components")
+    if not isinstance(comps, dict) or not comps:
+        raise BundleError(f"{mpath}: components must be a non-empty mapping, got {type(comps).__name__}")
+    found = dict(comps)
+    if manifest.get(REFERENCE) is not None:
+        found[REFERENCE] = manifest[REFERENCE]
+    for key, entry in found.items():
+        fname = entry.get("file") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("meta", {}), dict | None):
+            raise BundleError(f"{mpath}: {key}: an entry must be a mapping with `file` and `meta`")
+        if not isinstance(fname, str) or Path(fname).name != fname or fname in ("", ".", "..") or "\\" in fname:
+            raise BundleError(f"{mpath}: {key}: file {fname!r} is not a plain file name inside the bundle; refusing it")
+    return found
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -254,6 +279,8 @@ class Detection:
         if by is not None:
             for r, members in zip(out, by, strict=True):
                 r["flagged_by"] = members
+        for i in np.flatnonzero(self.extras.get(NONFINITE, np.zeros(0, dtype=bool))):
+            out[i]["note"] = "flagged: the score is not a finite number (fail closed)"
         return out
 
 
@@ -318,18 +345,34 @@ class Detector:
                 f"{', '.join(DETECTORS.names())}"
             )
         expected = manifest.get("sha256", {})
+        entries = _entries(manifest, mpath)
+        threshold = manifest["threshold"]
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
+            raise BundleError(f"{mpath}: threshold {threshold!r} is not a finite number; refusing the bundle")
 
-        def verified(fname: Any) -> Path:
-            if not isinstance(fname, str) or Path(fname).name != fname or fname in ("", ".", ".."):
-                raise BundleError(f"{mpath}: file {fname!r} is not a plain file name inside the bundle; refusing it")
+        def verified(fname: str) -> Path:
             f = root / fname
             if f.is_symlink():
                 raise BundleError(f"{f}: a symbolic link; a bundle's files must be its own, refusing it")
             if not f.is_file():
                 raise BundleError(f"{root}: missing {fname}")
-            if fname not in expected or sha256_file(f) != expected[fname]:
+            if not isinstance(expected, dict) or fname not in expected or sha256_file(f) != expected[fname]:
                 raise BundleError(f"{f}: sha256 does not match the manifest; the bundle was modified, refusing it")
             return f
+
+        # every file the manifest names is checked before any is read (names, links, hashes)
+        paths = {fname: verified(fname) for fname in [MODEL_FILE, *(e["file"] for e in entries.values())]}
+
+        def tensors(fname: str) -> dict[str, torch.Tensor]:
+            try:
+                state = load_file(paths[fname], device=str(dev))
+            except Exception as e:  # safetensors' own error type for a malformed header or body
+                why = f"{type(e).__name__}: {e}"
+                raise BundleError(f"{paths[fname]}: not a readable safetensors file ({why})") from None
+            bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            if bad:
+                raise BundleError(f"{paths[fname]}: non-finite values in {bad[:3]}; refusing the bundle")
+            return state
 
         dev = torch.device(device)
         try:
@@ -341,16 +384,15 @@ class Detector:
                 manifest["normalization"]["mean"],
                 manifest["normalization"]["std"],
             )
-            model.load_state_dict(load_file(verified(MODEL_FILE), device=str(dev)))
+            model.load_state_dict(tensors(MODEL_FILE))
             fitted = {
-                comp: Fitted(load_file(verified(entry["file"])), dict(entry.get("meta") or {}))
-                for comp, entry in manifest["components"].items()
+                comp: Fitted(tensors(entry["file"]), dict(entry.get("meta") or {}))
+                for comp, entry in entries.items()
+                if comp != REFERENCE
             }
-            entry = manifest.get("reference")
-            if entry is not None:
-                family = family.with_reference(
-                    Fitted(load_file(verified(entry["file"])), dict(entry.get("meta") or {}))
-                )
+            if REFERENCE in entries:
+                entry = entries[REFERENCE]
+                family = family.with_reference(Fitted(tensors(entry["file"]), dict(entry.get("meta") or {})))
             elif family.reference_fraction > 0:
                 raise BundleError(f"{mpath}: {name} scores against a clean reference, and the bundle holds none")
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -422,4 +464,7 @@ class Detector:
         s = self.family.score(feats, pred)
         extras = {k: v.numpy() for k, v in self.family.extras(feats, pred).items()}
         extras.update(self.family.flagged_by(extras, self.threshold))
-        return Detection(pred.numpy(), (s > self.threshold).numpy(), s.numpy(), extras)
+        broken = ~torch.isfinite(s)  # fail closed: an input the detector cannot score is flagged, and says why
+        if bool(broken.any()):
+            extras[NONFINITE] = broken.numpy()
+        return Detection(pred.numpy(), ((s > self.threshold) | broken).numpy(), s.numpy(), extras)

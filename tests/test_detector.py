@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -147,9 +146,91 @@ def test_replacing_a_bundle_needs_force_and_keeps_user_files(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_nan_threshold_round_trips(tmp_path: Path, family: DetectorFamily) -> None:
-    path = _save(tmp_path / "b", family, float("nan"))
-    assert math.isnan(Detector.load(path).threshold)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_threshold_refused(tmp_path: Path, family: DetectorFamily, bad: float) -> None:
+    """A NaN threshold flags nothing (every comparison is false): refused when written and when read."""
+    with pytest.raises(BundleError, match="threshold .* finite"):
+        _save(tmp_path / "b", family, bad)
+    path = _save(tmp_path / "c", family, 0.5)
+    _rewrite(path, threshold=bad)
+    with pytest.raises(BundleError, match="threshold .* not a finite number"):
+        Detector.load(path)
+
+
+def _rewrite(bundle: Path, **fields: object) -> None:
+    """Change manifest fields and re-sign it as a forger would: the hashes only show corruption."""
+    from bdx_study._io import sha256_json
+    from bdx_study.detector import _decision
+
+    mpath = bundle / "manifest.json"
+    man = json.loads(mpath.read_text())
+    man.update(fields)
+    man["decision_sha256"] = sha256_json(_decision(man))
+    mpath.write_text(json.dumps(man))
+
+
+def _rehash(bundle: Path, fname: str) -> None:
+    from bdx_study._io import sha256_file
+
+    man = json.loads((bundle / "manifest.json").read_text())
+    _rewrite(bundle, sha256={**man["sha256"], fname: sha256_file(bundle / fname)})
+
+
+@pytest.mark.parametrize("where", ["../outside.safetensors", "/etc/passwd", "sub/expert.safetensors", ".."])
+def test_files_outside_the_bundle_refused_before_reading(bundle: Path, where: str) -> None:
+    man = json.loads((bundle / "manifest.json").read_text())
+    (bundle / "model.safetensors").write_bytes(b"corrupt")  # would fail if anything were read first
+    _rewrite(bundle, components={**man["components"], "expert": {"file": where, "meta": {}}})
+    with pytest.raises(BundleError, match="not a plain file name inside the bundle"):
+        Detector.load(bundle)
+
+
+def test_symlinked_file_refused(bundle: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes((bundle / "expert.safetensors").read_bytes())
+    (bundle / "expert.safetensors").unlink()
+    (bundle / "expert.safetensors").symlink_to(outside)
+    with pytest.raises(BundleError, match="symbolic link"):
+        Detector.load(bundle)
+
+
+def test_consistent_bundles_with_bad_contents_refused(bundle: Path) -> None:
+    """What re-signed hashes cannot vouch for: a malformed safetensors header, non-finite weights,
+    entries of the wrong type: one clear error each."""
+    (bundle / "expert.safetensors").write_bytes(b"\xff" * 8 + b"{not json")
+    _rehash(bundle, "expert.safetensors")
+    with pytest.raises(BundleError, match="expert.safetensors: not a readable safetensors file"):
+        Detector.load(bundle)
+    from safetensors.torch import save_file
+
+    key = next(k for k, v in _net(1).state_dict().items() if v.is_floating_point())
+    state = {k: v.clone() for k, v in _net(1).state_dict().items()}
+    state[key][..., 0] = float("inf")
+    save_file(state, bundle / "expert.safetensors")
+    _rehash(bundle, "expert.safetensors")
+    with pytest.raises(BundleError, match="non-finite values"):
+        Detector.load(bundle)
+    for bad in ([1, 2], {}, {"expert": "expert.safetensors"}, {"expert": {"file": 3}}):
+        _rewrite(bundle, components=bad)
+        with pytest.raises(BundleError, match="components|an entry must be|not a plain file name"):
+            Detector.load(bundle)
+
+
+def test_a_score_that_is_not_finite_fails_closed(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    det = Detector.load(bundle)
+    real = det.family.score
+
+    def broken(feats: dict[str, torch.Tensor], pred: torch.Tensor) -> torch.Tensor:
+        s = real(feats, pred).clone()
+        s[:2] = float("nan")
+        return s
+
+    monkeypatch.setattr(det.family, "score", broken)
+    out = det.detect(_inputs())
+    assert out.flagged[:2].all()  # flagged, never served as clean
+    records = out.records()
+    assert records[0]["note"].startswith("flagged: the score is not a finite number")
+    assert "note" not in records[5]
 
 
 def test_unknown_family_refused(bundle: Path) -> None:
