@@ -153,7 +153,8 @@ def measure(
     score_c, score_t = np.array([r["score"] for r in res_c]), np.array([r["score"] for r in res_t])
     flag_c, flag_t = np.array([r["flagged"] for r in res_c]), np.array([r["flagged"] for r in res_t])
     correct, success = pred_c == test["clean_y"], pred_t == TARGET
-    by = [r.get("flagged_by") for r, s in zip(res_t, success, strict=True) if s]
+    # per successful triggered input: the members that flag it on their own (a committee), and whether it is flagged
+    by = [(r.get("flagged_by"), r["flagged"]) for r, s in zip(res_t, success, strict=True) if s]
     return {
         "detector": manifest["detector"],
         "auroc_correct_only": auroc(score_c[correct], score_t[success]),
@@ -166,7 +167,7 @@ def measure(
         "attack_success": float(success.mean()),
         "clean_acc": float(correct.mean()),
         "fit_wall_seconds": fit_seconds,
-        "flagged_by": by if by and by[0] is not None else None,
+        "flagged_by": by if by and by[0][0] is not None else None,
         "unchecked_line": next((ln for ln in printed.splitlines() if ln.startswith("unchecked:")), ""),
     }
 
@@ -273,13 +274,13 @@ def write_report(rows: list[dict[str, Any]], recipe: dict[str, Any], default: st
         )
     by = [r for r in mine if r["flagged_by"]]
     if by:
-        lines += ["", "Which members flagged the triggered inputs on their own (`flagged_by`, all models):", ""]
+        lines += ["", "What flagged the triggered inputs that flip the model (`flagged_by`, all models):", ""]
         counts: dict[str, int] = {}
         total = 0
         for r in by:
-            for members in r["flagged_by"]:
+            for members, flagged in r["flagged_by"]:
                 total += 1
-                key = "+".join(members) or "(none alone)"
+                key = "+".join(members) or ("the pooled score, no member alone" if flagged else "not flagged")
                 counts[key] = counts.get(key, 0) + 1
         lines += [f"- {k}: {v} of {total}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])]
     line = next((r["unchecked_line"] for r in mine if r["unchecked_line"]), "")
