@@ -13,7 +13,10 @@ A study file has these sections (unknown keys anywhere are errors):
     protocol:  the evaluation protocol every detector is judged under (clean_set_size,
                calibration_fraction, target_fpr): a fixed value or a distribution
     detectors: one or several registered families, each mapping its own parameters to a fixed
-               value or a distribution {dist: loguniform|uniform|int|choice, ...}
+               value or a distribution {dist: loguniform|uniform|int|choice, ...}; a committee
+               (``committee:``) names ``members`` with their own parameters, ``combine``,
+               ``weights`` and ``reference_fraction``, flattened to ``members.<family>.<param>``
+               and ``weights.<family>`` search keys (:func:`flatten_committee`)
     search:    sampler (tpe | random | grid), num_trials (per family, or {family: n}),
                max_concurrent, seed, objective, constraint
     resources: cpu and gpu per trial (fractions allowed), max_failures
