@@ -48,9 +48,10 @@ def _write(table: pd.DataFrame, folder: Path, stem: str) -> list[Path]:
 def analyze(spec: StudySpec) -> Analysis:
     study_dir = spec.study_dir
     folder = study_dir / "analysis"
+    made_from = StudyTables(study_dir).counts()  # counted first: a launch may add more while we read
     trials = load_trials(study_dir)
     per_family = robust_defaults(study_dir, spec, trials)
-    out = write_recipe(recipe(per_family, spec, study_dir), study_dir / "recipe.yaml")
+    out = write_recipe(recipe(per_family, spec, study_dir, made_from), study_dir / "recipe.yaml")
     table = comparison(per_family)
     files = [out, *_write(table, folder, "comparison")]
     tables = StudyTables(study_dir)

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from bdx_study._io import interrupts_deferred
 from bdx_study.detector import save_bundle, update_provenance
 from bdx_study.detectors import DETECTORS, create_detector
 from bdx_study.protocol import ProtocolConfig
@@ -54,6 +55,33 @@ def read_recipe(path: Path, detector: str | None) -> tuple[str, dict[str, Any]]:
     return str(family), recipe["detectors"][family]
 
 
+def check_recipe_current(recipe: dict[str, Any], path: Path, spec: StudySpec, study_dir: Path) -> None:
+    """Refuse a recipe of this study made from fewer stored results than its tables hold now
+    (trials finished, or refits run, since ``analyze`` wrote it): its choice may be outdated."""
+    if recipe.get("study") != spec.study.name:
+        return  # another study's recipe, applied here on purpose: its counts say nothing of these tables
+    now = StudyTables(study_dir).counts()
+    made = recipe.get("made_from")
+    if not isinstance(made, dict):
+        if any(now.values()):
+            raise ValueError(
+                f"{path}: records no count of the results it was made from (written by an older bdx-study); run "
+                "`bdx-study analyze` again, then export"
+            )
+        return
+    recorded = {k: made.get(k, 0) for k in now}
+    grown = [
+        f"{n} {k} (the recipe was made from {recorded[k]})"
+        for k, n in now.items()
+        if not isinstance(recorded[k], int) or n > recorded[k]
+    ]
+    if grown:
+        raise ValueError(
+            f"{path}: older than the study's tables, which now hold {', '.join(grown)}; run `bdx-study analyze` "
+            "again, then export"
+        )
+
+
 def recipe_config(entry: dict[str, Any]) -> tuple[dict[str, Any], ProtocolConfig]:
     """(family parameters, protocol) a recipe entry prescribes: its defaults and protocol, with
     the seed policy's seed and clean-set draw applied (the refit the policy chose, so that an
@@ -84,6 +112,8 @@ def export_detector(
     metrics)."""
     recipe_path = recipe_path or study_dir / "recipe.yaml"
     family_name, entry = read_recipe(recipe_path, detector)
+    recipe = yaml.safe_load(recipe_path.read_text())
+    check_recipe_current(recipe, recipe_path, spec, study_dir)
     DETECTORS.get(family_name)
     params, protocol = recipe_config(entry)
     family = create_detector(family_name, params)
@@ -94,7 +124,7 @@ def export_detector(
     device = pick_device(prefer_gpu=spec.resources.gpu > 0)  # where the study's trials ran
     splits = vcfg.data.splits(vcfg.dataset)
     outside = check_domain(
-        yaml.safe_load(recipe_path.read_text()),
+        recipe,
         dataset=vcfg.dataset,
         architecture=vcfg.architecture,
         input_shape=splits.info.input_shape,
@@ -140,23 +170,24 @@ def export_detector(
         },
         "metrics_protocol": "evaluation split of the victim's dataset, disjoint from the defender's clean data",
         "domain_warnings": outside,
-        "unchecked": unseen_triggers(yaml.safe_load(recipe_path.read_text()), family_name),
+        "unchecked": unseen_triggers(recipe, family_name),
     }
-    bundle = save_bundle(
-        out,
-        family,
-        run.fitted,
-        model,
-        threshold=run.evaluation.threshold,
-        target_fpr=protocol.target_fpr,
-        protocol=protocol.model_dump(mode="json"),
-        architecture=vcfg.architecture,
-        info=splits.info,
-        metrics={**metrics, **run.costs},
-        provenance=provenance,
-        reference=run.reference,
-        force=force,
-    )
+    with interrupts_deferred():  # replacing a bundle: all of it or none
+        bundle = save_bundle(
+            out,
+            family,
+            run.fitted,
+            model,
+            threshold=run.evaluation.threshold,
+            target_fpr=protocol.target_fpr,
+            protocol=protocol.model_dump(mode="json"),
+            architecture=vcfg.architecture,
+            info=splits.info,
+            metrics={**metrics, **run.costs},
+            provenance=provenance,
+            reference=run.reference,
+            force=force,
+        )
     if log_to_mlflow and ids.get("tracking_uri") and ids.get("experiment_id"):
         try:
             model_uri = log_bundle_to_mlflow(bundle, ids, name=f"detector-{family_name}-{vcfg.name}")

@@ -33,7 +33,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from bdx_study._io import sha256_file
+from bdx_study._io import interrupts_deferred, sha256_file
 from bdx_study.archs import Classifier, create_model
 from bdx_study.attacks import create_attack
 from bdx_study.data import DatasetInfo, ImageData, Splits, dataset_info, list_datasets
@@ -661,21 +661,22 @@ def run_fit(job: FitJob, out: Path, *, force: bool = False) -> FitResult:
         "metrics_protocol": "held-out part of the user's clean images, never used to fit or calibrate; clean "
         "images only (no triggered inputs): FPR and clean accuracy",
     }
-    bundle = save_bundle(
-        out,
-        job.family,
-        run.fitted,
-        job.model,
-        threshold=run.evaluation.threshold,
-        target_fpr=job.plan.protocol.target_fpr,
-        protocol=job.plan.protocol.model_dump(mode="json"),
-        architecture=job.architecture,
-        info=info,
-        metrics=metrics,
-        provenance=provenance,
-        reference=run.reference,
-        force=force,
-    )
+    with interrupts_deferred():  # replacing a bundle: all of it or none
+        bundle = save_bundle(
+            out,
+            job.family,
+            run.fitted,
+            job.model,
+            threshold=run.evaluation.threshold,
+            target_fpr=job.plan.protocol.target_fpr,
+            protocol=job.plan.protocol.model_dump(mode="json"),
+            architecture=job.architecture,
+            info=info,
+            metrics=metrics,
+            provenance=provenance,
+            reference=run.reference,
+            force=force,
+        )
     return FitResult(bundle, metrics)
 
 

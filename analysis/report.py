@@ -95,14 +95,19 @@ def _family_recipe(rd: RobustDefaults, spec: StudySpec) -> dict[str, Any]:
     }
 
 
-def recipe(per_family: dict[str, RobustDefaults], spec: StudySpec, study_dir: Path) -> dict[str, Any]:
+def recipe(
+    per_family: dict[str, RobustDefaults], spec: StudySpec, study_dir: Path, made_from: dict[str, int]
+) -> dict[str, Any]:
     """The recipe: per family, the chosen parameters and protocol, the rule that chose them and
     the per-victim evidence. ``default_detector`` is what ``export`` and ``fit`` use unless told
-    otherwise: the family the selection rule favours across families (:func:`family_board`)."""
+    otherwise: the family the selection rule favours across families (:func:`family_board`).
+    ``made_from`` counts the stored results (trials, refits, held-out evaluations) it was made
+    from: ``export`` refuses the recipe once the study's tables hold more."""
     board = family_board(per_family)
     return {
         "study": spec.study.name,
         "study_dir": str(study_dir),
+        "made_from": dict(made_from),
         "default_detector": str(board["detector"].iloc[0]),
         "default_detector_chosen_by": {
             "rule": "the selection rule across families: feasible first, then the best "

@@ -31,16 +31,21 @@ def _load(arg: str | None) -> tuple[StudySpec, Path]:
     return load_space(path), path
 
 
+def _probe(address: str) -> None:
+    """Is a Ray cluster at --address? Asked before Ray is imported or any data is read."""
+    from bdx_study.trials.cluster import probe_address
+
+    probe_address(address)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from bdx_study.preflight import preflight
 
     spec, path = _load(args.space)
+    if args.address:
+        _probe(args.address)
     if not args.file_only:
         preflight(spec, path, local=args.address is None)
-    if args.address:
-        from bdx_study.trials.cluster import probe_address
-
-        probe_address(args.address)
     victims = spec.victim_configs()
     families = ", ".join(
         f"{f} ({spec.trials_for(f)} trial(s), searching {', '.join(spec.searched(f)) or 'nothing'})"
@@ -77,6 +82,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     spec, path = _load(args.space)  # validated before Ray is imported
+    if args.address:
+        _probe(args.address)
     from bdx_study.trials.launch import launch
 
     result = launch(spec, source=path, address=args.address, resume=args.resume)
@@ -92,14 +99,39 @@ def _analyze(spec: StudySpec, quiet: bool = False) -> Path:
     return result.recipe
 
 
+# What analyze and export do to a study whose launch is running (--while-running): the tables are still changing.
+_WHILE_RUNNING = {
+    "analyze": "analyze the trials finished so far (then analyze again once it ends)",
+    "export": "export from the recipe as it is (refused once the tables hold more than it was made from)",
+}
+
+
+def _check_no_launch(spec: StudySpec, command: str, while_running: bool) -> None:
+    """Refuse to read a study while a launch of it holds its lock, or (--while-running) warn."""
+    from bdx_study.trials.lock import running_launch
+
+    holder = running_launch(spec.study_dir)
+    if holder is None:
+        return
+    running = f"study {spec.study.name!r} at {spec.study_dir} is being run by a bdx-study launch ({holder})"
+    if not while_running:
+        raise SpaceError(
+            f"{running}; its tables are still changing: run `bdx-study {command}` once it finishes (or stop it; "
+            f"`launch --resume` continues it), or pass --while-running to {_WHILE_RUNNING[command]}"
+        )
+    print(f"bdx-study: warning: {running}; --while-running: {_WHILE_RUNNING[command]}", file=sys.stderr, flush=True)
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     spec, _ = _load(args.space)
+    _check_no_launch(spec, "analyze", args.while_running)
     _analyze(spec)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     spec, _ = _load(args.space)
+    _check_no_launch(spec, "export", args.while_running)
     from bdx_study.analysis.export import export_detector
     from bdx_study.metrics import HEADLINE
 
@@ -187,6 +219,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
     inputs = Path(args.input)
     out = _output_path(Path(args.output), inputs, Path(args.detector), args.force) if args.output else None
     x = load_input_array(inputs)
+    if len(x) > DETECT_CHUNK:
+        print(
+            f"scoring {len(x)} inputs with {det.family.name}, {DETECT_CHUNK} at a time ...", file=sys.stderr, flush=True
+        )
     parts = [det.detect(np.array(x[i : i + DETECT_CHUNK])) for i in range(0, max(len(x), 1), DETECT_CHUNK)]
     records = [r for part in parts for r in part.records()]
     for i, r in enumerate(records):
@@ -301,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     def space_arg(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--space", help="study file (YAML); default: the embedded quickstart study")
 
+    def while_running_arg(sp: argparse.ArgumentParser, what: str) -> None:
+        sp.add_argument(
+            "--while-running",
+            action="store_true",
+            help=f"while a launch of the study is running: warn and {what} (default: refuse)",
+        )
+
     sp = sub.add_parser("launch", help="run (or --resume) a study on Ray")
     space_arg(sp)
     sp.add_argument("--address", help="join an existing Ray cluster at HOST:PORT (default: a local Ray)")
@@ -324,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("analyze", help="pick robust defaults; print them and write recipe.yaml")
     space_arg(sp)
+    while_running_arg(sp, "analyze the trials finished so far")
     sp.set_defaults(fn=cmd_analyze)
 
     sp = sub.add_parser("export", help="write a detector bundle (a family's robust defaults) for one victim model")
@@ -334,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="bundle folder (default: <study>/detector, or <study>/detector-NAME with --detector)")
     sp.add_argument("--force", action="store_true", help="replace the bundle already in --out (other files stay)")
     sp.add_argument("--no-mlflow", action="store_true", help="do not log the detector to MLflow")
+    while_running_arg(sp, "export from the recipe as it is")
     sp.set_defaults(fn=cmd_export)
 
     sp = sub.add_parser(
@@ -406,6 +451,25 @@ def _terminate(signum: int, frame: Any) -> None:
     signal.raise_signal(signal.SIGINT)
 
 
+def _after_interrupt(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves behind and how to go on: true wherever it stopped
+    (what it writes appears whole or not at all)."""
+    again = f"run `bdx-study {args.command}` again"
+    if args.command in ("fit", "export"):
+        where = f"--out {args.out}" if args.out else "the study's detector folder"
+        return f"no half-written bundle is left in {where} (a bundle appears whole or not at all); {again}"
+    if args.command == "detect":
+        if not args.output:
+            return f"the results printed so far are incomplete; {again}"
+        return f"no half-written --output {args.output} is left (it appears whole or not at all); {again}"
+    return {
+        "launch": "finished trials are kept; `bdx-study launch --resume` continues the study",
+        "quickstart": f"finished trials and trained victims are kept; {again} to continue",
+        "analyze": f"each file it wrote is whole, but they may mix this run's with the previous run's; {again}",
+        "sync": f"what was logged stays logged; {again} for the rest",
+    }.get(args.command, "nothing was written")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -417,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc: Any = args.fn(args)
     except KeyboardInterrupt:
-        print("bdx-study: interrupted; `bdx-study launch --resume` continues a study", file=sys.stderr)
+        print(f"bdx-study: {args.command}: interrupted; {_after_interrupt(args)}", file=sys.stderr)
         return 130
     except (SpaceError, ValueError, OSError) as e:  # bad input: DataError, BundleError, InputError, TableError, ...
         print(f"bdx-study: error: {e}", file=sys.stderr)

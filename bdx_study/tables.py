@@ -94,6 +94,11 @@ class StudyTables:
             out.add(trial_id)
         return out
 
+    def counts(self) -> dict[str, int]:
+        """How many trials, refits and held-out evaluations have stored rows (by kind, as
+        :data:`SCORES_OF` names them): what an analysis of the tables is made from."""
+        return {kind: len(list((self.root / "parts" / kind).glob("*.parquet"))) for kind in SCORES_OF}
+
     def quarantine(self, trial_id: str, why: str, kinds: tuple[str, ...] = KINDS) -> None:
         """Move a trial's parts aside (nothing is deleted): the trial is no longer finished."""
         dest = self.root / "parts" / "quarantine"

@@ -201,6 +201,9 @@ def test_analyze_export_detect(study: dict[str, Any], tmp_path: Path, capsys: An
     from bdx_study.tables import StudyTables
 
     refits = StudyTables(study_dir).read("refits").to_pandas()
+    # the recipe counts what it was made from: export refuses it once the tables hold more
+    counts = {"trials": N_TRIALS, "refits": refits["trial_id"].nunique(), "heldout": 0}
+    assert doc["made_from"] == StudyTables(study_dir).counts() == counts
     for family, entry in doc["detectors"].items():
         # the recipe carries the chosen trial's config exactly (export uses that very config)
         row = trials[trials.trial_id == entry["selection"]["chosen_trial"]].iloc[0]

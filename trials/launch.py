@@ -14,15 +14,11 @@ Storage layout under ``<study.storage>``:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import math
 import os
 import shutil
-import socket
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +33,7 @@ from bdx_study.victims import VictimCache, VictimConfig
 
 from .cluster import init_ray, stop_orphans
 from .context import StudyContext
+from .lock import study_lock
 from .tracking import (
     MlflowStudyCallback,
     StudyTracker,
@@ -58,46 +55,6 @@ class LaunchResult:
     num_errors: int
     best: dict[str, Any]
     seconds: float
-
-
-@contextlib.contextmanager
-def study_lock(study_dir: Path, name: str) -> Iterator[None]:
-    """Hold the study's lock for the whole launch: a second launch of the same study is refused
-    at once. The lock (``flock`` on ``<study>/.lock``) dies with its holder, so a lock left by a
-    killed driver is taken over."""
-    created = [p for p in (study_dir, *study_dir.parents) if not p.exists()]  # to remove if nothing starts
-    study_dir.mkdir(parents=True, exist_ok=True)
-    path = study_dir / ".lock"
-    f = open(path, "a+")  # noqa: SIM115 - held open for the block
-    try:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "holder unknown"
-            raise SpaceError(
-                f"study {name!r} at {study_dir} is being run by another bdx-study launch ({holder}); wait for it to "
-                "finish or stop it, then resume with --resume"
-            ) from None
-        f.seek(0)
-        previous = f.read().strip()
-        if previous:
-            print(f"[bdx-study] taking over the study's lock from a launch that is no longer running ({previous})")
-        f.truncate(0)
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.truncate(0)
-            f.flush()
-            if not any(p.name != ".lock" for p in study_dir.iterdir()):
-                path.unlink(missing_ok=True)  # nothing was started: leave no folder behind
-                for folder in created:
-                    with contextlib.suppress(OSError):
-                        folder.rmdir()  # only if empty
-    finally:
-        f.close()
 
 
 def _decide_resume(spec: StudySpec, resume: bool) -> bool:

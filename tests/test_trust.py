@@ -1,0 +1,287 @@
+"""Trust what you load and what you open: analyze and export refuse a study whose launch is
+running, export refuses a recipe older than the study's tables, --address refuses in seconds a
+port that is not a Ray GCS, and fit and detect stop on SIGTERM leaving nothing half-written.
+Real components throughout: the study's lock held by another process, real servers on
+loopback, the CLI in subprocesses."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from bdx_study._io import interrupts_deferred
+from bdx_study.cli import main
+from bdx_study.space import SpaceError, load_space
+from bdx_study.trials.cluster import deadline
+
+from .conftest import tiny_study, write_study
+from .test_cli import run_cli
+from .test_fit import DOMAIN, write_recipe
+
+# ------------------------------------------------------------------------------ 1. a running launch, a stale recipe
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from bdx_study.trials.lock import study_lock
+with study_lock(Path(sys.argv[1]), "busy"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.fixture
+def running_launch(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
+    """A study whose lock another process holds, as a running launch does (the real study_lock)."""
+    path = write_study(tmp_path, tiny_study(tmp_path, name="busy"))
+    study_dir = load_space(path).study_dir
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(study_dir)], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        yield path, proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_analyze_and_export_refuse_while_a_launch_runs(
+    running_launch: tuple[Path, subprocess.Popen[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, holder = running_launch
+    for command in ("analyze", "export"):
+        assert main([command, "--space", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        assert "'busy'" in err and "is being run by a bdx-study launch" in err and f"pid {holder.pid} on" in err
+        assert f"run `bdx-study {command}` once it finishes" in err and "--while-running" in err
+    # --while-running: a warning, then the command goes on (to what this empty study lacks)
+    assert main(["analyze", "--space", str(path), "--while-running"]) == 2
+    err = capsys.readouterr().err
+    assert "warning" in err and f"pid {holder.pid} on" in err and "analyze the trials finished so far" in err
+    assert "no trials tables" in err
+    assert main(["export", "--space", str(path), "--while-running"]) == 2
+    err = capsys.readouterr().err
+    assert "warning" in err and "export from the recipe as it is" in err and "run `bdx-study analyze` first" in err
+    # the launch ends (killed: its lock dies with it, the file still names it): nothing refuses
+    holder.kill()
+    holder.wait()
+    assert main(["analyze", "--space", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "being run" not in err and "no trials tables" in err
+
+
+def _store(study_dir: Path, kind: str, *trial_ids: str) -> None:
+    folder = study_dir / "tables" / "parts" / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    for t in trial_ids:
+        pq.write_table(pa.table({"trial_id": [t]}), folder / f"{t}.parquet")
+
+
+def test_export_refuses_a_recipe_older_than_the_tables(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_study(tmp_path, tiny_study(tmp_path, name="grown"))
+    study_dir = load_space(path).study_dir
+    recipe = yaml.safe_load(write_recipe(tmp_path / "r.yaml", DOMAIN).read_text())
+    recipe["study"] = "grown"
+
+    def export(made_from: dict[str, Any] | None) -> str:
+        doc = dict(recipe, made_from=made_from) if made_from is not None else recipe
+        (study_dir / "recipe.yaml").write_text(yaml.safe_dump(doc))
+        assert main(["export", "--space", str(path), "--no-mlflow"]) == 2
+        return capsys.readouterr().err
+
+    _store(study_dir, "trials", "t0001", "t0002")
+    _store(study_dir, "refits", "t0001_r1")
+    err = export({"trials": 1, "refits": 1, "heldout": 0})  # a trial finished since analyze
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"{study_dir / 'recipe.yaml'}: older than the study's tables" in err
+    assert "2 trials (the recipe was made from 1)" in err and "run `bdx-study analyze` again" in err
+    err = export({"trials": 2, "refits": 0, "heldout": 0})  # a refit ran since
+    assert "1 refits (the recipe was made from 0)" in err
+    err = export(None)  # an older bdx-study's recipe cannot say
+    assert "records no count of the results it was made from" in err and "bdx-study analyze" in err
+    # a current recipe passes, and export goes on (to the victim this study never trained)
+    err = export({"trials": 2, "refits": 1, "heldout": 0})
+    assert "older than" not in err and "is not in the cache; run `bdx-study launch` first" in err
+
+
+# ------------------------------------------------------------------------------ 2. --address that is not a Ray GCS
+
+
+@pytest.fixture
+def not_ray() -> Iterator[dict[str, str]]:
+    """Two ports on loopback that accept connections but are no Ray GCS: a socket server that
+    never answers, and an HTTP server."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(silent.accept()[0])
+            except OSError:
+                return
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threads = [threading.Thread(target=accept, daemon=True), threading.Thread(target=web.serve_forever, daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        yield {
+            "silent": f"127.0.0.1:{silent.getsockname()[1]}",
+            "http": f"127.0.0.1:{web.server_address[1]}",
+        }
+    finally:
+        web.shutdown()
+        web.server_close()
+        silent.close()
+        for c in accepted:
+            c.close()
+
+
+def test_an_address_that_is_not_a_ray_gcs_fails_fast(tmp_path: Path, not_ray: dict[str, str]) -> None:
+    path = write_study(tmp_path, tiny_study(tmp_path, name="notray"))
+    for kind, address in not_ray.items():
+        for command in ("validate", "launch"):
+            code, out, seconds = run_cli(command, "--space", str(path), "--address", address, cwd=tmp_path, timeout=60)
+            assert code == 2 and seconds < 10, (kind, command, seconds, out)
+            assert f"--address {address}: not a Ray cluster" in out and "Traceback" not in out, out
+            assert ("sent nothing back" if kind == "silent" else "not HTTP/2") in out, out
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_joining_ray_is_bounded_by_a_deadline() -> None:
+    """ray.init on a cluster that answered the probe runs under a deadline: past it, one clear
+    error (here on a loop that would never end); a block that ends in time is not disturbed."""
+    t = time.perf_counter()
+    with pytest.raises(SpaceError, match="did not join"), deadline(0.5, "did not join"):
+        while True:
+            time.sleep(0.02)
+    assert time.perf_counter() - t < 5
+    with deadline(0.2, "never"):
+        pass
+    time.sleep(0.5)  # no interrupt arrives late
+
+
+# ------------------------------------------------------------------------------ 3. SIGTERM to fit and detect
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A BadNet-backdoored small CNN (safetensors), clean digits (.npz), a recipe, its bundle, and
+    a recipe whose fit lasts minutes (400 epochs of the auxiliary model)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from bdx_study.victims import AttackSpec, DataConfig, TrainingConfig, VictimConfig, train_victim
+
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("sigterm")
+    data = DataConfig(reserve_size=300, eval_size=200, train_size=400)
+    cfg = VictimConfig(
+        dataset="digits",
+        architecture="small_cnn",
+        attack=AttackSpec(name="badnet", params={"poison_rate": 0.1}),
+        training=TrainingConfig(epochs=6, lr=2e-3),
+        data=data,
+    )
+    model = train_victim(cfg, device=torch.device("cpu"))[0]
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    reserve = data.splits("digits").reserve
+    np.savez(tmp / "clean.npz", x=reserve.x.numpy(), y=reserve.y.numpy())
+    recipe = write_recipe(tmp / "recipe.yaml", DOMAIN)
+    slow = yaml.safe_load(recipe.read_text())
+    slow["detectors"]["badexpert"]["defaults"].update(aux_epochs=400, aux_milestones=[200])
+    (tmp / "slow.yaml").write_text(yaml.safe_dump(slow))
+    assert main(fit_args(tmp, recipe, tmp / "bundle")) == 0
+    return {"tmp": tmp, "slow": tmp / "slow.yaml", "bundle": tmp / "bundle"}
+
+
+def fit_args(tmp: Path, recipe: Path, out: Path) -> list[str]:
+    return [
+        *("fit", "--recipe", str(recipe), "--architecture", "small_cnn", "--num-classes", "10"),
+        *("--input-shape", "1,16,16", "--weights", str(tmp / "model.safetensors"), "--clean", str(tmp / "clean.npz")),
+        *("--out", str(out)),
+    ]
+
+
+def _terminate_when(args: list[str], ready: str, log: Path) -> tuple[int, str]:
+    """Start the CLI, send SIGTERM once its output shows ``ready``; (exit code, output)."""
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bdx_study.cli", *args], stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline_s = time.time() + 120
+        while ready not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-2000:]
+            assert time.time() < deadline_s, "timed out"
+            time.sleep(0.1)
+        time.sleep(0.5)  # at work
+        assert proc.poll() is None, "finished before SIGTERM: give it more work"
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=60), log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _leftovers(folder: Path, name: str) -> list[Path]:
+    """What an atomic writer of ``name`` leaves while at work (``.<name>.*``)."""
+    return sorted(folder.glob(f".{name}.*"))
+
+
+def test_sigterm_stops_fit_leaving_no_bundle(user: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "my-detector"
+    code, log = _terminate_when(fit_args(user["tmp"], user["slow"], out), "fitting badexpert", tmp_path / "fit.log")
+    assert code == 130, log[-3000:]
+    assert f"bdx-study: fit: interrupted; no half-written bundle is left in --out {out}" in log, log[-3000:]
+    assert "launch --resume" not in log and "Traceback" not in log, log[-3000:]
+    assert not out.exists() and not _leftovers(tmp_path, out.name)
+
+
+def test_sigterm_stops_detect_leaving_no_output(user: dict[str, Path], tmp_path: Path) -> None:
+    n = 60_000  # tens of seconds of scoring, 1,024 inputs at a time
+    x = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.float32, shape=(n, 1, 16, 16))
+    rng = np.random.default_rng(0)
+    for i in range(0, n, 20_000):
+        x[i : i + 20_000] = rng.random((min(20_000, n - i), 1, 16, 16), dtype=np.float32)
+    x.flush()
+    del x
+    out = tmp_path / "flags.csv"
+    args = ["detect", "--detector", str(user["bundle"]), "--input", str(tmp_path / "big.npy"), "--output", str(out)]
+    code, log = _terminate_when(args, f"scoring {n} inputs", tmp_path / "detect.log")
+    assert code == 130, log[-3000:]
+    assert f"bdx-study: detect: interrupted; no half-written --output {out} is left" in log, log[-3000:]
+    assert "launch --resume" not in log and "Traceback" not in log, log[-3000:]
+    assert not out.exists() and not _leftovers(tmp_path, out.name)
+
+
+def test_an_interrupt_waits_for_a_bundle_being_replaced() -> None:
+    """Replacing a bundle writes file after file, the manifest last: Ctrl-C or SIGTERM received
+    meanwhile takes effect once the last is written."""
+    written = []
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), interrupts_deferred():
+        signal.raise_signal(signal.SIGINT)
+        written.append("weights")
+        written.append("manifest")
+    assert written == ["weights", "manifest"]
+    assert signal.getsignal(signal.SIGINT) is before  # the handlers are back
