@@ -337,11 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     def space_arg(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--space", help="study file (YAML); default: the embedded quickstart study")
 
-    def while_running_arg(sp: argparse.ArgumentParser, what: str) -> None:
+    def while_running_arg(sp: argparse.ArgumentParser, command: str) -> None:
         sp.add_argument(
             "--while-running",
             action="store_true",
-            help=f"while a launch of the study is running: warn and {what} (default: refuse)",
+            help=f"while a launch of the study is running: warn and {_WHILE_RUNNING[command]} (default: refuse)",
         )
 
     sp = sub.add_parser("launch", help="run (or --resume) a study on Ray")
@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("analyze", help="pick robust defaults; print them and write recipe.yaml")
     space_arg(sp)
-    while_running_arg(sp, "analyze the trials finished so far")
+    while_running_arg(sp, "analyze")
     sp.set_defaults(fn=cmd_analyze)
 
     sp = sub.add_parser("export", help="write a detector bundle (a family's robust defaults) for one victim model")
@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="bundle folder (default: <study>/detector, or <study>/detector-NAME with --detector)")
     sp.add_argument("--force", action="store_true", help="replace the bundle already in --out (other files stay)")
     sp.add_argument("--no-mlflow", action="store_true", help="do not log the detector to MLflow")
-    while_running_arg(sp, "export from the recipe as it is")
+    while_running_arg(sp, "export")
     sp.set_defaults(fn=cmd_export)
 
     sp = sub.add_parser(
