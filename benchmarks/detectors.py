@@ -50,6 +50,9 @@ from _report import write_keeping_tail
 PAPER = "badexpert (paper)"
 ROBUST = "badexpert (robust, LOAO)"
 COMMITTEE = "committee (nested LOAO)"
+EARLIER = " (earlier run)"
+SERVED_INPUTS = 300  # evaluation inputs the served throughput is timed on
+SERVED_MAX_SECONDS = 0.02  # families slower than this per input (CD, SentiNet, STRIP, TeCo) are not timed served
 NESTED = "badexpert (nested LOAO)"
 WAIT_FOR_VICTIMS = float(os.environ.get("BDX_WAIT_FOR_VICTIMS", "0"))  # seconds to wait for a launch still training
 
@@ -109,7 +112,7 @@ def _victim_rows(args: tuple[str, str, list[Entry], str, int, int]) -> list[dict
     store = StageStore(Path(stages))
     print(f"{victim.attack.name}: scoring {len(entries)} entries", flush=True)
     rows = []
-    served_x = x[:eval_inputs]
+    served_x = x[:SERVED_INPUTS]
     for label, name, params in entries:
         t = time.perf_counter()
         family = create_detector(name, params)
@@ -125,12 +128,15 @@ def _victim_rows(args: tuple[str, str, list[Entry], str, int, int]) -> list[dict
             device=cpu,
             parts=parts,
         )
-        # the detector as served: its bundle's scoring path on the evaluation inputs (after a warm-up call)
-        scorer = family.with_reference(run.reference) if run.reference is not None else family
-        manifest = {"threshold": run.evaluation.threshold, "input_shape": list(splits.info.input_shape)}
-        det = Detector(manifest, scorer, model, run.fitted, cpu)
-        det.detect(served_x[:8])
-        serve = min(_timed(lambda d=det: d.detect(served_x)) for _ in range(3)) / max(1, len(served_x))
+        # the detector as served: its bundle's scoring path on evaluation inputs (after a warm-up call);
+        # families that cost over SERVED_MAX_SECONDS per input as the study counts them are not timed again
+        serve = float("nan")
+        if run.costs["score_seconds_per_input"] < SERVED_MAX_SECONDS:
+            scorer = family.with_reference(run.reference) if run.reference is not None else family
+            manifest = {"threshold": run.evaluation.threshold, "input_shape": list(splits.info.input_shape)}
+            det = Detector(manifest, scorer, model, run.fitted, cpu)
+            det.detect(served_x[:8])
+            serve = min(_timed(lambda d=det: d.detect(served_x)) for _ in range(3)) / max(1, len(served_x))
         rows.append(
             {
                 "family": label,
@@ -174,6 +180,19 @@ def _robust_loao(spec: Any) -> dict[str, tuple[str, dict[str, Any]]]:
     return picks
 
 
+def _earlier_rows(csv: Path, families: list[str]) -> pd.DataFrame:
+    """Rows of ``families`` from an earlier run's CSV, their label marked "(earlier run)"."""
+    if not families:
+        return pd.DataFrame()
+    old = pd.read_csv(csv)
+    missing = sorted(set(families) - set(old["family"]))
+    if missing:
+        raise SystemExit(f"--earlier {' '.join(missing)}: no rows of them in {csv}")
+    kept = old[old["family"].isin(families)].copy()
+    kept["family"] = kept["family"] + EARLIER
+    return kept
+
+
 def _nested_loao(spec: Any, family: str) -> dict[str, tuple[str, dict[str, Any]]]:
     """``family``'s strictly held-out picks of a study with ``search.nested_folds: [attack]``: for
     each attack, the selection rule on the trials of the fold whose search never saw it:
@@ -210,6 +229,14 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("docs/detectors.md"))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--families", nargs="*", default=None, help="default: every registered family")
+    ap.add_argument(
+        "--earlier",
+        nargs="*",
+        default=[],
+        metavar="FAMILY",
+        help="families whose rows are kept from the earlier run in --out's CSV instead of scored again (marked so in "
+        "the report)",
+    )
     ap.add_argument("--stages", default="bdx_runs/bench-detectors/stages", help="the benchmark's stage cache")
     ap.add_argument(
         "--selection-inputs", type=int, default=100, help="selection-split inputs scored per part (not reported)"
@@ -224,7 +251,8 @@ def main() -> int:
     from bdx_study.space import load_space
 
     spec = load_space(args.space)
-    families = args.families or DETECTORS.names()
+    earlier = _earlier_rows(args.out.with_suffix(".csv"), args.earlier)
+    families = [f for f in (args.families or DETECTORS.names()) if f not in args.earlier and f != "committee"]
     t0 = time.perf_counter()
     victims = [v for v in spec.victim_configs() if args.attacks is None or v.attack.name in args.attacks]
     cut = (args.stages, args.selection_inputs, args.eval_inputs)
@@ -271,7 +299,7 @@ def main() -> int:
         elif r["family"] in nested:
             r["picked_trial"] = nested[r["family"]][r["attack"]][0]
     seconds = time.perf_counter() - t0
-    table = pd.DataFrame(rows)
+    table = pd.concat([pd.DataFrame(rows), earlier], ignore_index=True)
     write_report(table, spec, args, seconds)
     return 0
 
@@ -366,7 +394,14 @@ def write_report(table: pd.DataFrame, spec: Any, args: argparse.Namespace, secon
         "robust defaults picked leave-one-attack-out (LOAO: the column's attack was not among the victims the "
         "pick was made on; under TPE the candidates were still proposed by a search that saw every victim). "
         f"From `{args.committee_space}`, strictly held out (nested LOAO: the pick of a whole search run without "
-        "the column's attack): the committee of BaDExpert and TED, and BaDExpert alone under the same search.",
+        "the column's attack): the committee of BaDExpert and TED, and BaDExpert alone under the same search."
+        + (
+            f" Rows marked{EARLIER} ({', '.join(args.earlier)}) are kept from the CSV of the previous run of this "
+            "benchmark (victims of the same recipes and seeds, trained in an earlier session), not scored again: their "
+            "cost figures are that run's and their served throughput was not measured."
+            if args.earlier
+            else ""
+        ),
         "",
         "## AUROC (correct-only protocol), from continuous scores",
         "",
@@ -411,11 +446,13 @@ def write_report(table: pd.DataFrame, spec: Any, args: argparse.Namespace, secon
     for fam in [f for f in order if f in set(table["family"])]:
         t = table[table["family"] == fam]
         rel = (t["bare_forward_seconds_per_input"] / t["score_seconds_per_input"]).mean()
-        served = (t["bare_forward_seconds_per_input"] / t["served_seconds_per_input"]).mean()
+        served_s = t["served_seconds_per_input"] if "served_seconds_per_input" in t else pd.Series(dtype=float)
+        served = (t["bare_forward_seconds_per_input"] / served_s).mean()
+        ms, thr = ("-", "-") if pd.isna(served) else (f"{1000 * served_s.mean():.3f}", f"{served:.4f}")
         lines.append(
             f"| {fam} | {t['forward_passes_per_input'].mean():.1f} | {t['backward_passes_per_input'].mean():.1f} | "
-            f"{1000 * t['score_seconds_per_input'].mean():.3f} | {rel:.4f} | "
-            f"{1000 * t['served_seconds_per_input'].mean():.3f} | {served:.4f} | {t['fit_seconds'].mean():.1f} |"
+            f"{1000 * t['score_seconds_per_input'].mean():.3f} | {rel:.4f} | {ms} | {thr} | "
+            f"{t['fit_seconds'].mean():.1f} |"
         )
     lines += _committee_targets(table, attacks, backdoored, protocol.target_fpr)
     write_keeping_tail(args.out, lines, "## Notes", "\n## Notes\n\n(written by hand)\n")
