@@ -109,8 +109,12 @@ def test_a_lock_left_by_a_dead_driver_is_taken_over(ray_cluster: Any, tmp_path: 
     spec = load_space(path)
     spec.study_dir.mkdir(parents=True)
     (spec.study_dir / ".lock").write_text("pid 999999 on a-host since 2026-01-01 00:00:00")  # nobody holds it
+    on_int = signal.getsignal(signal.SIGINT)
     assert launch(spec, source=path).num_errors == 0
     assert "taking over the study's lock" in capsys.readouterr().out
+    # Tune's own SIGINT handler (it only flags its run) does not outlive the run: the next Ctrl-C
+    # in this process (the quickstart's analyze and export) still interrupts
+    assert signal.getsignal(signal.SIGINT) is on_int
 
 
 # ------------------------------------------------------------------------------ 4. driver killed, resume
@@ -302,7 +306,7 @@ def test_a_victim_no_better_than_chance_is_not_cached(tmp_path: Path) -> None:
     with pytest.raises(VictimError, match=r"clean accuracy 0\.120, no better than chance \(0\.100\).*lr 0\.001"):
         check_learned(cfg, 0.12)
     check_learned(cfg, 0.5)
-    broken = cfg.model_copy(update={"training": TrainingConfig(epochs=2, lr=5.0, optimizer="sgd")})
+    broken = cfg.model_copy(update={"training": TrainingConfig(epochs=2, lr=1e3, optimizer="sgd")})
     cache = VictimCache(tmp_path)
     torch.manual_seed(0)
     with pytest.raises(VictimError, match="no better than chance"):

@@ -18,7 +18,15 @@ from bdx_study.data import DATASETS
 from bdx_study.detectors import DETECTORS
 from bdx_study.detectors.badexpert import BaDExpertParams
 from bdx_study.protocol import ProtocolConfig
-from bdx_study.space import SpaceError, StudySpec, builtin_space, load_space, parse_space
+from bdx_study.space import (
+    SpaceError,
+    StudySpec,
+    builtin_space,
+    flatten_committee,
+    is_committee,
+    load_space,
+    parse_space,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "search_spaces").glob("*.yaml"))
@@ -93,6 +101,8 @@ def test_shipped_study_validates(path: Path) -> None:
     assert spec.num_trials >= 1
     assert spec.families == list(raw["detectors"])
     for family, entries in raw["detectors"].items():
+        if is_committee(family):  # searched as flat keys: members.<member>.<param>, weights.<member>
+            entries = flatten_committee(entries)
         searched = {k for k, v in {**raw.get("protocol", {}), **(entries or {})}.items() if isinstance(v, dict)}
         assert set(spec.optuna_space(family)) == searched
         # every fixed value and every bound makes a valid config

@@ -166,9 +166,23 @@ def test_an_address_that_is_not_a_ray_gcs_fails_fast(tmp_path: Path, not_ray: di
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def _swallow(signum: int, frame: object) -> None:
+    """A SIGINT handler that raises nothing (as one a library may leave behind)."""
+
+
+@pytest.fixture(autouse=True)
+def sigint_restored() -> Iterator[None]:
+    """Each test starts with Python's own SIGINT handler and leaves the one it found."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before if before is not None else signal.SIG_DFL)
+
+
+@pytest.mark.timeout(60)
 def test_joining_ray_is_bounded_by_a_deadline() -> None:
     """ray.init on a cluster that answered the probe runs under a deadline: past it, one clear
     error (here on a loop that would never end); a block that ends in time is not disturbed."""
+    signal.signal(signal.SIGINT, _swallow)  # a handler left by a library must not disarm it
     t = time.perf_counter()
     with pytest.raises(SpaceError, match="did not join"), deadline(0.5, "did not join"):
         while True:
@@ -177,6 +191,7 @@ def test_joining_ray_is_bounded_by_a_deadline() -> None:
     with deadline(0.2, "never"):
         pass
     time.sleep(0.5)  # no interrupt arrives late
+    assert signal.getsignal(signal.SIGINT) is _swallow  # the handler is back
 
 
 # ------------------------------------------------------------------------------ 3. SIGTERM to fit and detect
@@ -274,6 +289,7 @@ def test_sigterm_stops_detect_leaving_no_output(user: dict[str, Path], tmp_path:
     assert not out.exists() and not _leftovers(tmp_path, out.name)
 
 
+@pytest.mark.timeout(60)
 def test_an_interrupt_waits_for_a_bundle_being_replaced() -> None:
     """Replacing a bundle writes file after file, the manifest last: Ctrl-C or SIGTERM received
     meanwhile takes effect once the last is written."""

@@ -109,6 +109,9 @@ def deadline(seconds: float, message: str) -> Iterator[None]:
                 state["fired"] = True
                 _thread.interrupt_main()
 
+    # The timer interrupts the main thread as Ctrl-C does; whatever handler SIGINT had before
+    # (a library may have left one that only sets a flag) must not swallow it.
+    on_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(seconds, fire)
     timer.daemon = True
     timer.start()
@@ -119,6 +122,7 @@ def deadline(seconds: float, message: str) -> Iterator[None]:
             with lock:
                 state["done"] = True
             timer.cancel()
+            signal.signal(signal.SIGINT, on_int if on_int is not None else signal.SIG_DFL)
     except KeyboardInterrupt:
         if state["fired"]:
             raise SpaceError(message) from None

@@ -18,6 +18,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +212,19 @@ def _prepare_victims(spec: StudySpec, tracker: StudyTracker | None) -> VictimCac
     return cache
 
 
+def _fit(tuner: Any) -> Any:
+    """``tuner.fit()``, leaving the signal handlers as it found them: Tune installs a SIGINT
+    handler that only flags its run and keeps it after the run ends, which would swallow the
+    next Ctrl-C (while the quickstart analyzes and exports, or in a caller's process)."""
+    on_main = threading.current_thread() is threading.main_thread()
+    kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGUSR1)} if on_main else {}
+    try:
+        return tuner.fit()
+    finally:
+        for s, handler in kept.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
 def _tuner(spec: StudySpec, ctx: StudyContext, tracker: StudyTracker, resume: bool, fold: str | None = None) -> Any:
     from ray import tune
 
@@ -361,7 +376,7 @@ def run_nested_folds(spec: StudySpec, ctx: StudyContext, tracker: StudyTracker) 
             )
             fdir.mkdir(parents=True, exist_ok=True)
             resume = (fdir / "tune").exists() and tune.Tuner.can_restore(str(fdir / "tune"))
-            grid = _tuner(fs, fold_ctx, tracker, resume, fold=fs.study.name).fit()
+            grid = _fit(_tuner(fs, fold_ctx, tracker, resume, fold=fs.study.name))
             if _interrupted(fs, grid):
                 raise KeyboardInterrupt
             repair_lost_trials(fs, fold_ctx, grid)
@@ -440,7 +455,7 @@ def launch(
                 stage_cache=spec.storage_root() / "stages" if spec.study.stage_cache else None,
             )
             fit_start = time.perf_counter()
-            grid = _tuner(spec, ctx, tracker, resume).fit()
+            grid = _fit(_tuner(spec, ctx, tracker, resume))
             suffix = "_resumed" if resume else ""
             ids[f"tune_fit_seconds{suffix}"] = time.perf_counter() - fit_start  # Tuner.fit alone
             if _interrupted(spec, grid):  # Tune stopped on SIGINT/SIGTERM and saved its state
