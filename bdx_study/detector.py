@@ -14,9 +14,11 @@ installation does not know.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,11 +173,49 @@ def save_bundle(
         if not (out / "manifest.json").is_file():
             raise BundleError(f"{out} appeared while the bundle was written; nothing was changed there")
         return out
+    _replace_files(out, files, manifest)
+    return out
+
+
+REPLACING = ".replacing.json"  # names the files a replace in progress writes (its orphans if it dies)
+
+
+def _replace_files(out: Path, files: dict[str, dict[str, torch.Tensor]], manifest: dict[str, Any]) -> None:
+    """Replace the bundle in ``out`` so that, killed at any point, the folder holds the old
+    bundle or the new one, whole. The new files take names of their own (none is written over a
+    file the old manifest names); writing the manifest is the one step that switches; the old
+    files go after it. A replace that died leaves its files named in :data:`REPLACING`, and the
+    next replace removes those the manifest in place does not own."""
+    _remove_orphans(out)
+    tag = uuid.uuid4().hex[:8]
+    renamed = {fname: f"{Path(fname).stem}.{tag}{Path(fname).suffix}" for fname in files}
     old_own = _own_files(out)
-    _write_files(out, files, manifest)  # each file atomically, the manifest last
+    write_json_atomic(out / REPLACING, sorted(old_own - {"manifest.json"} | set(renamed.values())))
+    for entry in [*manifest["components"].values(), *([manifest["reference"]] if "reference" in manifest else [])]:
+        entry["file"] = renamed[entry["file"]]
+    manifest["model_file"] = renamed[MODEL_FILE]
+    _write_files(out, {renamed[f]: t for f, t in files.items()}, manifest)  # the manifest last: the switch
     for stale in old_own - {"manifest.json", *manifest["sha256"]}:
         (out / stale).unlink(missing_ok=True)
-    return out
+    (out / REPLACING).unlink(missing_ok=True)
+
+
+def _remove_orphans(out: Path) -> None:
+    """Remove what a replace that died left: the files it named that the manifest in place does
+    not own (the old bundle's or the new one's), and the temporary files of its atomic writes."""
+    try:
+        named = json.loads((out / REPLACING).read_text())
+    except (OSError, ValueError):
+        named = []
+    named = [f for f in named if _plain_name(f)] if isinstance(named, list) else []
+    owned = _own_files(out)
+    for fname in named:
+        if fname not in owned:
+            (out / fname).unlink(missing_ok=True)
+    for fname in {*named, "manifest.json", REPLACING}:  # atomic_path's temporaries: .<name>.<random>.tmp
+        for tmp in out.glob(f".{glob.escape(fname)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+    (out / REPLACING).unlink(missing_ok=True)
 
 
 def _write_files(folder: Path, files: dict[str, dict[str, torch.Tensor]], manifest: dict[str, Any]) -> None:
@@ -211,9 +251,21 @@ def _entries(manifest: dict[str, Any], mpath: Path) -> dict[str, dict[str, Any]]
         fname = entry.get("file") if isinstance(entry, dict) else None
         if not isinstance(entry, dict) or not isinstance(entry.get("meta", {}), dict | None):
             raise BundleError(f"{mpath}: {key}: an entry must be a mapping with `file` and `meta`")
-        if not isinstance(fname, str) or Path(fname).name != fname or fname in ("", ".", "..") or "\\" in fname:
+        if not _plain_name(fname):
             raise BundleError(f"{mpath}: {key}: file {fname!r} is not a plain file name inside the bundle; refusing it")
     return found
+
+
+def _model_file(manifest: dict[str, Any], mpath: Path) -> str:
+    """The file holding M's weights: ``model_file`` (a replaced bundle's own name) or the default."""
+    fname = manifest.get("model_file", MODEL_FILE)
+    if not _plain_name(fname):
+        raise BundleError(f"{mpath}: model_file {fname!r} is not a plain file name inside the bundle; refusing it")
+    return str(fname)
+
+
+def _plain_name(fname: Any) -> bool:
+    return isinstance(fname, str) and Path(fname).name == fname and fname not in ("", ".", "..") and "\\" not in fname
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -361,7 +413,8 @@ class Detector:
             return f
 
         # every file the manifest names is checked before any is read (names, links, hashes)
-        paths = {fname: verified(fname) for fname in [MODEL_FILE, *(e["file"] for e in entries.values())]}
+        model_file = _model_file(manifest, mpath)
+        paths = {fname: verified(fname) for fname in [model_file, *(e["file"] for e in entries.values())]}
 
         def tensors(fname: str) -> dict[str, torch.Tensor]:
             try:
@@ -384,7 +437,7 @@ class Detector:
                 manifest["normalization"]["mean"],
                 manifest["normalization"]["std"],
             )
-            model.load_state_dict(tensors(MODEL_FILE))
+            model.load_state_dict(tensors(model_file))
             fitted = {
                 comp: Fitted(tensors(entry["file"]), dict(entry.get("meta") or {}))
                 for comp, entry in entries.items()

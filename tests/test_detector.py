@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -404,3 +406,66 @@ def test_save_refuses_to_overwrite_other_folders(tmp_path: Path, family: Detecto
     empty = tmp_path / "empty"
     empty.mkdir()
     assert Detector.load(_save(empty, family, 0.0)).threshold == 0.0
+
+
+KILLED_REPLACE = """
+import os, sys
+from pathlib import Path
+from bdx_study.detectors import create_detector
+from tests.test_detector import _save
+
+bundle, threshold, step = Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+family = create_detector("badexpert", {"ensemble_alpha": 2.5, "ensemble_beta": 0.4})
+seen = [0]
+
+def dying(real):
+    def call(*args, **kwargs):
+        seen[0] += 1
+        if seen[0] == step:
+            os._exit(9)  # killed here: no cleanup runs, as with SIGKILL or a power cut
+        return real(*args, **kwargs)
+    return call
+
+os.replace, os.unlink = dying(os.replace), dying(os.unlink)
+_save(bundle, family, threshold, force=True)
+print("steps", seen[0])
+"""
+
+
+def _replace_in_child(bundle: Path, threshold: float, step: int) -> subprocess.CompletedProcess[str]:
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        [sys.executable, "-c", KILLED_REPLACE, str(bundle), str(threshold), str(step)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_export_force_killed_at_any_point_leaves_a_whole_bundle(tmp_path: Path, family: DetectorFamily) -> None:
+    """`--force` replaces a bundle so that a process killed at any file operation leaves the old
+    bundle or the new one, whole (it loads, its hashes verify); the next replace removes what the
+    dead one left, and the user's own files survive every step."""
+    bundle = _save(tmp_path / "bundle", family, 1.0)
+    (bundle / "notes.txt").write_text("mine")
+    done = _replace_in_child(bundle, 2.0, 0)  # step 0: never killed; counts the steps
+    assert done.returncode == 0, done.stderr
+    steps = int(done.stdout.split()[-1])
+    assert steps >= 6
+    outcomes = set()
+    for step in range(1, steps + 1):
+        before = Detector.load(bundle).threshold
+        new = before + 1.0
+        killed = _replace_in_child(bundle, new, step)
+        assert killed.returncode == 9, (step, killed.stderr)
+        loaded = Detector.load(bundle)  # whole: loads and verifies
+        assert loaded.threshold in (before, new), step
+        outcomes.add(loaded.threshold == new)
+        assert (bundle / "notes.txt").read_text() == "mine"
+    assert outcomes == {False, True}  # killed before the switch and after it
+    _save(bundle, family, 100.0, force=True)
+    own = set(json.loads((bundle / "manifest.json").read_text())["sha256"])
+    assert {p.name for p in bundle.iterdir()} == {*own, "manifest.json", "notes.txt"}  # nothing left over
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert Detector.load(bundle).threshold == 100.0
