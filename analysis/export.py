@@ -13,13 +13,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bdx_study._io import interrupts_deferred
 from bdx_study.detector import save_bundle, update_provenance
 from bdx_study.detectors import DETECTORS, create_detector
 from bdx_study.protocol import ProtocolConfig
-from bdx_study.space import StudySpec
+from bdx_study.space import SpaceError, StudySpec, detector_params, read_study_yaml, validation_message
 from bdx_study.stages import StageStore, run_detector
 from bdx_study.tables import StudyTables
 from bdx_study.training import pick_device
@@ -40,13 +40,66 @@ def pick_victim(spec: StudySpec, which: str | None) -> VictimConfig:
     raise ValueError(f"no victim {which!r} in study {spec.study.name!r}; known: {', '.join(v.name for v in victims)}")
 
 
+MAX_RECIPE_BYTES = 8 << 20  # a recipe carries per-victim evidence: larger than a study file, still a page set
+
+
+class _SeedPolicy(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    seed: int | None = None
+    clean_set_seed: int | None = None
+
+
+class _RecipeEntry(BaseModel):
+    """What a family's entry prescribes (its evidence and selection are carried as written)."""
+
+    model_config = ConfigDict(extra="allow")
+    defaults: dict[str, Any]
+    protocol: dict[str, Any]
+    seed_policy: _SeedPolicy | None = None
+
+
+class _Recipe(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    study: str | None = None
+    default_detector: str | None = None
+    detectors: dict[str, _RecipeEntry]
+    domain: dict[str, Any] | None = None
+    made_from: dict[str, int] | None = None
+
+
+def load_recipe(path: Path) -> dict[str, Any]:
+    """Read a recipe as strictly as a study file: the same YAML guards (a regular file of bounded
+    size, no duplicate keys, no alias bombs), typed validation without coercion (a string is no
+    number) of what it prescribes, and every family's defaults and protocol checked by that
+    family's own models. One error naming the file and key."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no recipe; run `bdx-study analyze` first")
+    raw = read_study_yaml(path, "a recipe", MAX_RECIPE_BYTES)
+    if not isinstance(raw, dict) or "detectors" not in raw:
+        raise SpaceError(f"{path}: not a recipe of this bdx-study version (no `detectors:`); run `bdx-study analyze`")
+    try:
+        _Recipe.model_validate_json(json.dumps(raw, default=str), strict=True)
+    except ValidationError as e:
+        raise SpaceError(validation_message(str(path), e)) from None
+    if not raw["detectors"]:
+        raise SpaceError(f"{path}: detectors: empty; a recipe holds the defaults of at least one family")
+    for family, entry in raw["detectors"].items():
+        if family not in DETECTORS:
+            raise SpaceError(
+                f"{path}: detectors.{family}: not a detector family of this installation; known: "
+                f"{', '.join(DETECTORS.names())}"
+            )
+        for key, model in (("defaults", detector_params(family)), ("protocol", ProtocolConfig)):
+            try:
+                model.model_validate_json(json.dumps(entry[key], default=str), strict=True)
+            except ValidationError as e:
+                raise SpaceError(validation_message(str(path), e, prefix=f"detectors.{family}.{key}.")) from None
+    return raw
+
+
 def read_recipe(path: Path, detector: str | None) -> tuple[str, dict[str, Any]]:
     """(family, its entry) of a recipe written by ``bdx-study analyze``."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no recipe; run `bdx-study analyze` first")
-    recipe = yaml.safe_load(path.read_text())
-    if not isinstance(recipe, dict) or not isinstance(recipe.get("detectors"), dict):
-        raise ValueError(f"{path}: not a recipe of this bdx-study version (no `detectors:`); run `bdx-study analyze`")
+    recipe = load_recipe(path)
     family = detector or recipe.get("default_detector")
     if family not in recipe["detectors"]:
         raise ValueError(
@@ -112,7 +165,7 @@ def export_detector(
     metrics)."""
     recipe_path = recipe_path or study_dir / "recipe.yaml"
     family_name, entry = read_recipe(recipe_path, detector)
-    recipe = yaml.safe_load(recipe_path.read_text())
+    recipe = load_recipe(recipe_path)
     check_recipe_current(recipe, recipe_path, spec, study_dir)
     DETECTORS.get(family_name)
     params, protocol = recipe_config(entry)

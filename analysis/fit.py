@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor, nn
 
 from bdx_study._io import interrupts_deferred, sha256_file
@@ -41,12 +40,12 @@ from bdx_study.detector import save_bundle
 from bdx_study.detectors import DetectorFamily, create_detector
 from bdx_study.detectors.params import MIN_REFERENCE
 from bdx_study.metrics import min_calibration
-from bdx_study.protocol import ProtocolConfig
+from bdx_study.protocol import Evaluation, ProtocolConfig
 from bdx_study.stages import StageStore, run_detector
 from bdx_study.training import pick_device, predict_proba
 
 from .domain import check_domain, unseen_triggers
-from .export import read_recipe, recipe_config
+from .export import load_recipe, read_recipe, recipe_config
 
 Shape = tuple[int, int, int]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -532,15 +531,10 @@ def prepare_fit(
     bad one. Costs one forward pass over the clean images, no fitting."""
     if num_classes < 2:
         raise FitError(f"--num-classes {num_classes}: a classifier has at least 2 classes")
-    if recipe_path.is_file():
-        try:
-            yaml.safe_load(recipe_path.read_text())
-        except yaml.YAMLError as e:
-            raise FitError(f"--recipe {recipe_path}: not valid YAML ({e})") from None
     family_name, entry = read_recipe(recipe_path, detector)
     params, protocol = recipe_config(entry)
     family = create_detector(family_name, params)
-    recipe = yaml.safe_load(recipe_path.read_text())
+    recipe = load_recipe(recipe_path)
     if not 0 < heldout_fraction < 1:
         raise FitError(f"--heldout-fraction {heldout_fraction}: expected a fraction in (0, 1), e.g. 0.2")
     model = load_model(weights, architecture, input_shape, num_classes, mean, std)
@@ -619,6 +613,29 @@ def check_out(out: Path, force: bool) -> None:
         raise FitError(f"--out {out} already holds a detector bundle; pass --force to replace it")
 
 
+def _check_not_degenerate(evaluation: Evaluation, job: FitJob) -> None:
+    """Refuse a detector that cannot flag anything: scores on the clean calibration images that
+    are all equal or not numbers, or that saturate (so many of them tie at the highest score that
+    the threshold sits there, flagging none of them; a bounded score then flags no input at all)."""
+    samples = evaluation.samples
+    scores = np.asarray(samples["score"], dtype=np.float64)[np.asarray(samples["split"]) == "calibration"]
+    finite = scores[np.isfinite(scores)]
+    if len(finite) < len(scores):
+        what = f"not all finite numbers ({len(scores) - len(finite)} are not)"
+    elif len(finite) and float(np.ptp(finite)) == 0.0:
+        what = f"all equal ({finite[0]:.6g})"
+    elif len(finite) and evaluation.threshold >= finite.max() and (finite == finite.max()).sum() >= 2:
+        top = int((finite == finite.max()).sum())
+        what = f"saturated: {top} of them tie at the highest score ({finite.max():.6g}), where the threshold sits"
+    else:
+        return
+    raise FitError(
+        f"--recipe {job.recipe_path}: detectors.{job.family.name}: these settings give a detector whose scores on the "
+        f"{len(scores)} clean calibration images are {what}: it cannot rank inputs and would flag nothing; check the "
+        "recipe's defaults (or fit another family with --detector)"
+    )
+
+
 def run_fit(job: FitJob, out: Path, *, force: bool = False) -> FitResult:
     """Fit the recipe's family on the reserve, calibrate, measure on the held-out part and write
     the bundle."""
@@ -639,6 +656,7 @@ def run_fit(job: FitJob, out: Path, *, force: bool = False) -> FitResult:
         layout={"fit": "user clean data"},
         device=device,
     )
+    _check_not_degenerate(run.evaluation, job)
     metrics = {**run.evaluation.metrics, **run.costs, "heldout_images": float(len(job.heldout))}
     entry = job.recipe["detectors"][job.family.name]
     provenance = {

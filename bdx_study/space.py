@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -577,7 +578,7 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return "".join(parts) or "(top level)"
 
 
-def _validation_message(source: str, err: ValidationError, prefix: str = "") -> str:
+def validation_message(source: str, err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
         msg = e["msg"].removeprefix("Value error, ")
@@ -787,7 +788,7 @@ def parse_space(raw: Any, source: str = "<study>") -> StudySpec:
     try:
         spec = StudySpec.model_validate_json(text, strict=True)
     except ValidationError as e:
-        raise SpaceError(_validation_message(source, e)) from None
+        raise SpaceError(validation_message(source, e)) from None
     _check_values(spec, source)
     try:
         victims = spec.victim_configs()
@@ -850,11 +851,25 @@ def _expanded_size(value: Any, budget: int) -> int:
     return count
 
 
-def read_study_yaml(path: Path) -> Any:
-    """Parse a study file safely: bounded size, UTF-8, no duplicate keys, no alias bombs."""
-    size = path.stat().st_size
-    if size > MAX_STUDY_BYTES:
-        raise SpaceError(f"{path}: {size} bytes; a study file may have at most {MAX_STUDY_BYTES}")
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: what is wrong and where (line and column, 1-based)."""
+    if not isinstance(e, yaml.MarkedYAMLError):
+        return " ".join(str(e).split())
+    mark = e.problem_mark or e.context_mark
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    what = " ".join(p for p in (e.context, e.problem) if p)
+    return f"{what}{where}"
+
+
+def read_study_yaml(path: Path, what: str = "a study file", limit: int = MAX_STUDY_BYTES) -> Any:
+    """Parse a study file (or another YAML file a user hands in, ``what``: a recipe) safely: a
+    regular file of bounded size, UTF-8, no duplicate keys, no alias bombs."""
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise SpaceError(f"{path}: not a regular file; {what} is read from a regular file")
+    size = st.st_size
+    if size > limit:
+        raise SpaceError(f"{path}: {size} bytes; {what} may have at most {limit}")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
@@ -862,7 +877,7 @@ def read_study_yaml(path: Path) -> Any:
     try:
         raw = yaml.load(text, Loader=_StudyLoader)  # noqa: S506  (a SafeLoader subclass)
     except yaml.YAMLError as e:
-        raise SpaceError(f"{path}: not valid YAML: {e}") from None
+        raise SpaceError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     if _expanded_size(raw, MAX_EXPANDED_NODES) > MAX_EXPANDED_NODES:
         raise SpaceError(
             f"{path}: expands to more than {MAX_EXPANDED_NODES} values once YAML anchors and aliases are resolved"

@@ -301,3 +301,89 @@ def test_an_interrupt_waits_for_a_bundle_being_replaced() -> None:
         written.append("manifest")
     assert written == ["weights", "manifest"]
     assert signal.getsignal(signal.SIGINT) is before  # the handlers are back
+
+
+# ------------------------------------------------------------------------------ 4. recipes read as strictly as study files
+
+
+def _recipe_variant(user: dict[str, Path], name: str, edit: Any) -> Path:
+    doc = yaml.safe_load(write_recipe(user["tmp"] / "base-recipe.yaml", DOMAIN).read_text())
+    text = edit(doc)
+    path = user["tmp"] / name
+    path.write_text(text if isinstance(text, str) else yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _fit_refused(user: dict[str, Path], recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    out = tmp_path / "never"
+    t = time.perf_counter()
+    assert main(fit_args(user["tmp"], recipe, out)) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert time.perf_counter() - t < 30 and not out.exists()
+    return err
+
+
+def test_recipes_are_read_strictly(user: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No coercion (a quoted number is refused, naming file and key), the study file's YAML guards
+    (duplicate keys, alias bombs, special files), unknown families and malformed entries: one
+    error each, before any fitting."""
+
+    def quoted(doc: dict[str, Any]) -> None:
+        doc["detectors"]["badexpert"]["defaults"]["unlearn_lr"] = "0.001"
+
+    path = _recipe_variant(user, "quoted.yaml", quoted)
+    err = _fit_refused(user, path, tmp_path, capsys)
+    assert f"{path}: detectors.badexpert.defaults.unlearn_lr:" in err and "'0.001'" in err, err
+
+    def seed_text(doc: dict[str, Any]) -> None:
+        doc["detectors"]["badexpert"]["seed_policy"]["seed"] = "1"
+
+    path = _recipe_variant(user, "seed.yaml", seed_text)
+    assert f"{path}: detectors.badexpert.seed_policy.seed:" in _fit_refused(user, path, tmp_path, capsys)
+
+    def protocol_text(doc: dict[str, Any]) -> None:
+        doc["detectors"]["badexpert"]["protocol"]["target_fpr"] = "0.05"
+
+    path = _recipe_variant(user, "protocol.yaml", protocol_text)
+    assert f"{path}: detectors.badexpert.protocol.target_fpr:" in _fit_refused(user, path, tmp_path, capsys)
+
+    def unknown(doc: dict[str, Any]) -> None:
+        doc["detectors"]["mystery"] = doc["detectors"]["badexpert"]
+
+    path = _recipe_variant(user, "unknown.yaml", unknown)
+    err = _fit_refused(user, path, tmp_path, capsys)
+    assert f"{path}: detectors.mystery: not a detector family" in err and "badexpert" in err
+
+    def duplicate(doc: dict[str, Any]) -> str:
+        return yaml.safe_dump(doc, sort_keys=False) + "default_detector: ted\n"
+
+    path = _recipe_variant(user, "dup.yaml", duplicate)
+    assert "duplicate key 'default_detector'" in _fit_refused(user, path, tmp_path, capsys)
+
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcd", "bcde")
+    )
+    path = _recipe_variant(user, "bomb.yaml", lambda doc: bomb + yaml.safe_dump(doc, sort_keys=False))
+    assert "once YAML anchors and aliases are resolved" in _fit_refused(user, path, tmp_path, capsys)
+
+    fifo = user["tmp"] / "recipe.fifo"
+    os.mkfifo(fifo)  # reading it would block forever
+    assert f"{fifo}: not a regular file" in _fit_refused(user, fifo, tmp_path, capsys)
+
+
+def test_a_recipe_that_gives_a_degenerate_detector_is_refused_at_fit(
+    user: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Settings whose clean scores are all equal (or not numbers: an expert finetuned at a learning
+    rate that diverges) would give a detector that flags nothing: `fit` refuses, writing no bundle."""
+
+    def diverging(doc: dict[str, Any]) -> None:
+        doc["detectors"]["badexpert"]["defaults"].update(unlearn_lr=10.0, unlearn_epochs=3)
+
+    path = _recipe_variant(user, "diverging.yaml", diverging)
+    out = tmp_path / "never"
+    assert main(fit_args(user["tmp"], path, out)) == 2
+    err = capsys.readouterr().err
+    assert f"--recipe {path}: detectors.badexpert: these settings give a detector whose scores" in err, err
+    assert "would flag nothing" in err and not out.exists()
