@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bdx_study._io import interrupts_deferred, sha256_file
+from bdx_study._io import interrupts_deferred, sha256_file, special_kind
 from bdx_study.archs import Classifier, create_model
 from bdx_study.attacks import create_attack
 from bdx_study.data import DatasetInfo, ImageData, Splits, dataset_info, list_datasets
@@ -49,6 +49,8 @@ from .export import load_recipe, read_recipe, recipe_config
 
 Shape = tuple[int, int, int]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+MAX_CLEAN_BYTES = 4 << 30  # an .npz array's decompressed size: a clean set is thousands of images
+MIN_PIXEL_STD = 1e-3  # clean images whose pixels vary less are blank or collapsed on conversion
 CHANCE_MARGIN = 0.05  # a model must beat chance on the clean data by this much to be worth a detector
 SAFETENSORS_MAX_HEADER = 100 * 2**20  # the safetensors library's own limit on the JSON header
 
@@ -221,6 +223,9 @@ def load_model(
 def load_clean(path: Path, input_shape: Shape, num_classes: int) -> ImageData:
     """The user's clean images (float32 (N, C, H, W) in [0, 1]) and labels, from an ``.npz`` or
     a folder of class folders; checked against ``input_shape`` and ``num_classes``."""
+    kind = special_kind(path)
+    if kind is not None:
+        raise FitError(f"--clean {path}: {kind}, not a regular file; give an .npz or a folder of class folders")
     if path.is_dir():
         data = _load_folder(path, input_shape, num_classes)
     elif path.is_file():
@@ -229,7 +234,32 @@ def load_clean(path: Path, input_shape: Shape, num_classes: int) -> ImageData:
         raise FitError(f"--clean {path}: no such file or folder")
     if len(data) == 0:
         raise FitError(f"--clean {path}: no images")
+    spread = float(data.x.std())
+    if spread < MIN_PIXEL_STD:
+        raise FitError(
+            f"--clean {path}: the pixel values barely vary (standard deviation {spread:.2g} on the [0, 1] scale): the "
+            "images are blank or collapsed on conversion; check how they were saved"
+        )
     return data
+
+
+def check_classes(data: ImageData, num_classes: int, path: Path) -> list[str]:
+    """Refuse clean images of one class only (finetuning and calibration on one class say nothing
+    of the others); a warning when they cover less than half of the model's classes."""
+    present = sorted(int(c) for c in torch.unique(data.y))
+    if len(present) == 1:
+        raise FitError(
+            f"--clean {path}: all {len(data)} images are labelled class {present[0]}; a detector is fitted and its "
+            f"threshold calibrated on clean images of the model's classes: give images of all {num_classes}"
+        )
+    if len(present) < num_classes / 2:
+        shown = ", ".join(map(str, present[:10])) + (", ..." if len(present) > 10 else "")
+        return [
+            f"--clean has images of only {len(present)} of the model's {num_classes} classes ({shown}): the "
+            "detector is fitted and its threshold calibrated on those; inputs of the other classes may be flagged "
+            "far more (or less) often than target_fpr"
+        ]
+    return []
 
 
 def _npz_header(zf: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.dtype[Any], int]:
@@ -263,6 +293,12 @@ def _load_npz(path: Path, input_shape: Shape, num_classes: int) -> ImageData:
                 raise FitError(f"--clean {path}: expected arrays 'x' (images) and 'y' (labels); it holds {names}")
             for key in ("x", "y"):
                 _, dtype, _ = _npz_header(zf, f"{key}.npy")
+                claimed = zf.getinfo(f"{key}.npy").file_size
+                if claimed > MAX_CLEAN_BYTES:
+                    raise FitError(
+                        f"--clean {path}: array {key!r} holds {claimed} bytes once decompressed; at most "
+                        f"{MAX_CLEAN_BYTES} (a clean set is thousands of images, not millions)"
+                    )
                 if dtype.hasobject or dtype.fields is not None:
                     raise FitError(
                         f"--clean {path}: array {key!r} holds Python objects (dtype {dtype}), which would need "
@@ -353,20 +389,49 @@ def _load_folder(root: Path, input_shape: Shape, num_classes: int) -> ImageData:
     images, labels = [], []
     for folder, label in _class_folders(root, num_classes):
         for f in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            kind = special_kind(f)
+            if kind is not None or not f.is_file():
+                raise FitError(f"--clean {f}: {kind or 'a folder'}, not a regular file; an image file is expected")
             try:
                 with Image.open(f) as im:
-                    im = im.convert("L" if c == 1 else "RGB")
-                    if im.size != (w, h):
-                        im = im.resize((w, h), Image.Resampling.BILINEAR)
-                    arr = np.asarray(im, dtype=np.uint8)
+                    arr = _pixels(im, c, h, w, f)
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 raise FitError(f"--clean {f}: not a readable image ({e})") from None
             images.append(arr.reshape(h, w, c).transpose(2, 0, 1))
             labels.append(label)
     if not images:
         raise FitError(f"--clean {root}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
-    x = torch.from_numpy(np.stack(images)).float().div_(255.0)
-    return ImageData(x, torch.tensor(labels, dtype=torch.int64))
+    return ImageData(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64))
+
+
+HIGH_DEPTH = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}  # PIL modes of 16-bit grayscale
+
+
+def _pixels(im: Any, c: int, h: int, w: int, f: Path) -> np.ndarray:
+    """One image as float32 (H, W, C) in [0, 1], converted by its value range: 8-bit images
+    through PIL ("L" or "RGB"), 16-bit and 32-bit grayscale by their own range (PIL's conversion
+    to 8 bits would clip them to white), float images as they are if in [0, 1]."""
+    from PIL import Image
+
+    if im.mode not in (*HIGH_DEPTH, "I", "F"):
+        im = im.convert("L" if c == 1 else "RGB")
+        if im.size != (w, h):
+            im = im.resize((w, h), Image.Resampling.BILINEAR)
+        return np.asarray(im, dtype=np.float32).reshape(h, w, c) / 255.0
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode == "F":
+        if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+            raise ValueError(f"a float image with values in [{np.nanmin(a):.3g}, {np.nanmax(a):.3g}]; expected [0, 1]")
+        scale = 1.0
+    else:  # 16-bit, or 32-bit integers ("I": 16-bit PNGs in older PIL) holding 16- or 8-bit values
+        if a.min() < 0 or a.max() > 65535:
+            raise ValueError(f"integer pixels span [{a.min():.0f}, {a.max():.0f}]; expected 8 or 16 bits")
+        scale = 65535.0 if im.mode in HIGH_DEPTH or a.max() > 255 else 255.0
+    g = Image.fromarray((a / scale).astype(np.float32))  # mode "F"
+    if g.size != (w, h):
+        g = g.resize((w, h), Image.Resampling.BILINEAR)
+    out = np.clip(np.asarray(g, dtype=np.float32), 0.0, 1.0)[..., None]
+    return np.repeat(out, c, axis=2)
 
 
 # ------------------------------------------------------------------------------------ the split
@@ -511,6 +576,7 @@ class FitJob:
     heldout_fraction: float
     clean_accuracy: float  # of the model on all of the user's clean images
     domain_warnings: list[str] = field(default_factory=list)
+    data_warnings: list[str] = field(default_factory=list)  # what the clean images cannot vouch for
 
 
 def prepare_fit(
@@ -539,6 +605,7 @@ def prepare_fit(
         raise FitError(f"--heldout-fraction {heldout_fraction}: expected a fraction in (0, 1), e.g. 0.2")
     model = load_model(weights, architecture, input_shape, num_classes, mean, std)
     data = load_clean(clean, input_shape, num_classes)
+    data_warnings = check_classes(data, num_classes, clean)
     plan = plan_split(len(data), protocol, heldout_fraction, clean, family.reference_fraction)
     pred = predict_proba(model, data.x).argmax(1)
     accuracy = float((pred == data.y).float().mean())
@@ -576,6 +643,7 @@ def prepare_fit(
             num_classes=num_classes,
             detector=family_name,
         ),
+        data_warnings=data_warnings,
     )
 
 
@@ -674,6 +742,7 @@ def run_fit(job: FitJob, out: Path, *, force: bool = False) -> FitResult:
         "split_seed": job.split_seed,
         "protocol_notice": job.plan.notice,
         "domain_warnings": job.domain_warnings,
+        "data_warnings": job.data_warnings,
         "unchecked": unseen_triggers(job.recipe, job.family.name),
         "stage_keys": run.stage_keys,
         "metrics_protocol": "held-out part of the user's clean images, never used to fit or calibrate; clean "

@@ -14,12 +14,31 @@ import json
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+_SPECIAL = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def special_kind(path: Path) -> str | None:
+    """What ``path`` is if it exists and is neither a regular file nor a folder (a FIFO, a device,
+    a socket): such a file is never opened as data (reading could block forever or never end)
+    nor replaced by a write. None otherwise (links are followed)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return next((what for test, what in _SPECIAL if test(mode)), None)
 
 
 def sha256_file(path: Path) -> str:

@@ -10,6 +10,7 @@ The library modules never import trials or analysis; only this CLI ties them tog
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bdx_study._io import special_kind
 from bdx_study.space import SpaceError, StudySpec, builtin_space, load_space
 
 
@@ -184,6 +186,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     )
     if job.domain_warnings:
         print(render_warnings(job.domain_warnings, command="fit") + "\n", file=sys.stderr, flush=True)
+    for w in job.data_warnings:
+        print(f"bdx-study: warning: fit: {w}\n", file=sys.stderr, flush=True)
     print("\n".join(describe_job(job)), flush=True)
     print(f"fitting {job.family.name} ...", flush=True)
     result = run_fit(job, out, force=args.force)
@@ -204,6 +208,12 @@ def _output_path(out: Path, inputs: Path, bundle: Path, force: bool) -> Path:
         raise ValueError(f"--output {out} is inside the detector bundle {bundle}; write elsewhere")
     if resolved.is_dir():
         raise ValueError(f"--output {out} is a folder; give a file name ending in .csv or .json")
+    kind = special_kind(resolved)
+    if kind is not None:  # an atomic write would rename a new file over the node itself
+        raise ValueError(
+            f"--output {out} is {kind}, which bdx-study never replaces (even with --force); give a regular file name, "
+            "or leave out --output to print the results"
+        )
     if resolved.exists() and not force:
         raise ValueError(f"--output {out} exists; pass --force to overwrite it")
     return resolved
@@ -212,7 +222,7 @@ def _output_path(out: Path, inputs: Path, bundle: Path, force: bool) -> Path:
 def cmd_detect(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from bdx_study._io import write_text_atomic
+    from bdx_study._io import atomic_path
     from bdx_study.detector import Detector, load_input_array
 
     det = Detector.load(args.detector)
@@ -223,29 +233,53 @@ def cmd_detect(args: argparse.Namespace) -> int:
         print(
             f"scoring {len(x)} inputs with {det.family.name}, {DETECT_CHUNK} at a time ...", file=sys.stderr, flush=True
         )
-    parts = [det.detect(np.array(x[i : i + DETECT_CHUNK])) for i in range(0, max(len(x), 1), DETECT_CHUNK)]
-    records = [r for part in parts for r in part.records()]
-    for i, r in enumerate(records):
-        r["index"] = i
-    flagged = sum(int(r["flagged"]) for r in records)
     fmt = args.format or (out.suffix.lstrip(".") if out and out.suffix in (".csv", ".json") else "csv")
-    if fmt == "json":
-        text = json.dumps({"detector": det.family.name, "threshold": det.threshold, "results": records}, indent=1)
-    elif records and "flagged_by" in records[0]:  # a committee: the members that flag each input on their own
-        text = "index,prediction,flagged,score,flagged_by\n" + "".join(
-            f"{r['index']},{r['prediction']},{int(r['flagged'])},{r['score']:.6g},{'+'.join(r['flagged_by'])}\n"
-            for r in records
-        )
-    else:
-        text = "index,prediction,flagged,score\n" + "".join(
-            f"{r['index']},{r['prediction']},{int(r['flagged'])},{r['score']:.6g}\n" for r in records
-        )
+    # Streamed: each chunk is scored, written and dropped, so memory stays bounded whatever the
+    # input's size; a file --output is written under a temporary name and appears whole at the end.
+    with contextlib.ExitStack() as stack:
+        if out:
+            f: Any = stack.enter_context(open(stack.enter_context(atomic_path(out)), "w"))
+        else:
+            f = sys.stdout
+        writer = _DetectWriter(f, fmt, det.family.name, det.threshold)
+        for i in range(0, max(len(x), 1), DETECT_CHUNK):
+            for j, r in enumerate(det.detect(np.array(x[i : i + DETECT_CHUNK])).records()):
+                writer.write({**r, "index": i + j})
+        writer.close()
     if out:
-        write_text_atomic(out, text)
-        print(f"{len(records)} input(s), {flagged} flagged by {det.family.name}; written to {out}")
-    else:
-        sys.stdout.write(text)
+        print(f"{writer.count} input(s), {writer.flagged} flagged by {det.family.name}; written to {out}")
     return 0
+
+
+class _DetectWriter:
+    """``detect``'s results, one record at a time: CSV (with ``flagged_by`` for a committee: the
+    members that flag each input on their own) or one JSON document."""
+
+    def __init__(self, f: Any, fmt: str, detector: str, threshold: float) -> None:
+        self.f, self.fmt, self.count, self.flagged = f, fmt, 0, 0
+        self.committee: bool | None = None
+        if fmt == "json":
+            f.write(json.dumps({"detector": detector, "threshold": threshold, "results": []})[:-2] + "\n")
+
+    def write(self, r: dict[str, Any]) -> None:
+        if self.committee is None:
+            self.committee = "flagged_by" in r
+            if self.fmt != "json":
+                self.f.write("index,prediction,flagged,score" + (",flagged_by" if self.committee else "") + "\n")
+        if self.fmt == "json":
+            self.f.write(("" if self.count == 0 else ",\n") + json.dumps(r))
+        else:
+            row = f"{r['index']},{r['prediction']},{int(r['flagged'])},{r['score']:.6g}"
+            self.f.write(row + (f",{'+'.join(r['flagged_by'])}" if self.committee else "") + "\n")
+        self.count += 1
+        self.flagged += int(r["flagged"])
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            self.f.write("\n]}\n")
+        elif self.committee is None:  # no inputs: the header alone
+            self.f.write("index,prediction,flagged,score\n")
+        self.f.flush()
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:

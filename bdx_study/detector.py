@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bdx_study._io import atomic_dir, atomic_path, sha256_file, sha256_json, write_json_atomic
+from bdx_study._io import atomic_dir, atomic_path, sha256_file, sha256_json, special_kind, write_json_atomic
 from bdx_study.archs import create_model
 from bdx_study.data import DatasetInfo
 from bdx_study.detectors import DETECTORS, DetectorFamily, Fitted, create_detector
@@ -76,6 +76,9 @@ def load_input_array(path: str | os.PathLike[str]) -> np.ndarray:
     p = Path(path)
     if p.is_dir():
         raise InputError(f"{p}: a folder; --input takes one .npy file")
+    kind = special_kind(p)
+    if kind is not None:
+        raise InputError(f"{p}: {kind}, not a regular file; --input takes one .npy file")
     if not p.is_file():
         raise InputError(f"{p}: no such file")
     size = p.stat().st_size

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import re
-import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -50,6 +49,7 @@ from pydantic import (
 )
 
 from bdx_study._config import StrictModel
+from bdx_study._io import special_kind
 from bdx_study._registry import Registry
 from bdx_study.archs import ARCHITECTURES
 from bdx_study.attacks import attack_params
@@ -864,10 +864,10 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 def read_study_yaml(path: Path, what: str = "a study file", limit: int = MAX_STUDY_BYTES) -> Any:
     """Parse a study file (or another YAML file a user hands in, ``what``: a recipe) safely: a
     regular file of bounded size, UTF-8, no duplicate keys, no alias bombs."""
-    st = path.stat()
-    if not stat.S_ISREG(st.st_mode):
-        raise SpaceError(f"{path}: not a regular file; {what} is read from a regular file")
-    size = st.st_size
+    kind = special_kind(path)
+    if kind is not None or path.is_dir():
+        raise SpaceError(f"{path}: {kind or 'a folder'}, not a regular file; {what} is read from a regular file")
+    size = path.stat().st_size
     if size > limit:
         raise SpaceError(f"{path}: {size} bytes; {what} may have at most {limit}")
     try:

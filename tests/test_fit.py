@@ -6,6 +6,7 @@ it never saw, and ``detect`` serves it; every bad input fails before any work, i
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
+from bdx_study.analysis import fit as fit_module
 from bdx_study.analysis.fit import FitError, load_clean, load_model
 from bdx_study.cli import main
 from bdx_study.detector import Detector
@@ -191,6 +193,48 @@ def test_folder_conversion_and_class_names(tmp_path: Path) -> None:
         load_clean(tmp_path, (1, 16, 16), 10)
 
 
+def test_16_bit_images_keep_their_values(tmp_path: Path) -> None:
+    """16-bit grayscale PNGs are converted by their value range (PIL's 8-bit conversion would clip
+    them to white): they read as the same images as their 8-bit copies, to within 8-bit rounding."""
+    rng = np.random.default_rng(0)
+    values = rng.random((4, 20, 20))
+    for i, v in enumerate(values):
+        for bits, dtype, top in (("16", np.uint16, 65535), ("8", np.uint8, 255)):
+            folder = tmp_path / bits / str(i % 2)
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((v * top).round().astype(dtype)).save(folder / f"{i}.png")
+    assert Image.open(tmp_path / "16" / "0" / "0.png").mode.startswith("I")
+    sixteen = load_clean(tmp_path / "16", (1, 16, 16), 2)
+    eight = load_clean(tmp_path / "8", (1, 16, 16), 2)
+    assert float(sixteen.x.std()) > 0.1  # not collapsed (as wide as the 8-bit copies, below)
+    assert torch.allclose(sixteen.x, eight.x, atol=2 / 255)
+    rgb = load_clean(tmp_path / "16", (3, 16, 16), 2)  # three channels: the grey value in each
+    assert torch.allclose(rgb.x[:, 0], sixteen.x[:, 0]) and torch.allclose(rgb.x[:, 2], sixteen.x[:, 0])
+
+
+def test_clean_data_of_few_classes_warns(user: dict[str, Any], tmp_path: Path, capsys: Any) -> None:
+    """Clean images of 3 of 10 classes: fit goes on, but warns (and the bundle records it) that the
+    threshold is calibrated on those classes only."""
+    data = np.load(user["tmp"] / "clean.npz")
+    keep = data["y"] < 3
+    np.savez(tmp_path / "three.npz", x=data["x"][keep], y=data["y"][keep])
+    out = tmp_path / "bundle"
+    code = main(fit_args(user, out, **{"--clean": str(tmp_path / "three.npz")}))
+    err = capsys.readouterr().err
+    assert "warning: fit: --clean has images of only 3 of the model's 10 classes (0, 1, 2)" in err, err
+    if code == 0:  # (too few correct calibration images would be refused instead: also fine)
+        assert Detector.load(out).manifest["provenance"]["data_warnings"][0].startswith("--clean has images of only 3")
+
+
+def test_oversized_npz_member_refused_by_its_real_size(
+    user: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """An .npz array larger than the limit once decompressed is refused before it is read."""
+    monkeypatch.setattr(fit_module, "MAX_CLEAN_BYTES", 10_000)  # the clean set holds 300x256 float32 pixels
+    with pytest.raises(FitError, match=r"array 'x' holds 307328 bytes once decompressed; at most 10000"):
+        load_clean(user["tmp"] / "clean.npz", (1, 16, 16), 10)
+
+
 def test_bare_network_weights_with_normalization(user: dict[str, Any], tmp_path: Path) -> None:
     """Weights of the bare network (no bdx-study wrapper) load with --mean/--std; without them,
     a clear error; saved normalization that disagrees with --mean is refused."""
@@ -237,7 +281,17 @@ def bad_inputs(user: dict[str, Any], tmp: Path) -> dict[str, tuple[dict[str, str
     np.savez(tmp / "range.npz", x=x * 255.0, y=y)
     np.savez(tmp / "nhwc.npz", x=x.transpose(0, 2, 3, 1)[:, :, :, :1].repeat(3, axis=3), y=y)
     np.save(tmp / "single.npy", x)
+    np.savez(tmp / "one_class.npz", x=x, y=np.full_like(y, 7))
+    np.savez(tmp / "blank.npz", x=np.full_like(x, 0.5), y=y)
+    os.mkfifo(tmp / "clean.fifo")  # reading it would block forever
+    fifo_folder = tmp / "fifo_png"
+    (fifo_folder / "0").mkdir(parents=True)
+    os.mkfifo(fifo_folder / "0" / "a.png")
     return {
+        "one_class": ({"--clean": str(tmp / "one_class.npz")}, ["one_class.npz", "all 300 images are labelled class"]),
+        "blank_images": ({"--clean": str(tmp / "blank.npz")}, ["blank.npz", "pixel values barely vary"]),
+        "fifo_clean": ({"--clean": str(tmp / "clean.fifo")}, ["clean.fifo: a FIFO (named pipe), not a regular file"]),
+        "fifo_image": ({"--clean": str(fifo_folder)}, ["a.png: a FIFO (named pipe), not a regular file"]),
         "labels_beyond_classes": (
             {"--clean": str(tmp / "labels.npz")},
             ["labels.npz", "labels span [0, 12]", "3 label"],

@@ -7,9 +7,11 @@ loopback, the CLI in subprocesses."""
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -303,7 +305,7 @@ def test_an_interrupt_waits_for_a_bundle_being_replaced() -> None:
     assert signal.getsignal(signal.SIGINT) is before  # the handlers are back
 
 
-# ------------------------------------------------------------------------------ 4. recipes read as strictly as study files
+# --------------------------------------------------------------- 4. recipes read as strictly as study files
 
 
 def _recipe_variant(user: dict[str, Path], name: str, edit: Any) -> Path:
@@ -361,15 +363,16 @@ def test_recipes_are_read_strictly(user: dict[str, Path], tmp_path: Path, capsys
     path = _recipe_variant(user, "dup.yaml", duplicate)
     assert "duplicate key 'default_detector'" in _fit_refused(user, path, tmp_path, capsys)
 
+    levels = zip("abcd", "bcde", strict=True)
     bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcd", "bcde")
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n" for p, c in levels
     )
     path = _recipe_variant(user, "bomb.yaml", lambda doc: bomb + yaml.safe_dump(doc, sort_keys=False))
     assert "once YAML anchors and aliases are resolved" in _fit_refused(user, path, tmp_path, capsys)
 
     fifo = user["tmp"] / "recipe.fifo"
     os.mkfifo(fifo)  # reading it would block forever
-    assert f"{fifo}: not a regular file" in _fit_refused(user, fifo, tmp_path, capsys)
+    assert f"{fifo}: a FIFO (named pipe), not a regular file" in _fit_refused(user, fifo, tmp_path, capsys)
 
 
 def test_a_recipe_that_gives_a_degenerate_detector_is_refused_at_fit(
@@ -387,3 +390,56 @@ def test_a_recipe_that_gives_a_degenerate_detector_is_refused_at_fit(
     err = capsys.readouterr().err
     assert f"--recipe {path}: detectors.badexpert: these settings give a detector whose scores" in err, err
     assert "would flag nothing" in err and not out.exists()
+
+
+# ------------------------------------------------------------------------------ 5. detect: special files, streaming
+
+
+def test_detect_refuses_special_files(
+    user: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A FIFO as --input is refused by what it is (reading it would block); a device as --output
+    is never replaced, even with --force (an atomic write would rename a file over the node)."""
+    fifo = tmp_path / "inputs.npy"
+    os.mkfifo(fifo)
+    assert main(["detect", "--detector", str(user["bundle"]), "--input", str(fifo)]) == 2
+    assert f"{fifo}: a FIFO (named pipe), not a regular file" in capsys.readouterr().err
+    x = tmp_path / "x.npy"
+    np.save(x, np.random.default_rng(0).random((5, 1, 16, 16), dtype=np.float32))
+    args = ["detect", "--detector", str(user["bundle"]), "--input", str(x), "--output", "/dev/null", "--force"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--output /dev/null is a character device, which bdx-study never replaces (even with --force)" in err
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_detect_streams_every_input_once_in_order(user: dict[str, Path], tmp_path: Path) -> None:
+    """More inputs than one chunk: CSV and JSON hold each input once, in order, with the scores
+    the Python API gives."""
+    from bdx_study.cli import DETECT_CHUNK
+    from bdx_study.detector import Detector
+
+    n = 2 * DETECT_CHUNK + 37
+    x = np.random.default_rng(1).random((n, 1, 16, 16), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    want = Detector.load(user["bundle"]).detect(x)
+    for fmt in ("csv", "json"):
+        out = tmp_path / f"flags.{fmt}"
+        assert (
+            main(
+                ["detect", "--detector", str(user["bundle"]), "--input", str(tmp_path / "x.npy"), "--output", str(out)]
+            )
+            == 0
+        )
+        if fmt == "json":
+            doc = json.loads(out.read_text())
+            assert doc["detector"] == "badexpert" and doc["threshold"] == Detector.load(user["bundle"]).threshold
+            rows = doc["results"]
+            index, score, flagged = ([r[k] for r in rows] for k in ("index", "score", "flagged"))
+        else:
+            table = np.genfromtxt(out, delimiter=",", names=True)
+            index, score, flagged = table["index"], table["score"], table["flagged"]
+        assert list(index) == list(range(n))
+        np.testing.assert_allclose(score, want.score, rtol=1e-5)
+        np.testing.assert_array_equal(np.asarray(flagged, dtype=bool), want.flagged)
+        assert not _leftovers(tmp_path, out.name)
