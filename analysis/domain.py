@@ -11,6 +11,7 @@ validated on and the nearest shipped study to run instead.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -198,6 +199,10 @@ def check_domain(
     return out
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def unseen_triggers(recipe: dict[str, Any], detector: str | None = None) -> str:
     """One line on what the domain check cannot see: the trigger kind a user's model carries.
     A recipe knows the attacks it was tuned on, nothing more; the line names them and the
@@ -216,7 +221,8 @@ def unseen_triggers(recipe: dict[str, Any], detector: str | None = None) -> str:
     not_figures = ("held_out_ci95", "held_out_victims", "held_out_worst_clean_acc_drop")
     for f in folds:
         key = next((k for k in f if k.startswith("held_out_") and k not in not_figures), None)
-        if not str(f.get("held_out", "")).startswith("attack=") or key is None or f.get(key) is None:
+        figure = f.get(key) if key is not None else None
+        if not str(f.get("held_out", "")).startswith("attack=") or not _is_number(figure):
             continue
         attack = str(f["held_out"]).removeprefix("attack=")
         figures.append((float(f[key]), attack, key, bool(f.get("strictly_held_out"))))

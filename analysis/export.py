@@ -49,13 +49,41 @@ class _SeedPolicy(BaseModel):
     clean_set_seed: int | None = None
 
 
+class _HeldOutFold(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    held_out: str | None = None
+    strictly_held_out: bool | None = None
+
+
+class _HeldOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    folds: list[_HeldOutFold] | None = None
+
+
+class _Evidence(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    held_out: _HeldOut | None = None
+
+
 class _RecipeEntry(BaseModel):
-    """What a family's entry prescribes (its evidence and selection are carried as written)."""
+    """What a family's entry prescribes, and the parts of its evidence that fit and export read
+    (the rest is carried as written)."""
 
     model_config = ConfigDict(extra="allow")
     defaults: dict[str, Any]
     protocol: dict[str, Any]
     seed_policy: _SeedPolicy | None = None
+    selection: dict[str, Any] | None = None
+    evidence: _Evidence | None = None
+
+
+class _Domain(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    datasets: list[str] | None = None
+    architectures: list[str] | None = None
+    attacks: list[str] | None = None
+    input_shapes: list[list[int]] | None = None
+    num_classes: list[int] | None = None
 
 
 class _Recipe(BaseModel):
@@ -63,7 +91,7 @@ class _Recipe(BaseModel):
     study: str | None = None
     default_detector: str | None = None
     detectors: dict[str, _RecipeEntry]
-    domain: dict[str, Any] | None = None
+    domain: _Domain | None = None
     made_from: dict[str, int] | None = None
 
 
@@ -80,7 +108,7 @@ def load_recipe(path: Path) -> dict[str, Any]:
     try:
         _Recipe.model_validate_json(json.dumps(raw, default=str), strict=True)
     except ValidationError as e:
-        raise SpaceError(validation_message(str(path), e)) from None
+        raise SpaceError(_first(validation_message(str(path), e))) from None
     if not raw["detectors"]:
         raise SpaceError(f"{path}: detectors: empty; a recipe holds the defaults of at least one family")
     for family, entry in raw["detectors"].items():
@@ -93,8 +121,15 @@ def load_recipe(path: Path) -> dict[str, Any]:
             try:
                 model.model_validate_json(json.dumps(entry[key], default=str), strict=True)
             except ValidationError as e:
-                raise SpaceError(validation_message(str(path), e, prefix=f"detectors.{family}.{key}.")) from None
+                where = f"detectors.{family}.{key}."
+                raise SpaceError(_first(validation_message(str(path), e, prefix=where))) from None
     return raw
+
+
+def _first(message: str) -> str:
+    """The first of several validation errors, on one line, saying how many more there are."""
+    lines = message.splitlines()
+    return lines[0] + (f" (and {len(lines) - 1} more)" if len(lines) > 1 else "")
 
 
 def read_recipe(path: Path, detector: str | None) -> tuple[str, dict[str, Any]]:
@@ -142,9 +177,9 @@ def recipe_config(entry: dict[str, Any]) -> tuple[dict[str, Any], ProtocolConfig
     params = dict(entry["defaults"])
     protocol = dict(entry["protocol"])
     policy = entry.get("seed_policy") or {}
-    if "seed" in policy:
+    if policy.get("seed") is not None:
         params["seed"] = policy["seed"]
-    if "clean_set_seed" in policy:
+    if policy.get("clean_set_seed") is not None:
         protocol["clean_set_seed"] = policy["clean_set_seed"]
     return params, ProtocolConfig.model_validate(protocol)
 

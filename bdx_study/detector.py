@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -259,6 +260,44 @@ def _entries(manifest: dict[str, Any], mpath: Path) -> dict[str, dict[str, Any]]
     return found
 
 
+class _Normalization(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    mean: list[float]
+    std: list[float]
+
+
+class _Manifest(BaseModel):
+    """The types of the manifest fields a bundle is loaded from (their meaning is checked after)."""
+
+    model_config = ConfigDict(extra="allow")
+    detector: str
+    params: dict[str, Any]
+    architecture: str
+    input_shape: list[int]
+    num_classes: int
+    normalization: _Normalization
+    threshold: float
+    target_fpr: float | None = None
+    components: dict[str, Any]
+    reference: dict[str, Any] | None = None
+    model_file: str | None = None
+    sha256: dict[str, str]
+
+
+def _one_line(e: Exception) -> str:
+    """An exception as one line: a pydantic error as its first problem with its field."""
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            more = len(errors()) - 1
+            return f"{where}: {first['msg']} (got {first.get('input')!r:.80})" + (f" (and {more} more)" if more else "")
+        except (TypeError, IndexError, KeyError):
+            pass
+    return f"{type(e).__name__}: " + " ".join(str(e).split())
+
+
 def _model_file(manifest: dict[str, Any], mpath: Path) -> str:
     """The file holding M's weights: ``model_file`` (a replaced bundle's own name) or the default."""
     fname = manifest.get("model_file", MODEL_FILE)
@@ -393,6 +432,10 @@ class Detector:
                 f"{mpath}: decision fields (threshold, params, architecture, ...) do not match their "
                 "sha256; the manifest was modified, refusing it"
             )
+        try:  # the types of what is read below (hashes vouch for nothing: anyone can recompute them)
+            _Manifest.model_validate_json(json.dumps(manifest), strict=True)
+        except ValidationError as e:
+            raise BundleError(f"{mpath}: {_one_line(e)}; refusing the bundle") from None
         name = manifest["detector"]
         if name not in DETECTORS:
             raise BundleError(
@@ -454,7 +497,7 @@ class Detector:
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             if isinstance(e, BundleError):
                 raise
-            raise BundleError(f"{mpath}: the bundle does not load ({type(e).__name__}: {e})") from None
+            raise BundleError(f"{mpath}: the bundle does not load ({_one_line(e)})") from None
         if set(fitted) != set(family.fitted_components()):
             raise BundleError(
                 f"{mpath}: components {sorted(fitted)} do not match {name}'s {list(family.fitted_components())}"
