@@ -221,8 +221,7 @@ def unseen_triggers(recipe: dict[str, Any], detector: str | None = None) -> str:
     not_figures = ("held_out_ci95", "held_out_victims", "held_out_worst_clean_acc_drop")
     for f in folds:
         key = next((k for k in f if k.startswith("held_out_") and k not in not_figures), None)
-        figure = f.get(key) if key is not None else None
-        if not str(f.get("held_out", "")).startswith("attack=") or not _is_number(figure):
+        if key is None or not str(f.get("held_out", "")).startswith("attack=") or not _is_number(f.get(key)):
             continue
         attack = str(f["held_out"]).removeprefix("attack=")
         figures.append((float(f[key]), attack, key, bool(f.get("strictly_held_out"))))

@@ -443,3 +443,32 @@ def test_detect_streams_every_input_once_in_order(user: dict[str, Path], tmp_pat
         np.testing.assert_allclose(score, want.score, rtol=1e-5)
         np.testing.assert_array_equal(np.asarray(flagged, dtype=bool), want.flagged)
         assert not _leftovers(tmp_path, out.name)
+
+
+# ------------------------------------------------------------------------------ 6. --resume from another folder
+
+
+def test_resume_from_another_folder_says_where_it_looked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A relative study.storage is resolved against the working folder: --resume from elsewhere
+    does not find the study. Where the study lies beside the study file, the command refuses
+    before writing anything, naming both places and the folder to run from."""
+    project = tmp_path / "project"
+    project.mkdir()
+    doc = tiny_study(project, name="moved")
+    doc["study"]["storage"] = "runs"  # relative, as the shipped studies
+    path = write_study(project, doc)
+    launched = project / "runs" / "studies" / "moved"
+    launched.mkdir(parents=True)
+    (launched / "study.json").write_text("{}")  # what a launch from the project folder left
+    elsewhere = tmp_path / "home"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["launch", "--space", str(path), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"--resume: no study 'moved' at {elsewhere / 'runs' / 'studies' / 'moved'}" in err
+    assert f"resolved against the working folder {elsewhere}" in err
+    assert f"there is one at {launched}: run the command from {project}" in err
+    assert not any(elsewhere.iterdir())  # nothing written where it looked

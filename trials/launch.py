@@ -59,6 +59,24 @@ class LaunchResult:
     seconds: float
 
 
+def _refuse_resume_elsewhere(spec: StudySpec, source: str | os.PathLike[str] | None) -> None:
+    """``--resume`` from another folder than the launch's: a relative study.storage is resolved
+    against the working folder, so the study is not where the command looks. Where it exists
+    beside the study file (the launch ran from there), refuse before writing anything, saying
+    where it looked and where the study is."""
+    study_dir = spec.study_dir
+    if source is None or (study_dir / "study.json").exists() or (study_dir / "tune").exists():
+        return
+    base = Path(source).resolve().parent
+    beside = spec.storage_root(base=base) / "studies" / spec.study.name
+    if beside != study_dir and ((beside / "study.json").exists() or (beside / "tune").exists()):
+        raise SpaceError(
+            f"--resume: no study {spec.study.name!r} at {study_dir} (study.storage {spec.study.storage!r} is resolved "
+            f"against the working folder {Path.cwd()}), but there is one at {beside}: run the command from {base}, "
+            "or give study.storage as an absolute path"
+        )
+
+
 def _decide_resume(spec: StudySpec, resume: bool) -> bool:
     """Refuse to start over an existing study without --resume, or to resume what cannot be
     restored; a --resume with nothing to resume starts the study."""
@@ -73,7 +91,8 @@ def _decide_resume(spec: StudySpec, resume: bool) -> bool:
             "or change study.name (or delete that folder) to start over"
         )
     if resume and not exists:
-        print(f"[bdx-study] nothing to resume at {study_dir}; starting the study", flush=True)
+        where = f"study.storage {spec.study.storage!r} is resolved against the working folder {Path.cwd()}"
+        print(f"[bdx-study] nothing to resume at {study_dir} ({where}); starting the study", flush=True)
         return False
     if resume:
         _check_same_study(spec, study_dir)
@@ -429,6 +448,8 @@ def launch(
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     study_dir = spec.study_dir
     preflight(spec, source or spec.study.name, local=address is None and not ray.is_initialized())
+    if resume:
+        _refuse_resume_elsewhere(spec, source)
     with study_lock(study_dir, spec.study.name):
         resume = _decide_resume(spec, resume)
         init_ray(address, study_dir)
