@@ -78,7 +78,13 @@ def cmd_sync(args: argparse.Namespace) -> int:
         write_json_atomic(
             ids_path, {**ids, "experiment_id": tracker.experiment_id, "parent_run_id": tracker.parent_run_id}
         )
-    print(f"{spec.study.name}: logged {logged} finished trial(s) MLflow was missing; MLflow matches the tables")
+    if tracker.rebuilt:
+        print(
+            f"{spec.study.name}: {tracker.uri} held no run of this study (its tracking database was deleted or "
+            f"replaced): rebuilt from the tables under a new study run; logged {logged} finished trial(s)"
+        )
+    else:
+        print(f"{spec.study.name}: logged {logged} finished trial(s) MLflow was missing; MLflow matches the tables")
     return 0
 
 

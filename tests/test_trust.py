@@ -472,3 +472,56 @@ def test_resume_from_another_folder_says_where_it_looked(
     assert f"resolved against the working folder {elsewhere}" in err
     assert f"there is one at {launched}: run the command from {project}" in err
     assert not any(elsewhere.iterdir())  # nothing written where it looked
+
+
+# ------------------------------------------------------------------------------ 7. sync rebuilds a lost tracking store
+
+COUNT_RUNS = """
+import json, sys
+from mlflow.tracking import MlflowClient
+client = MlflowClient(sys.argv[1])
+exp = client.get_experiment_by_name(sys.argv[2])
+runs = client.search_runs([exp.experiment_id], "tags.`bdx.kind` = 'trial'", max_results=1000) if exp else []
+print(json.dumps(sorted([r.data.tags["bdx.trial_id"], r.info.status] for r in runs)))
+"""
+
+
+def _trial_runs(uri: str, experiment: str) -> list[list[str]]:
+    out = subprocess.run(
+        [sys.executable, "-c", COUNT_RUNS, uri, experiment], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_sync_rebuilds_mlflow_when_its_database_was_deleted_or_replaced(ray_cluster: Any, tmp_path: Path) -> None:
+    """The tracking database deleted, then replaced by another: `sync` (as a user runs it, in its
+    own process) rebuilds the study in MLflow from the Parquet tables, each trial exactly once, and
+    a second sync adds nothing."""
+    from bdx_study.trials.launch import launch
+
+    path = write_study(tmp_path, tiny_study(tmp_path, name="lost", search__num_trials=2))
+    spec = load_space(path)
+    assert launch(spec, source=path).num_errors == 0
+    trials = sorted(p.stem for p in (spec.study_dir / "tables" / "parts" / "trials").glob("*.parquet"))
+    uri, db = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "mlflow.db"
+    assert [t for t, _ in _trial_runs(uri, spec.experiment_name)] == trials
+    for loss in ("deleted", "replaced"):
+        db.unlink()
+        if loss == "replaced":  # another project's store in its place
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    f"import mlflow; mlflow.set_tracking_uri({uri!r}); mlflow.create_experiment('x')",
+                ],
+                check=True,
+                capture_output=True,
+            )
+        code, out, _ = run_cli("sync", "--space", str(path), cwd=tmp_path)
+        assert code == 0, out
+        assert "held no run of this study" in out and f"logged {len(trials)} finished trial(s)" in out, out
+        assert _trial_runs(uri, spec.experiment_name) == [[t, "FINISHED"] for t in trials], loss
+        code, out, _ = run_cli("sync", "--space", str(path), cwd=tmp_path)
+        assert code == 0 and "logged 0 finished trial(s)" in out, out
+        assert _trial_runs(uri, spec.experiment_name) == [[t, "FINISHED"] for t in trials], loss

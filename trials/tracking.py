@@ -20,6 +20,7 @@ from typing import Any
 
 import mlflow
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
 
@@ -128,6 +129,7 @@ class StudyTracker:
         self._client: MlflowClient | None = None
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
+        self.rebuilt = False  # start() found no run of the study where study.json said: a new one
 
     def __getstate__(self) -> dict[str, Any]:  # the client is rebuilt after unpickling (resume)
         return {**self.__dict__, "_client": None}
@@ -146,10 +148,11 @@ class StudyTracker:
             if exp
             else self.client.create_experiment(self.experiment_name, artifact_location=artifact_location(self.uri))
         )
-        if parent_run_id is not None:
+        if parent_run_id is not None and self._holds_parent(parent_run_id):
             self.client.update_run(parent_run_id, status="RUNNING")
             self.parent_run_id = parent_run_id
             return parent_run_id
+        self.rebuilt = parent_run_id is not None  # the store lost the study's run (deleted or replaced)
         run = self.client.create_run(
             self.experiment_id,
             run_name=self.study,
@@ -158,6 +161,18 @@ class StudyTracker:
         self.parent_run_id = run.info.run_id
         self.client.log_batch(self.parent_run_id, params=_params(params))
         return self.parent_run_id
+
+    def _holds_parent(self, run_id: str) -> bool:
+        """Whether this store holds ``run_id`` as this study's parent run, in its experiment."""
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        return (
+            run.info.experiment_id == self.experiment_id
+            and run.info.lifecycle_stage == "active"
+            and run.data.tags.get("bdx.study") == self.study
+        )
 
     def _children(self, kind: str) -> dict[str, Any]:
         """Nested runs of ``kind`` under the parent, by their bdx id tag."""
