@@ -5,6 +5,7 @@ optimized."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 from pathlib import Path
@@ -21,30 +22,56 @@ from bdx_study.space import Objective, StudySpec
 
 
 def _trials(rows_f: pd.DataFrame, spec: StudySpec, family: str) -> list[Any]:
-    """One completed Optuna trial per study trial: params = the searched values, value = the
-    objective Tune optimized (the primary objective), per-victim figures as user attrs."""
+    """One Optuna trial per study trial, in the order they ran, with their real start and end
+    times: params = the searched values; value = the objective on the selection split, as the
+    search measured it (not the penalty the search ranks an infeasible trial by); the clean-accuracy
+    constraint as Optuna's own (feasible iff <= 0), so infeasible trials show as infeasible; user
+    attributes named by split (``selection/<victim>/<metric>``, ``evaluation/<victim>/<metric>``).
+    A trial whose objective is undefined is FAIL."""
     import optuna
 
     dists = spec.optuna_space(family)
-    metric = spec.search.objective.metric
+    obj = spec.search.objective
+    metric, limit = obj.metric, spec.search.constraint.max_clean_acc_drop
+    groups = list(rows_f.groupby("trial_id", sort=False))
+    if "started_at" in rows_f.columns:
+        groups.sort(key=lambda g: (float(np.nanmin(g[1]["started_at"].to_numpy(dtype=float))), str(g[0])))
     out = []
-    for tid, rows in rows_f.groupby("trial_id", sort=False):
+    for tid, rows in groups:
         first = rows.iloc[0]
         full = {**ProtocolConfig.from_row(first).model_dump(), **flatten(json.loads(first["params"]))}
         params = {k: full[k] for k in dists}
-        out.append(
-            optuna.trial.create_trial(
-                params=params,
-                distributions={k: dists[k] for k in params},
-                value=float(first["objective"]),
-                user_attrs={
-                    "trial_id": str(tid),
-                    "feasible": bool(first["feasible"]),
-                    **{f"{r['victim_name']}/{metric}": _none_if_nan(r[metric]) for _, r in rows.iterrows()},
-                },
-            )
+        value = _aggregate(rows, obj)
+        drops = rows["selection_clean_acc_drop"].dropna().to_numpy() if "selection_clean_acc_drop" in rows else []
+        constraints = None
+        if limit is not None and len(drops):
+            constraints = {"selection_clean_acc_drop": float(np.max(drops)) - limit}
+        attrs: dict[str, Any] = {"trial_id": str(tid), "feasible": bool(first["feasible"])}
+        for _, r in rows.iterrows():
+            attrs[f"selection/{r['victim_name']}/{metric}"] = _none_if_nan(r.get(f"selection_{metric}"))
+            attrs[f"evaluation/{r['victim_name']}/{metric}"] = _none_if_nan(r.get(metric))
+        trial = optuna.trial.create_trial(
+            state=optuna.trial.TrialState.COMPLETE if math.isfinite(value) else optuna.trial.TrialState.FAIL,
+            params=params,
+            distributions={k: dists[k] for k in params},
+            value=value if math.isfinite(value) else None,
+            user_attrs=attrs,
+            constraints=constraints,
         )
+        start, end = _when(rows, "started_at", min), _when(rows, "finished_at", max)
+        if start is not None:
+            trial.datetime_start = start
+            trial.datetime_complete = end if end is not None and end >= start else start
+        out.append(trial)
     return out
+
+
+def _when(rows: pd.DataFrame, column: str, pick: Any) -> datetime.datetime | None:
+    """The earliest start or latest end of a trial's rows (epoch seconds in the tables)."""
+    if column not in rows.columns:
+        return None
+    values = [float(v) for v in rows[column] if v is not None and math.isfinite(float(v))]
+    return datetime.datetime.fromtimestamp(pick(values)) if values else None
 
 
 def _studies(df: pd.DataFrame, spec: StudySpec, storage: str | None = None) -> dict[str, Any]:

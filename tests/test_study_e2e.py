@@ -400,3 +400,62 @@ def test_detect_refuses_bad_input_files_with_a_message(study: dict[str, Any], tm
         timeout=120,
     )
     assert p.returncode == 2 and "JSON object" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_optuna_storage_tells_the_truth(study: dict[str, Any], tmp_path: Path) -> None:
+    """optuna.db (what optuna-dashboard opens) holds each family's trials in the order they ran,
+    with their real start and end times, the objective as the search measured it on the selection
+    split, the clean-accuracy constraint as Optuna's own (an infeasible trial shows as infeasible,
+    not as COMPLETE with a penalty value), and user attributes named by their split."""
+    import optuna
+
+    from bdx_study.analysis.searches import write_optuna_study
+    from bdx_study.space import Constraint
+
+    _analyzed(study)
+    spec = study["spec"]
+    trials = pq.read_table(study["result"].study_dir / "tables" / "trials.parquet").to_pandas()
+    rows = trials[trials.detector == "badexpert"].copy()
+
+    def check(storage: str, table: Any, limit: float | None) -> list[Any]:
+        loaded = optuna.load_study(study_name=f"{spec.study.name}-badexpert", storage=storage).trials
+        assert len(loaded) == table.trial_id.nunique() == 3
+        starts = [t.datetime_start for t in loaded]
+        assert starts == sorted(starts)  # the order they ran
+        for t in loaded:
+            r = table[table.trial_id == t.user_attrs["trial_id"]]
+            assert t.datetime_start.timestamp() == pytest.approx(r.started_at.min(), abs=1e-3)
+            assert t.datetime_complete.timestamp() == pytest.approx(r.finished_at.max(), abs=1e-3)
+            assert t.value == pytest.approx(r.selection_auroc_correct_only.min())  # measured, not penalized
+            if limit is None:
+                assert not t.system_attrs  # no constraint in the study: none recorded
+            else:
+                (constraint,) = t.system_attrs.values()
+                assert constraint == pytest.approx(r.selection_clean_acc_drop.max() - limit)
+                assert (constraint <= 0) == bool(r.feasible.iloc[0])
+            for _, v in r[r.attack == "badnet"].iterrows():
+                key = f"selection/{v.victim_name}/auroc_correct_only"
+                assert t.user_attrs[key] == pytest.approx(v.selection_auroc_correct_only)
+                assert t.user_attrs[f"evaluation/{v.victim_name}/auroc_correct_only"] == pytest.approx(
+                    v.auroc_correct_only
+                )
+            assert not [k for k in t.user_attrs if "/" in k and k.split("/")[0] not in ("selection", "evaluation")]
+        return loaded
+
+    check(f"sqlite:///{study['result'].study_dir / 'optuna.db'}", rows, spec.search.constraint.max_clean_acc_drop)
+    # a study with a clean-accuracy constraint, one trial beyond it as the search records it
+    limit = 0.1
+    constrained = spec.model_copy(
+        update={"search": spec.search.model_copy(update={"constraint": Constraint(max_clean_acc_drop=limit)})}
+    )
+    tid = rows.trial_id.iloc[0]
+    rows["selection_clean_acc_drop"] = rows["selection_clean_acc_drop"].clip(upper=limit - 0.05)
+    rows["feasible"] = True
+    rows.loc[rows.trial_id == tid, "selection_clean_acc_drop"] = limit + 0.2
+    rows.loc[rows.trial_id == tid, "feasible"] = False
+    rows.loc[rows.trial_id == tid, "objective"] -= 1.2
+    path = write_optuna_study(rows, constrained, tmp_path / "optuna.db")
+    loaded = check(f"sqlite:///{path}", rows, limit)
+    bad = next(t for t in loaded if t.user_attrs["trial_id"] == tid)
+    assert bad.state == optuna.trial.TrialState.COMPLETE and bad.value > 0  # the real figure
+    assert next(iter(bad.system_attrs.values())) == pytest.approx(0.2)  # > 0: Optuna's infeasible
