@@ -181,14 +181,17 @@ def _robust_loao(spec: Any) -> dict[str, tuple[str, dict[str, Any]]]:
 
 
 def _earlier_rows(csv: Path, families: list[str]) -> pd.DataFrame:
-    """Rows of ``families`` from an earlier run's CSV, their label marked "(earlier run)"."""
+    """Rows of ``families`` from an earlier run's CSV (each of a family's labels: badexpert's
+    "(paper)" and "(robust, LOAO)" rows too; never the committee study's rows, scored anew),
+    their label marked "(earlier run)"."""
     if not families:
         return pd.DataFrame()
     old = pd.read_csv(csv)
-    missing = sorted(set(families) - set(old["family"]))
+    base = old["family"].str.replace(r" \(.*\)$", "", regex=True)  # "badexpert (paper)" -> badexpert
+    missing = sorted(set(families) - set(base))
     if missing:
         raise SystemExit(f"--earlier {' '.join(missing)}: no rows of them in {csv}")
-    kept = old[old["family"].isin(families)].copy()
+    kept = old[base.isin(families) & ~old["family"].isin([COMMITTEE, NESTED])].copy()
     kept["family"] = kept["family"] + EARLIER
     return kept
 
@@ -361,12 +364,26 @@ def _committee_targets(table: pd.DataFrame, attacks: list[str], backdoored: list
     return lines
 
 
+def _losses(auroc: pd.DataFrame, label: str, backdoored: list[str]) -> list[str]:
+    """The attacks where another row beats ``label``'s AUROC (the figures said with enough digits
+    to show the difference: 0.9997 < 1.0000, not 1.000 < 1.000)."""
+    own, others = auroc.loc[label], auroc.drop(index=[label])
+    losses = []
+    for a in backdoored:
+        if a in others.columns and pd.notna(own[a]) and others[a].max() > own[a] + 1e-9:
+            d = 3
+            while f"{own[a]:.{d}f}" == f"{others[a].max():.{d}f}" and d < 6:
+                d += 1
+            losses.append(f"{a}: {label} {own[a]:.{d}f} < {others[a].idxmax()} {others[a].max():.{d}f}")
+    return [f"Where {label} loses to another detector:", "", *([f"- {x}" for x in losses] or ["- nowhere"]), ""]
+
+
 def write_report(table: pd.DataFrame, spec: Any, args: argparse.Namespace, seconds: float) -> None:
     attacks = sorted(a for a in table["attack"].unique() if a != "none") + (
         ["none"] if "none" in set(table["attack"]) else []
     )
     backdoored = [a for a in attacks if a != "none"]
-    first = [COMMITTEE, NESTED, ROBUST, PAPER]
+    first = [COMMITTEE, NESTED, ROBUST, ROBUST + EARLIER, PAPER, PAPER + EARLIER]
     order = first + sorted(f for f in table["family"].unique() if f not in first)
     auroc = _pivot(table, "auroc_correct_only", order, backdoored)
     summary = {"worst": auroc.min(axis=1), "mean": auroc.mean(axis=1)}
@@ -411,19 +428,9 @@ def write_report(table: pd.DataFrame, spec: Any, args: argparse.Namespace, secon
         f"({summary['worst'][best_worst]:.3f}).",
         "",
     ]
-    rob = auroc.loc[ROBUST] if ROBUST in auroc.index else None
-    if rob is not None:
-        others = auroc.drop(index=[ROBUST])
-        losses = []
-        for a in backdoored:
-            if a in others.columns and pd.notna(rob[a]) and others[a].max() > rob[a] + 1e-9:
-                d = 3  # enough digits to show the difference (0.9997 < 1.0000, not 1.000 < 1.000)
-                while f"{rob[a]:.{d}f}" == f"{others[a].max():.{d}f}" and d < 6:
-                    d += 1
-                losses.append(f"{a}: {ROBUST} {rob[a]:.{d}f} < {others[a].idxmax()} {others[a].max():.{d}f}")
-        lines += ["Where BaDExpert (robust, LOAO) loses to another detector:", ""]
-        lines += [f"- {x}" for x in losses] or ["- nowhere"]
-        lines.append("")
+    for label in (COMMITTEE, ROBUST, ROBUST + EARLIER):
+        if label in auroc.index:
+            lines += _losses(auroc, label, backdoored)
     lines += [
         "## TPR at 1% FPR (correct-only; the best on each victim's own ROC: a property of the scores)",
         "",
