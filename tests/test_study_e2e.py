@@ -459,3 +459,51 @@ def test_optuna_storage_tells_the_truth(study: dict[str, Any], tmp_path: Path) -
     bad = next(t for t in loaded if t.user_attrs["trial_id"] == tid)
     assert bad.state == optuna.trial.TrialState.COMPLETE and bad.value > 0  # the real figure
     assert next(iter(bad.system_attrs.values())) == pytest.approx(0.2)  # > 0: Optuna's infeasible
+
+
+def test_mlflow_views_name_the_winner_nest_refits_and_mark_searched_params(study: dict[str, Any]) -> None:
+    """What a user sees in the MLflow UI: the study's run names its best trial (tag and a link in
+    its description), refits are nested under their trial's run, each trial run says which of its
+    params were searched, and the link launch prints opens on the trials sorted by the objective."""
+    import urllib.parse
+
+    from bdx_study.trials.tracking import runs_link
+
+    r, spec = study["result"], study["spec"]
+    client = MlflowClient(r.tracking_uri)
+    runs = client.search_runs([r.experiment_id], f"tags.`bdx.study` = '{spec.study.name}'", max_results=200)
+    trials = {t.data.tags["bdx.trial_id"]: t for t in runs if t.data.tags.get("bdx.kind") == "trial"}
+    parent = client.get_run(r.parent_run_id)
+    best = parent.data.tags["bdx.best_trial"]
+    assert best == r.best["trial_id"] and parent.data.tags["bdx.best_trial_run"] == trials[best].info.run_id
+    assert (
+        f"(#/experiments/{r.experiment_id}/runs/{trials[best].info.run_id})" in parent.data.tags["mlflow.note.content"]
+    )
+    refits = [t for t in runs if t.data.tags.get("bdx.kind") == "refit"]
+    from bdx_study.tables import StudyTables
+
+    stored = StudyTables(r.study_dir).read("refits").to_pandas()
+    assert sorted(t.data.tags["bdx.refit_id"] for t in refits) == sorted(stored.trial_id.unique())
+    for t in refits:
+        of = t.data.tags["bdx.refit_id"].rsplit("-refit", 1)[0]
+        assert t.data.tags["mlflow.parentRunId"] == trials[of].info.run_id  # under its trial, not the study
+        assert t.info.status == "FINISHED" and "worst/auroc_correct_only" in t.data.metrics
+    for t in trials.values():
+        family = t.data.tags["bdx.detector"]
+        assert t.data.tags["bdx.searched"] == ", ".join(sorted(spec.optuna_space(family)))
+        assert "Searched:" in t.data.tags["mlflow.note.content"]
+    assert trials_searched_unlearn_lr(trials)
+    query = urllib.parse.parse_qs(runs_link(r.tracking_uri, r.experiment_id).split("?", 1)[1])
+    assert query == {
+        "searchFilter": ["tags.`bdx.kind` = 'trial'"],
+        "orderByKey": ["metrics.`objective`"],
+        "orderByAsc": ["false"],
+    }
+
+
+def trials_searched_unlearn_lr(trials: dict[str, Any]) -> bool:
+    """BaDExpert's trials mark unlearn_lr (searched) apart from unlearn_batch_size (fixed)."""
+    tags = [
+        t.data.tags["bdx.searched"].split(", ") for t in trials.values() if t.data.tags["bdx.detector"] == "badexpert"
+    ]
+    return all("unlearn_lr" in s and "unlearn_batch_size" not in s for s in tags)

@@ -515,10 +515,8 @@ def launch(
         )
     print(f"[bdx-study] tables: {study_dir / 'tables'}", flush=True)
     if tracking_ok and tracker.experiment_id:
-        print(
-            f"[bdx-study] MLflow: {ui_command(tracker.uri)}  then open {runs_link(tracker.uri, tracker.experiment_id)}",
-            flush=True,
-        )
+        link = runs_link(tracker.uri, tracker.experiment_id, spec.search.objective.mode)
+        print(f"[bdx-study] MLflow: {ui_command(tracker.uri)}  then open {link}", flush=True)
     return LaunchResult(
         study_dir,
         tracker.uri,
@@ -574,6 +572,8 @@ def _finish_study(tracker: Any, spec: StudySpec, study_dir: Path, best: dict[str
             print(f"[bdx-study] logged {synced} finished trial(s) MLflow was missing", flush=True)
         if best.get("objective") is not None and math.isfinite(best["objective"]):
             tracker.log_metrics(tracker.parent_run_id, {"best_objective": best["objective"]})
+        if best.get("trial_id"):
+            tracker.name_the_best(str(best["trial_id"]))
         for p in ("tables/trials.parquet", "tables/victims.parquet", "study.yaml"):
             tracker.log_artifact(tracker.parent_run_id, study_dir / p, "study")
         tracker.finish(tracker.parent_run_id, status=status)

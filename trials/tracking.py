@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -101,9 +102,24 @@ def ui_command(uri: str) -> str:
     return f"open {uri}"
 
 
-def runs_link(uri: str, experiment_id: str) -> str:
+def runs_link(uri: str, experiment_id: str, mode: str = "max") -> str:
+    """The MLflow UI's page of the study's trial runs, best objective first (the UI reads the
+    filter and the order from the link)."""
     base = "http://127.0.0.1:5000" if uri.startswith("sqlite:") else uri.rstrip("/")
-    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    query = urllib.parse.urlencode(
+        {
+            "searchFilter": "tags.`bdx.kind` = 'trial'",
+            "orderByKey": "metrics.`objective`",
+            "orderByAsc": "false" if mode == "max" else "true",
+        },
+        quote_via=urllib.parse.quote,
+    )
+    return f"{base}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def run_link(experiment_id: str, run_id: str) -> str:
+    """A link to one run inside the MLflow UI (relative: it works in run descriptions)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def _key(k: str) -> str:
@@ -202,12 +218,43 @@ class StudyTracker:
         self.client.log_batch(run.info.run_id, params=_params(params))
         return run.info.run_id, True
 
-    def trial_run(self, trial_id: str, params: dict[str, Any], fold: str | None = None) -> tuple[str, bool]:
+    def trial_run(
+        self, trial_id: str, params: dict[str, Any], fold: str | None = None, searched: list[str] | None = None
+    ) -> tuple[str, bool]:
         """The nested run of a trial: params named as in the YAML, the family as param and tag
-        (and the nested fold it searched for, if any)."""
+        (and the nested fold it searched for, if any). The searched params are marked apart from
+        the fixed ones: tag ``bdx.searched`` and the run's description."""
         family = str(params["detector"])
         tags = {"bdx.detector": family, **({"bdx.fold": fold} if fold else {})}
+        if searched is not None:
+            values = ", ".join(f"{k} = {params.get(k)}" for k in searched) or "nothing (a fixed configuration)"
+            tags["bdx.searched"] = ", ".join(searched)
+            tags["mlflow.note.content"] = (
+                f"{family} trial {trial_id}. Searched: {values}. Every other parameter is fixed by the study file."
+            )
         return self.child_run("trial", trial_id, f"{family}-{trial_id}", params, tags)
+
+    def refit_run(self, refit_id: str, trial_run_id: str, params: dict[str, Any]) -> tuple[str, bool]:
+        """The run of a refit, nested under its trial's run (not the study's)."""
+        flt = f"tags.`bdx.kind` = 'refit' and tags.`bdx.refit_id` = '{refit_id}' and tags.`bdx.study` = '{self.study}'"
+        found = self.client.search_runs([self.experiment_id or ""], filter_string=flt, max_results=1)
+        if found:
+            return found[0].info.run_id, False
+        run = self.client.create_run(
+            self.experiment_id or "",
+            run_name=refit_id,
+            tags={
+                PARENT_TAG: trial_run_id,
+                "bdx.study": self.study,
+                "bdx.kind": "refit",
+                "bdx.refit_id": refit_id,
+                "bdx.detector": str(params.get("detector", "")),
+                "mlflow.note.content": f"Refit {refit_id}: the trial's config fitted again with a fresh seed and a "
+                "fresh draw of the defender's clean data (refit spread).",
+            },
+        )
+        self.client.log_batch(run.info.run_id, params=_params(params))
+        return run.info.run_id, True
 
     def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
         now = int(time.time() * 1000)
@@ -275,12 +322,47 @@ class StudyTracker:
             result = json.loads(report_path.read_text())
             if run is None:
                 row = tables.read_part("trials", trial_id).slice(0, 1).to_pylist()[0]
-                run_id, _ = self.trial_run(trial_id, row_params(row))
+                params = row_params(row)
+                run_id, _ = self.trial_run(
+                    trial_id, params, searched=sorted(spec.optuna_space(str(params["detector"])))
+                )
             else:
                 run_id = run.info.run_id
             self.log_trial(run_id, result)
             logged += 1
+        self.sync_refits(tables, study_dir)
         return logged
+
+    def sync_refits(self, tables: StudyTables, study_dir: Path) -> int:
+        """Log every stored refit not yet FINISHED in MLflow, nested under its trial's run."""
+        trial_runs = self._children("trial")
+        logged = 0
+        for refit_id in sorted(tables.finished_trials(kind="refits")):
+            trial_id = refit_id.rsplit("-refit", 1)[0]
+            report_path = study_dir / "artifacts" / f"refits-{refit_id}" / "report.json"
+            if trial_id not in trial_runs or not report_path.is_file():
+                continue
+            row = tables.read_part("refits", refit_id).slice(0, 1).to_pylist()[0]
+            run_id, created = self.refit_run(refit_id, trial_runs[trial_id].info.run_id, row_params(row))
+            if not created and self.client.get_run(run_id).info.status == "FINISHED":
+                continue
+            self.log_trial(run_id, json.loads(report_path.read_text()))
+            logged += 1
+        return logged
+
+    def name_the_best(self, trial_id: str) -> None:
+        """Tag the study's run with its best trial and link to that trial's run in its description."""
+        run = self._children("trial").get(trial_id)
+        if run is None or self.parent_run_id is None:
+            return
+        link = run_link(self.experiment_id or "", run.info.run_id)
+        self.client.set_tag(self.parent_run_id, "bdx.best_trial", trial_id)
+        self.client.set_tag(self.parent_run_id, "bdx.best_trial_run", run.info.run_id)
+        note = self.client.get_run(self.parent_run_id).data.tags.get("mlflow.note.content", "")
+        note = note.split("\n\nBest trial:")[0]
+        self.client.set_tag(
+            self.parent_run_id, "mlflow.note.content", f"{note}\n\nBest trial: [{run.info.run_name}]({link})".lstrip()
+        )
 
 
 def trial_params(spec: StudySpec, sampled: dict[str, Any]) -> dict[str, Any]:
@@ -288,6 +370,12 @@ def trial_params(spec: StudySpec, sampled: dict[str, Any]) -> dict[str, Any]:
     and defaults), named as in the YAML."""
     family, params, protocol = spec.trial_config(sampled)
     return {"detector": family, **protocol.to_row(), **params.to_params()}
+
+
+def searched_names(spec: StudySpec, sampled: dict[str, Any]) -> list[str]:
+    """The parameters the study searches for the trial's family (the rest are fixed)."""
+    family, _, _ = spec.trial_config(sampled)
+    return sorted(spec.optuna_space(family))
 
 
 def row_params(row: dict[str, Any]) -> dict[str, Any]:
@@ -362,7 +450,12 @@ class MlflowStudyCallback(tune.Callback):
 
     def _run_id(self, trial: Any) -> str | None:
         got = self._safe(
-            "run creation", self.tracker.trial_run, trial.trial_id, trial_params(self.spec, trial.config), self.fold
+            "run creation",
+            self.tracker.trial_run,
+            trial.trial_id,
+            trial_params(self.spec, trial.config),
+            self.fold,
+            searched_names(self.spec, trial.config),
         )
         return got[0] if got else None
 
