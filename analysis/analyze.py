@@ -71,12 +71,16 @@ def analyze(spec: StudySpec) -> Analysis:
     importance = param_importances(trials, spec)
     if not importance.empty:
         files += _write(importance, folder, "importance")
-        text.append("\nHyperparameter importance (fANOVA on the searched settings; selection-split objective):")
+        text.append(
+            "\nHyperparameter importance (fANOVA on the searched settings; selection-split objective; +- sd over "
+            "bootstrap resamples of the trials):"
+        )
         for family, t in importance.groupby("detector", sort=False):
             top = ", ".join(
-                f"{r.param} {r.importance:.2f}" for r in t.sort_values("importance").iloc[::-1].itertuples()
+                f"{r.param} {r.importance:.2f} +- {r.importance_sd:.2f}"
+                for r in t.sort_values("importance").iloc[::-1].itertuples()
             )
-            text.append(f"  {family}: {top}")
+            text.append(f"  {family} ({int(t['trials'].iloc[0])} trials): {top}")
         imp_plot = plot_importances(importance, folder / "importance.png")
         files += [imp_plot] if imp_plot else []
     front = pareto(trials, spec)

@@ -99,7 +99,7 @@ def plot_auroc_vs_clean_set(table: pd.DataFrame, metric: str, path: Path) -> Pat
     ax.set_xticks(list(x))
     ax.set_xticklabels([str(v) for v in x])
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("|D_c| (clean images B and M' finetune on)")
+    ax.set_xlabel("|D_c| (clean images B and M' finetune on; log scale)")
     ax.set_ylabel(f"{metric} (evaluation split)")
     ax.legend(fontsize=7)
     ax.set_title("BaDExpert: best config per |D_c|", fontsize=8)

@@ -221,7 +221,9 @@ def render(per_family: dict[str, RobustDefaults], spec: StudySpec, table: pd.Dat
 
 
 def plot_params(df: pd.DataFrame, spec: StudySpec, metric: str, path: Path) -> Path | None:
-    """Worst-case ``metric`` of each trial against each searched setting, one row per family."""
+    """The objective the search optimized (``metric`` aggregated over victims as the search does,
+    on the selection split) of each trial against each searched setting, one row per family;
+    infeasible trials (beyond the clean-accuracy constraint) marked apart; log axes labelled."""
     families = [f for f in spec.families if spec.searched(f) and (df["detector"] == f).any()]
     if not families:
         return None
@@ -229,25 +231,34 @@ def plot_params(df: pd.DataFrame, spec: StudySpec, metric: str, path: Path) -> P
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
-
+    obj = spec.search.objective
+    column = f"selection_{metric}" if f"selection_{metric}" in df.columns else metric
+    how = ("min" if metric in HIGHER_IS_BETTER else "max") if obj.aggregate == "worst" else "mean"
     width = max(len(spec.searched(f)) for f in families)
     fig, axes = plt.subplots(len(families), width, figsize=(3 * width, 2.8 * len(families)), squeeze=False)
-    how = "min" if metric in HIGHER_IS_BETTER else "max"
     for row, family in zip(axes, families, strict=True):
         rows = with_flat_params(df[df["detector"] == family])
         searched = spec.searched(family)
-        per_trial = rows.groupby("trial_id").agg({**{k: "first" for k in searched}, metric: how})
+        per_trial = rows.groupby("trial_id").agg({**{k: "first" for k in searched}, column: how, "feasible": "first"})
+        ok = per_trial["feasible"].astype(bool)
         for ax, k in zip(row, searched, strict=False):
             x = per_trial[k].astype(str) if per_trial[k].dtype == object else per_trial[k]
-            ax.scatter(x, per_trial[metric], s=12)
+            ax.scatter(x[ok], per_trial[column][ok], s=12, label="feasible")
+            if (~ok).any():
+                ax.scatter(x[~ok], per_trial[column][~ok], s=16, marker="x", color="tab:red", label="infeasible")
+                ax.legend(fontsize=6)
             if searched[k].dist == "loguniform":
-                ax.set_xscale("log")
-                ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: minor ones overlap
-            ax.set_xlabel(k)
+                ax.set_xscale("log")  # four labelled ticks across the searched range: it may span less than a decade
+                ticks = np.geomspace(searched[k].low, searched[k].high, 4)
+                ax.minorticks_off()
+                ax.set_xticks(ticks, labels=[f"{t:.2g}" for t in ticks], fontsize=7)
+                ax.set_xlabel(f"{k} (log scale)")
+            else:
+                ax.set_xlabel(k)
         for ax in row[len(searched) :]:
             ax.axis("off")
-        row[0].set_ylabel(f"{family}\nworst-case {metric}\n(evaluation split)")
+        what = "worst-case" if obj.aggregate == "worst" else "mean"
+        row[0].set_ylabel(f"{family}\n{what} {metric}\n(selection split: the search's objective)", fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")

@@ -104,20 +104,47 @@ def write_optuna_study(df: pd.DataFrame, spec: StudySpec, path: Path) -> Path:
     return path
 
 
+IMPORTANCE_RESAMPLES = 8  # bootstrap resamples of the trials: how stable each importance is
+
+
 def param_importances(df: pd.DataFrame, spec: StudySpec, seed: int = 0) -> pd.DataFrame:
     """fANOVA importance (Optuna's FanovaImportanceEvaluator, a random-forest functional ANOVA) of
-    each searched setting for the objective the search optimized, per family; families with
-    fewer than 4 trials, or one searched setting, are left out."""
+    each searched setting for the objective the search optimized (selection split), per family,
+    with the number of trials it rests on and its spread over bootstrap resamples of those trials
+    (``importance_sd``: a figure from few trials moves a lot). Families with fewer than 4 finished
+    trials, or one searched setting, are left out."""
+    import optuna
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
     rows = []
     for family, study in _studies(df, spec).items():
-        varying = [k for k in spec.optuna_space(family) if len({json.dumps(t.params.get(k)) for t in study.trials}) > 1]
-        if len(study.trials) < 4 or len(varying) < 2:
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        varying = [k for k in spec.optuna_space(family) if len({json.dumps(t.params.get(k)) for t in done}) > 1]
+        if len(done) < 4 or len(varying) < 2:
             continue
         imp = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=seed), params=varying)
-        rows += [{"detector": family, "param": k, "importance": float(v)} for k, v in imp.items()]
-    return pd.DataFrame(rows, columns=["detector", "param", "importance"])
+        rng = np.random.default_rng(seed)
+        resampled: dict[str, list[float]] = {k: [] for k in varying}
+        for r in range(IMPORTANCE_RESAMPLES):
+            boot = optuna.create_study(direction=study.direction)
+            boot.add_trials([done[i] for i in rng.integers(0, len(done), len(done))])
+            try:
+                got = get_param_importances(boot, evaluator=FanovaImportanceEvaluator(seed=seed + r), params=varying)
+            except (ValueError, RuntimeError):  # a resample in which a setting never varies
+                continue
+            for k in varying:
+                resampled[k].append(float(got.get(k, 0.0)))
+        rows += [
+            {
+                "detector": family,
+                "param": k,
+                "importance": float(v),
+                "importance_sd": float(np.std(resampled[k])) if len(resampled[k]) >= 2 else math.nan,
+                "trials": len(done),
+            }
+            for k, v in imp.items()
+        ]
+    return pd.DataFrame(rows, columns=["detector", "param", "importance", "importance_sd", "trials"])
 
 
 def _aggregate(rows: pd.DataFrame, obj: Objective) -> float:
@@ -167,12 +194,17 @@ def plot_importances(table: pd.DataFrame, path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     families = list(dict.fromkeys(table["detector"]))
-    fig, axes = plt.subplots(1, len(families), figsize=(3.6 * len(families), 2.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(families), figsize=(5.2 * len(families), 3.0), squeeze=False)
     for ax, family in zip(axes[0], families, strict=True):
         t = table[table["detector"] == family].sort_values("importance")
-        ax.barh(t["param"], t["importance"], color="tab:blue")
-        ax.set_title(f"{family}: fANOVA importance", fontsize=8)
-        ax.set_xlabel("share of the objective's variance")
+        sd = t["importance_sd"].fillna(0.0) if "importance_sd" in t else None
+        ax.barh(t["param"], t["importance"], xerr=sd, color="tab:blue", ecolor="black", capsize=2)
+        n = int(t["trials"].iloc[0]) if "trials" in t else None
+        ax.set_title(
+            f"{family}: fANOVA importance, {n} trials\nbars: +-1 sd over {IMPORTANCE_RESAMPLES} bootstrap resamples",
+            fontsize=7,
+        )
+        ax.set_xlabel("share of the objective's variance (selection split)")
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:

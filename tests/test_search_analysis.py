@@ -49,6 +49,9 @@ def test_nsga2_search_importance_and_pareto_front(ray_cluster: Any, tmp_path: Pa
     importance = pd.read_csv(folder / "importance.csv")
     assert set(importance["param"]) <= {"unlearn_lr", "aux_lr", "ensemble_alpha"} and len(importance) >= 2
     assert np.isclose(importance["importance"].sum(), 1.0, atol=1e-6)
+    # how many trials it rests on and how stable it is (bootstrap resamples of the trials)
+    assert (importance["trials"] == 6).all() and (importance["importance_sd"] >= 0).all()
+    assert "badexpert (6 trials): " in out and " +- " in out
     assert (folder / "pareto.png").stat().st_size > 0 and (folder / "importance.png").stat().st_size > 0
 
 
