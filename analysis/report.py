@@ -14,7 +14,7 @@ import yaml
 from bdx_study._config import flatten
 from bdx_study._io import atomic_path, write_text_atomic
 from bdx_study.metrics import HEADLINE, HIGHER_IS_BETTER
-from bdx_study.space import StudySpec
+from bdx_study.space import LogUniform, StudySpec
 
 from .robust import RobustDefaults, family_board, with_flat_params
 
@@ -247,9 +247,10 @@ def plot_params(df: pd.DataFrame, spec: StudySpec, metric: str, path: Path) -> P
             if (~ok).any():
                 ax.scatter(x[~ok], per_trial[column][~ok], s=16, marker="x", color="tab:red", label="infeasible")
                 ax.legend(fontsize=6)
-            if searched[k].dist == "loguniform":
+            dist = searched[k]
+            if isinstance(dist, LogUniform):
                 ax.set_xscale("log")  # four labelled ticks across the searched range: it may span less than a decade
-                ticks = np.geomspace(searched[k].low, searched[k].high, 4)
+                ticks = np.geomspace(dist.low, dist.high, 4)
                 ax.minorticks_off()
                 ax.set_xticks(ticks, labels=[f"{t:.2g}" for t in ticks], fontsize=7)
                 ax.set_xlabel(f"{k} (log scale)")

@@ -232,10 +232,14 @@ def _write_files(folder: Path, files: dict[str, dict[str, torch.Tensor]], manife
 
 
 def _decision(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The fields whose hash the manifest carries: :data:`DECISION_FIELDS`, and the clean
-    reference of a family scored against one (KeyError names a missing field)."""
-    fields = (*DECISION_FIELDS, "reference") if "reference" in manifest else DECISION_FIELDS
+    """The fields whose hash the manifest carries: :data:`DECISION_FIELDS`, the clean reference
+    of a family scored against one, and the model's file of a replaced bundle (KeyError names a
+    missing field)."""
+    fields = (*DECISION_FIELDS, *(k for k in OPTIONAL_DECISION_FIELDS if k in manifest))
     return {k: manifest[k] for k in fields}
+
+
+OPTIONAL_DECISION_FIELDS = ("reference", "model_file")
 
 
 REFERENCE = "reference"  # the manifest key of a family's clean reference (beside "components")

@@ -310,7 +310,7 @@ def _resign(bundle: Path, manifest: Any) -> None:
     import json
 
     from bdx_study._io import sha256_file, sha256_json
-    from bdx_study.detector import DECISION_FIELDS
+    from bdx_study.detector import DECISION_FIELDS, OPTIONAL_DECISION_FIELDS
 
     if isinstance(manifest, dict):
         sha = manifest.get("sha256")
@@ -320,7 +320,7 @@ def _resign(bundle: Path, manifest: Any) -> None:
                 if isinstance(name, str) and "/" not in name and f.is_file():
                     sha[name] = sha256_file(f)
         if all(k in manifest for k in DECISION_FIELDS):
-            fields = (*DECISION_FIELDS, "reference") if "reference" in manifest else DECISION_FIELDS
+            fields = (*DECISION_FIELDS, *(k for k in OPTIONAL_DECISION_FIELDS if k in manifest))
             manifest["decision_sha256"] = sha256_json({k: manifest[k] for k in fields})
     (bundle / "manifest.json").write_text(json.dumps(manifest))
 
