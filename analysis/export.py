@@ -134,7 +134,12 @@ def _first(message: str) -> str:
 
 def read_recipe(path: Path, detector: str | None) -> tuple[str, dict[str, Any]]:
     """(family, its entry) of a recipe written by ``bdx-study analyze``."""
-    recipe = load_recipe(path)
+    return recipe_entry(load_recipe(path), path, detector)
+
+
+def recipe_entry(recipe: dict[str, Any], path: Path, detector: str | None) -> tuple[str, dict[str, Any]]:
+    """(family, its entry) of a recipe already read by :func:`load_recipe`: ``detector``'s, or
+    the recipe's default detector's."""
     family = detector or recipe.get("default_detector")
     if family not in recipe["detectors"]:
         raise ValueError(
@@ -199,8 +204,8 @@ def export_detector(
     evaluate it on that victim's evaluation split, and write the bundle. Returns (bundle path,
     metrics)."""
     recipe_path = recipe_path or study_dir / "recipe.yaml"
-    family_name, entry = read_recipe(recipe_path, detector)
     recipe = load_recipe(recipe_path)
+    family_name, entry = recipe_entry(recipe, recipe_path, detector)
     check_recipe_current(recipe, recipe_path, spec, study_dir)
     DETECTORS.get(family_name)
     params, protocol = recipe_config(entry)

@@ -45,7 +45,7 @@ from bdx_study.stages import StageStore, run_detector
 from bdx_study.training import pick_device, predict_proba
 
 from .domain import check_domain, unseen_triggers
-from .export import load_recipe, read_recipe, recipe_config
+from .export import load_recipe, recipe_config, recipe_entry
 
 Shape = tuple[int, int, int]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -404,7 +404,7 @@ def _load_folder(root: Path, input_shape: Shape, num_classes: int) -> ImageData:
     return ImageData(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64))
 
 
-HIGH_DEPTH = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}  # PIL modes of 16-bit grayscale
+HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N")  # PIL modes of 16-bit grayscale
 
 
 def _pixels(im: Any, c: int, h: int, w: int, f: Path) -> np.ndarray:
@@ -597,10 +597,10 @@ def prepare_fit(
     bad one. Costs one forward pass over the clean images, no fitting."""
     if num_classes < 2:
         raise FitError(f"--num-classes {num_classes}: a classifier has at least 2 classes")
-    family_name, entry = read_recipe(recipe_path, detector)
+    recipe = load_recipe(recipe_path)
+    family_name, entry = recipe_entry(recipe, recipe_path, detector)
     params, protocol = recipe_config(entry)
     family = create_detector(family_name, params)
-    recipe = load_recipe(recipe_path)
     if not 0 < heldout_fraction < 1:
         raise FitError(f"--heldout-fraction {heldout_fraction}: expected a fraction in (0, 1), e.g. 0.2")
     model = load_model(weights, architecture, input_shape, num_classes, mean, std)

@@ -231,6 +231,7 @@ def plot_params(df: pd.DataFrame, spec: StudySpec, metric: str, path: Path) -> P
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     obj = spec.search.objective
     column = f"selection_{metric}" if f"selection_{metric}" in df.columns else metric
     how = ("min" if metric in HIGHER_IS_BETTER else "max") if obj.aggregate == "worst" else "mean"

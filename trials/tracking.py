@@ -197,10 +197,18 @@ class StudyTracker:
         return {r.data.tags.get(f"bdx.{kind}_id", ""): r for r in runs}
 
     def child_run(
-        self, kind: str, key: str, name: str, params: dict[str, Any], tags: dict[str, str] | None = None
+        self,
+        kind: str,
+        key: str,
+        name: str,
+        params: dict[str, Any],
+        tags: dict[str, str] | None = None,
+        parent: str | None = None,
     ) -> tuple[str, bool]:
-        """(run id, created now) of the nested run for a trial or victim with id ``key``."""
-        flt = children_filter(self.parent_run_id, kind, key)
+        """(run id, created now) of the run for a trial, victim or refit with id ``key``, nested
+        under ``parent`` (default: the study's run)."""
+        parent = parent or self.parent_run_id
+        flt = children_filter(parent, kind, key)
         found = self.client.search_runs([self.experiment_id or ""], filter_string=flt, max_results=1)
         if found:
             return found[0].info.run_id, False
@@ -208,7 +216,7 @@ class StudyTracker:
             self.experiment_id or "",
             run_name=name,
             tags={
-                PARENT_TAG: self.parent_run_id or "",
+                PARENT_TAG: parent or "",
                 "bdx.study": self.study,
                 "bdx.kind": kind,
                 f"bdx.{kind}_id": key,
@@ -236,25 +244,12 @@ class StudyTracker:
 
     def refit_run(self, refit_id: str, trial_run_id: str, params: dict[str, Any]) -> tuple[str, bool]:
         """The run of a refit, nested under its trial's run (not the study's)."""
-        flt = f"tags.`bdx.kind` = 'refit' and tags.`bdx.refit_id` = '{refit_id}' and tags.`bdx.study` = '{self.study}'"
-        found = self.client.search_runs([self.experiment_id or ""], filter_string=flt, max_results=1)
-        if found:
-            return found[0].info.run_id, False
-        run = self.client.create_run(
-            self.experiment_id or "",
-            run_name=refit_id,
-            tags={
-                PARENT_TAG: trial_run_id,
-                "bdx.study": self.study,
-                "bdx.kind": "refit",
-                "bdx.refit_id": refit_id,
-                "bdx.detector": str(params.get("detector", "")),
-                "mlflow.note.content": f"Refit {refit_id}: the trial's config fitted again with a fresh seed and a "
-                "fresh draw of the defender's clean data (refit spread).",
-            },
+        note = (
+            f"Refit {refit_id}: the trial's config fitted again with a fresh seed and a fresh draw of the defender's "
+            "clean data (refit spread)."
         )
-        self.client.log_batch(run.info.run_id, params=_params(params))
-        return run.info.run_id, True
+        tags = {"bdx.detector": str(params.get("detector", "")), "mlflow.note.content": note}
+        return self.child_run("refit", refit_id, refit_id, params, tags, parent=trial_run_id)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
         now = int(time.time() * 1000)
