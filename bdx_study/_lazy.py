@@ -25,3 +25,29 @@ def lazy_exports(package: str, where: Mapping[str, str], submodules: Iterable[st
         return value
 
     return __getattr__
+
+
+class LazyModule:
+    """A module imported on its first attribute read: ``torch = LazyModule("torch")`` at the top of
+    a registry entry's module keeps that module importable without torch (what ``validate``
+    needs) while its methods use ``torch.zeros``, ``F.relu`` and the rest as usual. Nothing is
+    put in ``sys.modules`` until then. Type checkers see the real module through the
+    ``if TYPE_CHECKING: import torch`` / ``else: torch = LazyModule("torch")`` idiom."""
+
+    __slots__ = ("_name", "_module")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._module: Any = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__") and attr.endswith("__"):  # copy, pickle and doctest probes
+            raise AttributeError(attr)
+        module = self._module
+        if module is None:
+            module = self._module = importlib.import_module(self._name)
+        return getattr(module, attr)
+
+    def __repr__(self) -> str:
+        state = "imported" if self._module is not None else "not imported yet"
+        return f"<lazy module {self._name!r} ({state})>"
