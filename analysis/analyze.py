@@ -26,8 +26,9 @@ from bdx_study.space import StudySpec
 from bdx_study.tables import StudyTables, write_table_atomic
 
 from .figures import auroc_vs_clean_set, plot_auroc_vs_clean_set, plot_unlearning_curve
-from .report import plot_comparison, plot_params, recipe, render, write_recipe
-from .robust import comparison, load_trials, robust_defaults
+from .recipe import Recipe
+from .report import plot_comparison, plot_params, render
+from .robust import RobustDefaults, comparison, load_trials, robust_defaults
 from .searches import param_importances, pareto, plot_importances, plot_pareto, write_optuna_study
 
 
@@ -51,57 +52,17 @@ def analyze(spec: StudySpec) -> Analysis:
     made_from = StudyTables(study_dir).counts()  # counted first: a launch may add more while we read
     trials = load_trials(study_dir)
     per_family = robust_defaults(study_dir, spec, trials)
-    out = write_recipe(recipe(per_family, spec, study_dir, made_from), study_dir / "recipe.yaml")
+    out = Recipe.of(per_family, spec, study_dir, made_from).write(study_dir / "recipe.yaml")
     table = comparison(per_family)
     files = [out, *_write(table, folder, "comparison")]
-    tables = StudyTables(study_dir)
-    scores = pd.concat(
-        [
-            tables.read_part(
-                "scores" if rd.seed_policy["fit_kind"] == "trials" else "refit_scores", rd.seed_policy["fit"]
-            ).to_pandas()
-            for rd in per_family.values()
-        ],
-        ignore_index=True,
-    )
-    files.append(plot_comparison(per_family, scores, folder / "comparison_roc.png"))
+    files.append(plot_comparison(per_family, _policy_scores(study_dir, per_family), folder / "comparison_roc.png"))
     text = [render(per_family, spec, table)]
-
     plot = plot_params(trials, spec, spec.search.objective.metric, folder / "objective_vs_params.png")
-    importance = param_importances(trials, spec)
-    if not importance.empty:
-        files += _write(importance, folder, "importance")
-        text.append(
-            "\nHyperparameter importance (fANOVA on the searched settings; selection-split objective; +- sd over "
-            "bootstrap resamples of the trials):"
-        )
-        for family, t in importance.groupby("detector", sort=False):
-            top = ", ".join(
-                f"{r.param} {r.importance:.2f} +- {r.importance_sd:.2f}"
-                for r in t.sort_values("importance").iloc[::-1].itertuples()
-            )
-            text.append(f"  {family} ({int(t['trials'].iloc[0])} trials): {top}")
-        imp_plot = plot_importances(importance, folder / "importance.png")
-        files += [imp_plot] if imp_plot else []
-    front = pareto(trials, spec)
-    if not front.empty:
-        files += _write(front, folder, "pareto")
-        text.append("\nPareto front of the multi-objective search (selection split; cost as measured):")
-        with pd.option_context("display.width", 200, "display.float_format", "{:.4g}".format):
-            text.append(front[front["pareto_front"]].drop(columns=["pareto_front"]).to_string(index=False))
-        p = plot_pareto(front, spec, folder / "pareto.png")
-        files += [p] if p else []
+    files += _importance(trials, spec, folder, text)
+    files += _pareto(trials, spec, folder, text)
     files += [plot] if plot else []
     if "badexpert" in per_family:  # the paper's two figures
-        curve = plot_unlearning_curve(per_family["badexpert"], folder / "unlearning_curve.png")
-        files += [curve] if curve else []
-        by_size = auroc_vs_clean_set(trials, spec)
-        if len(by_size) >= 2:
-            files += _write(by_size, folder, "auroc_vs_clean_set_size")
-            p = plot_auroc_vs_clean_set(by_size, spec.search.objective.metric, folder / "auroc_vs_clean_set_size.png")
-            files += [p] if p else []
-            text.append("\nBaDExpert, best config per |D_c| (evaluation split):")
-            text.append(by_size.to_string(index=False, float_format="{:.4f}".format))
+        files += _paper_figures(per_family["badexpert"], trials, spec, folder, text)
     optuna_db = write_optuna_study(trials, spec, study_dir / "optuna.db")
     logged = _log(study_dir, files)
     text.append(
@@ -110,6 +71,69 @@ def analyze(spec: StudySpec) -> Analysis:
         + ("\nlogged to the study's MLflow run under analysis/" if logged else "")
     )
     return Analysis("\n".join(text), out, files, logged)
+
+
+def _policy_scores(study_dir: Path, per_family: dict[str, RobustDefaults]) -> pd.DataFrame:
+    """The per-input scores of each family's fit chosen by its seed policy."""
+    tables = StudyTables(study_dir)
+    return pd.concat(
+        [
+            tables.read_part(
+                "scores" if rd.seed_policy["fit_kind"] == "trials" else "refit_scores", rd.seed_policy["fit"]
+            ).to_pandas()
+            for rd in per_family.values()
+        ],
+        ignore_index=True,
+    )
+
+
+def _importance(trials: pd.DataFrame, spec: StudySpec, folder: Path, text: list[str]) -> list[Path]:
+    """fANOVA importance of the searched settings: its table, plot and lines of text."""
+    importance = param_importances(trials, spec)
+    if importance.empty:
+        return []
+    files = _write(importance, folder, "importance")
+    text.append(
+        "\nHyperparameter importance (fANOVA on the searched settings; selection-split objective; +- sd over "
+        "bootstrap resamples of the trials):"
+    )
+    for family, t in importance.groupby("detector", sort=False):
+        top = ", ".join(
+            f"{r.param} {r.importance:.2f} +- {r.importance_sd:.2f}"
+            for r in t.sort_values("importance").iloc[::-1].itertuples()
+        )
+        text.append(f"  {family} ({int(t['trials'].iloc[0])} trials): {top}")
+    imp_plot = plot_importances(importance, folder / "importance.png")
+    return files + ([imp_plot] if imp_plot else [])
+
+
+def _pareto(trials: pd.DataFrame, spec: StudySpec, folder: Path, text: list[str]) -> list[Path]:
+    """The Pareto front of a multi-objective search: its table, plot and lines of text."""
+    front = pareto(trials, spec)
+    if front.empty:
+        return []
+    files = _write(front, folder, "pareto")
+    text.append("\nPareto front of the multi-objective search (selection split; cost as measured):")
+    with pd.option_context("display.width", 200, "display.float_format", "{:.4g}".format):
+        text.append(front[front["pareto_front"]].drop(columns=["pareto_front"]).to_string(index=False))
+    p = plot_pareto(front, spec, folder / "pareto.png")
+    return files + ([p] if p else [])
+
+
+def _paper_figures(
+    rd: RobustDefaults, trials: pd.DataFrame, spec: StudySpec, folder: Path, text: list[str]
+) -> list[Path]:
+    """BaDExpert's unlearning curve, and AUROC against |D_c| when the study varies it."""
+    curve = plot_unlearning_curve(rd, folder / "unlearning_curve.png")
+    files = [curve] if curve else []
+    by_size = auroc_vs_clean_set(trials, spec)
+    if len(by_size) >= 2:
+        files += _write(by_size, folder, "auroc_vs_clean_set_size")
+        p = plot_auroc_vs_clean_set(by_size, spec.search.objective.metric, folder / "auroc_vs_clean_set_size.png")
+        files += [p] if p else []
+        text.append("\nBaDExpert, best config per |D_c| (evaluation split):")
+        text.append(by_size.to_string(index=False, float_format="{:.4f}".format))
+    return files
 
 
 def _log(study_dir: Path, files: list[Path]) -> bool:

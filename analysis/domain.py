@@ -11,77 +11,61 @@ validated on and the nearest shipped study to run instead.
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bdx_study.metrics import LOWER_IS_BETTER
+
+from .recipe import Recipe
 
 Shape = tuple[int, int, int]
 
 
 @dataclass(frozen=True)
 class ShippedStudy:
-    """A study file under search_spaces/ and the victims it runs (tests/test_domain.py checks
-    this table against the files that are present)."""
+    """A study file under search_spaces/ and the victims it runs, as read from the file."""
 
     file: str
     datasets: tuple[str, ...]
-    input_shape: Shape
+    input_shape: Shape  # of its first dataset
     architectures: tuple[str, ...]
-    families: tuple[str, ...]  # detector families it tunes; () = BaDExpert only
-    what: str
+    families: tuple[str, ...]  # the detector families it tunes
+    what: str  # its study.description
+    searches_clean_set_size: bool  # it studies the protocol's |D_c| (ablations, the paper's figures)
+
+    @classmethod
+    def read(cls, path: Path) -> ShippedStudy:
+        from bdx_study.data import dataset_info
+        from bdx_study.space import load_space
+
+        spec = load_space(path)
+        victims = spec.victim_configs()
+        datasets = tuple(dict.fromkeys(v.dataset for v in victims))
+        c, h, w = dataset_info(datasets[0]).input_shape
+        architectures = tuple(dict.fromkeys(v.architecture for v in victims))
+        what = spec.study.description or spec.study.name
+        searches_size = any("clean_set_size" in spec.searched(f) for f in spec.families)
+        return cls(path.name, datasets, (c, h, w), architectures, tuple(spec.families), what, searches_size)
 
 
-SHIPPED_STUDIES: tuple[ShippedStudy, ...] = (
-    ShippedStudy(
-        "quickstart.yaml",
-        ("digits",),
-        (1, 16, 16),
-        ("small_cnn",),
-        ("badexpert", "ted", "committee"),
-        "digits 16x16, small CNN: BaDExpert, TED and their committee",
-    ),
-    ShippedStudy(
-        "compare.yaml",
-        ("digits",),
-        (1, 16, 16),
-        ("small_cnn",),
-        ("badexpert", "strip", "scale_up"),
-        "digits 16x16, small CNN: BaDExpert, STRIP and SCALE-UP",
-    ),
-    ShippedStudy(
-        "compare-all.yaml",
-        ("digits",),
-        (1, 16, 16),
-        ("small_cnn",),
-        (
-            "badexpert",
-            "cognitive_distillation",
-            "frequency",
-            "ibd_psc",
-            "scale_up",
-            "sentinet",
-            "strip",
-            "teco",
-            "ted",
-        ),
-        "digits 16x16, small CNN: all nine detector families",
-    ),
-    ShippedStudy(
-        "zoo.yaml", ("fashion_mnist",), (1, 28, 28), ("small_cnn",), (), "Fashion-MNIST 28x28, small CNN, every attack"
-    ),
-    ShippedStudy(
-        "zoo-committee.yaml",
-        ("fashion_mnist",),
-        (1, 28, 28),
-        ("small_cnn",),
-        ("badexpert", "ted", "committee"),
-        "Fashion-MNIST 28x28, small CNN, every attack: BaDExpert, TED and their committee, held-out folds",
-    ),
-    ShippedStudy("paper-cifar10.yaml", ("cifar10",), (3, 32, 32), ("resnet18",), (), "CIFAR-10 32x32, ResNet-18"),
-)
+FRONT_DOOR = "quickstart.yaml"  # the study a user runs first: preferred among equally near ones
+
+
+@functools.cache
+def shipped_studies() -> tuple[ShippedStudy, ...]:
+    """The studies shipped in search_spaces/ that a recipe can be made from, read from their
+    files: every one except those that search the clean-set size |D_c| (ablations, the paper's
+    figures), which study the protocol rather than choose settings to apply. The quickstart
+    first, then by file name."""
+    from bdx_study.space import builtin_space
+
+    folder = builtin_space().parent
+    paths = sorted(folder.glob("*.yaml"), key=lambda p: (p.name != FRONT_DOOR, p.name))
+    studies = (ShippedStudy.read(p) for p in paths)
+    return tuple(s for s in studies if not s.searches_clean_set_size)
 
 
 def _fmt_shape(shape: Sequence[int]) -> str:
@@ -106,17 +90,23 @@ def nearest_study(
     "matches" when its dataset or input shape is the application's."""
     shape = tuple(int(s) for s in input_shape) if input_shape is not None else None
 
-    def closeness(s: ShippedStudy) -> tuple[int, int, int, int, int]:
+    def closeness(s: ShippedStudy) -> tuple[int, ...]:
         same_data = int(dataset is not None and dataset in s.datasets)
         same_shape = int(shape is not None and shape == s.input_shape)
         same_channels = int(shape is not None and shape[0] == s.input_shape[0])
         size_gap = -abs(shape[1] * shape[2] - s.input_shape[1] * s.input_shape[2]) if shape is not None else 0
-        tunes = s.families or ("badexpert",)
-        family = 2 if detector is None or detector in tunes else 0
-        family += int(len(tunes) <= 3)  # the smaller study that tunes it: cheaper to run
-        return (same_data + same_shape, same_channels, size_gap, int(architecture in s.architectures), family)
+        tunes = int(detector is None or detector in s.families)
+        # then the study that tunes fewer families: cheaper to run
+        return (
+            same_data + same_shape,
+            same_channels,
+            size_gap,
+            int(architecture in s.architectures),
+            tunes,
+            -len(s.families),
+        )
 
-    best = max(SHIPPED_STUDIES, key=closeness)
+    best = max(shipped_studies(), key=closeness)
     return best, closeness(best)[0] > 0
 
 
@@ -140,15 +130,14 @@ def suggestion(
             f"(your architecture, a dataset of your input size) with the settings of study "
             f"{recipe_study or 'the recipe came from'}, starting from the nearest, {where}"
         )
-    tunes = study.families or ("badexpert",)
-    add = f", adding {detector} under detectors:" if detector is not None and detector not in tunes else ""
+    add = f", adding {detector} under detectors:" if detector is not None and detector not in study.families else ""
     if architecture is not None and architecture not in study.architectures:
         return f"run {where} with victims.architectures: [{architecture}]{add}"
     return f"run {where} instead{add}"
 
 
 def check_domain(
-    recipe: dict[str, Any],
+    recipe: Recipe,
     *,
     dataset: str | None = None,
     architecture: str,
@@ -161,73 +150,66 @@ def check_domain(
     validated on (architecture, input shape, class count, and the dataset and attack when
     known); empty when it lies inside. Each names what the recipe was validated on and the
     nearest shipped study to run instead."""
-    study = recipe.get("study")
-    dom = recipe.get("domain")
+    study = recipe.study
+    dom = recipe.domain
     instead = suggestion(
         dataset=dataset,
         architecture=architecture,
         input_shape=input_shape,
-        detector=detector or recipe.get("default_detector"),
+        detector=detector or recipe.default_detector,
         recipe_study=study,
     )
-    if not isinstance(dom, dict):
+    if dom is None:
         return [
             f"the recipe (study {study}) states no domain (it was written by an older bdx-study): nothing says it "
             f"holds for this model; run `bdx-study analyze` on its study again, or {instead}"
         ]
     shape = tuple(int(s) for s in input_shape)
-    shapes = [tuple(int(v) for v in s) for s in dom.get("input_shapes") or []]
+    shapes = [tuple(int(v) for v in s) for s in dom.input_shapes or []]
     out: list[str] = []
 
     def outside(what: str, validated: str) -> None:
         out.append(f"{what}: the recipe (study {study}) was validated on {validated} only; {instead}")
 
-    if dataset is not None and dataset not in (dom.get("datasets") or []):
-        outside(f"dataset {dataset}", f"dataset(s) {_fmt_list(dom.get('datasets') or [])}")
-    if architecture not in (dom.get("architectures") or []):
-        outside(f"architecture {architecture}", f"architecture(s) {_fmt_list(dom.get('architectures') or [])}")
+    if dataset is not None and dataset not in (dom.datasets or []):
+        outside(f"dataset {dataset}", f"dataset(s) {_fmt_list(dom.datasets or [])}")
+    if architecture not in (dom.architectures or []):
+        outside(f"architecture {architecture}", f"architecture(s) {_fmt_list(dom.architectures or [])}")
     if shape not in shapes:
         outside(f"input shape {_fmt_shape(shape)}", f"input shape(s) {_fmt_list([_fmt_shape(s) for s in shapes])}")
-    if num_classes not in (dom.get("num_classes") or []):
-        outside(f"{num_classes} classes", f"class count(s) {_fmt_list(dom.get('num_classes') or [])}")
-    if attack is not None and attack not in (dom.get("attacks") or []):
+    if num_classes not in (dom.num_classes or []):
+        outside(f"{num_classes} classes", f"class count(s) {_fmt_list(dom.num_classes or [])}")
+    if attack is not None and attack not in (dom.attacks or []):
         out.append(
             f"attack {attack}: the recipe (study {study}) was validated on attack(s) "
-            f"{_fmt_list(dom.get('attacks') or [])} only; add {{name: {attack}}} to victims.attacks of its study, or "
+            f"{_fmt_list(dom.attacks or [])} only; add {{name: {attack}}} to victims.attacks of its study, or "
             "run search_spaces/zoo.yaml (every attack, on Fashion-MNIST)"
         )
     return out
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def unseen_triggers(recipe: dict[str, Any], detector: str | None = None) -> str:
+def unseen_triggers(recipe: Recipe, detector: str | None = None) -> str:
     """One line on what the domain check cannot see: the trigger kind a user's model carries.
     A recipe knows the attacks it was tuned on, nothing more; the line names them and the
     family's weakest held-out attack with its figure (its evidence of how defaults transfer to an
     attack they were not tuned on)."""
-    family = detector or recipe.get("default_detector")
-    dom = recipe.get("domain") if isinstance(recipe.get("domain"), dict) else {}
-    attacks = _fmt_list((dom or {}).get("attacks") or [])
-    entry = (recipe.get("detectors") or {}).get(family) or {}
-    folds = ((entry.get("evidence") or {}).get("held_out") or {}).get("folds") or []
+    family = detector or recipe.default_detector
+    attacks = _fmt_list((recipe.domain.attacks if recipe.domain is not None else None) or [])
+    entry = recipe.detectors.get(family) if family is not None else None
     head = (
         f"unchecked: the recipe was tuned on attacks {attacks}; no check can see which trigger a model carries, "
         "and a trigger unlike these may go undetected"
     )
     figures = []
-    not_figures = ("held_out_ci95", "held_out_victims", "held_out_worst_clean_acc_drop")
-    for f in folds:
-        key = next((k for k in f if k.startswith("held_out_") and k not in not_figures), None)
-        if key is None or not str(f.get("held_out", "")).startswith("attack=") or not _is_number(f.get(key)):
+    for f in entry.held_out_folds if entry is not None else []:
+        figure = f.figure()
+        if figure is None or not str(f.held_out).startswith("attack="):
             continue
-        attack = str(f["held_out"]).removeprefix("attack=")
-        figures.append((float(f[key]), attack, key, bool(f.get("strictly_held_out"))))
+        metric, value = figure
+        figures.append((value, str(f.held_out).removeprefix("attack="), metric, bool(f.strictly_held_out)))
     if not figures:
         return head + f" (the recipe has no held-out-attack evidence for {family}: its study had one attack)"
-    metric = figures[0][2].removeprefix("held_out_")  # e.g. worst_auroc_correct_only
+    metric = figures[0][2]  # e.g. worst_auroc_correct_only
     lower_is_better = metric.split("_", 1)[1] in LOWER_IS_BETTER
     value, attack, _, strict = (max if lower_is_better else min)(figures)
     how = "strictly held out" if strict else "held out, not strictly: the search saw it"

@@ -9,7 +9,8 @@ The flow, with every check before any work:
    normalization it was trained with, and weights read from a safetensors file (nothing is
    unpickled; weights that do not fit the architecture are refused, naming the mismatches);
 3. the clean data: an ``.npz`` (arrays ``x`` and ``y``, read without pickles) or a folder of
-   class folders of images; shape, pixel range and labels checked against the model;
+   class folders of images; shape, pixel range and labels checked against the model (the
+   model and data readers live in :mod:`bdx_study.userfiles`);
 4. the split (seeded): a held-out part never used to fit or calibrate, on which the realized
    false-positive rate is measured, and the defender's reserve, from which the recipe's
    protocol takes D_c (its finetune and calibration parts; a clean set larger than the reserve
@@ -22,7 +23,6 @@ The flow, with every check before any work:
 from __future__ import annotations
 
 import math
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,33 +30,29 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
 
-from bdx_study._io import interrupts_deferred, sha256_file, special_kind
-from bdx_study.archs import Classifier, create_model
+from bdx_study._io import interrupts_deferred, sha256_file
+from bdx_study.archs import Classifier
 from bdx_study.attacks import create_attack
 from bdx_study.data import DatasetInfo, ImageData, Splits, dataset_info, list_datasets
-from bdx_study.detector import save_bundle
+from bdx_study.detector import BundleError, check_bundle_target, save_bundle
 from bdx_study.detectors import DetectorFamily, create_detector
-from bdx_study.detectors.params import MIN_REFERENCE
+from bdx_study.detectors.committee import MIN_REFERENCE
 from bdx_study.metrics import min_calibration
 from bdx_study.protocol import Evaluation, ProtocolConfig
-from bdx_study.stages import StageStore, run_detector
+from bdx_study.stages import LoadedVictim, StageStore, run_detector
 from bdx_study.training import pick_device, predict_proba
+from bdx_study.userfiles import Shape, UserFileError, check_classes, load_clean, load_model
 
 from .domain import check_domain, unseen_triggers
-from .export import load_recipe, recipe_config, recipe_entry
+from .recipe import Recipe
 
-Shape = tuple[int, int, int]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-MAX_CLEAN_BYTES = 4 << 30  # an .npz array's decompressed size: a clean set is thousands of images
-MIN_PIXEL_STD = 1e-3  # clean images whose pixels vary less are blank or collapsed on conversion
 CHANCE_MARGIN = 0.05  # a model must beat chance on the clean data by this much to be worth a detector
-SAFETENSORS_MAX_HEADER = 100 * 2**20  # the safetensors library's own limit on the JSON header
 
 
-class FitError(ValueError):
-    """Bad input to ``bdx-study fit``; the message names the file or value and what is expected."""
+class FitError(UserFileError):
+    """Bad input to ``bdx-study fit``; the message names the file or value and what is expected.
+    The user's files themselves are read and checked by :mod:`bdx_study.userfiles`."""
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -86,352 +82,6 @@ def per_channel(values: Sequence[float] | None, channels: int, flag: str) -> tup
     if flag == "--std" and min(vals) <= 0:
         raise FitError(f"--std {' '.join(map(str, values))}: every value must be > 0")
     return vals
-
-
-# ------------------------------------------------------------------------------------ the model
-
-
-def read_safetensors(path: Path) -> dict[str, Tensor]:
-    """The tensors of a safetensors file; a pickle (torch.save, pickle.dump) or any other format
-    is refused before anything is deserialized."""
-    if not path.is_file():
-        raise FitError(f"--weights {path}: no such file")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    size = path.stat().st_size
-    convert = "save the weights with safetensors.torch.save_file(model.state_dict(), 'model.safetensors')"
-    header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
-    if not (0 < header_len <= min(SAFETENSORS_MAX_HEADER, size - 8) and head[8:9] == b"{"):
-        if head.startswith(b"PK"):
-            raise FitError(
-                f"--weights {path}: a zip archive (PyTorch's torch.save format, which holds a pickle); bdx-study "
-                f"never unpickles files. In your own environment, {convert}"
-            )
-        if head[:1] == b"\x80":
-            raise FitError(
-                f"--weights {path}: a Python pickle; bdx-study never unpickles files. {convert[0].upper()}{convert[1:]}"
-            )
-        raise FitError(f"--weights {path}: not a safetensors file; {convert}")
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path)
-    except Exception as e:  # safetensors raises its own error type on a damaged file
-        raise FitError(f"--weights {path}: a damaged safetensors file ({e})") from None
-
-
-def _layers(body: nn.Module, kind: type[nn.Module]) -> list[str]:
-    return [name for name, m in body.named_modules() if isinstance(m, kind)]
-
-
-def _check_state(
-    model: Classifier, state: dict[str, Tensor], path: Path, architecture: str, shape: Shape, classes: int
-) -> None:
-    """Refuse weights that do not fit ``model``, naming the first mismatches."""
-    own = model.state_dict()
-    convs, heads = _layers(model.body, nn.Conv2d), _layers(model.body, nn.Linear)
-    if heads and (w := state.get(f"body.{heads[-1]}.weight")) is not None and w.shape[0] != classes:
-        raise FitError(
-            f"--weights {path}: the classifier head (body.{heads[-1]}) has {w.shape[0]} outputs, but --num-classes "
-            f"is {classes}"
-        )
-    if convs and (w := state.get(f"body.{convs[0]}.weight")) is not None and w.ndim == 4 and w.shape[1] != shape[0]:
-        raise FitError(
-            f"--weights {path}: the first layer (body.{convs[0]}) takes {w.shape[1]} input channel(s), but "
-            f"--input-shape has {shape[0]}"
-        )
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [
-        f"{k} is {tuple(state[k].shape)} where the architecture has {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
-        problems = [
-            f"{len(found)} tensor(s) {what} (first: {sep.join(found[:3])})"
-            for what, found, sep in (
-                ("missing", missing, ", "),
-                ("unexpected", unexpected, ", "),
-                ("of the wrong shape", wrong, "; "),
-            )
-            if found
-        ]
-        raise FitError(
-            f"--weights {path} does not match --architecture {architecture} ({shape[0]} channel(s), {classes} "
-            f"classes): {'. '.join(problems)}. Check --architecture and --num-classes"
-        )
-
-
-def load_model(
-    path: Path,
-    architecture: str,
-    input_shape: Shape,
-    num_classes: int,
-    mean: tuple[float, ...] | None,
-    std: tuple[float, ...] | None,
-) -> Classifier:
-    """The registered ``architecture`` with the weights of ``path`` (safetensors), normalizing
-    inside. The weights may be a bdx-study model's (with its ``mean``/``std`` buffers, which
-    must then agree with ``mean``/``std`` when those are given) or the bare network's."""
-    state = read_safetensors(path)
-    saved: dict[str, tuple[float, ...]] = {
-        k: tuple(float(v) for v in state.pop(k).flatten()) for k in ("mean", "std") if k in state
-    }
-    if mean is None or std is None:
-        if len(saved) < 2:
-            raise FitError(
-                f"--weights {path} holds no normalization: give --mean and --std, per channel, as the model was "
-                "trained with (--mean 0 --std 1 for a model fed raw [0, 1] pixels)"
-            )
-        mean, std = saved["mean"], saved["std"]
-    for name, given in (("mean", mean), ("std", std)):
-        held = saved.get(name)
-        if held is not None and (len(held) != len(given) or not np.allclose(held, given, atol=1e-4)):
-            raise FitError(
-                f"--weights {path} was saved with normalization {name} {list(held)}, but --{name} says "
-                f"{list(given)}: drop --mean/--std to use the saved values, or fix them"
-            )
-    try:
-        model = create_model(architecture, input_shape, num_classes, mean, std)
-    except (ValueError, RuntimeError) as e:  # an unknown name, or a shape the architecture refuses
-        raise FitError(f"--architecture {architecture}: {e}") from None
-    if not any(k.startswith("body.") for k in state):  # the bare network: it goes inside the Classifier
-        state = {f"body.{k}": v for k, v in state.items()}
-    state.update(mean=model.get_buffer("mean").clone(), std=model.get_buffer("std").clone())
-    _check_state(model, state, path, architecture, input_shape, num_classes)
-    if len(mean) != input_shape[0] or len(std) != input_shape[0]:
-        raise FitError(
-            f"--weights {path}: normalization of {len(mean)} channel(s), but --input-shape has {input_shape[0]}"
-        )
-    model.load_state_dict(state)
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(2, *input_shape))
-    except RuntimeError as e:
-        raise FitError(
-            f"--architecture {architecture} with --weights {path} does not run on {'x'.join(map(str, input_shape))} "
-            f"inputs ({e}); check --input-shape"
-        ) from None
-    return model
-
-
-# ------------------------------------------------------------------------------------ the data
-
-
-def load_clean(path: Path, input_shape: Shape, num_classes: int) -> ImageData:
-    """The user's clean images (float32 (N, C, H, W) in [0, 1]) and labels, from an ``.npz`` or
-    a folder of class folders; checked against ``input_shape`` and ``num_classes``."""
-    kind = special_kind(path)
-    if kind is not None:
-        raise FitError(f"--clean {path}: {kind}, not a regular file; give an .npz or a folder of class folders")
-    if path.is_dir():
-        data = _load_folder(path, input_shape, num_classes)
-    elif path.is_file():
-        data = _load_npz(path, input_shape, num_classes)
-    else:
-        raise FitError(f"--clean {path}: no such file or folder")
-    if len(data) == 0:
-        raise FitError(f"--clean {path}: no images")
-    spread = float(data.x.std())
-    if spread < MIN_PIXEL_STD:
-        raise FitError(
-            f"--clean {path}: the pixel values barely vary (standard deviation {spread:.2g} on the [0, 1] scale): the "
-            "images are blank or collapsed on conversion; check how they were saved"
-        )
-    return data
-
-
-def check_classes(data: ImageData, num_classes: int, path: Path) -> list[str]:
-    """Refuse clean images of one class only (finetuning and calibration on one class say nothing
-    of the others); a warning when they cover less than half of the model's classes."""
-    present = sorted(int(c) for c in torch.unique(data.y))
-    if len(present) == 1:
-        raise FitError(
-            f"--clean {path}: all {len(data)} images are labelled class {present[0]}; a detector is fitted and its "
-            f"threshold calibrated on clean images of the model's classes: give images of all {num_classes}"
-        )
-    if len(present) < num_classes / 2:
-        shown = ", ".join(map(str, present[:10])) + (", ..." if len(present) > 10 else "")
-        return [
-            f"--clean has images of only {len(present)} of the model's {num_classes} classes ({shown}): the "
-            "detector is fitted and its threshold calibrated on those; inputs of the other classes may be flagged "
-            "far more (or less) often than target_fpr"
-        ]
-    return []
-
-
-def _npz_header(zf: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.dtype[Any], int]:
-    """(shape, dtype, bytes claimed) of one array in an .npz, read from its header alone."""
-    info = zf.getinfo(member)
-    with zf.open(info) as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-        offset = f.tell()
-    if not dtype.hasobject and math.prod(shape) * dtype.itemsize != info.file_size - offset:
-        raise ValueError(f"its header claims shape {tuple(shape)} but the member holds {info.file_size - offset} bytes")
-    return tuple(shape), dtype, offset
-
-
-def _load_npz(path: Path, input_shape: Shape, num_classes: int) -> ImageData:
-    with open(path, "rb") as f:
-        head = f.read(6)
-    if head.startswith(b"\x93NUMPY"):
-        raise FitError(f"--clean {path}: a single .npy array; save images and labels together: np.savez(f, x=x, y=y)")
-    if head[:1] == b"\x80":
-        raise FitError(f"--clean {path}: a Python pickle; bdx-study never unpickles files: np.savez(f, x=x, y=y)")
-    if not head.startswith(b"PK"):
-        raise FitError(f"--clean {path}: not an .npz archive; expected np.savez(f, x=images, y=labels) or a folder")
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = [n.removesuffix(".npy") for n in zf.namelist()]
-            if "x" not in names or "y" not in names:
-                raise FitError(f"--clean {path}: expected arrays 'x' (images) and 'y' (labels); it holds {names}")
-            for key in ("x", "y"):
-                _, dtype, _ = _npz_header(zf, f"{key}.npy")
-                claimed = zf.getinfo(f"{key}.npy").file_size
-                if claimed > MAX_CLEAN_BYTES:
-                    raise FitError(
-                        f"--clean {path}: array {key!r} holds {claimed} bytes once decompressed; at most "
-                        f"{MAX_CLEAN_BYTES} (a clean set is thousands of images, not millions)"
-                    )
-                if dtype.hasobject or dtype.fields is not None:
-                    raise FitError(
-                        f"--clean {path}: array {key!r} holds Python objects (dtype {dtype}), which would need "
-                        "unpickling; bdx-study never unpickles files: save numeric arrays"
-                    )
-        with np.load(path, allow_pickle=False) as npz:
-            x, y = np.asarray(npz["x"]), np.asarray(npz["y"])
-    except FitError:
-        raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-        raise FitError(f"--clean {path}: a damaged .npz ({e})") from None
-    return ImageData(_as_images(x, path, input_shape), _as_labels(y, len(x), path, num_classes))
-
-
-def _as_images(x: np.ndarray, path: Path, input_shape: Shape) -> Tensor:
-    c, h, w = input_shape
-    if x.dtype != np.uint8 and x.dtype.kind != "f":
-        raise FitError(f"--clean {path}: x has dtype {x.dtype}; expected uint8 (0-255) or float (0-1) pixels")
-    if x.ndim == 4 and x.shape[1:] == (c, h, w):
-        pass
-    elif x.ndim == 4 and x.shape[1:] == (h, w, c):
-        x = x.transpose(0, 3, 1, 2)
-    elif x.ndim == 3 and c == 1 and x.shape[1:] == (h, w):
-        x = x[:, None]
-    else:
-        raise FitError(
-            f"--clean {path}: x has shape {x.shape}, but --input-shape is {c},{h},{w}: expected (N, {c}, {h}, {w}) "
-            f"or (N, {h}, {w}, {c})"
-        )
-    if x.dtype == np.uint8:
-        return torch.from_numpy(np.ascontiguousarray(x)).float().div_(255.0)
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    if not bool(torch.isfinite(t).all()) or (t.numel() and (float(t.min()) < 0 or float(t.max()) > 1)):
-        lo, hi = float(np.nanmin(x)), float(np.nanmax(x))
-        raise FitError(
-            f"--clean {path}: float pixels span [{lo:.3g}, {hi:.3g}] (or are not finite); expected [0, 1] "
-            "(or uint8 0-255)"
-        )
-    return t
-
-
-def _as_labels(y: np.ndarray, n: int, path: Path, num_classes: int) -> Tensor:
-    if y.dtype.kind not in "iu" or y.ndim != 1 or len(y) != n:
-        raise FitError(
-            f"--clean {path}: y has dtype {y.dtype} and shape {y.shape}; expected {n} integer labels, one per image"
-        )
-    bad = (y < 0) | (y >= num_classes)
-    if bad.any():
-        raise FitError(
-            f"--clean {path}: labels span [{int(y.min())}, {int(y.max())}], but --num-classes is {num_classes}: "
-            f"{int(bad.sum())} label(s) outside [0, {num_classes - 1}]"
-        )
-    return torch.from_numpy(y.astype(np.int64))
-
-
-def _class_folders(root: Path, num_classes: int) -> list[tuple[Path, int]]:
-    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not folders:
-        raise FitError(f"--clean {root}: no class folders; expected {root}/<class>/<image> (or an .npz)")
-    names = [d.name for d in folders]
-    if all(n.isdigit() for n in names):
-        out = [(d, int(d.name)) for d in folders]
-        bad = [d.name for d, i in out if i >= num_classes]
-        if bad:
-            raise FitError(
-                f"--clean {root}: class folder(s) {', '.join(bad)} name classes beyond --num-classes {num_classes} "
-                f"(indices 0-{num_classes - 1})"
-            )
-        return out
-    if len(folders) != num_classes:
-        raise FitError(
-            f"--clean {root}: {len(folders)} class folders ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
-            f", but --num-classes is {num_classes}: name the folders by class index (0-{num_classes - 1}), or give "
-            f"all {num_classes}, whose sorted names are the class order"
-        )
-    return [(d, i) for i, d in enumerate(folders)]
-
-
-def _load_folder(root: Path, input_shape: Shape, num_classes: int) -> ImageData:
-    """Class folders of images, read through PIL: converted to 8-bit grayscale ("L") for one
-    channel or "RGB" for three (alpha dropped), resized to H x W (bilinear) when their size
-    differs, scaled to [0, 1]."""
-    from PIL import Image
-
-    c, h, w = input_shape
-    if c not in (1, 3):
-        raise FitError(f"--clean {root}: a folder of images gives 1 (grayscale) or 3 (RGB) channels, not {c}")
-    images, labels = [], []
-    for folder, label in _class_folders(root, num_classes):
-        for f in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-            kind = special_kind(f)
-            if kind is not None or not f.is_file():
-                raise FitError(f"--clean {f}: {kind or 'a folder'}, not a regular file; an image file is expected")
-            try:
-                with Image.open(f) as im:
-                    arr = _pixels(im, c, h, w, f)
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                raise FitError(f"--clean {f}: not a readable image ({e})") from None
-            images.append(arr.reshape(h, w, c).transpose(2, 0, 1))
-            labels.append(label)
-    if not images:
-        raise FitError(f"--clean {root}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
-    return ImageData(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64))
-
-
-HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N")  # PIL modes of 16-bit grayscale
-
-
-def _pixels(im: Any, c: int, h: int, w: int, f: Path) -> np.ndarray:
-    """One image as float32 (H, W, C) in [0, 1], converted by its value range: 8-bit images
-    through PIL ("L" or "RGB"), 16-bit and 32-bit grayscale by their own range (PIL's conversion
-    to 8 bits would clip them to white), float images as they are if in [0, 1]."""
-    from PIL import Image
-
-    if im.mode not in (*HIGH_DEPTH, "I", "F"):
-        im = im.convert("L" if c == 1 else "RGB")
-        if im.size != (w, h):
-            im = im.resize((w, h), Image.Resampling.BILINEAR)
-        return np.asarray(im, dtype=np.float32).reshape(h, w, c) / 255.0
-    a = np.asarray(im, dtype=np.float64)
-    if im.mode == "F":
-        if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
-            raise ValueError(f"a float image with values in [{np.nanmin(a):.3g}, {np.nanmax(a):.3g}]; expected [0, 1]")
-        scale = 1.0
-    else:  # 16-bit, or 32-bit integers ("I": 16-bit PNGs in older PIL) holding 16- or 8-bit values
-        if a.min() < 0 or a.max() > 65535:
-            raise ValueError(f"integer pixels span [{a.min():.0f}, {a.max():.0f}]; expected 8 or 16 bits")
-        scale = 65535.0 if im.mode in HIGH_DEPTH or a.max() > 255 else 255.0
-    g = Image.fromarray((a / scale).astype(np.float32))  # mode "F"
-    if g.size != (w, h):
-        g = g.resize((w, h), Image.Resampling.BILINEAR)
-    out = np.clip(np.asarray(g, dtype=np.float32), 0.0, 1.0)[..., None]
-    return np.repeat(out, c, axis=2)
 
 
 # ------------------------------------------------------------------------------------ the split
@@ -562,7 +212,7 @@ class FitJob:
     """Everything ``fit`` checked before any work: what it will fit, on what."""
 
     recipe_path: Path
-    recipe: dict[str, Any]
+    recipe: Recipe
     family: DetectorFamily
     plan: SplitPlan
     model: Classifier
@@ -597,9 +247,9 @@ def prepare_fit(
     bad one. Costs one forward pass over the clean images, no fitting."""
     if num_classes < 2:
         raise FitError(f"--num-classes {num_classes}: a classifier has at least 2 classes")
-    recipe = load_recipe(recipe_path)
-    family_name, entry = recipe_entry(recipe, recipe_path, detector)
-    params, protocol = recipe_config(entry)
+    recipe = Recipe.load(recipe_path)
+    family_name, entry = recipe.family(detector)
+    params, protocol = entry.config()
     family = create_detector(family_name, params)
     if not 0 < heldout_fraction < 1:
         raise FitError(f"--heldout-fraction {heldout_fraction}: expected a fraction in (0, 1), e.g. 0.2")
@@ -607,19 +257,13 @@ def prepare_fit(
     data = load_clean(clean, input_shape, num_classes)
     data_warnings = check_classes(data, num_classes, clean)
     plan = plan_split(len(data), protocol, heldout_fraction, clean, family.reference_fraction)
-    pred = predict_proba(model, data.x).argmax(1)
-    accuracy = float((pred == data.y).float().mean())
+    accuracy = float((predict_proba(model, data.x).argmax(1) == data.y).float().mean())
     _check_learned(accuracy, num_classes, data, model, clean)
     reserve, heldout = split_clean(data, plan.heldout, split_seed)
-    _, calibration = plan.protocol.defender_split(reserve)
-    correct = int((predict_proba(model, calibration.x).argmax(1) == calibration.y).sum())
-    needed = _calibration_needed(plan.protocol, family.reference_fraction)
-    if correct < needed:
-        raise FitError(
-            f"--clean {clean}: the model classifies {correct} of the {len(calibration)} calibration images correctly; "
-            f"the threshold at target_fpr {plan.protocol.target_fpr} needs at least {needed} correct ones: give more "
-            "clean images"
-        )
+    _check_calibration(model, reserve, plan, family, clean)
+    domain_warnings = check_domain(
+        recipe, architecture=architecture, input_shape=input_shape, num_classes=num_classes, detector=family_name
+    )
     norm_mean, norm_std = model.get_buffer("mean").flatten().tolist(), model.get_buffer("std").flatten().tolist()
     return FitJob(
         recipe_path=recipe_path,
@@ -636,15 +280,25 @@ def prepare_fit(
         split_seed=split_seed,
         heldout_fraction=heldout_fraction,
         clean_accuracy=accuracy,
-        domain_warnings=check_domain(
-            recipe,
-            architecture=architecture,
-            input_shape=input_shape,
-            num_classes=num_classes,
-            detector=family_name,
-        ),
+        domain_warnings=domain_warnings,
         data_warnings=data_warnings,
     )
+
+
+def _check_calibration(
+    model: Classifier, reserve: ImageData, plan: SplitPlan, family: DetectorFamily, clean: Path
+) -> None:
+    """The threshold is calibrated on the calibration images the model classifies correctly:
+    refuse a split that leaves too few of them."""
+    _, calibration = plan.protocol.defender_split(reserve)
+    correct = int((predict_proba(model, calibration.x).argmax(1) == calibration.y).sum())
+    needed = _calibration_needed(plan.protocol, family.reference_fraction)
+    if correct < needed:
+        raise FitError(
+            f"--clean {clean}: the model classifies {correct} of the {len(calibration)} calibration images correctly; "
+            f"the threshold at target_fpr {plan.protocol.target_fpr} needs at least {needed} correct ones: give more "
+            "clean images"
+        )
 
 
 def _check_learned(accuracy: float, num_classes: int, data: ImageData, model: Classifier, clean: Path) -> None:
@@ -669,16 +323,10 @@ class FitResult:
 
 def check_out(out: Path, force: bool) -> None:
     """Refuse, before any work, an ``--out`` that ``save_bundle`` would refuse."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise FitError(f"--out {out} exists and is not a folder; choose a new or empty folder for the bundle")
-    if not any(out.iterdir()):
-        return
-    if not (out / "manifest.json").is_file():
-        raise FitError(f"--out {out} exists and is not a detector bundle; choose a new or empty folder")
-    if not force:
-        raise FitError(f"--out {out} already holds a detector bundle; pass --force to replace it")
+    try:
+        check_bundle_target(out, force)
+    except BundleError as e:
+        raise FitError(f"--out {e}") from None
 
 
 def _check_not_degenerate(evaluation: Evaluation, job: FitJob) -> None:
@@ -717,37 +365,18 @@ def run_fit(job: FitJob, out: Path, *, force: bool = False) -> FitResult:
         StageStore(None),
         job.family,
         job.plan.protocol,
-        victim_key=weights_sha[:16],
-        model=job.model,
-        splits=splits,
-        attack=create_attack("none", {}, info.input_shape, info.num_classes, 0),
-        layout={"fit": "user clean data"},
+        LoadedVictim(
+            weights_sha[:16],
+            job.model,
+            splits,
+            create_attack("none", {}, info.input_shape, info.num_classes, 0),
+            {"fit": "user clean data"},
+        ),
         device=device,
     )
     _check_not_degenerate(run.evaluation, job)
     metrics = {**run.evaluation.metrics, **run.costs, "heldout_images": float(len(job.heldout))}
-    entry = job.recipe["detectors"][job.family.name]
-    provenance = {
-        "kind": "fit",
-        "recipe": str(job.recipe_path),
-        "study": job.recipe.get("study"),
-        "trial": (entry.get("selection") or {}).get("chosen_trial"),
-        "weights": str(job.weights),
-        "weights_sha256": weights_sha,
-        "clean": str(job.clean),
-        "clean_sha256": sha256_file(job.clean) if job.clean.is_file() else None,
-        "clean_images": job.plan.total,
-        "heldout_images": job.plan.heldout,
-        "heldout_fraction": job.heldout_fraction,
-        "split_seed": job.split_seed,
-        "protocol_notice": job.plan.notice,
-        "domain_warnings": job.domain_warnings,
-        "data_warnings": job.data_warnings,
-        "unchecked": unseen_triggers(job.recipe, job.family.name),
-        "stage_keys": run.stage_keys,
-        "metrics_protocol": "held-out part of the user's clean images, never used to fit or calibrate; clean "
-        "images only (no triggered inputs): FPR and clean accuracy",
-    }
+    provenance = {**_provenance(job, weights_sha), "stage_keys": run.stage_keys}
     with interrupts_deferred():  # replacing a bundle: all of it or none
         bundle = save_bundle(
             out,
@@ -767,6 +396,31 @@ def run_fit(job: FitJob, out: Path, *, force: bool = False) -> FitResult:
     return FitResult(bundle, metrics)
 
 
+def _provenance(job: FitJob, weights_sha: str) -> dict[str, Any]:
+    """Where a fitted bundle comes from: the recipe and its trial, the user's files and how they
+    were split, and what the checks said."""
+    return {
+        "kind": "fit",
+        "recipe": str(job.recipe_path),
+        "study": job.recipe.study,
+        "trial": job.recipe.detectors[job.family.name].chosen_trial,
+        "weights": str(job.weights),
+        "weights_sha256": weights_sha,
+        "clean": str(job.clean),
+        "clean_sha256": sha256_file(job.clean) if job.clean.is_file() else None,
+        "clean_images": job.plan.total,
+        "heldout_images": job.plan.heldout,
+        "heldout_fraction": job.heldout_fraction,
+        "split_seed": job.split_seed,
+        "protocol_notice": job.plan.notice,
+        "domain_warnings": job.domain_warnings,
+        "data_warnings": job.data_warnings,
+        "unchecked": unseen_triggers(job.recipe, job.family.name),
+        "metrics_protocol": "held-out part of the user's clean images, never used to fit or calibrate; clean "
+        "images only (no triggered inputs): FPR and clean accuracy",
+    }
+
+
 # ------------------------------------------------------------------------------------ reports
 
 
@@ -779,7 +433,7 @@ def describe_job(job: FitJob) -> list[str]:
     p, plan = job.plan.protocol, job.plan
     params = job.family.params.model_dump(mode="json")
     return [
-        f"recipe {job.recipe_path} (study {job.recipe.get('study')}): {job.family.name}",
+        f"recipe {job.recipe_path} (study {job.recipe.study}): {job.family.name}",
         "  settings: " + ", ".join(f"{k} {v}" for k, v in params.items()),
         f"  protocol: clean_set_size {p.clean_set_size}, calibration {plan.calibration} images, target_fpr "
         f"{p.target_fpr}, threshold_rule {p.threshold_rule}, clean_set_seed {p.clean_set_seed}",

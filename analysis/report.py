@@ -1,145 +1,20 @@
-"""Printed tables, the recipe file and plots of a study's robust defaults and its comparison of
-detector families."""
+"""Printed tables and plots of a study's robust defaults and its comparison of detector families
+(the recipe file itself: :mod:`.recipe`)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from bdx_study._config import flatten
-from bdx_study._io import atomic_path, write_text_atomic
-from bdx_study.metrics import HEADLINE, HIGHER_IS_BETTER
+from bdx_study._io import atomic_path
+from bdx_study.metrics import HEADLINE
+from bdx_study.objective import reduction
 from bdx_study.space import LogUniform, StudySpec
 
 from .robust import RobustDefaults, family_board, with_flat_params
-
-
-def _clean_nested(v: Any) -> Any:
-    return [_clean(x) for x in v] if isinstance(v, list | tuple) else _clean(v)
-
-
-def _clean(v: Any) -> Any:
-    if isinstance(v, float):
-        return None if math.isnan(v) else round(v, 6)
-    if hasattr(v, "item"):
-        return _clean(v.item())
-    return v
-
-
-def _family_recipe(rd: RobustDefaults, spec: StudySpec) -> dict[str, Any]:
-    per_victim = [
-        {
-            "victim": r["victim_name"],
-            "victim_id": r["victim_id"],
-            "attack": r["attack"],
-            **{m: _clean(r[m]) for m in HEADLINE if m in r},
-        }
-        for _, r in rd.per_victim.iterrows()
-    ]
-    summary = rd.evaluation_summary
-    spread = rd.refit
-    return {
-        "defaults": dict(rd.params),  # exact values: export uses this very config ...
-        "protocol": dict(rd.protocol),
-        "seed_policy": {k: v for k, v in rd.seed_policy.items() if k != "fit_kind"},  # ... with this seed and D_c draw
-        "selection": {
-            "rule": f"best {rd.aggregate}-case {rd.objective} across victims on the selection split, among "
-            f"trials whose worst-case clean_acc_drop <= {rd.max_clean_acc_drop}; ties -> better mean",
-            "chosen_trial": rd.chosen.trial_id,
-            f"selection_{rd.aggregate}_{rd.objective}": _clean(rd.chosen.score),
-            f"selection_mean_{rd.objective}": _clean(rd.chosen.mean),
-            "feasible": rd.chosen.feasible,
-            "trials_considered": int(len(rd.leaderboard)),
-        },
-        "evidence": {
-            "protocol_note": "metrics on each victim's evaluation split, disjoint from the defender's clean "
-            "finetune and calibration data and from the selection split the search optimized on; "
-            "*_correct_only = the paper's protocol, *_all_inputs = every input",
-            f"evaluation_worst_{rd.objective}": _clean(summary["worst"]),
-            f"evaluation_mean_{rd.objective}": _clean(summary["mean"]),
-            "uncertainty": {
-                "chosen_by": rd.chosen_by,
-                f"{rd.aggregate}_{rd.objective}_bootstrap_95ci_over_evaluation_inputs": [
-                    _clean(rd.bootstrap[0]),
-                    _clean(rd.bootstrap[1]),
-                ],
-                f"{rd.aggregate}_{rd.objective}_over_fits": {
-                    "fits": int(spread.get("fits", 0)),
-                    "mean": _clean(spread.get("mean", math.nan)),
-                    "std": _clean(spread.get("std", math.nan)),
-                    "ci95_of_mean": [_clean(spread.get("ci_low", math.nan)), _clean(spread.get("ci_high", math.nan))],
-                    "min": _clean(spread.get("min", math.nan)),
-                    "max": _clean(spread.get("max", math.nan)),
-                },
-                "fits": [
-                    {k: _clean(v) for k, v in r.items() if k != "kind"} for r in rd.fits.to_dict(orient="records")
-                ],
-            },
-            "tuned_victims": {
-                "note": "unseen inputs, but the defaults were tuned on these victims",
-                "per_victim": per_victim,
-            },
-            "held_out": {
-                "note": "for each group, defaults picked without that group's victims, measured on their evaluation "
-                "split; strictly_held_out says whether the pick could have been influenced by them (why says how); "
-                "held_out_ci95 is a bootstrap interval over the held-out victims' evaluation inputs; "
-                "transfer_gap = held-out figure - the same figure on the victims the pick was tuned on",
-                "folds": [{k: _clean_nested(v) for k, v in f.items()} for f in rd.held_out],
-            },
-        },
-    }
-
-
-def recipe(
-    per_family: dict[str, RobustDefaults], spec: StudySpec, study_dir: Path, made_from: dict[str, int]
-) -> dict[str, Any]:
-    """The recipe: per family, the chosen parameters and protocol, the rule that chose them and
-    the per-victim evidence. ``default_detector`` is what ``export`` and ``fit`` use unless told
-    otherwise: the family the selection rule favours across families (:func:`family_board`).
-    ``made_from`` counts the stored results (trials, refits, held-out evaluations) it was made
-    from: ``export`` refuses the recipe once the study's tables hold more."""
-    board = family_board(per_family)
-    return {
-        "study": spec.study.name,
-        "study_dir": str(study_dir),
-        "made_from": dict(made_from),
-        "default_detector": str(board["detector"].iloc[0]),
-        "default_detector_chosen_by": {
-            "rule": "the selection rule across families: feasible first, then the best "
-            f"{spec.search.objective.aggregate}-case {spec.search.objective.metric} on the selection split (averaged "
-            "over the refits of the chosen config, where it was refitted), then the best mean; evaluation-split "
-            "figures play no part",
-            "board": [{k: _clean(v) for k, v in r.items()} for r in board.to_dict(orient="records")],
-        },
-        "domain": domain(spec),
-        "detectors": {family: _family_recipe(rd, spec) for family, rd in per_family.items()},
-    }
-
-
-def domain(spec: StudySpec) -> dict[str, Any]:
-    """What the recipe was validated on: outside it, `export` and `fit` warn."""
-    from bdx_study.data import dataset_info
-
-    victims = spec.victim_configs()
-    return {
-        "datasets": sorted({v.dataset for v in victims}),
-        "architectures": sorted({v.architecture for v in victims}),
-        "attacks": sorted({v.attack.name for v in victims}),
-        "input_shapes": [list(s) for s in sorted({tuple(dataset_info(v.dataset).input_shape) for v in victims})],
-        "num_classes": sorted({dataset_info(v.dataset).num_classes for v in victims}),
-        "note": "the settings were chosen and checked on these victims only; see evidence.held_out for how they "
-        "transfer to an attack or seed they were not tuned on",
-    }
-
-
-def write_recipe(data: dict[str, Any], path: Path) -> Path:
-    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
-    return path
 
 
 def _render_family(rd: RobustDefaults, spec: StudySpec) -> list[str]:
@@ -234,7 +109,7 @@ def plot_params(df: pd.DataFrame, spec: StudySpec, metric: str, path: Path) -> P
 
     obj = spec.search.objective
     column = f"selection_{metric}" if f"selection_{metric}" in df.columns else metric
-    how = ("min" if metric in HIGHER_IS_BETTER else "max") if obj.aggregate == "worst" else "mean"
+    how = reduction(metric, obj.aggregate)
     width = max(len(spec.searched(f)) for f in families)
     fig, axes = plt.subplots(len(families), width, figsize=(3 * width, 2.8 * len(families)), squeeze=False)
     for row, family in zip(axes, families, strict=True):

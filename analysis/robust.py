@@ -25,11 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from bdx_study._config import flatten
-from bdx_study.folds import GROUP_COLUMNS, fold_name, fold_spec, fold_values
-from bdx_study.metrics import COST_METRICS, HEADLINE, HIGHER_IS_BETTER, worst
+from bdx_study.configs import GROUP_COLUMNS
+from bdx_study.folds import fold_name, fold_spec
+from bdx_study.metrics import COST_METRICS, HEADLINE, HIGHER_IS_BETTER
+from bdx_study.objective import feasible_rows, mean, over_victims, worst
 from bdx_study.protocol import ProtocolConfig
 from bdx_study.selection import Selection, select
 from bdx_study.space import StudySpec
@@ -59,8 +62,8 @@ class RobustDefaults:
     @property
     def evaluation_summary(self) -> dict[str, float]:
         """Worst-case and mean of the objective metric across victims, evaluation split."""
-        vals = self.per_victim[self.objective].dropna()
-        return {"worst": worst(vals.to_numpy(), self.objective), "mean": float(vals.mean()) if len(vals) else math.nan}
+        vals = self.per_victim[self.objective].to_numpy(dtype=float)
+        return {"worst": worst(vals, self.objective), "mean": mean(vals)}
 
 
 def load_trials(study_dir: Path) -> pd.DataFrame:
@@ -77,10 +80,10 @@ def with_flat_params(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def _summary(rows: pd.DataFrame, metric: str) -> dict[str, float]:
-    vals = rows[metric].dropna()
+    vals = rows[metric].to_numpy(dtype=float)
     return {
-        "worst": worst(vals.to_numpy(), metric),
-        "mean": float(vals.mean()) if len(vals) else math.nan,
+        "worst": worst(vals, metric),
+        "mean": mean(vals),
         "worst_clean_acc_drop": float(rows["clean_acc_drop"].max()),
     }
 
@@ -130,7 +133,17 @@ def _held_out(
     """Re-picks without each group, from the study's own trials (strictly held out only when the
     candidates did not depend on the victims: grid or random search), and the nested folds'
     picks (strictly held out: a search per fold that never saw the group)."""
-    folds = []
+    return [
+        *_regrouped_folds(study_dir, spec, df, metric, aggregate, max_drop),
+        *_nested_folds(spec, str(df["detector"].iloc[0]), metric, aggregate, max_drop),
+    ]
+
+
+def _regrouped_folds(
+    study_dir: Path, spec: StudySpec, df: pd.DataFrame, metric: str, aggregate: str, max_drop: float | None
+) -> list[dict[str, Any]]:
+    """For each victim group (each value of a group column with at least two), the rule re-run on
+    the other groups' victims and its pick measured on the group's."""
     tables = StudyTables(study_dir)
     strict = spec.search.sampler in ("grid", "random")
     why = (
@@ -139,6 +152,7 @@ def _held_out(
         else "TPE proposed the candidates while it saw every victim, this group included "
         "(set search.nested_folds for a search per fold)"
     )
+    folds = []
     for col in GROUP_COLUMNS:
         values = sorted(df[col].dropna().unique().tolist())
         if len(values) < 2:
@@ -149,28 +163,23 @@ def _held_out(
                 pick, _ = select(tune_rows, metric, aggregate, max_drop)
             except ValueError:
                 continue
-            try:
-                scores = tables.read_part("scores", pick.trial_id).to_pandas()
-            except OSError:
-                scores = None
-            rec = _fold_record(
-                f"{col}={v}",
-                strict,
-                why,
-                pick,
-                tune_rows[tune_rows["trial_id"] == pick.trial_id],
-                test[test["trial_id"] == pick.trial_id],
-                scores,
-                metric,
-                aggregate,
-            )
+            in_fold = tune_rows[tune_rows["trial_id"] == pick.trial_id]
+            test = test[test["trial_id"] == pick.trial_id]
+            scores = _scores_or_none(tables, "scores", pick.trial_id)
+            rec = _fold_record(f"{col}={v}", strict, why, pick, in_fold, test, scores, metric, aggregate)
             if rec is not None:
                 folds.append(rec)
-    family = str(df["detector"].iloc[0])
+    return folds
+
+
+def _nested_folds(
+    spec: StudySpec, family: str, metric: str, aggregate: str, max_drop: float | None
+) -> list[dict[str, Any]]:
+    """Each nested fold's own pick (its search never saw the group), measured on the group."""
+    folds = []
     for col in spec.search.nested_folds:
-        for v in fold_values(spec, col):
-            fdir = fold_spec(spec, col, v).study_dir
-            ft = StudyTables(fdir)
+        for v in spec.group_values(col):
+            ft = StudyTables(fold_spec(spec, col, v).study_dir)
             try:
                 fold_rows = ft.read("trials").to_pandas()
                 heldout = ft.read("heldout").to_pandas()
@@ -180,25 +189,27 @@ def _held_out(
             if fold_rows.empty or heldout.empty:
                 continue
             pick, _ = select(fold_rows, metric, aggregate, max_drop)
-            test = heldout[heldout["trial_id"] == pick.trial_id]
-            try:
-                scores = ft.read_part("heldout_scores", pick.trial_id).to_pandas()
-            except OSError:
-                scores = None
             rec = _fold_record(
                 f"{col}={v}",
                 True,
                 f"nested: the fold's own search ({fold_name(spec, col, v)}) never saw these victims",
                 pick,
                 fold_rows[fold_rows["trial_id"] == pick.trial_id],
-                test,
-                scores,
+                heldout[heldout["trial_id"] == pick.trial_id],
+                _scores_or_none(ft, "heldout_scores", pick.trial_id),
                 metric,
                 aggregate,
             )
             if rec is not None:
                 folds.append(rec)
     return folds
+
+
+def _scores_or_none(tables: StudyTables, table: str, trial_id: str) -> pd.DataFrame | None:
+    try:
+        return tables.read_part(table, trial_id).to_pandas()
+    except OSError:
+        return None
 
 
 def load_refits(study_dir: Path) -> pd.DataFrame:
@@ -215,7 +226,7 @@ def _fits(trial_rows: pd.DataFrame, refit_rows: pd.DataFrame, metric: str, aggre
     for kind, rows in (("trials", trial_rows), ("refits", refit_rows)):
         for fit_id, r in rows.groupby("trial_id"):
             first = r.iloc[0]
-            sel, ev = r["selection_" + metric].dropna(), r[metric].dropna()
+            sel, ev = r["selection_" + metric].to_numpy(dtype=float), r[metric].to_numpy(dtype=float)
             out.append(
                 {
                     "fit_id": str(fit_id),
@@ -223,8 +234,8 @@ def _fits(trial_rows: pd.DataFrame, refit_rows: pd.DataFrame, metric: str, aggre
                     "refit_index": 0 if kind == "trials" else int(first["refit_index"]),
                     "seed": int(json.loads(first["params"])["seed"]),
                     "clean_set_seed": int(first["clean_set_seed"]),
-                    "selection": worst(sel.to_numpy(), metric) if aggregate == "worst" else float(sel.mean()),
-                    "evaluation": worst(ev.to_numpy(), metric) if aggregate == "worst" else float(ev.mean()),
+                    "selection": over_victims(sel, metric, aggregate),
+                    "evaluation": over_victims(ev, metric, aggregate),
                     "worst_clean_acc_drop": float(r["selection_clean_acc_drop"].max()),
                 }
             )
@@ -243,9 +254,9 @@ def _by_refits(
     scored = []
     for c in candidates:
         fits = _fits(rows_f[rows_f["trial_id"] == c], refits_f[refits_f["refit_of"] == c], metric, aggregate)
-        feasible = max_drop is None or bool((fits["worst_clean_acc_drop"] <= max_drop + 1e-12).all())
-        mean = float(fits["selection"].mean())
-        scored.append((feasible, mean if higher else -mean, c, fits))
+        meets = bool(np.all(feasible_rows(fits["worst_clean_acc_drop"], max_drop)))
+        averaged = float(fits["selection"].mean())
+        scored.append((meets, averaged if higher else -averaged, c, fits))
     scored.sort(key=lambda t: (t[0], t[1]), reverse=True)
     return scored[0][2], scored[0][3]
 
@@ -260,68 +271,81 @@ def robust_defaults(
     a seed policy: export uses the fit with the median selection objective, not the luckiest."""
     df = load_trials(study_dir) if df is None else df
     refits = load_refits(study_dir) if refits is None else refits
-    tables = StudyTables(study_dir)
-    obj = spec.search.objective
-    max_drop = spec.search.constraint.max_clean_acc_drop
     out = {}
     for family in spec.families:
         rows_f = df[df["detector"] == family]
-        if rows_f.empty:
-            continue
-        chosen, board = select(rows_f, obj.metric, obj.aggregate, max_drop)
-        picked = _by_refits(rows_f, refits[refits["detector"] == family], obj.metric, obj.aggregate, max_drop)
-        chosen_by = "the search's single fit (no refits)"
-        if picked is not None:
-            trial_id, fits = picked
-            b = board.loc[trial_id]
-            chosen = Selection(trial_id, float(b["score"]), float(b["mean"]), bool(b["feasible"]))
-            chosen_by = f"the refit-averaged selection objective over {len(fits)} fits of each of the top configs"
-        else:
-            fits = _fits(rows_f[rows_f["trial_id"] == chosen.trial_id], rows_f.iloc[0:0], obj.metric, obj.aggregate)
-        # the seed policy: the fit with the median selection objective (the lower median)
-        ranked = fits.sort_values("selection", ascending=obj.metric not in HIGHER_IS_BETTER).reset_index(drop=True)
-        policy = ranked.iloc[(len(ranked) - 1) // 2]
-        source = df if policy["kind"] == "trials" else refits
-        rows = source[source["trial_id"] == policy["fit_id"]]
-        try:
-            scores = tables.read_part("scores" if policy["kind"] == "trials" else "refit_scores", policy["fit_id"])
-            ci = bootstrap_interval(
-                scores.to_pandas(),
-                {str(r["victim_id"]): float(r["threshold"]) for _, r in rows.iterrows()},
-                obj.metric,
-                obj.aggregate,
-            )
-        except (OSError, KeyError):
-            ci = (math.nan, math.nan)
-        trial_first = rows_f[rows_f["trial_id"] == chosen.trial_id].iloc[0]
-        out[family] = RobustDefaults(
-            detector=family,
-            objective=obj.metric,
-            aggregate=obj.aggregate,
-            max_clean_acc_drop=max_drop,
-            chosen=chosen,
-            params=json.loads(trial_first["params"]),
-            protocol=ProtocolConfig.from_row(trial_first).model_dump(mode="json"),
-            per_victim=rows,
-            leaderboard=board,
-            held_out=_held_out(study_dir, spec, rows_f, obj.metric, obj.aggregate, max_drop),
-            fits=fits,
-            refit=refit_spread(fits["evaluation"].tolist()),
-            bootstrap=ci,
-            seed_policy={
-                "rule": "the fit with the median selection objective among the chosen config's fits"
-                if len(fits) > 1
-                else "the search's own fit",
-                "fit": str(policy["fit_id"]),
-                "fit_kind": str(policy["kind"]),
-                "seed": int(policy["seed"]),
-                "clean_set_seed": int(policy["clean_set_seed"]),
-            },
-            chosen_by=chosen_by,
-        )
+        if not rows_f.empty:
+            out[family] = _family_defaults(study_dir, spec, family, rows_f, df, refits)
     if not out:
         raise ValueError(f"no finished trial of {', '.join(spec.families)} in {study_dir}")
     return out
+
+
+def _family_defaults(
+    study_dir: Path, spec: StudySpec, family: str, rows_f: pd.DataFrame, df: pd.DataFrame, refits: pd.DataFrame
+) -> RobustDefaults:
+    """One family's robust defaults: the pick, its fits, the seed policy's fit and the evidence."""
+    obj = spec.search.objective
+    max_drop = spec.search.constraint.max_clean_acc_drop
+    chosen, board = select(rows_f, obj.metric, obj.aggregate, max_drop)
+    picked = _by_refits(rows_f, refits[refits["detector"] == family], obj.metric, obj.aggregate, max_drop)
+    chosen_by = "the search's single fit (no refits)"
+    if picked is not None:
+        trial_id, fits = picked
+        b = board.loc[trial_id]
+        chosen = Selection(trial_id, float(b["score"]), float(b["mean"]), bool(b["feasible"]))
+        chosen_by = f"the refit-averaged selection objective over {len(fits)} fits of each of the top configs"
+    else:
+        fits = _fits(rows_f[rows_f["trial_id"] == chosen.trial_id], rows_f.iloc[0:0], obj.metric, obj.aggregate)
+    policy = _median_fit(fits, obj.metric)
+    source = df if policy["kind"] == "trials" else refits
+    rows = source[source["trial_id"] == policy["fit_id"]]
+    trial_first = rows_f[rows_f["trial_id"] == chosen.trial_id].iloc[0]
+    return RobustDefaults(
+        detector=family,
+        objective=obj.metric,
+        aggregate=obj.aggregate,
+        max_clean_acc_drop=max_drop,
+        chosen=chosen,
+        params=json.loads(trial_first["params"]),
+        protocol=ProtocolConfig.from_row(trial_first).model_dump(mode="json"),
+        per_victim=rows,
+        leaderboard=board,
+        held_out=_held_out(study_dir, spec, rows_f, obj.metric, obj.aggregate, max_drop),
+        fits=fits,
+        refit=refit_spread(fits["evaluation"].tolist()),
+        bootstrap=_policy_interval(StudyTables(study_dir), policy, rows, obj.metric, obj.aggregate),
+        seed_policy={
+            "rule": "the fit with the median selection objective among the chosen config's fits"
+            if len(fits) > 1
+            else "the search's own fit",
+            "fit": str(policy["fit_id"]),
+            "fit_kind": str(policy["kind"]),
+            "seed": int(policy["seed"]),
+            "clean_set_seed": int(policy["clean_set_seed"]),
+        },
+        chosen_by=chosen_by,
+    )
+
+
+def _median_fit(fits: pd.DataFrame, metric: str) -> pd.Series:
+    """The seed policy: the fit with the median selection objective; with an even count, the worse
+    of the two middle fits (never the luckier one)."""
+    ranked = fits.sort_values("selection", ascending=metric not in HIGHER_IS_BETTER).reset_index(drop=True)
+    return ranked.iloc[len(ranked) // 2]  # best first: index n // 2 is the median, or the worse middle
+
+
+def _policy_interval(
+    tables: StudyTables, policy: pd.Series, rows: pd.DataFrame, metric: str, aggregate: str
+) -> tuple[float, float]:
+    """The bootstrap interval over evaluation inputs of the seed policy's fit (NaN when its
+    per-input scores are not stored)."""
+    try:
+        scores = tables.read_part("scores" if policy["kind"] == "trials" else "refit_scores", policy["fit_id"])
+        thresholds = {str(r["victim_id"]): float(r["threshold"]) for _, r in rows.iterrows()}
+        return bootstrap_interval(scores.to_pandas(), thresholds, metric, aggregate)
+    except (OSError, KeyError):
+        return (math.nan, math.nan)
 
 
 def family_board(per_family: dict[str, RobustDefaults]) -> pd.DataFrame:
@@ -352,8 +376,8 @@ def family_board(per_family: dict[str, RobustDefaults]) -> pd.DataFrame:
         return board
     rd0 = next(iter(per_family.values()))
     sign = 1 if rd0.objective in HIGHER_IS_BETTER else -1
-    score, mean = f"selection_{rd0.aggregate}_{rd0.objective}", f"selection_mean_{rd0.objective}_of_trial"
-    key = board.assign(_s=sign * board[score], _m=sign * board[mean])
+    score_col, mean_col = f"selection_{rd0.aggregate}_{rd0.objective}", f"selection_mean_{rd0.objective}_of_trial"
+    key = board.assign(_s=sign * board[score_col], _m=sign * board[mean_col])
     order = key.sort_values(["feasible", "_s", "_m", "order"], ascending=[False, False, False, True]).index
     return board.loc[order].drop(columns="order").reset_index(drop=True)
 

@@ -16,7 +16,8 @@ import pandas as pd
 
 from bdx_study._config import flatten
 from bdx_study._io import atomic_path
-from bdx_study.metrics import HIGHER_IS_BETTER, worst
+from bdx_study.metrics import HIGHER_IS_BETTER
+from bdx_study.objective import over_victims
 from bdx_study.protocol import ProtocolConfig
 from bdx_study.space import Objective, StudySpec
 
@@ -149,8 +150,7 @@ def param_importances(df: pd.DataFrame, spec: StudySpec, seed: int = 0) -> pd.Da
 
 def _aggregate(rows: pd.DataFrame, obj: Objective) -> float:
     col = "selection_" + obj.metric if "selection_" + obj.metric in rows.columns else obj.metric
-    vals = rows[col].dropna().to_numpy()
-    return worst(vals, obj.metric) if obj.aggregate == "worst" else float(np.mean(vals)) if len(vals) else math.nan
+    return over_victims(rows[col].to_numpy(dtype=float), obj.metric, obj.aggregate)
 
 
 def pareto(df: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bdx_study.metrics import HIGHER_IS_BETTER, detection_metrics
+from bdx_study.metrics import detection_metrics
+from bdx_study.objective import over_victims_rows
 
 LEVEL = 0.95
 
@@ -87,11 +88,7 @@ def bootstrap_interval(
             per_victim.append(vals)
     if not per_victim:
         return math.nan, math.nan
-    stack = np.vstack(per_victim)  # victims x resamples
-    if aggregate == "worst":
-        agg = np.nanmin(stack, axis=0) if metric in HIGHER_IS_BETTER else np.nanmax(stack, axis=0)
-    else:
-        agg = np.nanmean(stack, axis=0)
+    agg = over_victims_rows(np.vstack(per_victim), metric, aggregate)  # victims x resamples -> resamples
     lo, hi = np.nanpercentile(agg, [50 * (1 - level), 50 * (1 + level)])
     return float(lo), float(hi)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bdx_study._io import special_kind
+from bdx_study.plugins import load_plugins
 from bdx_study.space import SpaceError, StudySpec, builtin_space, load_space
 
 
@@ -60,7 +61,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_sync(args: argparse.Namespace) -> int:
     """Bring MLflow up to date with the study's Parquet tables (after an outage)."""
     spec, _ = _load(args.space)
-    from bdx_study.trials.launch import study_lock
+    from bdx_study.trials.lock import study_lock
     from bdx_study.trials.tracking import StudyTracker, probe_tracking
 
     ids_path = spec.study_dir / "study.json"
@@ -174,6 +175,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         run_fit,
     )
 
+    load_plugins(args.plugins)  # a user's family or architecture
     out = Path(args.out)
     check_out(out, args.force)
     shape = parse_input_shape(args.input_shape)
@@ -231,6 +233,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from bdx_study._io import atomic_path
     from bdx_study.detector import Detector, load_input_array
 
+    load_plugins(args.plugins)  # a bundle of a user's family needs its module
     det = Detector.load(args.detector)
     inputs = Path(args.input)
     out = _output_path(Path(args.output), inputs, Path(args.detector), args.force) if args.output else None
@@ -349,8 +352,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     from bdx_study.attacks import list_attacks
     from bdx_study.data import list_datasets
     from bdx_study.detectors import DETECTORS
+    from bdx_study.plugins import load_entry_points
     from bdx_study.protocol import ProtocolConfig
 
+    load_entry_points()  # installed plugins' registrations are listed too
     print("datasets:      " + ", ".join(list_datasets()))
     print("architectures: " + ", ".join(list_architectures()))
     print("attacks:       " + ", ".join(list_attacks()))
@@ -369,28 +374,38 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bdx-study", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+def _space_arg(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--space", help="study file (YAML); default: the embedded quickstart study")
 
-    def space_arg(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--space", help="study file (YAML); default: the embedded quickstart study")
 
-    def while_running_arg(sp: argparse.ArgumentParser, command: str) -> None:
-        sp.add_argument(
-            "--while-running",
-            action="store_true",
-            help=f"while a launch of the study is running: warn and {_WHILE_RUNNING[command]} (default: refuse)",
-        )
+def _plugins_arg(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--plugins",
+        nargs="+",
+        default=[],
+        metavar="MODULE",
+        help="modules to import first, which register your own detector families or architectures (as a study "
+        "file's study.plugins); installed entry points of group bdx_study.plugins load without it",
+    )
 
+
+def _while_running_arg(sp: argparse.ArgumentParser, command: str) -> None:
+    sp.add_argument(
+        "--while-running",
+        action="store_true",
+        help=f"while a launch of the study is running: warn and {_WHILE_RUNNING[command]} (default: refuse)",
+    )
+
+
+def _add_launch_and_validate(sub: Any) -> None:
     sp = sub.add_parser("launch", help="run (or --resume) a study on Ray")
-    space_arg(sp)
+    _space_arg(sp)
     sp.add_argument("--address", help="join an existing Ray cluster at HOST:PORT (default: a local Ray)")
     sp.add_argument("--resume", action="store_true", help="continue an interrupted study")
     sp.set_defaults(fn=cmd_launch)
 
     sp = sub.add_parser("validate", help="check a study file (and its data, storage and resources) and exit")
-    space_arg(sp)
+    _space_arg(sp)
     sp.add_argument("--address", help="the Ray cluster launch will join (checked for an answer; default: this machine)")
     sp.add_argument(
         "--file-only",
@@ -400,26 +415,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.set_defaults(fn=cmd_validate)
 
+
+def _add_study_readers(sub: Any) -> None:
+    """sync, analyze and export: commands that read a launched study."""
     sp = sub.add_parser("sync", help="log to MLflow what a study's Parquet tables hold and MLflow lacks")
-    space_arg(sp)
+    _space_arg(sp)
     sp.set_defaults(fn=cmd_sync)
 
     sp = sub.add_parser("analyze", help="pick robust defaults; print them and write recipe.yaml")
-    space_arg(sp)
-    while_running_arg(sp, "analyze")
+    _space_arg(sp)
+    _while_running_arg(sp, "analyze")
     sp.set_defaults(fn=cmd_analyze)
 
     sp = sub.add_parser("export", help="write a detector bundle (a family's robust defaults) for one victim model")
-    space_arg(sp)
+    _space_arg(sp)
     sp.add_argument("--detector", help="detector family (default: the recipe's default_detector, BaDExpert if present)")
     sp.add_argument("--victim", help="victim name or id (default: the first backdoored victim)")
     sp.add_argument("--recipe", help="recipe file (default: the study's recipe.yaml)")
     sp.add_argument("--out", help="bundle folder (default: <study>/detector, or <study>/detector-NAME with --detector)")
     sp.add_argument("--force", action="store_true", help="replace the bundle already in --out (other files stay)")
     sp.add_argument("--no-mlflow", action="store_true", help="do not log the detector to MLflow")
-    while_running_arg(sp, "export")
+    _while_running_arg(sp, "export")
     sp.set_defaults(fn=cmd_export)
 
+
+def _add_fit(sub: Any) -> None:
     sp = sub.add_parser(
         "fit",
         help="apply a recipe to your own model and clean data: a detector bundle that `detect` serves",
@@ -447,6 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model's weights as safetensors (a state_dict: of the bdx-study model, or of the bare network); "
         "pickles (torch.save) are refused",
     )
+    _add_fit_data(sp)
+    _plugins_arg(sp)
+    sp.set_defaults(fn=cmd_fit)
+
+
+def _add_fit_data(sp: argparse.ArgumentParser) -> None:
+    """fit's clean images, its output and its held-out split."""
     sp.add_argument(
         "--clean",
         required=True,
@@ -465,22 +492,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of the clean images held out to measure the realized FPR (default 0.2)",
     )
     sp.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split (default 0)")
-    sp.set_defaults(fn=cmd_fit)
 
+
+def _add_detect_quickstart_list(sub: Any) -> None:
     sp = sub.add_parser("detect", help="flag inputs (.npy, (N, C, H, W) in [0, 1]) with a detector bundle")
     sp.add_argument("--detector", required=True, help="bundle folder")
     sp.add_argument("--input", required=True, help=".npy file of inputs")
     sp.add_argument("--output", help="output file (.csv or .json); default: CSV on stdout")
     sp.add_argument("--format", choices=["csv", "json"])
     sp.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    _plugins_arg(sp)
     sp.set_defaults(fn=cmd_detect)
 
     sp = sub.add_parser("quickstart", help="launch + analyze + export + detect on the embedded study")
-    space_arg(sp)
+    _space_arg(sp)
     sp.set_defaults(fn=cmd_quickstart)
 
     sp = sub.add_parser("list", help="registered datasets, architectures, attacks and detector families")
     sp.set_defaults(fn=cmd_list)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one sub-command per step of the flow (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="bdx-study", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_launch_and_validate(sub)
+    _add_study_readers(sub)
+    _add_fit(sub)
+    _add_detect_quickstart_list(sub)
     return p
 
 

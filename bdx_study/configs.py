@@ -189,6 +189,10 @@ class AttackSpec(StrictModel):
         return v
 
 
+GroupColumn = Literal["attack", "victim_seed", "architecture", "dataset"]
+GROUP_COLUMNS: tuple[GroupColumn, ...] = ("attack", "victim_seed", "architecture", "dataset")  # victims' groups
+
+
 class VictimConfig(StrictModel):
     """Everything that determines a victim model; its hash is the cache key."""
 
@@ -226,6 +230,11 @@ class VictimConfig(StrictModel):
     def key(self) -> str:
         blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def group_value(self, column: GroupColumn) -> Any:
+        """The victim's value of a group column (what a nested fold holds out)."""
+        by_column = {"attack": self.attack.name, "victim_seed": self.seed, "architecture": self.architecture}
+        return {**by_column, "dataset": self.dataset}[column]
 
     @property
     def name(self) -> str:

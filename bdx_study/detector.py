@@ -137,18 +137,10 @@ def save_bundle(
     out = Path(path)
     if not math.isfinite(threshold):
         raise BundleError(f"threshold {threshold!r} is not a finite number: a bundle must flag something")
-    replace = out.exists() and _check_replaceable(out, force)
-    files: dict[str, dict[str, torch.Tensor]] = {MODEL_FILE: _state(model)}
-    components = {}
-    for name, state in fitted.items():
-        files[f"{name}.safetensors"] = {k: v.detach().cpu().contiguous() for k, v in state.tensors.items()}
-        components[name] = {"file": f"{name}.safetensors", "meta": state.meta}
-    if reference is not None:
-        if REFERENCE_FILE in files:
-            raise BundleError(f"a component's file is named {REFERENCE_FILE}, the clean reference's")
-        files[REFERENCE_FILE] = {k: v.detach().cpu().contiguous() for k, v in reference.tensors.items()}
-    elif family.reference_fraction > 0:
-        raise BundleError(f"{family.name} scores against a clean reference, and none was given to save")
+    replace = check_bundle_target(out, force)
+    if not replace and out.is_dir():
+        out.rmdir()  # empty: the new bundle's folder is renamed into its place
+    files, components = _bundle_files(family, fitted, model, reference)
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -179,6 +171,24 @@ def save_bundle(
         return out
     _replace_files(out, files, manifest)
     return out
+
+
+def _bundle_files(
+    family: DetectorFamily, fitted: dict[str, Fitted], model: nn.Module, reference: Fitted | None
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, Any]]]:
+    """(the tensors of each file of the bundle, the manifest's component entries)."""
+    files: dict[str, dict[str, torch.Tensor]] = {MODEL_FILE: _state(model)}
+    components = {}
+    for name, state in fitted.items():
+        files[f"{name}.safetensors"] = {k: v.detach().cpu().contiguous() for k, v in state.tensors.items()}
+        components[name] = {"file": f"{name}.safetensors", "meta": state.meta}
+    if reference is not None:
+        if REFERENCE_FILE in files:
+            raise BundleError(f"a component's file is named {REFERENCE_FILE}, the clean reference's")
+        files[REFERENCE_FILE] = {k: v.detach().cpu().contiguous() for k, v in reference.tensors.items()}
+    elif family.reference_fraction > 0:
+        raise BundleError(f"{family.name} scores against a clean reference, and none was given to save")
+    return files, components
 
 
 REPLACING = ".replacing.json"  # names the files a replace in progress writes (its orphans if it dies)
@@ -327,12 +337,15 @@ def _own_files(folder: Path) -> set[str]:
     return {"manifest.json", *(manifest.get("sha256") or {})}
 
 
-def _check_replaceable(out: Path, force: bool) -> bool:
-    """Whether ``out`` holds a bundle to replace (False: an empty folder); refuse anything else."""
+def check_bundle_target(out: Path, force: bool) -> bool:
+    """The one write guard of a bundle folder: whether ``out`` holds a bundle to replace (False:
+    it does not exist, or is an empty folder); refuse anything else, and a bundle without
+    ``force``. Writes nothing: ``fit`` asks before any work, :func:`save_bundle` before writing."""
+    if not out.exists():
+        return False
     if not out.is_dir():
         raise BundleError(f"{out} exists and is not a folder; choose a new or empty folder for the bundle")
     if not any(out.iterdir()):
-        out.rmdir()
         return False
     if _read_manifest(out) is None:
         raise BundleError(f"{out} exists and is not a detector bundle; choose a new or empty folder")
@@ -410,74 +423,19 @@ class Detector:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Detector:
+        """Load the bundle at ``path`` onto ``device``: the manifest checked (format, version,
+        decision hash, types, a known family, a finite threshold), then every file it names
+        (plain names, no links, hashes) before any is read, then the model and components."""
         root = Path(path)
         mpath = root / "manifest.json"
-        if not mpath.is_file():
-            raise BundleError(f"{root}: no manifest.json; not a detector bundle")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except (OSError, ValueError) as e:
-            raise BundleError(f"{mpath}: not readable JSON ({e})") from None
-        if not isinstance(manifest, dict):
-            raise BundleError(f"{mpath}: a manifest must be a JSON object, got {type(manifest).__name__}")
-        if manifest.get("format") != FORMAT and manifest.get("format") != "bdx-study/badexpert-detector":
-            raise BundleError(f"{mpath}: format {manifest.get('format')!r} is not {FORMAT!r}")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise BundleError(
-                f"{mpath}: bundle format version {manifest.get('format_version')!r}; this bdx-study reads version "
-                f"{FORMAT_VERSION}: export the detector again"
-            )
-        try:
-            decision = sha256_json(_decision(manifest))
-        except KeyError as e:
-            raise BundleError(f"{mpath}: missing field {e}") from None
-        if decision != manifest.get("decision_sha256"):
-            raise BundleError(
-                f"{mpath}: decision fields (threshold, params, architecture, ...) do not match their "
-                "sha256; the manifest was modified, refusing it"
-            )
-        try:  # the types of what is read below (hashes vouch for nothing: anyone can recompute them)
-            _Manifest.model_validate_json(json.dumps(manifest), strict=True)
-        except ValidationError as e:
-            raise BundleError(f"{mpath}: {_one_line(e)}; refusing the bundle") from None
-        name = manifest["detector"]
-        if name not in DETECTORS:
-            raise BundleError(
-                f"{mpath}: detector family {name!r} is not known to this installation; known: "
-                f"{', '.join(DETECTORS.names())}"
-            )
-        expected = manifest.get("sha256", {})
+        manifest = _checked_manifest(root, mpath)
         entries = _entries(manifest, mpath)
-        threshold = manifest["threshold"]
-        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
-            raise BundleError(f"{mpath}: threshold {threshold!r} is not a finite number; refusing the bundle")
-
-        def verified(fname: str) -> Path:
-            f = root / fname
-            if f.is_symlink():
-                raise BundleError(f"{f}: a symbolic link; a bundle's files must be its own, refusing it")
-            if not f.is_file():
-                raise BundleError(f"{root}: missing {fname}")
-            if not isinstance(expected, dict) or fname not in expected or sha256_file(f) != expected[fname]:
-                raise BundleError(f"{f}: sha256 does not match the manifest; the bundle was modified, refusing it")
-            return f
-
-        # every file the manifest names is checked before any is read (names, links, hashes)
+        _check_threshold(manifest["threshold"], mpath)
         model_file = _model_file(manifest, mpath)
-        paths = {fname: verified(fname) for fname in [model_file, *(e["file"] for e in entries.values())]}
-
-        def tensors(fname: str) -> dict[str, torch.Tensor]:
-            try:
-                state = load_file(paths[fname], device=str(dev))
-            except Exception as e:  # safetensors' own error type for a malformed header or body
-                why = f"{type(e).__name__}: {e}"
-                raise BundleError(f"{paths[fname]}: not a readable safetensors file ({why})") from None
-            bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-            if bad:
-                raise BundleError(f"{paths[fname]}: non-finite values in {bad[:3]}; refusing the bundle")
-            return state
-
+        expected = manifest.get("sha256", {})
+        paths = {f: _verified(root, f, expected) for f in [model_file, *(e["file"] for e in entries.values())]}
         dev = torch.device(device)
+        name = manifest["detector"]
         try:
             family = create_detector(name, manifest["params"])
             model = create_model(
@@ -487,17 +445,13 @@ class Detector:
                 manifest["normalization"]["mean"],
                 manifest["normalization"]["std"],
             )
-            model.load_state_dict(tensors(model_file))
+            model.load_state_dict(_tensors(paths[model_file], dev))
             fitted = {
-                comp: Fitted(tensors(entry["file"]), dict(entry.get("meta") or {}))
+                comp: Fitted(_tensors(paths[entry["file"]], dev), dict(entry.get("meta") or {}))
                 for comp, entry in entries.items()
                 if comp != REFERENCE
             }
-            if REFERENCE in entries:
-                entry = entries[REFERENCE]
-                family = family.with_reference(Fitted(tensors(entry["file"]), dict(entry.get("meta") or {})))
-            elif family.reference_fraction > 0:
-                raise BundleError(f"{mpath}: {name} scores against a clean reference, and the bundle holds none")
+            family = _with_reference(family, entries, paths, dev, mpath)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             if isinstance(e, BundleError):
                 raise
@@ -571,3 +525,86 @@ class Detector:
         if bool(broken.any()):
             extras[NONFINITE] = broken.numpy()
         return Detection(pred.numpy(), ((s > self.threshold) | broken).numpy(), s.numpy(), extras)
+
+
+def _checked_manifest(root: Path, mpath: Path) -> dict[str, Any]:
+    """The bundle's manifest, refused unless it is readable JSON of this format and version, its
+    decision fields match their hash, its fields have the types read below, and its family is
+    known to this installation."""
+    if not mpath.is_file():
+        raise BundleError(f"{root}: no manifest.json; not a detector bundle")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{mpath}: not readable JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{mpath}: a manifest must be a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format") != FORMAT and manifest.get("format") != "bdx-study/badexpert-detector":
+        raise BundleError(f"{mpath}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{mpath}: bundle format version {manifest.get('format_version')!r}; this bdx-study reads version "
+            f"{FORMAT_VERSION}: export the detector again"
+        )
+    try:
+        decision = sha256_json(_decision(manifest))
+    except KeyError as e:
+        raise BundleError(f"{mpath}: missing field {e}") from None
+    if decision != manifest.get("decision_sha256"):
+        raise BundleError(
+            f"{mpath}: decision fields (threshold, params, architecture, ...) do not match their "
+            "sha256; the manifest was modified, refusing it"
+        )
+    try:  # the types of what is read below (hashes vouch for nothing: anyone can recompute them)
+        _Manifest.model_validate_json(json.dumps(manifest), strict=True)
+    except ValidationError as e:
+        raise BundleError(f"{mpath}: {_one_line(e)}; refusing the bundle") from None
+    if manifest["detector"] not in DETECTORS:
+        raise BundleError(
+            f"{mpath}: detector family {manifest['detector']!r} is not known to this installation; known: "
+            f"{', '.join(DETECTORS.names())} (a family of your own: import the module that registers it first, "
+            "`detect --plugins MODULE` on the command line)"
+        )
+    return manifest
+
+
+def _check_threshold(threshold: Any, mpath: Path) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
+        raise BundleError(f"{mpath}: threshold {threshold!r} is not a finite number; refusing the bundle")
+
+
+def _verified(root: Path, fname: str, expected: Any) -> Path:
+    """A file the manifest names: the bundle's own (no link), present, and matching its hash."""
+    f = root / fname
+    if f.is_symlink():
+        raise BundleError(f"{f}: a symbolic link; a bundle's files must be its own, refusing it")
+    if not f.is_file():
+        raise BundleError(f"{root}: missing {fname}")
+    if not isinstance(expected, dict) or fname not in expected or sha256_file(f) != expected[fname]:
+        raise BundleError(f"{f}: sha256 does not match the manifest; the bundle was modified, refusing it")
+    return f
+
+
+def _tensors(path: Path, dev: torch.device) -> dict[str, torch.Tensor]:
+    """The tensors of one verified safetensors file, refused if unreadable or not finite."""
+    try:
+        state = load_file(path, device=str(dev))
+    except Exception as e:  # safetensors' own error type for a malformed header or body
+        why = f"{type(e).__name__}: {e}"
+        raise BundleError(f"{path}: not a readable safetensors file ({why})") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise BundleError(f"{path}: non-finite values in {bad[:3]}; refusing the bundle")
+    return state
+
+
+def _with_reference(
+    family: DetectorFamily, entries: dict[str, dict[str, Any]], paths: dict[str, Path], dev: torch.device, mpath: Path
+) -> DetectorFamily:
+    """``family`` scored against the bundle's clean reference, when it has one (a committee)."""
+    if REFERENCE in entries:
+        entry = entries[REFERENCE]
+        return family.with_reference(Fitted(_tensors(paths[entry["file"]], dev), dict(entry.get("meta") or {})))
+    if family.reference_fraction > 0:
+        raise BundleError(f"{mpath}: {family.name} scores against a clean reference, and the bundle holds none")
+    return family

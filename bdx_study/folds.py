@@ -1,40 +1,28 @@
 """Held-out groups of victims: one attack, one seed, one architecture or one dataset left out.
 
-A study's victims form a grid; holding out the value ``v`` of a group column leaves the victims
-whose column differs (the fold's victims, which a fold's own search may see) and those whose
-column equals ``v`` (the held-out victims, which it never sees). With ``search.nested_folds``,
-``launch`` runs, for each fold, the whole search again on the fold's victims only (a sub-study
-named ``<study>.fold-<column>-<value>`` beside the study) and measures each family's pick on the
-held-out victims: strictly held-out evidence even under TPE, whose candidates otherwise come
-from a search that saw every victim.
+A study's victims form a grid; holding out the value ``v`` of a group column
+(:data:`~bdx_study.configs.GROUP_COLUMNS`) leaves the victims whose column differs (the fold's
+victims, which a fold's own search may see) and those whose column equals ``v`` (the held-out
+victims, which it never sees). With ``search.nested_folds``, ``launch`` runs, for each value
+(:meth:`StudySpec.group_values <bdx_study.space.StudySpec.group_values>`), the whole search again
+on the fold's victims only (a sub-study named ``<study>.fold-<column>-<value>`` beside the study)
+and measures each family's pick on the held-out victims: strictly held-out evidence even under
+TPE, whose candidates otherwise come from a search that saw every victim.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from bdx_study.configs import VictimConfig
+from bdx_study.configs import GroupColumn, VictimConfig
 from bdx_study.space import StudySpec
 
-GROUP_COLUMNS = ("attack", "victim_seed", "architecture", "dataset")
 
-
-def group_value(v: VictimConfig, column: str) -> Any:
-    return {"attack": v.attack.name, "victim_seed": v.seed, "architecture": v.architecture, "dataset": v.dataset}[
-        column
-    ]
-
-
-def fold_values(spec: StudySpec, column: str) -> list[Any]:
-    """The values of ``column`` among the study's victims (a fold per value when there are 2+)."""
-    return sorted({group_value(v, column) for v in spec.victim_configs()}, key=str)
-
-
-def fold_name(spec: StudySpec, column: str, value: Any) -> str:
+def fold_name(spec: StudySpec, column: GroupColumn, value: Any) -> str:
     return f"{spec.study.name}.fold-{column}-{value}"
 
 
-def fold_spec(spec: StudySpec, column: str, value: Any) -> StudySpec:
+def fold_spec(spec: StudySpec, column: GroupColumn, value: Any) -> StudySpec:
     """The study restricted to the fold's victims (those whose ``column`` is not ``value``), with
     the same search (no refits, no folds of its own), stored as a sub-study beside it."""
     g = spec.victims
@@ -59,5 +47,5 @@ def fold_spec(spec: StudySpec, column: str, value: Any) -> StudySpec:
     )
 
 
-def held_out_victims(spec: StudySpec, column: str, value: Any) -> list[VictimConfig]:
-    return [v for v in spec.victim_configs() if group_value(v, column) == value]
+def held_out_victims(spec: StudySpec, column: GroupColumn, value: Any) -> list[VictimConfig]:
+    return [v for v in spec.victim_configs() if v.group_value(column) == value]

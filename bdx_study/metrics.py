@@ -191,26 +191,3 @@ def detection_metrics(
         for name, fpr in FIXED_FPRS.items():
             out[f"tpr_at_{name}_fpr_{proto}"] = tpr_at_fpr(neg, pos, fpr)
     return out
-
-
-def aggregate(per_victim: list[dict[str, float]]) -> dict[str, float]:
-    """``mean/<metric>`` and ``worst/<metric>`` across victims, skipping undefined (nan) values
-    (e.g. detection metrics on a clean victim); worst = min for higher-is-better metrics, max
-    for lower-is-better ones."""
-    out: dict[str, float] = {}
-    for name in sorted(HIGHER_IS_BETTER | LOWER_IS_BETTER):
-        vals = [v[name] for v in per_victim if name in v and math.isfinite(v[name])]
-        if not vals:
-            continue
-        out[f"mean/{name}"] = float(np.mean(vals))
-        out[f"worst/{name}"] = float(min(vals) if name in HIGHER_IS_BETTER else max(vals))
-    return out
-
-
-def worst(values: np.ndarray | list[float], metric: str) -> float:
-    """The worst of ``values`` for ``metric`` (min if higher is better, else max); nan if none."""
-    arr = np.asarray(values, dtype=np.float64)
-    arr = arr[np.isfinite(arr)]
-    if not arr.size:
-        return math.nan
-    return float(arr.min() if metric in HIGHER_IS_BETTER else arr.max())

@@ -145,26 +145,52 @@ def evaluate(
         )
     threshold = protocol.threshold(scores[cal.name][calibrating])
 
-    results: dict[str, dict[str, float]] = {}
-    for split in SPLITS[1:]:
-        clean, trig = by_name[f"{split}/clean"], by_name[f"{split}/triggered"]
-        m = detection_metrics(
-            clean_scores=scores[clean.name],
-            clean_pred=preds[clean.name].numpy(),
-            clean_label=clean.label.numpy(),
-            poison_scores=scores[trig.name],
-            poison_pred=preds[trig.name].numpy(),
-            poison_attack_label=trig.attack_label.numpy(),
-            threshold=threshold,
-        )
-        m.update(family.diagnose(feats[clean.name], clean.label, feats[trig.name], trig.attack_label))
-        results[split] = m
+    results = {split: _split_metrics(family, by_name, split, scores, preds, feats, threshold) for split in SPLITS[1:]}
+    samples = _samples(family, parts, scores, preds, feats, threshold, referenced)
+    return Evaluation(threshold, results["evaluation"], results["selection"], samples, reference)
 
+
+def _split_metrics(
+    family: DetectorFamily,
+    by_name: dict[str, Part],
+    split: str,
+    scores: dict[str, np.ndarray],
+    preds: dict[str, Tensor],
+    feats: dict[str, dict[str, Tensor]],
+    threshold: float,
+) -> dict[str, float]:
+    """One split's detection metrics (from its own clean and triggered rows) and the family's
+    diagnostics."""
+    clean, trig = by_name[f"{split}/clean"], by_name[f"{split}/triggered"]
+    m = detection_metrics(
+        clean_scores=scores[clean.name],
+        clean_pred=preds[clean.name].numpy(),
+        clean_label=clean.label.numpy(),
+        poison_scores=scores[trig.name],
+        poison_pred=preds[trig.name].numpy(),
+        poison_attack_label=trig.attack_label.numpy(),
+        threshold=threshold,
+    )
+    m.update(family.diagnose(feats[clean.name], clean.label, feats[trig.name], trig.attack_label))
+    return m
+
+
+def _samples(
+    family: DetectorFamily,
+    parts: list[Part],
+    scores: dict[str, np.ndarray],
+    preds: dict[str, Tensor],
+    feats: dict[str, dict[str, Tensor]],
+    threshold: float,
+    referenced: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """One row per scored input (:data:`SAMPLE_COLUMNS` and the family's extras); the
+    calibration rows that referenced the score are marked as split ``REFERENCE``."""
     cols: dict[str, list[np.ndarray]] = {k: [] for k in SAMPLE_COLUMNS}
     for p in parts:
         n, s = len(p), scores[p.name]
         names = np.array([p.split] * n, dtype=object)
-        if p is cal:
+        if p.name == "calibration/clean":
             names[referenced] = REFERENCE
         cols["split"].append(names)
         cols["triggered"].append(np.full(n, p.triggered))
@@ -176,5 +202,4 @@ def evaluate(
         cols["flagged"].append(s > threshold)
         for k, v in family.extras(feats[p.name], preds[p.name]).items():
             cols.setdefault(k, []).append(v.double().numpy())
-    samples = {k: np.concatenate(v) for k, v in cols.items()}
-    return Evaluation(threshold, results["evaluation"], results["selection"], samples, reference)
+    return {k: np.concatenate(v) for k, v in cols.items()}

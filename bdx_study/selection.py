@@ -5,7 +5,7 @@ and by nested held-out folds (which config a fold's search picked).
 Rule: among trials that meet the study's clean-accuracy constraint on every victim (clean
 victims included), the best aggregate (worst case by default) of the objective metric across
 victims; ties go to the better mean. When no trial is feasible, the best of all is taken and
-marked infeasible.
+marked infeasible. Aggregation and feasibility: :mod:`bdx_study.objective`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from bdx_study.metrics import HIGHER_IS_BETTER
+from bdx_study.objective import feasible_rows, worst_op
 
 
 @dataclass
@@ -39,10 +40,11 @@ def board(
     col = prefix + metric
     higher = metric in HIGHER_IS_BETTER
     g = df.dropna(subset=[col]).groupby(by)[col]
-    out = pd.DataFrame({"worst": g.min() if higher else g.max(), "mean": g.mean(), "victims": g.size()})
-    out["worst_clean_acc_drop"] = df.groupby(by)[prefix + "clean_acc_drop"].max()
+    out = pd.DataFrame({"worst": g.agg(worst_op(metric)), "mean": g.mean(), "victims": g.size()})
+    # reindexed: on a frame where no trial has a defined metric the board stays empty
+    out["worst_clean_acc_drop"] = df.groupby(by)[prefix + "clean_acc_drop"].max().reindex(out.index)
     out["score"] = out["worst"] if aggregate == "worst" else out["mean"]
-    out["feasible"] = True if max_drop is None else out["worst_clean_acc_drop"] <= max_drop + 1e-12
+    out["feasible"] = feasible_rows(out["worst_clean_acc_drop"], max_drop)
     sign = 1 if higher else -1
     key = pd.DataFrame({"f": out["feasible"].astype(int), "s": sign * out["score"], "m": sign * out["mean"]})
     order = key.sort_values(["f", "s", "m"], ascending=False).index

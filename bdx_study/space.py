@@ -3,7 +3,8 @@
 A study file has these sections (unknown keys anywhere are errors):
 
     study:     name, storage (folder for the victim and stage caches, tables, Ray state),
-               description, stage_cache
+               description, stage_cache, plugins (modules imported before the rest of the file
+               is validated, and by every worker: the user's registrations; see bdx_study.plugins)
     tracking:  uri (MLflow tracking URI; null = MLflow's default, sqlite:///mlflow.db in the
                working directory), experiment (default: the study name)
     data:      root, download, reserve_size, eval_size (held-out images: selection + evaluation),
@@ -53,10 +54,12 @@ from bdx_study._io import special_kind
 from bdx_study._registry import Registry
 from bdx_study.archs import ARCHITECTURES
 from bdx_study.attacks import attack_params
-from bdx_study.configs import AttackSpec, DataConfig, ProtocolConfig, TrainingConfig, VictimConfig
+from bdx_study.configs import AttackSpec, DataConfig, GroupColumn, ProtocolConfig, TrainingConfig, VictimConfig
 from bdx_study.data import DATASETS
-from bdx_study.detectors import DETECTORS, CommitteeParams, DetectorParams, detector_params
+from bdx_study.detectors import DETECTORS, DetectorParams, detector_params
+from bdx_study.detectors.committee import CommitteeParams
 from bdx_study.metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER, min_calibration
+from bdx_study.plugins import MODULE_NAME, PluginError, load_entry_points, load_plugins
 
 if TYPE_CHECKING:
     import optuna
@@ -155,6 +158,11 @@ class StudySection(StrictModel):
     description: str = ""
     stage_cache: bool = Field(
         True, description="reuse fitted detector components across trials (false: every trial refits; for benchmarks)"
+    )
+    plugins: list[Annotated[str, Field(pattern=MODULE_NAME)]] = Field(
+        default_factory=list,
+        description="modules imported before the rest of the file is validated, and in every worker: they register "
+        "the user's attacks, architectures, datasets and detector families",
     )
 
 
@@ -298,7 +306,7 @@ class SearchSection(StrictModel):
     )
     constraint: Constraint = Constraint()
     refit: Refit = Refit()
-    nested_folds: list[Literal["attack", "victim_seed", "architecture", "dataset"]] = Field(
+    nested_folds: list[GroupColumn] = Field(
         default_factory=list,
         description="group columns whose every value gets its own search without it (strictly held out)",
     )
@@ -409,6 +417,11 @@ class StudySpec(StrictModel):
             out[cfg.key] = cfg  # 'none' x several poison rates collapses to one victim
         return list(out.values())
 
+    def group_values(self, column: GroupColumn) -> list[Any]:
+        """The values of a group column among the study's victims, sorted (a nested fold per
+        value when there are 2+; see :mod:`bdx_study.folds`)."""
+        return sorted({v.group_value(column) for v in self.victim_configs()}, key=str)
+
     @property
     def experiment_name(self) -> str:
         return self.tracking.experiment or self.study.name
@@ -493,6 +506,26 @@ def _check_committee(source: str, family: str, entries: dict[str, Any]) -> list[
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         form = "a mapping {family: {param: value}} or a list of family names"
         return [f"{where}.members: {form} (got {_short(names)})"]
+    problems, good = _committee_members(where, names)
+    member_keys, weights, own = _committee_keys(where, entries, good, problems)
+    for m, params in member_keys.items():
+        if "seed" in params:
+            problems.append(f"{where}.members.{m}.seed: set `seed` on the committee; every member takes its seed")
+            params = {k: v for k, v in params.items() if k != "seed"}
+        model = detector_params(m)
+        allowed = tuple(k for k in model.model_fields if k != "seed")
+        problems += _check_section(source, f"detectors.{family}.members.{m}", model, params, allowed)
+    problems += _committee_weights(where, names, weights)
+    if len(good) >= 2 and len(good) == len(set(names)):  # the committee's own settings, beside valid members
+        params_model = detector_params(family)
+        allowed = tuple(k for k in params_model.model_fields if k not in ("members", "weights"))
+        base: dict[str, Any] = {"members": {m: {} for m in good}}
+        problems += _check_section(source, f"detectors.{family}", params_model, own, allowed, base)
+    return problems
+
+
+def _committee_members(where: str, names: list[str]) -> tuple[list[str], list[str]]:
+    """(problems, the members that are known families and may be members) of a member list."""
     problems: list[str] = []
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -510,6 +543,14 @@ def _check_committee(source: str, family: str, entries: dict[str, Any]) -> list[
             problems.append(f"{where}.members.{m}: a member's family name cannot contain '.' or '/'")
         else:
             good.append(m)
+    return problems, good
+
+
+def _committee_keys(
+    where: str, entries: dict[str, Any], good: list[str], problems: list[str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """A committee's flat keys sorted into (each good member's parameters, weights, the
+    committee's own settings); malformed ones are added to ``problems``."""
     member_keys: dict[str, dict[str, Any]] = {m: {} for m in good}
     weights: dict[str, Any] = {}
     own: dict[str, Any] = {}
@@ -529,13 +570,12 @@ def _check_committee(source: str, family: str, entries: dict[str, Any]) -> list[
             problems.append(f"{where}.weights: a mapping {{member: weight}} (got {_short(value)})")
         else:
             own[key] = value
-    for m, params in member_keys.items():
-        if "seed" in params:
-            problems.append(f"{where}.members.{m}.seed: set `seed` on the committee; every member takes its seed")
-            params = {k: v for k, v in params.items() if k != "seed"}
-        model = detector_params(m)
-        allowed = tuple(k for k in model.model_fields if k != "seed")
-        problems += _check_section(source, f"detectors.{family}.members.{m}", model, params, allowed)
+    return member_keys, weights, own
+
+
+def _committee_weights(where: str, names: list[str], weights: dict[str, Any]) -> list[str]:
+    """Weights of members only, each >= 0, not all zero (a member without one weighs 1)."""
+    problems: list[str] = []
     for m, w in weights.items():
         if m not in names:
             problems.append(f"{where}.weights.{m}: not a member; members: {', '.join(names)}")
@@ -544,11 +584,6 @@ def _check_committee(source: str, family: str, entries: dict[str, Any]) -> list[
     largest = [_largest(weights.get(m, 1.0)) for m in dict.fromkeys(names)]
     if names and all(w is not None and w <= 0 for w in largest):
         problems.append(f"{where}.weights: every member's weight is 0; at least one needs a positive weight")
-    if len(good) >= 2 and len(good) == len(set(names)):  # the committee's own settings, beside valid members
-        params_model = detector_params(family)
-        allowed = tuple(k for k in params_model.model_fields if k not in ("members", "weights"))
-        base: dict[str, Any] = {"members": {m: {} for m in good}}
-        problems += _check_section(source, f"detectors.{family}", params_model, own, allowed, base)
     return problems
 
 
@@ -683,9 +718,7 @@ def _check_values(spec: StudySpec, source: str) -> None:
     if spec.search.objectives and spec.search.sampler != "nsga2":
         problems.append(f"{source}: search.objectives: only the nsga2 sampler searches several objectives")
     for column in spec.search.nested_folds:
-        from bdx_study.folds import fold_values
-
-        values = fold_values(spec, column)
+        values = spec.group_values(column)
         if len(values) < 2:
             problems.append(
                 f"{source}: search.nested_folds: {column} has one value among the victims ({values[0]}); nothing to "
@@ -749,7 +782,7 @@ def _check_clean_set(spec: StudySpec, source: str) -> list[str]:
 def _committee_split(source: str, family: str, n_cal: int, share: float, fpr: float, rule: str) -> list[str]:
     """A committee splits the calibration images: ``share`` reference its members' scales (at
     least MIN_REFERENCE of them), the rest calibrate the threshold (as many as the rule needs)."""
-    from bdx_study.detectors.params import MIN_REFERENCE
+    from bdx_study.detectors.committee import MIN_REFERENCE
 
     ref = round(n_cal * share)
     where = f"{source}: detectors.{family}.reference_fraction"
@@ -766,6 +799,25 @@ def _committee_split(source: str, family: str, n_cal: int, share: float, fpr: fl
     return []
 
 
+def _load_plugins(raw: dict[str, Any], source: str) -> None:
+    """Import the installed plugins (entry points) and the file's ``study.plugins``: their
+    registrations are what the rest of the file is checked against."""
+    try:
+        load_entry_points()
+    except PluginError as e:
+        raise SpaceError(f"{source}: {e}") from None
+    study = raw.get("study")
+    modules = study.get("plugins", []) if isinstance(study, dict) else []
+    if not isinstance(modules, list) or not all(isinstance(m, str) and re.match(MODULE_NAME, m) for m in modules):
+        raise SpaceError(
+            f"{source}: study.plugins: a list of module names (e.g. [my_pkg.my_attacks]), got {_short(modules)}"
+        )
+    try:
+        load_plugins(modules)
+    except PluginError as e:
+        raise SpaceError(f"{source}: study.plugins: {e}") from None
+
+
 def parse_space(raw: Any, source: str = "<study>") -> StudySpec:
     """Validate a loaded YAML document; raise SpaceError naming ``source``, key and value."""
     if not isinstance(raw, dict):
@@ -776,6 +828,7 @@ def parse_space(raw: Any, source: str = "<study>") -> StudySpec:
             "BaDExpert's hyperparameters under `detectors: {badexpert: {...}}` and clean_set_size, "
             "calibration_fraction and target_fpr under `protocol:`"
         )
+    _load_plugins(raw, source)
     if isinstance(raw.get("detectors"), dict):  # `strip:` with nothing after it = the family's defaults
         detectors = {k: {} if v is None else v for k, v in raw["detectors"].items()}
         # a committee's nested members and weights become flat search-space keys (members.<m>.<param>)

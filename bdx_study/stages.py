@@ -246,17 +246,6 @@ class StageStore:
         self._remember(mem, (fitted, outputs, cost, fit_seconds))
         return ComponentRun(key, fitted, outputs, fitted_now, fit_seconds, cost)
 
-    def load_fitted(
-        self, family: DetectorFamily, component: str, victim_key: str, protocol: ProtocolConfig
-    ) -> Fitted | None:
-        """A stored component's state, or None (for export: the very state a trial used)."""
-        if self.root is None:
-            return None
-        key = self.component_key(family, component, victim_key, protocol)
-        with self._locked(key):
-            loaded = self._load_state(self.root / victim_key / f"{family.name}-{component}-{key}")
-        return None if loaded is None else loaded[0]
-
     # -- files ---------------------------------------------------------------------------------
 
     @staticmethod
@@ -365,24 +354,32 @@ class DetectorRun:
         return self.evaluation.reference
 
 
+@dataclass(frozen=True)
+class LoadedVictim:
+    """A victim as a detector runs on it: what :func:`run_detector` needs of it, loaded."""
+
+    key: str  # the victim's key (its model, attack and training data): the stage cache's folder
+    model: nn.Module  # M, taking [0, 1] pixels
+    splits: Splits  # the study's disjoint splits of the victim's dataset
+    attack: Attack  # the attack as trained (triggers the scored inputs)
+    layout: dict[str, Any]  # how the held-out images were split (DataConfig.layout): part of every output key
+
+
 def run_detector(
     store: StageStore,
     family: DetectorFamily,
     protocol: ProtocolConfig,
+    victim: LoadedVictim,
     *,
-    victim_key: str,
-    model: nn.Module,
-    splits: Splits,
-    attack: Attack,
-    layout: dict[str, Any],
     device: torch.device,
     parts: list[Part] | None = None,
 ) -> DetectorRun:
-    """Fit (or find) every component of ``family`` on the victim's defender data, score every
-    part and evaluate it under the shared protocol. ``layout`` identifies how the held-out images
-    were split (see :meth:`bdx_study.configs.DataConfig.layout`)."""
-    parts = parts if parts is not None else scoring_parts(splits, attack, protocol)
-    model = model.to(device).eval()
+    """Fit (or find) every component of ``family`` on ``victim``'s defender data, score every
+    part (default: :func:`~bdx_study.protocol.scoring_parts` of the victim under ``protocol``)
+    and evaluate it under the shared protocol."""
+    splits, victim_key, layout = victim.splits, victim.key, victim.layout
+    parts = parts if parts is not None else scoring_parts(splits, victim.attack, protocol)
+    model = victim.model.to(device).eval()
     probs, base_cost = store.predictions(victim_key, layout, protocol, model, parts, device)
     preds = {name: p.argmax(1) for name, p in probs.items()}
     finetune, calibration = protocol.defender_split(splits.reserve)

@@ -85,8 +85,7 @@ def fit(
     ``device``; ``idx`` its rows' CPU indices into ``data``) and may replace it and add a loss
     term; see :class:`bdx_study.attacks.TrainingHook`."""
     loss_fn = nn.CrossEntropyLoss()
-    steps = 0
-    n = len(data)
+    steps, n = 0, len(data)
     resident = ImageData(data.pixels.to(device), data.y.to(device))  # once per call; no copy on the CPU
     layout = torch.channels_last if channels_last else torch.contiguous_format
     if hook is not None:
@@ -100,23 +99,9 @@ def fit(
                 perm = torch.randperm(n, generator=gen)
                 perm_dev = perm.to(device, non_blocking=True)
                 for start in range(0, n, batch_size):
-                    idx = perm[start : start + batch_size]
-                    idx_dev = perm_dev[start : start + batch_size]
-                    x = resident.images(idx_dev)
-                    y = resident.y[idx_dev]
-                    extra = None
-                    if hook is not None:
-                        x, y, extra, _, _ = hook.batch(x, y, idx, gen)
-                    if augment is not None:
-                        x = augment_batch(x, augment, gen)
-                    x = x.contiguous(memory_format=layout)
-                    optimizer.zero_grad(set_to_none=True)
-                    with autocast(device, precision):
-                        loss = loss_fn(model(x), y)
-                    if extra is not None:
-                        loss = loss + extra
-                    loss.backward()
-                    optimizer.step()
+                    rows = (perm[start : start + batch_size], perm_dev[start : start + batch_size])
+                    x, y, extra = _batch(resident, rows, gen, augment, hook)
+                    _step(model, optimizer, loss_fn, x.contiguous(memory_format=layout), y, extra, device, precision)
                     if hook is not None:
                         hook.after_step()
                     steps += 1
@@ -128,6 +113,45 @@ def fit(
         if hook is not None:
             hook.finish()
     return steps
+
+
+def _batch(
+    resident: ImageData,
+    rows: tuple[Tensor, Tensor],
+    gen: torch.Generator,
+    augment: DatasetInfo | None,
+    hook: TrainingHook | None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One training batch (float images, labels, the hook's extra loss term) from ``rows``: its
+    indices on the CPU (what the hook sees) and on the data's device (what indexes it)."""
+    idx, idx_dev = rows
+    x, y = resident.images(idx_dev), resident.y[idx_dev]
+    extra = None
+    if hook is not None:
+        x, y, extra, _, _ = hook.batch(x, y, idx, gen)
+    if augment is not None:
+        x = augment_batch(x, augment, gen)
+    return x, y, extra
+
+
+def _step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    extra: Tensor | None,
+    device: torch.device,
+    precision: Precision,
+) -> None:
+    """One optimizer step on the batch's cross-entropy (plus ``extra``)."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device, precision):
+        loss = loss_fn(model(x), y)
+    if extra is not None:
+        loss = loss + extra
+    loss.backward()
+    optimizer.step()
 
 
 PREDICT_BATCH = 512  # inputs M scores at once when predicting (bounds memory; serving uses the same batches)

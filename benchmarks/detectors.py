@@ -60,20 +60,12 @@ WAIT_FOR_VICTIMS = float(os.environ.get("BDX_WAIT_FOR_VICTIMS", "0"))  # seconds
 Entry = tuple[str, str, dict[str, Any]]  # (row label, family, parameters: {} = its defaults)
 
 
-def _victim_rows(args: tuple[str, str, list[Entry], str, int, int]) -> list[dict[str, Any]]:
-    """Every entry (a family with parameters) on one victim (a worker process)."""
-    import torch
-
-    from bdx_study.detector import Detector
-    from bdx_study.detectors import create_detector
-    from bdx_study.protocol import scoring_parts
+def _cached_victim(space: str, key: str) -> tuple[Any, Any, Any]:
+    """(the study, the victim of ``key``, its cached record), waiting up to WAIT_FOR_VICTIMS for a
+    launch still training it."""
     from bdx_study.space import load_space
-    from bdx_study.stages import StageStore, run_detector
-    from bdx_study.training import predict_proba
     from bdx_study.victims import VictimCache
 
-    space, key, entries, stages, selection_inputs, eval_inputs = args
-    torch.set_num_threads(1)
     spec = load_space(space)
     victim = next(v for v in spec.victim_configs() if v.key == key)
     cache = VictimCache(spec.storage_root() / "victims")
@@ -84,19 +76,12 @@ def _victim_rows(args: tuple[str, str, list[Entry], str, int, int]) -> list[dict
         record = cache.load(victim)
     if record is None:
         raise SystemExit(f"victim {victim.name} is not in the cache: run `bdx-study launch --space {space}` first")
-    cpu = torch.device("cpu")
-    model = record.load_model(cpu)
-    attack = record.load_attack()
-    splits = victim.data.splits(victim.dataset)
-    _, _, protocol = spec.trial_config({"detector": "badexpert"})
-    x = splits.evaluation.x
-    bare = min(_timed(lambda: predict_proba(model, x, device=cpu)) for _ in range(3)) / max(1, len(x))
-    # Only the evaluation split is reported, on its first ``eval_inputs`` clean and triggered
-    # inputs (the same for every family); the selection split is cut to its first inputs (it
-    # feeds BaDExpert's probe and selection metrics nobody reads here). The benchmark's own
-    # stage store, and a layout naming the cuts, keep these outputs apart from the study's.
-    cut = {"selection": selection_inputs, "evaluation": eval_inputs}
-    parts = [
+    return spec, victim, record
+
+
+def _cut_parts(parts: list[Any], cut: dict[str, int]) -> list[Any]:
+    """Each part of a cut split limited to its first ``cut[split]`` inputs."""
+    return [
         dataclasses.replace(
             p,
             x=p.x[: cut[p.split]],
@@ -106,37 +91,58 @@ def _victim_rows(args: tuple[str, str, list[Entry], str, int, int]) -> list[dict
         )
         if p.split in cut
         else p
-        for p in scoring_parts(splits, attack, protocol)
+        for p in parts
     ]
-    layout = {**victim.data.layout(), "benchmark_cut": cut}
+
+
+def _served_seconds(family: Any, run: Any, model: Any, info: Any, x: Any) -> float:
+    """Seconds per input of the detector as served: its bundle's scoring path on ``x`` (after a
+    warm-up call); NaN for families that cost over SERVED_MAX_SECONDS per input as the study counts them."""
+    import torch
+
+    from bdx_study.detector import Detector
+
+    if run.costs["score_seconds_per_input"] >= SERVED_MAX_SECONDS:
+        return float("nan")
+    scorer = family.with_reference(run.reference) if run.reference is not None else family
+    manifest = {"threshold": run.evaluation.threshold, "input_shape": list(info.input_shape)}
+    det = Detector(manifest, scorer, model, run.fitted, torch.device("cpu"))
+    det.detect(x[:8])
+    return min(_timed(lambda: det.detect(x)) for _ in range(3)) / max(1, len(x))
+
+
+def _victim_rows(args: tuple[str, str, list[Entry], str, int, int]) -> list[dict[str, Any]]:
+    """Every entry (a family with parameters) on one victim (a worker process)."""
+    import torch
+
+    from bdx_study.detectors import create_detector
+    from bdx_study.protocol import scoring_parts
+    from bdx_study.stages import LoadedVictim, StageStore, run_detector
+    from bdx_study.training import predict_proba
+
+    space, key, entries, stages, selection_inputs, eval_inputs = args
+    torch.set_num_threads(1)
+    spec, victim, record = _cached_victim(space, key)
+    cpu = torch.device("cpu")
+    model, attack = record.load_model(cpu), record.load_attack()
+    splits = victim.data.splits(victim.dataset)
+    _, _, protocol = spec.trial_config({"detector": "badexpert"})
+    x = splits.evaluation.x
+    bare = min(_timed(lambda: predict_proba(model, x, device=cpu)) for _ in range(3)) / max(1, len(x))
+    # Only the evaluation split is reported, on its first ``eval_inputs`` clean and triggered
+    # inputs (the same for every family); the selection split is cut to its first inputs (it
+    # feeds BaDExpert's probe and selection metrics nobody reads here). The benchmark's own
+    # stage store, and a layout naming the cuts, keep these outputs apart from the study's.
+    cut = {"selection": selection_inputs, "evaluation": eval_inputs}
+    parts = _cut_parts(scoring_parts(splits, attack, protocol), cut)
+    loaded = LoadedVictim(victim.key, model, splits, attack, {**victim.data.layout(), "benchmark_cut": cut})
     store = StageStore(Path(stages))
     print(f"{victim.attack.name}: scoring {len(entries)} entries", flush=True)
     rows = []
-    served_x = x[:SERVED_INPUTS]
     for label, name, params in entries:
         t = time.perf_counter()
         family = create_detector(name, params)
-        run = run_detector(
-            store,
-            family,
-            protocol,
-            victim_key=victim.key,
-            model=model,
-            splits=splits,
-            attack=attack,
-            layout=layout,
-            device=cpu,
-            parts=parts,
-        )
-        # the detector as served: its bundle's scoring path on evaluation inputs (after a warm-up call);
-        # families that cost over SERVED_MAX_SECONDS per input as the study counts them are not timed again
-        serve = float("nan")
-        if run.costs["score_seconds_per_input"] < SERVED_MAX_SECONDS:
-            scorer = family.with_reference(run.reference) if run.reference is not None else family
-            manifest = {"threshold": run.evaluation.threshold, "input_shape": list(splits.info.input_shape)}
-            det = Detector(manifest, scorer, model, run.fitted, cpu)
-            det.detect(served_x[:8])
-            serve = min(_timed(lambda d=det: d.detect(served_x)) for _ in range(3)) / max(1, len(served_x))
+        run = run_detector(store, family, protocol, loaded, device=cpu, parts=parts)
         rows.append(
             {
                 "family": label,
@@ -144,7 +150,7 @@ def _victim_rows(args: tuple[str, str, list[Entry], str, int, int]) -> list[dict
                 **run.evaluation.metrics,
                 **run.costs,
                 "bare_forward_seconds_per_input": bare,
-                "served_seconds_per_input": serve,
+                "served_seconds_per_input": _served_seconds(family, run, model, splits.info, x[:SERVED_INPUTS]),
                 "wall_seconds": time.perf_counter() - t,
             }
         )
@@ -200,13 +206,13 @@ def _nested_loao(spec: Any, family: str) -> dict[str, tuple[str, dict[str, Any]]
     """``family``'s strictly held-out picks of a study with ``search.nested_folds: [attack]``: for
     each attack, the selection rule on the trials of the fold whose search never saw it:
     {attack: (fold/trial, parameters)}."""
-    from bdx_study.folds import fold_spec, fold_values
+    from bdx_study.folds import fold_spec
     from bdx_study.selection import select
     from bdx_study.tables import StudyTables
 
     obj, max_drop = spec.search.objective, spec.search.constraint.max_clean_acc_drop
     picks = {}
-    for attack in fold_values(spec, "attack"):
+    for attack in spec.group_values("attack"):
         fs = fold_spec(spec, "attack", attack)
         try:
             trials = StudyTables(fs.study_dir).read("trials").to_pandas()
@@ -221,7 +227,7 @@ def _nested_loao(spec: Any, family: str) -> dict[str, tuple[str, dict[str, Any]]
     return picks
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--space", default="search_spaces/zoo.yaml")
     ap.add_argument(
@@ -248,8 +254,31 @@ def main() -> int:
     ap.add_argument(
         "--eval-inputs", type=int, default=300, help="evaluation-split inputs scored per part (clean, triggered)"
     )
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+Picks = dict[str, tuple[str, dict[str, Any]]]  # attack -> (picked trial, its params)
+
+
+def _nested_entries(args: argparse.Namespace, victims: list[Any]) -> tuple[dict[str, Picks], dict[str, list[Entry]]]:
+    """The committee study's strictly held-out picks (a search per attack fold), if it ran, and
+    the rows they give per victim key."""
+    if not args.committee_space:
+        return {COMMITTEE: {}, NESTED: {}}, {}
+    from bdx_study.space import load_space
+
+    cspec = load_space(args.committee_space)
+    nested = {COMMITTEE: _nested_loao(cspec, "committee"), NESTED: _nested_loao(cspec, "badexpert")}
+    families = {COMMITTEE: "committee", NESTED: "badexpert"}
+    entries = {
+        v.key: [(label, families[label], p[v.attack.name][1]) for label, p in nested.items() if v.attack.name in p]
+        for v in victims
+    }
+    return nested, entries
+
+
+def main() -> int:
+    args = parse_args()
     from bdx_study.detectors import DETECTORS
     from bdx_study.space import load_space
 
@@ -278,32 +307,17 @@ def main() -> int:
             for v in victims
             if v.attack.name in picks
         ]
+        # 3. The committee study's strictly held-out picks.
+        nested, entries = _nested_entries(args, victims)
+        jobs += [(args.space, key, e, *cut) for key, e in entries.items() if e]
         rows += [r for part in pool.imap_unordered(_victim_rows, jobs) for r in part]
-        # 3. The committee study's strictly held-out picks (a search per attack fold), if it ran.
-        nested = {COMMITTEE: {}, NESTED: {}}
-        if args.committee_space:
-            cspec = load_space(args.committee_space)
-            nested = {COMMITTEE: _nested_loao(cspec, "committee"), NESTED: _nested_loao(cspec, "badexpert")}
-            entries = {
-                v.key: [
-                    (label, fam, p[v.attack.name][1])
-                    for (label, fam), p in zip(
-                        ((COMMITTEE, "committee"), (NESTED, "badexpert")), nested.values(), strict=True
-                    )
-                    if v.attack.name in p
-                ]
-                for v in victims
-            }
-            jobs = [(args.space, key, e, *cut) for key, e in entries.items() if e]
-            rows += [r for part in pool.imap_unordered(_victim_rows, jobs) for r in part]
     for r in rows:
         if r["family"] == ROBUST:
             r["picked_trial"] = picks[r["attack"]][0]
         elif r["family"] in nested:
             r["picked_trial"] = nested[r["family"]][r["attack"]][0]
     seconds = time.perf_counter() - t0
-    table = pd.concat([pd.DataFrame(rows), earlier], ignore_index=True)
-    write_report(table, spec, args, seconds)
+    write_report(pd.concat([pd.DataFrame(rows), earlier], ignore_index=True), spec, args, seconds)
     return 0
 
 
@@ -378,18 +392,10 @@ def _losses(auroc: pd.DataFrame, label: str, backdoored: list[str]) -> list[str]
     return [f"Where {label} loses to another detector:", "", *([f"- {x}" for x in losses] or ["- nowhere"]), ""]
 
 
-def write_report(table: pd.DataFrame, spec: Any, args: argparse.Namespace, seconds: float) -> None:
-    attacks = sorted(a for a in table["attack"].unique() if a != "none") + (
-        ["none"] if "none" in set(table["attack"]) else []
-    )
+def _intro(args: argparse.Namespace, protocol: Any, attacks: list[str], seconds: float) -> list[str]:
+    """The report's heading: how it was made, on which victims, under which protocol."""
     backdoored = [a for a in attacks if a != "none"]
-    first = [COMMITTEE, NESTED, ROBUST, ROBUST + EARLIER, PAPER, PAPER + EARLIER]
-    order = first + sorted(f for f in table["family"].unique() if f not in first)
-    auroc = _pivot(table, "auroc_correct_only", order, backdoored)
-    summary = {"worst": auroc.min(axis=1), "mean": auroc.mean(axis=1)}
-    best_mean, best_worst = summary["mean"].idxmax(), summary["worst"].idxmax()
-    _, _, protocol = spec.trial_config({"detector": "badexpert"})
-    lines = [
+    return [
         "# Detectors compared: every family on every Fashion-MNIST victim, one protocol",
         "",
         f"Made by `python benchmarks/detectors.py {' '.join(sys.argv[1:])}` after `bdx-study launch --space "
@@ -420,26 +426,12 @@ def write_report(table: pd.DataFrame, spec: Any, args: argparse.Namespace, secon
             else ""
         ),
         "",
-        "## AUROC (correct-only protocol), from continuous scores",
-        "",
-        *_md(auroc, extra=summary),
-        "",
-        f"Best mean AUROC: **{best_mean}** ({summary['mean'][best_mean]:.3f}); best worst case: **{best_worst}** "
-        f"({summary['worst'][best_worst]:.3f}).",
-        "",
     ]
-    for label in (COMMITTEE, ROBUST, ROBUST + EARLIER):
-        if label in auroc.index:
-            lines += _losses(auroc, label, backdoored)
-    lines += [
-        "## TPR at 1% FPR (correct-only; the best on each victim's own ROC: a property of the scores)",
-        "",
-        *_md(_pivot(table, "tpr_at_1pct_fpr_correct_only", order, backdoored)),
-        "",
-        f"## FPR measured at the calibrated threshold (correct-only; target {protocol.target_fpr:.0%})",
-        "",
-        *_md(_pivot(table, "fpr_at_threshold_correct_only", order, attacks)),
-        "",
+
+
+def _costs(table: pd.DataFrame, order: list[str]) -> list[str]:
+    """The cost table: passes, scoring time and throughput per scored input, fit time per victim."""
+    lines = [
         "## Cost per scored input (mean over victims)",
         "",
         "Forward and backward passes of victim-architecture networks (the model's own forward included), "
@@ -461,7 +453,45 @@ def write_report(table: pd.DataFrame, spec: Any, args: argparse.Namespace, secon
             f"{1000 * t['score_seconds_per_input'].mean():.3f} | {rel:.4f} | {ms} | {thr} | "
             f"{t['fit_seconds'].mean():.1f} |"
         )
-    lines += _committee_targets(table, attacks, backdoored, protocol.target_fpr)
+    return lines
+
+
+def write_report(table: pd.DataFrame, spec: Any, args: argparse.Namespace, seconds: float) -> None:
+    attacks = sorted(a for a in table["attack"].unique() if a != "none") + (
+        ["none"] if "none" in set(table["attack"]) else []
+    )
+    backdoored = [a for a in attacks if a != "none"]
+    first = [COMMITTEE, NESTED, ROBUST, ROBUST + EARLIER, PAPER, PAPER + EARLIER]
+    order = first + sorted(f for f in table["family"].unique() if f not in first)
+    auroc = _pivot(table, "auroc_correct_only", order, backdoored)
+    summary = {"worst": auroc.min(axis=1), "mean": auroc.mean(axis=1)}
+    best_mean, best_worst = summary["mean"].idxmax(), summary["worst"].idxmax()
+    _, _, protocol = spec.trial_config({"detector": "badexpert"})
+    lines = [
+        *_intro(args, protocol, attacks, seconds),
+        "## AUROC (correct-only protocol), from continuous scores",
+        "",
+        *_md(auroc, extra=summary),
+        "",
+        f"Best mean AUROC: **{best_mean}** ({summary['mean'][best_mean]:.3f}); best worst case: **{best_worst}** "
+        f"({summary['worst'][best_worst]:.3f}).",
+        "",
+    ]
+    for label in (COMMITTEE, ROBUST, ROBUST + EARLIER):
+        if label in auroc.index:
+            lines += _losses(auroc, label, backdoored)
+    lines += [
+        "## TPR at 1% FPR (correct-only; the best on each victim's own ROC: a property of the scores)",
+        "",
+        *_md(_pivot(table, "tpr_at_1pct_fpr_correct_only", order, backdoored)),
+        "",
+        f"## FPR measured at the calibrated threshold (correct-only; target {protocol.target_fpr:.0%})",
+        "",
+        *_md(_pivot(table, "fpr_at_threshold_correct_only", order, attacks)),
+        "",
+        *_costs(table, order),
+        *_committee_targets(table, attacks, backdoored, protocol.target_fpr),
+    ]
     write_keeping_tail(args.out, lines, "## Notes", "\n## Notes\n\n(written by hand)\n")
     table.to_csv(args.out.with_suffix(".csv"), index=False)
     print(f"wrote {args.out} and {args.out.with_suffix('.csv')}")

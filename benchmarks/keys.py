@@ -56,8 +56,14 @@ def main() -> None:
                 det = create_detector(name, params)
                 comps = det.fitted_components() if hasattr(det, "fitted_components") else det.components
                 keys = [StageStore.component_key(det, c, vkey, protocol) for c in comps]
-                print(path.name, "stage", family, sorted(config.items()), keys,
-                      StageStore.layout_key({"victim": vkey}, protocol))
+                print(
+                    path.name,
+                    "stage",
+                    family,
+                    sorted(config.items()),
+                    keys,
+                    StageStore.layout_key({"victim": vkey}, protocol),
+                )
 
 
 if __name__ == "__main__":

@@ -73,7 +73,23 @@ def main() -> int:
     if rc != 0:
         print((work / "quickstart.log").read_text()[-3000:])
         return rc
+    overhead(work, args.space)
+    return 0
 
+
+def tune_times(study_dir: Path) -> dict[str, float]:
+    """Each trial's wall time as Tune measured it (time_total_s of its last result)."""
+    times = {}
+    for result_file in (study_dir / "tune").glob("*/result.json"):
+        lines = result_file.read_text().strip().splitlines()
+        if lines:
+            last = json.loads(lines[-1])
+            times[last["trial_id"]] = last["time_total_s"]
+    return times
+
+
+def overhead(work: Path, space: str | None) -> None:
+    """Re-run every trial's computation bare and print the study machinery's overhead."""
     import pandas as pd
     import torch
 
@@ -83,35 +99,24 @@ def main() -> int:
     from bdx_study.trials.trainable import bare_trial_seconds
 
     torch.set_num_threads(1)
-    spec = load_space(args.space or builtin_space("quickstart"))
+    spec = load_space(space or builtin_space("quickstart"))
     spec = spec.model_copy(
         update={"study": spec.study.model_copy(update={"storage": str((work / spec.study.storage).resolve())})}
     )
     study_dir = spec.storage_root() / "studies" / spec.study.name
-    trials = StudyTables(study_dir).read("trials").to_pandas()
-    victims = pd.read_parquet(study_dir / "tables" / "victims.parquet")
-
-    tune_times = {}
-    for result_file in (study_dir / "tune").glob("*/result.json"):
-        lines = result_file.read_text().strip().splitlines()
-        if lines:
-            last = json.loads(lines[-1])
-            tune_times[last["trial_id"]] = last["time_total_s"]
+    per_trial = StudyTables(study_dir).read("trials").to_pandas().groupby("trial_id").first()
     ctx = StudyContext(spec, study_dir, spec.storage_root() / "victims", tuple(spec.victim_configs()))
-    per_trial = trials.groupby("trial_id").first()
 
     def config(tid: str) -> dict[str, object]:
         """The trial's sampled values, as the searcher gave them."""
         row = per_trial.loc[tid]
         params = {**json.loads(row["params"]), **{k: row[k] for k in ("clean_set_size", "calibration_fraction")}}
-        searched = spec.searched(row["detector"])
-        return {"detector": row["detector"], **{k: params.get(k, row.get(k)) for k in searched}}
+        return {"detector": row["detector"], **{k: params.get(k, row.get(k)) for k in spec.searched(row["detector"])}}
 
     bare_trial_seconds(ctx, config(per_trial.index[0]))  # warm-up: loads victims and data once
-    bare = {}
-    for tid in per_trial.index:
-        bare[tid] = bare_trial_seconds(ctx, config(tid))
-    ratios = [tune_times[t] / bare[t] for t in bare if t in tune_times]
+    bare = {tid: bare_trial_seconds(ctx, config(tid)) for tid in per_trial.index}
+    tuned = tune_times(study_dir)
+    ratios = [tuned[t] / bare[t] for t in bare if t in tuned]
     inner = [per_trial.loc[t, "trial_seconds"] / bare[t] for t in bare]
     ids = json.loads((study_dir / "study.json").read_text())
     concurrency = min(spec.search.max_concurrent, os.cpu_count() or 1)
@@ -131,8 +136,8 @@ def main() -> int:
     )
     if "after_tune_seconds" in ids:
         print(f"after Tuner.fit (refits of the best configs, nested folds): {ids['after_tune_seconds']:.0f} s")
+    victims = pd.read_parquet(study_dir / "tables" / "victims.parquet")
     print(f"victims: {len(victims)} trained, {victims['train_seconds'].sum():.0f} s of training in all")
-    return 0
 
 
 if __name__ == "__main__":

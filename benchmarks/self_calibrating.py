@@ -59,7 +59,7 @@ def methods(num_classes: int) -> dict[str, dict[str, Any]]:
     }
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=Path("bdx_runs_selfcal"))
     ap.add_argument("--out", type=Path, default=Path("docs/self_calibrating_expert.md"))
@@ -69,77 +69,95 @@ def main() -> int:
         "--space", default=None, help="also every backdoored victim of this study (e.g. search_spaces/zoo.yaml)"
     )
     ap.add_argument("--space-attacks", nargs="*", default=None, help="only these attacks of --space, in this order")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    import torch
 
-    from bdx_study.data import dataset_info
-    from bdx_study.detectors import create_detector
-    from bdx_study.protocol import ProtocolConfig
-    from bdx_study.stages import StageStore, run_detector
-    from bdx_study.victims import AttackSpec, DataConfig, TrainingConfig, VictimCache, VictimConfig
+class Scorer:
+    """Every method on one victim after another; the rows of the report, rewritten after each."""
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    cpu = torch.device("cpu")
-    cache = VictimCache(args.workdir / "victims")
-    store = StageStore(args.workdir / "stages")
-    rows: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
+    def __init__(self, args: argparse.Namespace) -> None:
+        import torch
 
-    def score(v: VictimConfig, record: Any, protocol: ProtocolConfig, trained: bool) -> None:
+        from bdx_study.stages import StageStore
+
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        self.args, self.cpu = args, torch.device("cpu")
+        self.store = StageStore(args.workdir / "stages")
+        self.rows: list[dict[str, Any]] = []
+        self.t0 = time.perf_counter()
+
+    def evaluate(self, v: Any, loaded: tuple[Any, Any, Any], protocol: Any, params: dict[str, Any]) -> Any:
+        from bdx_study.detectors import create_detector
+        from bdx_study.stages import LoadedVictim, run_detector
+
+        store, cpu = self.store, self.cpu
+        model, attack, splits = loaded
+        return run_detector(
+            store,
+            create_detector("badexpert", params),
+            protocol,
+            LoadedVictim(v.key, model, splits, attack, v.data.layout()),
+            device=cpu,
+        )
+
+    def score(self, v: Any, record: Any, protocol: Any, trained: bool) -> None:
         """Every method on one victim; rows for the report."""
+        from bdx_study.data import dataset_info
+
         print(
-            f"[{time.perf_counter() - t0:5.0f} s] victim {v.name}: clean acc {record.clean_acc:.3f}, "
+            f"[{time.perf_counter() - self.t0:5.0f} s] victim {v.name}: clean acc {record.clean_acc:.3f}, "
             f"ASR {record.attack_success:.3f}{' (trained now)' if trained else ''}",
             flush=True,
         )
-        model, attack, splits = record.load_model(cpu), record.load_attack(), v.data.splits(v.dataset)
-
-        def evaluate(params: dict[str, Any]) -> Any:
-            return run_detector(
-                store,
-                create_detector("badexpert", params),
-                protocol,
-                victim_key=v.key,
-                model=model,
-                splits=splits,
-                attack=attack,
-                layout=v.data.layout(),
-                device=cpu,
-            )
-
+        loaded = (record.load_model(self.cpu), record.load_attack(), v.data.splits(v.dataset))
         params = methods(dataset_info(v.dataset).num_classes)
-        results = {name: evaluate(p) for name, p in params.items()}
-        grid = {lr: evaluate({"unlearn_lr": lr, "unlearn_epochs": 2, "unlearn_batch_size": 32}) for lr in TUNED_GRID}
+        results = {name: self.evaluate(v, loaded, protocol, p) for name, p in params.items()}
+        grid = {
+            lr: self.evaluate(v, loaded, protocol, {"unlearn_lr": lr, "unlearn_epochs": 2, "unlearn_batch_size": 32})
+            for lr in TUNED_GRID
+        }
         best = max(grid, key=lambda lr: grid[lr].evaluation.selection_metrics["auroc_correct_only"])
         results["tuned"], params["tuned"] = grid[best], {"unlearn_lr": best}
         for name, run in results.items():
+            self.rows.append(_row(v, record, name, run, params[name]))
             m = run.evaluation.metrics
-            meta = run.fitted["expert"].meta
-            rows.append(
-                {
-                    "victim": v.name,
-                    "dataset": v.dataset,
-                    "architecture": v.architecture,
-                    "attack": v.attack.name,
-                    "method": name,
-                    "lr": meta.get("calibrated_lr", params[name].get("unlearn_lr")),
-                    "auroc": m["auroc_correct_only"],
-                    "tpr": m["tpr_at_threshold_correct_only"],
-                    "fpr": m["fpr_at_threshold_correct_only"],
-                    "expert_clean": m["expert_clean_acc"],
-                    "expert_asr": m["expert_attack_success"],
-                    "victim_acc": record.clean_acc,
-                    "victim_asr": record.attack_success,
-                }
-            )
             print(
-                f"   {name:17s} lr {rows[-1]['lr']:.3g}  AUROC {m['auroc_correct_only']:.3f}  "
+                f"   {name:17s} lr {self.rows[-1]['lr']:.3g}  AUROC {m['auroc_correct_only']:.3f}  "
                 f"TPR@thr {m['tpr_at_threshold_correct_only']:.3f}  FPR {m['fpr_at_threshold_correct_only']:.3f}",
                 flush=True,
             )
-        write_report(rows, args, time.perf_counter() - t0)  # after every victim: a partial run still reports
+        self.report()  # after every victim: a partial run still reports
 
+    def report(self) -> None:
+        write_report(self.rows, self.args, time.perf_counter() - self.t0)
+
+
+def _row(v: Any, record: Any, method: str, run: Any, params: dict[str, Any]) -> dict[str, Any]:
+    m = run.evaluation.metrics
+    return {
+        "victim": v.name,
+        "dataset": v.dataset,
+        "architecture": v.architecture,
+        "attack": v.attack.name,
+        "method": method,
+        "lr": run.fitted["expert"].meta.get("calibrated_lr", params.get("unlearn_lr")),
+        "auroc": m["auroc_correct_only"],
+        "tpr": m["tpr_at_threshold_correct_only"],
+        "fpr": m["fpr_at_threshold_correct_only"],
+        "expert_clean": m["expert_clean_acc"],
+        "expert_asr": m["expert_attack_success"],
+        "victim_acc": record.clean_acc,
+        "victim_asr": record.attack_success,
+    }
+
+
+def own_victims(scorer: Scorer) -> None:
+    """The benchmark's own victims (--settings x --attacks), trained here once and cached."""
+    from bdx_study.protocol import ProtocolConfig
+    from bdx_study.victims import AttackSpec, DataConfig, TrainingConfig, VictimCache, VictimConfig
+
+    args = scorer.args
+    cache = VictimCache(args.workdir / "victims")
     for setting in args.settings:
         dataset, arch = setting.split(":")
         reserve, clean, cal, training, train_size = SETTINGS[dataset]
@@ -153,24 +171,36 @@ def main() -> int:
                 training=TrainingConfig(**training),
                 data=data,
             )
-            record, trained = cache.get_or_train(v, device=cpu)
-            score(v, record, protocol, trained)
-    if args.space is not None:  # every backdoored victim of a study (trained by its launch)
-        from bdx_study.space import load_space
+            record, trained = cache.get_or_train(v, device=scorer.cpu)
+            scorer.score(v, record, protocol, trained)
 
-        spec = load_space(args.space)
-        _, _, study_protocol = spec.trial_config({"detector": "badexpert"})
-        protocol = study_protocol.model_copy(update={"target_fpr": 0.05})
-        study_cache = VictimCache(spec.storage_root() / "victims")
-        victims = [v for v in spec.victim_configs() if v.attack.name != "none"]
-        if args.space_attacks is not None:
-            victims = [v for a in args.space_attacks for v in victims if v.attack.name == a]
-        for v in victims:
-            cached = study_cache.load(v)
-            if cached is None:
-                raise SystemExit(f"victim {v.name} is not cached: run `bdx-study launch --space {args.space}` first")
-            score(v, cached, protocol, False)
-    write_report(rows, args, time.perf_counter() - t0)
+
+def study_victims(scorer: Scorer, space: str, attacks: list[str] | None) -> None:
+    """Every backdoored victim of a study (trained by its launch), under its protocol at 5% FPR."""
+    from bdx_study.space import load_space
+    from bdx_study.victims import VictimCache
+
+    spec = load_space(space)
+    _, _, study_protocol = spec.trial_config({"detector": "badexpert"})
+    protocol = study_protocol.model_copy(update={"target_fpr": 0.05})
+    study_cache = VictimCache(spec.storage_root() / "victims")
+    victims = [v for v in spec.victim_configs() if v.attack.name != "none"]
+    if attacks is not None:
+        victims = [v for a in attacks for v in victims if v.attack.name == a]
+    for v in victims:
+        cached = study_cache.load(v)
+        if cached is None:
+            raise SystemExit(f"victim {v.name} is not cached: run `bdx-study launch --space {space}` first")
+        scorer.score(v, cached, protocol, False)
+
+
+def main() -> int:
+    args = parse_args()
+    scorer = Scorer(args)
+    own_victims(scorer)
+    if args.space is not None:
+        study_victims(scorer, args.space, args.space_attacks)
+    scorer.report()
     return 0
 
 

@@ -68,51 +68,24 @@ def configs() -> list[dict[str, Any]]:
     return [{"detector": "badexpert", **dict(zip(keys, vals, strict=True))} for vals in grid]
 
 
-def in_process(work: Path) -> None:
+def bare_seconds(spec: Any, cache_root: Path, victims: list[Any], grid: list[dict[str, Any]]) -> float:
+    """Each distinct component fitted once and its outputs computed once, plus the scoring of
+    every config from those outputs: the least the grid can cost."""
     import torch
 
     from bdx_study.detectors import FitContext, create_detector
     from bdx_study.protocol import evaluate, scoring_parts
-    from bdx_study.space import parse_space
     from bdx_study.stages import StageStore
     from bdx_study.training import predict_proba
     from bdx_study.trials import trainable
-    from bdx_study.trials.context import StudyContext
-    from bdx_study.victims import VictimCache
 
-    torch.set_num_threads(1)
     cpu = torch.device("cpu")
-    spec = parse_space(study_doc(work, "stage-cache", True), "benchmark")
-    cache = VictimCache(spec.storage_root() / "victims")
-    victims = spec.victim_configs()
-    t = time.perf_counter()
-    for v in victims:
-        cache.get_or_train(v, device=cpu)
-    print(f"victims: {len(victims)} ready ({time.perf_counter() - t:.0f} s; trained unless cached)")
-
-    def context(stages: Path | None) -> StudyContext:
-        return StudyContext(spec, spec.study_dir, cache.root, tuple(victims), stages)
-
-    grid = configs()
-    trainable.run_trial(context(None), grid[0], device=cpu)  # warm-up: loads victims and data once
-
-    walls, fits = {}, {}
-    for label, stages in (("on", work / f"stages-{time.time_ns()}"), ("off", None)):
-        trainable._STORES.clear()
-        ctx = context(stages)
-        t = time.perf_counter()
-        results = [trainable.run_trial(ctx, c, device=cpu) for c in grid]
-        walls[label] = time.perf_counter() - t
-        fits[label] = sum(run.fitted_now for r in results for _, run in r.runs)
-
-    # Bare: each distinct component fitted once and its outputs computed once, plus the scoring
-    # of every config from those outputs.
     bare = 0.0
     for v in victims:
-        model = trainable._victim_model(str(cache.root), v, "cpu")
-        splits = trainable._splits(v)
+        loaded = trainable.CACHE.victim(cache_root, v, cpu)
+        model, splits = loaded.model, loaded.splits
         _, _, protocol = spec.trial_config(grid[0])  # one protocol for the whole grid
-        parts = scoring_parts(splits, trainable._victim_attack(str(cache.root), v), protocol)
+        parts = scoring_parts(splits, loaded.attack, protocol)
         t = time.perf_counter()
         preds = {p.name: predict_proba(model, p.x).argmax(1) for p in parts}  # once per victim
         bare += time.perf_counter() - t
@@ -135,6 +108,43 @@ def in_process(work: Path) -> None:
             t = time.perf_counter()
             evaluate(family, parts, preds, feats, protocol)
             bare += time.perf_counter() - t
+    return bare
+
+
+def in_process(work: Path) -> None:
+    import torch
+
+    from bdx_study.space import parse_space
+    from bdx_study.trials import trainable
+    from bdx_study.trials.context import StudyContext
+    from bdx_study.victims import VictimCache
+
+    torch.set_num_threads(1)
+    cpu = torch.device("cpu")
+    spec = parse_space(study_doc(work, "stage-cache", True), "benchmark")
+    cache = VictimCache(spec.storage_root() / "victims")
+    victims = spec.victim_configs()
+    t = time.perf_counter()
+    for v in victims:
+        cache.get_or_train(v, device=cpu)
+    print(f"victims: {len(victims)} ready ({time.perf_counter() - t:.0f} s; trained unless cached)")
+
+    def context(stages: Path | None) -> StudyContext:
+        return StudyContext(spec, spec.study_dir, cache.root, tuple(victims), stages)
+
+    grid = configs()
+    trainable.run_trial(context(None), grid[0], device=cpu)  # warm-up: loads victims and data once
+
+    walls, fits = {}, {}
+    for label, stages in (("on", work / f"stages-{time.time_ns()}"), ("off", None)):
+        trainable.CACHE.clear("stage_store")
+        ctx = context(stages)
+        t = time.perf_counter()
+        results = [trainable.run_trial(ctx, c, device=cpu) for c in grid]
+        walls[label] = time.perf_counter() - t
+        fits[label] = sum(run.fitted_now for r in results for _, run in r.runs)
+
+    bare = bare_seconds(spec, cache.root, victims, grid)
     n = len(grid)
     print(f"grid: {n} configs x {len(victims)} victims = {n * len(victims)} evaluations")
     print(f"in process, stage cache on:  {fits['on']:3d} component fits, wall {walls['on']:6.1f} s")

@@ -82,7 +82,7 @@ def recipe_notes(names: list[str]) -> list[str]:
     return out
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train-size", type=int, default=20000, help="training images (of 60,000)")
     ap.add_argument("--epochs", type=int, default=6)
@@ -100,19 +100,16 @@ def main() -> int:
         "is reused instead of retrained (--rerun retrains all)",
     )
     ap.add_argument("--rerun", action="store_true")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    names = args.attacks.split(",") if args.attacks else list_attacks()
-    names = ["none", *[n for n in names if n != "none"]]
+    return ap.parse_args()
+
+
+Results = dict[str, tuple[dict[str, float], bool]]  # attack -> (metrics, controls training)
+
+
+def train_all(names: list[str], args: argparse.Namespace) -> tuple[Results, int]:
+    """Each attack's victim trained (or its saved result reused): (results, how many reused)."""
     store = ArtifactStore(args.artifacts or Path(tempfile.mkdtemp(prefix="bdx-zoo-artifacts-")))
-    command = "python benchmarks/victims.py " + shlex.join(sys.argv[1:])
-    machine = (
-        f"{platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__} with {torch.get_num_threads()} threads, CPU only"
-    )
-    start = time.perf_counter()
-    results: dict[str, tuple[dict[str, float], bool]] = {}
+    results: Results = {}
     reused = 0
     args.results.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -133,9 +130,22 @@ def main() -> int:
             f"rates {metrics['poison_rate']:g}/{metrics['cover_rate']:g}  {metrics['train_seconds']:.0f} s",
             flush=True,
         )
-    wall = time.perf_counter() - start
+    return results, reused
+
+
+def report(results: Results, reused: int, wall: float, args: argparse.Namespace) -> list[str]:
+    command = "python benchmarks/victims.py " + shlex.join(sys.argv[1:])
+    machine = (
+        f"{platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads, CPU only"
+    )
     clean_acc = results["none"][0]["clean_acc"]
-    lines = [
+    training = sum(m["train_seconds"] for m, _ in results.values()) / 60
+    from_earlier = (
+        f" ({reused} of {len(results)} rows reused from an earlier run of this command: unchanged victim keys; "
+        f"this run {wall / 60:.0f} min)."
+    )
+    return [
         "# Victim zoo on Fashion-MNIST",
         "",
         "Every registered attack at its default parameters for 28x28 inputs (the reference rates in each",
@@ -151,20 +161,25 @@ def main() -> int:
         "",
         f"Command: `{command}`  ",
         f"Machine: {machine}  ",
-        f"Training time of the rows: {sum(m['train_seconds'] for m, _ in results.values()) / 60:.0f} min"
-        + (
-            f" ({reused} of {len(results)} rows reused from an earlier run of this command: unchanged victim keys; "
-            f"this run {wall / 60:.0f} min)."
-            if reused
-            else "."
-        ),
+        f"Training time of the rows: {training:.0f} min" + (from_earlier if reused else "."),
         "",
         "| attack | clean acc | drop (pts) | ASR | poison / cover rate | poisoned / cover | time (s) | meets target |",
         "|---|---|---|---|---|---|---|---|",
+        *[row(n, m, clean_acc, c) for n, (m, c) in results.items()],
+        *recipe_notes(list(results)),
     ]
-    lines += [row(n, m, clean_acc, c) for n, (m, c) in results.items()]
-    lines += recipe_notes(names)
-    write_keeping_tail(args.out, lines, "## Notes")  # the notes are written by hand
+
+
+def main() -> int:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = args.attacks.split(",") if args.attacks else list_attacks()
+    names = ["none", *[n for n in names if n != "none"]]
+    start = time.perf_counter()
+    results, reused = train_all(names, args)
+    wall = time.perf_counter() - start
+    write_keeping_tail(args.out, report(results, reused, wall, args), "## Notes")  # the notes are written by hand
     print(f"wrote {args.out} ({wall / 60:.1f} min)")
     return 0
 

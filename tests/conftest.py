@@ -18,6 +18,17 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("TUNE_DISABLE_AUTO_INIT", "1")
 
 
+SLOW_FIXTURES = frozenset({"ray_cluster"})  # fixtures that start Ray (or a server): their tests are `slow`
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that starts Ray through a fixture `slow` (modules that start clusters or
+    servers themselves carry ``pytestmark = pytest.mark.slow``)."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Any:
     import ray

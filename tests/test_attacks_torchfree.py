@@ -5,11 +5,13 @@
 
 from __future__ import annotations
 
+import pkgutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -26,6 +28,7 @@ from bdx_study.attacks import (
     create_attack,
     list_attacks,
     register_attack,
+    user_attack,
 )
 from bdx_study.data import ImageData
 
@@ -84,7 +87,9 @@ def test_checks_do_not_import_torch() -> None:
         import numpy as np
         import bdx_study.attacks as A
 
+        assert A.Attack and A.TrainingHook and A.ArtifactStore and A.patch_blend  # the contract's names too
         for name in A.list_attacks():
+            assert issubclass(A.ATTACKS.get(name), A.Attack)  # each class, loaded with its module
             A.attack_params(name)
             for shape in [(1, 16, 16), (1, 28, 28), (3, 32, 32)]:
                 A.check_attack(name, {}, shape, 10)
@@ -122,23 +127,15 @@ def test_trigger_image_check_does_not_import_torch(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ one home
 
 
-@pytest.mark.parametrize("name", list_attacks())
-def test_declared_params_are_the_attacks(name: str) -> None:
-    """The declared Params model is the Attack's, and its reference tables are the Attack's."""
-    cls = ATTACKS.get(name)
-    assert attack_params(name) is cls.Params
-    assert cls.reference_rates is cls.Params.reference_rates
-    assert cls.reference_cover_rates is cls.Params.reference_cover_rates
+def test_each_public_module_is_found_and_registers() -> None:
+    """A built-in attack is one module of the package: every public module is imported with the
+    package and registers at least one attack, and every built-in comes from one of them."""
+    import bdx_study.attacks as package
 
-
-def test_old_import_paths() -> None:
-    from bdx_study.attacks.blend import AdaptiveBlendParams, BlendParams
-    from bdx_study.attacks.clean_label import SIGParams
-    from bdx_study.attacks.patch import BadNetParams, NoAttack, TaCTParams
-
-    assert ATTACKS.get("badnet").Params is BadNetParams and ATTACKS.get("tact").Params is TaCTParams
-    assert ATTACKS.get("blend").Params is BlendParams and ATTACKS.get("adaptive_blend").Params is AdaptiveBlendParams
-    assert ATTACKS.get("sig").Params is SIGParams and NoAttack.Params is attack_params("none")
+    modules = {m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_")}
+    registered = {ATTACKS.get(name).__module__.rpartition(".")[2] for name in list_attacks()}
+    assert registered == modules and "patch" in modules
+    assert not user_attack("badnet") and ATTACKS.get("badnet").Params is attack_params("badnet")
 
 
 # ------------------------------------------------------------------------------ check_attack == create_attack
@@ -203,28 +200,36 @@ def test_unknown_attack_lists_the_known_ones() -> None:
         assert "no_such_attack" in str(ei.value) and "badnet" in str(ei.value)
 
 
-def test_user_registered_attack(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An attack registered by user code (not declared): its own Params and reference tables."""
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registrations in a test are undone after it."""
+    monkeypatch.setattr(ATTACKS, "_entries", dict(ATTACKS._entries))
 
+
+def test_user_registered_attack(registry: None) -> None:
+    """An attack registered by user code: its own Params and reference tables; none of the
+    built-ins' extra rules (an "Adaptation:" docstring, quick_params) apply to it."""
+
+    @register_attack("mine")
     class Mine(Attack):
         """A user's attack."""
 
-        name = "mine"
         reference_rates = {32: 0.25}
 
         def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
             return x.clone()
 
+    @register_attack("yours")
     class Yours(Mine):
         """A user's attack with more to its identity."""
 
-        name = "yours"
+        def prepare(self, train: ImageData, context: Any = None) -> None:  # trains, without quick_params
+            self.prepared = True
 
         def identity(self) -> dict[str, Any]:
             return {**super().identity(), "extra": 1}
 
-    monkeypatch.setitem(ATTACKS._entries, "mine", Mine)
-    monkeypatch.setitem(ATTACKS._entries, "yours", Yours)
+    assert user_attack("mine") and Mine.name == "mine" and Yours.name == "yours"
     assert attack_params("mine") is AttackParams
     assert create_attack("mine", {}, (1, 28, 28), NUM_CLASSES, 0).poison_rate == 0.25
     for params in ({}, {"target": NUM_CLASSES}, {"no_such_param": 1}):
@@ -236,14 +241,13 @@ def test_user_registered_attack(monkeypatch: pytest.MonkeyPatch) -> None:
     assert expected["extra"] == 1 and expected["poison_rate"] == 0.25
 
 
-def test_a_users_attack_is_checked_by_its_own_class(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_users_attack_is_checked_by_its_own_class(registry: None) -> None:
     """A user's attack keeps its checks in its class: check_attack builds it, and its data
     check (which may read the images) is refused here rather than silently skipped."""
 
+    @register_attack("picky")
     class Picky(Attack):
         """Refuses inputs narrower than 30 pixels."""
-
-        name = "picky"
 
         def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], classes: int, seed: int) -> None:
             super().__init__(params, input_shape, classes, seed)
@@ -253,7 +257,6 @@ def test_a_users_attack_is_checked_by_its_own_class(monkeypatch: pytest.MonkeyPa
         def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
             return x.clone()
 
-    monkeypatch.setitem(ATTACKS._entries, "picky", Picky)
     check_attack("picky", {}, (3, 32, 32), NUM_CLASSES)
     with pytest.raises(ValueError, match="at least 30 pixels wide"):
         check_attack("picky", {}, (1, 28, 28), NUM_CLASSES)
@@ -261,39 +264,90 @@ def test_a_users_attack_is_checked_by_its_own_class(monkeypatch: pytest.MonkeyPa
         check_attack_data("picky", {}, (3, 32, 32), NUM_CLASSES, (3, 32, 32), np.zeros(10, dtype=np.int64))
 
 
-def test_user_code_cannot_shadow_a_built_in_before_its_module_loads() -> None:
-    """register_attack("badnet") from user code fails even while patch.py is not imported yet
-    (otherwise validation would check the built-in's Params and training run the user's class)."""
-    code = textwrap.dedent(
-        """
-        from bdx_study.attacks import ATTACKS, AttackParams, register_attack
-        assert not ATTACKS.loaded("badnet")
-        from bdx_study.attacks._base import Attack
-        try:
-            @register_attack("badnet")
-            class Mine(Attack):
-                Params = AttackParams
-        except ValueError as e:
-            print("refused:", e)
-        print("badnet is", ATTACKS.get("badnet").__module__, "trojan is", ATTACKS.get("trojan").__module__)
-        """
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "refused: attack 'badnet' is registered twice: it is built in (module bdx_study.attacks.patch)" in out
-    assert "badnet is bdx_study.attacks.patch trojan is bdx_study.attacks.patch" in out
+def test_user_code_cannot_shadow_a_built_in(registry: None) -> None:
+    """The built-ins are registered when the package is imported, before any user code runs:
+    register_attack("badnet") from user code fails and the built-in stays."""
+    from bdx_study.attacks.patch import BadNet
+
+    class Mine(BadNet):
+        """BadNet under a taken name."""
+
+    with pytest.raises(ValueError, match="attack 'badnet' is registered twice"):
+        register_attack("badnet")(Mine)
+    assert ATTACKS.get("badnet") is BadNet and BadNet.name == "badnet"
 
 
-def test_a_built_in_must_use_its_declared_params_and_tables(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Validation resolves a built-in's defaults from its declared Params: its class may not
-    bring other Params or other reference tables (the victim key would differ between a
-    driver that never loaded the class and a worker that did)."""
-    from bdx_study.attacks import patch
+class _Budget(AttackParams):
+    steps: int = 100
 
-    monkeypatch.delitem(ATTACKS._entries, "badnet")
-    for attrs in ({"Params": AttackParams}, {"reference_rates": {32: 0.5}}):  # other Params; other tables
-        with pytest.raises(TypeError, match="must use the Params it is declared with"):
-            register_attack("badnet")(type("BadNet2", (patch.BadNet,), {"__module__": patch.__name__, **attrs}))
-    register_attack("badnet")(patch.BadNet)  # the real one registers again
+
+class _BuiltIn(Attack):
+    """A built-in as the contract wants it.
+
+    Adaptation: the same at every size."""
+
+    __module__ = "bdx_study.attacks.example"  # a module of the package: the built-ins' rules apply
+    Params: ClassVar[type[AttackParams]] = _Budget
+    quick_params: ClassVar[Mapping[str, Any] | None] = {"steps": 1}
+
+    def prepare(self, train: ImageData, context: Any = None) -> None:  # it trains something
+        self.prepared = True
+
+    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+
+def _without_apply_trigger() -> type:
+    class Abstract(Attack):
+        """Adaptation: none."""
+
+        __module__ = _BuiltIn.__module__
+        Params = _Budget
+
+    return Abstract
+
+
+@pytest.mark.parametrize(
+    ("attrs", "missing"),
+    [
+        ({"Params": AttackParams}, "Params: its own parameter model"),
+        ({"Params": dict}, "Params: a subclass of AttackParams"),
+        ({"__doc__": "No paragraph on sizes."}, 'a docstring with an "Adaptation:" paragraph'),
+        ({"quick_params": None}, "quick_params (it trains something"),
+        ({"quick_params": {"stepz": 1}}, "quick_params that _Budget accepts"),
+        ({"reference_rates": {16: 0.1, 28: 0.1}}, "reference_rates[32]"),
+        ({"reference_cover_rates": {28: 0.1}}, "reference_cover_rates[32]"),
+    ],
+)
+def test_registration_checks_the_contract(registry: None, attrs: dict[str, Any], missing: str) -> None:
+    """A built-in without a required part is refused at registration, with one TypeError naming
+    the class and what it lacks; nothing is registered."""
+    module = {"__module__": _BuiltIn.__module__, "__doc__": _BuiltIn.__doc__}  # (a docstring is not inherited)
+    register_attack("complete")(type("Complete", (_BuiltIn,), module))  # the control: all parts there
+    broken = type("Broken", (_BuiltIn,), {**module, **attrs})
+    with pytest.raises(TypeError, match="attack 'broken': Broken lacks") as ei:
+        register_attack("broken")(broken)
+    assert missing in str(ei.value)
+    assert "broken" not in ATTACKS and "complete" in ATTACKS
+
+
+def test_registration_lists_every_gap(registry: None) -> None:
+    with pytest.raises(TypeError) as ei:
+        register_attack("abstract")(_without_apply_trigger())
+    assert "Abstract lacks an implementation of apply_trigger" in str(ei.value)
+    assert "quick_params" not in str(ei.value)  # it trains nothing
+    with pytest.raises(TypeError, match="lacks to be a subclass of bdx_study.attacks.Attack"):
+        register_attack("not_an_attack")(_Budget)  # type: ignore[arg-type]
+
+    class Bare(_BuiltIn):  # no docstring
+        __module__ = _BuiltIn.__module__
+        Params = AttackParams
+        quick_params = None
+
+    with pytest.raises(TypeError) as ei:
+        register_attack("bare")(Bare)
+    assert str(ei.value).count(";") == 2  # own Params; an Adaptation paragraph; quick_params
+    assert "abstract" not in ATTACKS and "bare" not in ATTACKS
 
 
 # ------------------------------------------------------------------------------ check_attack_data == check_data

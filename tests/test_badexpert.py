@@ -24,7 +24,7 @@ from bdx_study.detectors.badexpert import (
     shifted_labels,
 )
 from bdx_study.protocol import ProtocolConfig
-from bdx_study.stages import DetectorRun, StageStore, run_detector
+from bdx_study.stages import DetectorRun, LoadedVictim, StageStore, run_detector
 from bdx_study.training import fit, predict_proba
 from bdx_study.victims import DataConfig
 
@@ -144,11 +144,7 @@ def test_family_computes_the_method(digits_splits: Splits, model: torch.nn.Modul
         StageStore(None),
         create_detector("badexpert", p),
         PROTOCOL,
-        victim_key="v",
-        model=model,
-        splits=digits_splits,
-        attack=attack,
-        layout={},
+        LoadedVictim("v", model, digits_splits, attack, {}),
         device=CPU,
     )
     finetune, cal = PROTOCOL.defender_split(digits_splits.reserve)
@@ -205,11 +201,7 @@ def _run_on_planted(planted: dict[str, Any], p: BaDExpertParams) -> DetectorRun:
         StageStore(None),
         create_detector("badexpert", p),
         ProtocolConfig(clean_set_size=300, target_fpr=0.1),
-        victim_key="v",
-        model=v["model"],
-        splits=planted["splits"],
-        attack=v["attack"],
-        layout={},
+        LoadedVictim("v", v["model"], planted["splits"], v["attack"], {}),
         device=CPU,
     )
 

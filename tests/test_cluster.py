@@ -26,6 +26,8 @@ from .conftest import tiny_study, write_study
 from .test_mlflow_server import MlflowServer
 from .test_reliability import _free_port, _start, _wait_for
 
+pytestmark = pytest.mark.slow  # starts Ray nodes or servers of its own
+
 
 class TwoNodes:
     """`ray start --head` plus a second `ray start` joining it, each its own process group."""

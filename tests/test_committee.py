@@ -21,7 +21,7 @@ from bdx_study.detectors._base import DetectorFamily, FitContext, Fitted
 from bdx_study.detectors.committee import combine, log_tail
 from bdx_study.protocol import Part, ProtocolConfig, evaluate
 from bdx_study.space import SpaceError, parse_space
-from bdx_study.stages import StageStore, count_passes, run_detector
+from bdx_study.stages import LoadedVictim, StageStore, count_passes, run_detector
 
 from .conftest import tiny_study
 
@@ -137,11 +137,7 @@ def _run(planted: dict[str, Any], family: DetectorFamily, kind: str, store: Stag
         store or StageStore(None),
         family,
         PROTOCOL,
-        victim_key=v["config"].key,
-        model=v["model"],
-        splits=planted["splits"],
-        attack=v["attack"],
-        layout=planted["data"].layout(),
+        LoadedVictim(v["config"].key, v["model"], planted["splits"], v["attack"], planted["data"].layout()),
         device=CPU,
     )
 

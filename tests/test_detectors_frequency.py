@@ -10,12 +10,10 @@ import torch
 
 from bdx_study.data import dataset_info
 from bdx_study.detectors import create_detector
+from bdx_study.detectors._frequency_net import dct2, dct_matrix, idct2
 from bdx_study.detectors.frequency import (
     ALL_TRIGGERS,
     FrequencyParams,
-    dct2,
-    dct_matrix,
-    idct2,
     synthetic_triggers,
     train_dct_net,
 )

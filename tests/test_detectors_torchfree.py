@@ -1,17 +1,22 @@
-"""The detector registry without torch: names and parameter models come from declarations
-(``bdx-study validate`` checks study files with them), a family's module only on first use."""
+"""The detector registry without torch: every family's module registers itself on import and
+imports no torch (``bdx-study validate`` checks study files against the families' parameter
+models), and the package's modules import no module that imports them back."""
 
 from __future__ import annotations
 
+import ast
+import pkgutil
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import get_args
 
 import pytest
 import torch
 from torch import Tensor, nn
 
+import bdx_study.detectors as detectors_package
 from bdx_study import _config
 from bdx_study._registry import Registry, UnknownNameError
 from bdx_study.detectors import (
@@ -25,9 +30,9 @@ from bdx_study.detectors import (
     list_detectors,
     register_detector,
 )
-from bdx_study.detectors import params as params_module
 from bdx_study.detectors._corruption_tables import corruption_names
 from bdx_study.detectors._corruptions import CORRUPTIONS
+from bdx_study.detectors.badexpert import BaDExpertParams
 
 BUILT_IN = {
     "badexpert",
@@ -43,44 +48,84 @@ BUILT_IN = {
 }
 
 
-def test_importing_the_registry_and_reading_every_params_model_leaves_torch_out() -> None:
+def test_importing_the_registry_and_building_every_family_leaves_torch_out() -> None:
     code = (
         "import sys\n"
         "import bdx_study.detectors as d\n"
         "given = {'committee': {'members': {'badexpert': {}, 'ted': {}}}}  # its members are required\n"
-        "[d.detector_params(n).model_validate(given.get(n, {})) for n in d.list_detectors()]\n"
+        "[d.create_detector(n, given.get(n, {})) for n in d.list_detectors()]\n"
         "d.detector_params('badexpert').model_json_schema()\n"
         "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
         "assert not loaded, loaded\n"
-        "assert not any(d.DETECTORS.loaded(n) for n in d.list_detectors())\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_every_built_in_family_is_declared_with_its_params() -> None:
+def test_every_built_in_family_registers_itself_with_the_params_of_its_module() -> None:
     assert set(list_detectors()) >= BUILT_IN
-    declared = [n for n in list_detectors() if DETECTORS.spec(n) is not None]
-    assert set(declared) >= BUILT_IN
-    for name in declared:
+    for name in BUILT_IN:
         cls = DETECTORS.get(name)
         assert cls.name == name
-        assert cls.Params is detector_params(name) is DETECTORS.spec(name)
-        assert issubclass(cls.Params, DetectorParams)
+        assert cls.__module__ == f"bdx_study.detectors.{name}"
+        assert cls.Params is detector_params(name)
+        assert issubclass(cls.Params, DetectorParams) and cls.Params.__module__ == cls.__module__
 
 
-def test_old_import_paths_give_the_same_classes() -> None:
-    from bdx_study.detectors.badexpert import BaDExpertParams
-    from bdx_study.detectors.strip import StripParams
+def test_every_public_module_of_the_package_is_a_registered_family() -> None:
+    """No table of families: the package imports its public modules, and each registers one."""
+    public = {m.name for m in pkgutil.iter_modules(detectors_package.__path__) if not m.name.startswith("_")}
+    registered = {DETECTORS.get(n).__module__.rpartition(".")[2] for n in BUILT_IN}
+    assert public == registered == BUILT_IN
 
-    assert BaDExpertParams is params_module.BaDExpertParams is detector_params("badexpert")
-    assert StripParams is params_module.StripParams is detector_params("strip")
+
+def _imports(path: Path, package: str) -> set[str]:
+    """The modules of ``package`` that the file at ``path`` imports anywhere (top level, functions,
+    TYPE_CHECKING blocks); ``__init__`` stands for the package itself."""
+    here = package if path.stem == "__init__" else f"{package}.{path.stem}"
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = here if path.stem == "__init__" else here.rpartition(".")[0]
+                base = f"{parent}.{base}" if base else parent
+            names = [f"{base}.{a.name}" for a in node.names] + [base]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found |= {n for n in names if (n == package or n.startswith(f"{package}.")) and n.count(".") <= 2}
+    return {n.removesuffix(".__init__") for n in found}
+
+
+def test_no_module_of_the_package_imports_one_that_imports_it() -> None:
+    package = "bdx_study.detectors"
+    root = Path(detectors_package.__file__).parent
+    modules = {f"{package}.{p.stem}" if p.stem != "__init__" else package: p for p in root.glob("*.py")}
+    graph = {m: _imports(p, package) & set(modules) - {m} for m, p in modules.items()}
+    graph[package] |= {f"{package}.{n}" for n in BUILT_IN}  # the package imports its families (pkgutil)
+    assert graph[f"{package}.strip"] >= {f"{package}._base", f"{package}._registry"}  # the parser sees imports
+
+    def cycle_from(start: str, path: list[str]) -> list[str] | None:
+        for nxt in sorted(graph[path[-1]]):
+            if nxt == start:
+                return [*path, nxt]
+            if nxt not in path:
+                found = cycle_from(start, [*path, nxt])
+                if found:
+                    return found
+        return None
+
+    cycles = [c for m in sorted(graph) if (c := cycle_from(m, [m]))]
+    assert not cycles, cycles
 
 
 def test_the_torch_free_constants_agree_with_the_implementations() -> None:
     assert list(CORRUPTIONS) == corruption_names()
     from bdx_study.training import Precision
 
-    assert get_args(params_module.Precision) == get_args(Precision) == get_args(_config.Precision)
+    precision = BaDExpertParams.model_fields["precision"].annotation
+    assert get_args(precision) == get_args(Precision) == get_args(_config.Precision)
 
 
 def test_an_unknown_family_lists_the_known_ones() -> None:
@@ -124,30 +169,25 @@ def user_family() -> Iterator[type[DetectorFamily]]:
 
 def test_a_user_family_is_found_by_detector_params(user_family: type[DetectorFamily]) -> None:
     assert USER_NAME in list_detectors()
-    assert DETECTORS.spec(USER_NAME) is None
     assert detector_params(USER_NAME) is UserParams
     params = detector_params(USER_NAME).model_validate({})
     assert isinstance(params, UserParams) and params.knob == 3
 
 
-def test_a_declared_family_must_register_the_declared_params(monkeypatch: pytest.MonkeyPatch) -> None:
-    import bdx_study.detectors as detectors
+def test_a_user_family_cannot_take_a_built_in_name() -> None:
+    class Shadowing(UserFamily):
+        pass
 
-    fresh: Registry[type[DetectorFamily]] = Registry("detector family")
-    fresh.declare("declared_family", UserFamily.__module__, DetectorParams)  # declared by this module
-    fresh.declare("built_in", "no.such.module", DetectorParams)
-    monkeypatch.setattr(detectors, "DETECTORS", fresh)
-    with pytest.raises(TypeError, match="declared with bdx_study.detectors.params.DetectorParams"):
-        register_detector("declared_family")(UserFamily)
-    with pytest.raises(ValueError, match="registered twice: it is built in"):  # another module's name
-        register_detector("built_in")(UserFamily)
-    assert not fresh.loaded("declared_family") and not fresh.loaded("built_in")
+    strip = DETECTORS.get("strip")
+    with pytest.raises(ValueError, match="'strip' is registered twice"):
+        register_detector("strip")(Shadowing)
+    assert DETECTORS.get("strip") is strip and Shadowing.name != "strip"
 
 
 def test_a_parameter_without_a_reason_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    import bdx_study.detectors as detectors
+    from bdx_study.detectors import _registry
 
-    monkeypatch.setattr(detectors, "DETECTORS", Registry("detector family"))
+    monkeypatch.setattr(_registry, "DETECTORS", Registry("detector family"))
 
     class Bare(DetectorParams):
         knob: int = fit_param("main", 1)

@@ -12,18 +12,19 @@ import torch
 import yaml
 
 from bdx_study.analysis.domain import (
-    SHIPPED_STUDIES,
     check_domain,
     nearest_study,
     render_warnings,
+    shipped_studies,
     unseen_triggers,
 )
+from bdx_study.analysis.recipe import Recipe
 from bdx_study.data import dataset_info
 from bdx_study.space import builtin_space, load_space
 
 from .conftest import tiny_study, write_study
 
-QUICKSTART_LIKE: dict[str, Any] = {
+QUICKSTART_DOC: dict[str, Any] = {
     "study": "quickstart",
     "default_detector": "badexpert",
     "domain": {
@@ -35,6 +36,7 @@ QUICKSTART_LIKE: dict[str, Any] = {
     },
     "detectors": {"badexpert": {"defaults": {}, "protocol": {}}},
 }
+QUICKSTART_LIKE = Recipe.model_validate(QUICKSTART_DOC)
 
 
 def test_own_domain_says_nothing() -> None:
@@ -103,27 +105,25 @@ def test_nothing_shipped_matches_suggests_a_study_of_your_own() -> None:
 
 
 def test_a_recipe_without_a_domain_says_so() -> None:
-    old = {k: v for k, v in QUICKSTART_LIKE.items() if k != "domain"}
+    old = Recipe.model_validate({k: v for k, v in QUICKSTART_DOC.items() if k != "domain"})
     (w,) = check_domain(old, architecture="small_cnn", input_shape=(1, 16, 16), num_classes=10)
     assert "states no domain" in w and "bdx-study analyze" in w
 
 
-def test_shipped_table_matches_the_study_files() -> None:
-    """Each shipped study the table names, where its file is present, runs the victims the table
-    says (zoo.yaml and paper-cifar10.yaml may not have landed yet)."""
-    checked = 0
-    for s in SHIPPED_STUDIES:
-        path = builtin_space(s.file.removesuffix(".yaml"))
-        if not path.is_file():
-            continue
-        spec = load_space(path)
+def test_shipped_studies_are_read_from_the_study_files() -> None:
+    """The shipped studies a warning may name are the files in search_spaces/ (the quickstart
+    first), each as its file says; the two that search |D_c| (ablations, figures) are left out."""
+    studies = shipped_studies()
+    files = sorted(p.name for p in builtin_space().parent.glob("*.yaml"))
+    assert studies[0].file == "quickstart.yaml"
+    assert sorted(s.file for s in studies) == sorted(set(files) - {"ablation.yaml", "figures.yaml"})
+    for s in studies:
+        spec = load_space(builtin_space(s.file.removesuffix(".yaml")))
         victims = spec.victim_configs()
-        assert {v.dataset for v in victims} >= set(s.datasets), s.file
-        assert {v.architecture for v in victims} >= set(s.architectures), s.file
-        assert {tuple(dataset_info(d).input_shape) for d in s.datasets} == {s.input_shape}, s.file
-        assert set(s.families) <= set(spec.families), s.file
-        checked += 1
-    assert checked >= 3
+        assert set(s.datasets) == {v.dataset for v in victims}, s.file
+        assert set(s.architectures) == {v.architecture for v in victims}, s.file
+        assert s.input_shape == tuple(dataset_info(s.datasets[0]).input_shape), s.file
+        assert s.families == tuple(spec.families) and s.what == spec.study.description, s.file
 
 
 def test_export_warns_outside_the_recipes_domain(tmp_path: Path, capsys: Any) -> None:
@@ -172,10 +172,12 @@ def test_export_warns_outside_the_recipes_domain(tmp_path: Path, capsys: Any) ->
 
 def test_what_the_domain_check_cannot_see_names_the_weakest_held_out_attack() -> None:
     fold = {"strictly_held_out": True, "held_out_ci95": [0.9, 1.0], "held_out_victims": 1}
-    recipe = {
-        **QUICKSTART_LIKE,
+    doc = {
+        **QUICKSTART_DOC,
         "detectors": {
             "committee": {
+                "defaults": {},
+                "protocol": {},
                 "evidence": {
                     "held_out": {
                         "folds": [
@@ -184,10 +186,11 @@ def test_what_the_domain_check_cannot_see_names_the_weakest_held_out_attack() ->
                             {**fold, "held_out": "victim_seed=1", "held_out_worst_auroc_correct_only": 0.5},
                         ]
                     }
-                }
+                },
             }
         },
     }
+    recipe = Recipe.model_validate(doc)
     line = unseen_triggers(recipe, "committee")
     assert line.startswith("unchecked: the recipe was tuned on attacks badnet, blend")
     assert "committee's weakest held-out attack: blend, worst_auroc_correct_only 0.981 (strictly held out)" in line

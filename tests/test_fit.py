@@ -21,8 +21,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from bdx_study.analysis import fit as fit_module
-from bdx_study.analysis.fit import FitError, load_clean, load_model
+from bdx_study import userfiles
 from bdx_study.cli import main
 from bdx_study.detector import Detector
 from bdx_study.victims import AttackSpec, DataConfig, TrainingConfig, VictimConfig, train_victim
@@ -186,11 +185,30 @@ def test_folder_conversion_and_class_names(tmp_path: Path) -> None:
         (tmp_path / name).mkdir()
         Image.new("RGBA", (24, 20), (value, value, value, 255)).save(tmp_path / name / "a.png")
     (tmp_path / "cat" / "notes.txt").write_text("not an image")
-    data = load_clean(tmp_path, (1, 16, 16), 3)
+    data = userfiles.load_clean(tmp_path, (1, 16, 16), 3)
     assert tuple(data.x.shape) == (3, 1, 16, 16) and data.y.tolist() == [0, 1, 2]
     assert torch.allclose(data.x.mean(dim=(1, 2, 3)), torch.tensor([0.0, 128 / 255, 1.0]), atol=1e-3)
-    with pytest.raises(FitError, match="3 class folders .* --num-classes is 10"):
-        load_clean(tmp_path, (1, 16, 16), 10)
+    with pytest.raises(userfiles.UserFileError, match="3 class folders .* --num-classes is 10"):
+        userfiles.load_clean(tmp_path, (1, 16, 16), 10)
+
+
+def test_user_folders_and_image_folder_datasets_read_the_same_files(tmp_path: Path) -> None:
+    """One list of image extensions: a user's clean folder and a registered image-folder dataset
+    take the same files (any case of the extension; other files are skipped)."""
+    from bdx_study.data.image_folder import list_image_folder
+
+    for label, names in (("0", ("a.PNG", "b.gif", "c.pgm", "notes.txt")), ("1", ("d.jpeg", "e.tiff", "f.webp"))):
+        (tmp_path / label).mkdir()
+        for i, name in enumerate(names):
+            if name.endswith(".txt"):
+                (tmp_path / label / name).write_text("not an image")
+                continue
+            fmt = {"jpeg": "JPEG", "tiff": "TIFF", "webp": "WEBP", "gif": "GIF", "pgm": "PPM"}.get(name.split(".")[1])
+            Image.new("L", (16, 16), 40 * i).save(tmp_path / label / name, format=fmt or "PNG")
+    files, labels, classes = list_image_folder("user", tmp_path)
+    assert [f.name for f in files] == ["a.PNG", "b.gif", "c.pgm", "d.jpeg", "e.tiff", "f.webp"]
+    data = userfiles.load_clean(tmp_path, (1, 16, 16), 2)
+    assert data.y.tolist() == labels == [0, 0, 0, 1, 1, 1] and classes == ["0", "1"]
 
 
 def test_16_bit_images_keep_their_values(tmp_path: Path) -> None:
@@ -204,11 +222,11 @@ def test_16_bit_images_keep_their_values(tmp_path: Path) -> None:
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray((v * top).round().astype(dtype)).save(folder / f"{i}.png")
     assert Image.open(tmp_path / "16" / "0" / "0.png").mode.startswith("I")
-    sixteen = load_clean(tmp_path / "16", (1, 16, 16), 2)
-    eight = load_clean(tmp_path / "8", (1, 16, 16), 2)
+    sixteen = userfiles.load_clean(tmp_path / "16", (1, 16, 16), 2)
+    eight = userfiles.load_clean(tmp_path / "8", (1, 16, 16), 2)
     assert float(sixteen.x.std()) > 0.1  # not collapsed (as wide as the 8-bit copies, below)
     assert torch.allclose(sixteen.x, eight.x, atol=2 / 255)
-    rgb = load_clean(tmp_path / "16", (3, 16, 16), 2)  # three channels: the grey value in each
+    rgb = userfiles.load_clean(tmp_path / "16", (3, 16, 16), 2)  # three channels: the grey value in each
     assert torch.allclose(rgb.x[:, 0], sixteen.x[:, 0]) and torch.allclose(rgb.x[:, 2], sixteen.x[:, 0])
 
 
@@ -230,9 +248,9 @@ def test_oversized_npz_member_refused_by_its_real_size(
     user: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
     """An .npz array larger than the limit once decompressed is refused before it is read."""
-    monkeypatch.setattr(fit_module, "MAX_CLEAN_BYTES", 10_000)  # the clean set holds 300x256 float32 pixels
-    with pytest.raises(FitError, match=r"array 'x' holds 307328 bytes once decompressed; at most 10000"):
-        load_clean(user["tmp"] / "clean.npz", (1, 16, 16), 10)
+    monkeypatch.setattr(userfiles, "MAX_CLEAN_BYTES", 10_000)  # the clean set holds 300x256 float32 pixels
+    with pytest.raises(userfiles.UserFileError, match=r"array 'x' holds 307328 bytes once decompressed; at most 10000"):
+        userfiles.load_clean(user["tmp"] / "clean.npz", (1, 16, 16), 10)
 
 
 def test_bare_network_weights_with_normalization(user: dict[str, Any], tmp_path: Path) -> None:
@@ -240,14 +258,14 @@ def test_bare_network_weights_with_normalization(user: dict[str, Any], tmp_path:
     a clear error; saved normalization that disagrees with --mean is refused."""
     model = user["model"]
     save_file({k: v.contiguous() for k, v in model.body.state_dict().items()}, tmp_path / "bare.safetensors")
-    loaded = load_model(tmp_path / "bare.safetensors", "small_cnn", (1, 16, 16), 10, (0.31,), (0.38,))
+    loaded = userfiles.load_model(tmp_path / "bare.safetensors", "small_cnn", (1, 16, 16), 10, (0.31,), (0.38,))
     x = user["unseen"][0][:32]
     with torch.no_grad():
         assert torch.allclose(loaded(x), model(x), atol=1e-5)
-    with pytest.raises(FitError, match="holds no normalization: give --mean and --std"):
-        load_model(tmp_path / "bare.safetensors", "small_cnn", (1, 16, 16), 10, None, None)
-    with pytest.raises(FitError, match=r"saved with normalization mean .* but --mean says \[0.5\]"):
-        load_model(user["tmp"] / "model.safetensors", "small_cnn", (1, 16, 16), 10, (0.5,), (0.38,))
+    with pytest.raises(userfiles.UserFileError, match="holds no normalization: give --mean and --std"):
+        userfiles.load_model(tmp_path / "bare.safetensors", "small_cnn", (1, 16, 16), 10, None, None)
+    with pytest.raises(userfiles.UserFileError, match=r"saved with normalization mean .* but --mean says \[0.5\]"):
+        userfiles.load_model(user["tmp"] / "model.safetensors", "small_cnn", (1, 16, 16), 10, (0.5,), (0.38,))
 
 
 class Payload:

@@ -13,11 +13,10 @@ from bdx_study.metrics import (
     HIGHER_IS_BETTER,
     LOWER_IS_BETTER,
     METRICS,
-    aggregate,
     detection_metrics,
     fit_threshold,
-    worst,
 )
+from bdx_study.objective import aggregate, worst
 
 # ------------------------------------------------------------------------------------- threshold
 

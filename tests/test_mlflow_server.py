@@ -20,6 +20,8 @@ from bdx_study.trials.launch import launch
 
 from .conftest import tiny_study, write_study
 
+pytestmark = pytest.mark.slow  # starts Ray nodes or servers of its own
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -241,7 +241,7 @@ def test_badexpert_fits_in_bf16_channels_last_on_cpu() -> None:
 
 
 def test_precision_is_in_trial_params_and_victim_tags(tmp_path: Path) -> None:
-    from bdx_study.trials.launch import victim_run_fields
+    from bdx_study.trials.parent_run import victim_run_fields
     from bdx_study.trials.tracking import trial_params
 
     doc = tiny_study(tmp_path)

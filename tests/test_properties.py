@@ -201,7 +201,7 @@ def _recipe(text: bytes) -> None:
     """Everything fit reads from a recipe before any work: the family, its parameters and protocol,
     the domain check and the unchecked-trigger line. A valid result or one clear error."""
     from bdx_study.analysis.domain import check_domain, unseen_triggers
-    from bdx_study.analysis.export import load_recipe, read_recipe, recipe_config
+    from bdx_study.analysis.recipe import Recipe
     from bdx_study.detectors import create_detector
 
     with tempfile.TemporaryDirectory() as d:
@@ -209,10 +209,10 @@ def _recipe(text: bytes) -> None:
         p.write_bytes(text)
         t = time.perf_counter()
         try:
-            family, entry = read_recipe(p, None)
-            params, _ = recipe_config(entry)
+            recipe = Recipe.load(p)
+            family, entry = recipe.family(None)
+            params, _ = entry.config()
             create_detector(family, params)
-            recipe = load_recipe(p)
             check_domain(recipe, architecture="small_cnn", input_shape=(1, 16, 16), num_classes=10, detector=family)
             assert unseen_triggers(recipe, family).startswith("unchecked:")
         except (SpaceError, ValueError) as e:
@@ -248,7 +248,7 @@ def test_recipe_loader_on_a_valid_recipe_with_one_value_replaced(path: tuple[Any
 
 
 def _clean(path: Path) -> None:
-    from bdx_study.analysis.fit import FitError, check_classes, load_clean
+    from bdx_study.userfiles import UserFileError, check_classes, load_clean
 
     t = time.perf_counter()
     try:
@@ -256,7 +256,7 @@ def _clean(path: Path) -> None:
         assert data.x.shape[1:] == (1, 16, 16) and len(data.x) == len(data.y)
         assert float(data.x.min()) >= 0 and float(data.x.max()) <= 1
         check_classes(data, 10, path)
-    except FitError as e:
+    except UserFileError as e:
         assert str(path) in str(e) or path.name in str(e), str(e)
         assert len(str(e).splitlines()) == 1, str(e)
     finally:

@@ -14,7 +14,7 @@ from bdx_study.data import ImageData
 from bdx_study.detectors import DETECTORS, create_detector
 from bdx_study.metrics import conformal_threshold
 from bdx_study.protocol import ProtocolConfig, scoring_parts
-from bdx_study.stages import DetectorRun, StageStore, run_detector
+from bdx_study.stages import DetectorRun, LoadedVictim, StageStore, run_detector
 
 from .test_detectors import CONTRACT_PARAMS
 
@@ -28,11 +28,7 @@ def _run(planted: dict[str, Any], name: str, splits: Any = None) -> DetectorRun:
         StageStore(None),
         create_detector(name, CONTRACT_PARAMS.get(name, {})),
         PROTOCOL,
-        victim_key=v["config"].key,
-        model=v["model"],
-        splits=splits or planted["splits"],
-        attack=v["attack"],
-        layout={},
+        LoadedVictim(v["config"].key, v["model"], splits or planted["splits"], v["attack"], {}),
         device=CPU,
     )
 

@@ -78,6 +78,7 @@ def _trial_runs(uri: str, experiment_id: str) -> list[Any]:
 # ------------------------------------------------------------------------------ 1. two launches at once
 
 
+@pytest.mark.slow
 def test_second_launch_of_a_running_study_is_refused(tmp_path: Path) -> None:
     n = 12  # long enough to be running while the second launches try
     doc = tiny_study(tmp_path, name="twice", search__num_trials=n, search__max_concurrent=1)
@@ -103,6 +104,7 @@ def test_second_launch_of_a_running_study_is_refused(tmp_path: Path) -> None:
     assert len(_trial_runs(ids["tracking_uri"], ids["experiment_id"])) == n
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_dead_driver_is_taken_over(ray_cluster: Any, tmp_path: Path, capsys: Any) -> None:
     doc = tiny_study(tmp_path, name="stale", search__num_trials=1)
     path = write_study(tmp_path, doc)
@@ -120,6 +122,7 @@ def test_a_lock_left_by_a_dead_driver_is_taken_over(ray_cluster: Any, tmp_path: 
 # ------------------------------------------------------------------------------ 4. driver killed, resume
 
 
+@pytest.mark.slow
 def test_killed_driver_leaves_no_orphans_and_resume_logs_each_trial_once(tmp_path: Path) -> None:
     n = 4
     doc = tiny_study(tmp_path, name="killed2", search__num_trials=n, search__max_concurrent=2)
@@ -191,6 +194,7 @@ def test_progress_counts_only_the_trials_tune_knows(tmp_path: Path, capsys: pyte
 # ------------------------------------------------------------------------------ 5. unreadable stored result
 
 
+@pytest.mark.slow
 def test_an_unreadable_stored_result_is_run_again(ray_cluster: Any, tmp_path: Path) -> None:
     doc = tiny_study(tmp_path, name="truncated", search__num_trials=2)
     path = write_study(tmp_path, doc)
@@ -237,6 +241,7 @@ def test_unreachable_address_fails_fast_and_writes_nothing(tmp_path: Path) -> No
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_without_address_launch_starts_its_own_ray(tmp_path: Path) -> None:
     """A foreign cluster (`ray start` by another program, with no CPU to offer) and a stale
     RAY_ADDRESS are never joined; --address auto joins the local cluster on purpose."""
@@ -369,6 +374,7 @@ def test_unreachable_tracking_server_fails_fast(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ SIGTERM
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_launch_cleanly(tmp_path: Path) -> None:
     """SIGTERM ends a launch like Ctrl-C, within seconds: Tune keeps its state, the study's MLflow
     run is closed as KILLED (not left RUNNING), the lock is released and --resume completes."""

@@ -21,6 +21,7 @@ from bdx_study.trials.launch import launch
 from .conftest import tiny_study, write_study
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_without_rerunning(ray_cluster: Any, tmp_path: Path) -> None:
     n = 5
     doc = tiny_study(tmp_path, name="killed", search__num_trials=n, search__max_concurrent=1)
@@ -71,6 +72,7 @@ def test_killed_driver_resumes_without_rerunning(ray_cluster: Any, tmp_path: Pat
     assert {p.removesuffix(".parquet") for p in after} <= set(ids)
 
 
+@pytest.mark.slow
 def test_four_quarter_gpu_trials_pack_on_one_gpu(ray_cluster: Any, tmp_path: Path) -> None:
     """Scheduling side only (no CUDA here): 4 trials asking for 0.25 GPU each must all run at
     once on a cluster with one logical GPU; each waits at a barrier until all four are in."""
@@ -78,7 +80,7 @@ def test_four_quarter_gpu_trials_pack_on_one_gpu(ray_cluster: Any, tmp_path: Pat
     from ray import tune
 
     from bdx_study.space import parse_space
-    from bdx_study.trials.launch import trial_resources
+    from bdx_study.trials.tuner import trial_resources
 
     spec = parse_space(tiny_study(tmp_path, resources={"cpu": 0.5, "gpu": 0.25}), "inline")
     res = trial_resources(spec)
@@ -127,6 +129,7 @@ def test_four_quarter_gpu_trials_pack_on_one_gpu(ray_cluster: Any, tmp_path: Pat
     ray.kill(barrier)
 
 
+@pytest.mark.slow
 def test_gpu_study_runs_on_cpu_without_cuda(ray_cluster: Any, tmp_path: Path) -> None:
     doc = tiny_study(tmp_path, name="gpu", search__num_trials=2, resources={"cpu": 0.5, "gpu": 0.25})
     path = write_study(tmp_path, doc)
@@ -137,6 +140,7 @@ def test_gpu_study_runs_on_cpu_without_cuda(ray_cluster: Any, tmp_path: Path) ->
     assert set(table["gpu_ids"]) == {"0"}
 
 
+@pytest.mark.slow
 def test_tracking_outage_then_resume_logs_everything(ray_cluster: Any, tmp_path: Path, capsys: Any) -> None:
     """MLflow unreachable at launch: trials still finish into Parquet with a warning; a resume
     once the store is back logs every finished trial exactly once."""
@@ -171,6 +175,7 @@ def test_tracking_outage_then_resume_logs_everything(ray_cluster: Any, tmp_path:
     assert all(r.data.tags["mlflow.parentRunId"] == again.parent_run_id for r in runs)
 
 
+@pytest.mark.slow
 def test_resume_refuses_an_edited_study_file(ray_cluster: Any, tmp_path: Path) -> None:
     from bdx_study.space import SpaceError
 

@@ -14,7 +14,7 @@ import torch
 
 from bdx_study.detectors import create_detector
 from bdx_study.protocol import ProtocolConfig
-from bdx_study.stages import DetectorRun, StageStore, count_passes, run_detector
+from bdx_study.stages import DetectorRun, LoadedVictim, StageStore, count_passes, run_detector
 
 from .test_detectors import CONTRACT_PARAMS
 
@@ -29,11 +29,7 @@ def _run(planted: dict[str, Any], store: StageStore, name: str = "badexpert", **
         store,
         create_detector(name, {**CONTRACT_PARAMS.get(name, {}), **params}),
         PROTOCOL,
-        victim_key=v["config"].key,
-        model=v["model"],
-        splits=planted["splits"],
-        attack=v["attack"],
-        layout=planted["data"].layout(),
+        LoadedVictim(v["config"].key, v["model"], planted["splits"], v["attack"], planted["data"].layout()),
         device=CPU,
     )
 
@@ -128,3 +124,22 @@ def test_concurrent_trials_fit_once(planted: dict[str, Any], tmp_path: Path) -> 
         pool.join()
     assert sum(fitted) == 2  # each of the two components fitted once, by one of the two
     assert len(_entries(tmp_path)) == 2
+
+
+def test_the_worker_cache_builds_each_value_once_per_identity(tmp_path: Path) -> None:
+    """A worker keeps what trials share (splits by their data config, stage stores by folder) and
+    forgets one kind on request."""
+    from bdx_study.configs import AttackSpec, DataConfig, VictimConfig
+    from bdx_study.trials.trainable import WorkerCache
+
+    cache = WorkerCache()
+    store = cache.stage_store(None)
+    assert cache.stage_store(None) is store and cache.stage_store(tmp_path) is not store
+    data = DataConfig(reserve_size=120, eval_size=200, train_size=400)
+    cfg = VictimConfig(dataset="digits", architecture="small_cnn", attack=AttackSpec(name="badnet"), data=data)
+    splits = cache.splits(cfg)
+    assert cache.splits(cfg.model_copy(update={"seed": 1})) is splits  # another victim on the same data
+    other = cache.splits(cfg.model_copy(update={"data": data.model_copy(update={"split_seed": 1})}))
+    assert other is not splits and not torch.equal(other.reserve.y, splits.reserve.y)
+    cache.clear("stage_store")
+    assert cache.stage_store(None) is not store and cache.splits(cfg) is splits

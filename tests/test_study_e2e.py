@@ -162,6 +162,7 @@ def test_parquet_tables(study: dict[str, Any]) -> None:
     assert np.allclose(per_trial["objective"].first(), per_trial["selection_auroc_correct_only"].min())
 
 
+@pytest.mark.slow
 def test_victims_trained_once_across_trials_and_studies(study: dict[str, Any], capsys: Any) -> None:
     spec = study["spec"]
     cache = spec.storage_root() / "victims"
@@ -286,6 +287,7 @@ def test_analyze_export_detect(study: dict[str, Any], tmp_path: Path, capsys: An
     np.testing.assert_allclose(served["score"].to_numpy(), direct.score, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_of_finished_study_reruns_nothing(study: dict[str, Any]) -> None:
     spec = study["spec"]
     parts = study["result"].study_dir / "tables" / "parts" / "trials"
@@ -295,6 +297,7 @@ def test_resume_of_finished_study_reruns_nothing(study: dict[str, Any]) -> None:
     assert {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet")} == before
 
 
+@pytest.mark.slow
 def test_existing_study_without_resume_is_refused(study: dict[str, Any]) -> None:
     from bdx_study.space import SpaceError
 

@@ -448,6 +448,7 @@ def test_detect_streams_every_input_once_in_order(user: dict[str, Path], tmp_pat
 # ------------------------------------------------------------------------------ 6. --resume from another folder
 
 
+@pytest.mark.slow
 def test_resume_from_another_folder_says_where_it_looked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -494,6 +495,7 @@ def _trial_runs(uri: str, experiment: str) -> list[list[str]]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_sync_rebuilds_mlflow_when_its_database_was_deleted_or_replaced(ray_cluster: Any, tmp_path: Path) -> None:
     """The tracking database deleted, then replaced by another: `sync` (as a user runs it, in its
     own process) rebuilds the study in MLflow from the Parquet tables, each trial exactly once, and

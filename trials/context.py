@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from bdx_study.objective import feasible
 from bdx_study.space import StudySpec
 from bdx_study.victims import VictimConfig
 
@@ -42,10 +43,11 @@ def objective_value(spec: StudySpec, aggregates: dict[str, float]) -> tuple[floa
     value = the objective's aggregate metric on the selection split (e.g.
     worst/selection_auroc_correct_only): the evaluation split never steers the search. A trial
     whose worst-case clean-accuracy drop (selection split) exceeds
-    ``search.constraint.max_clean_acc_drop`` is
-    infeasible and is pushed behind every feasible one: value - 1 - excess for a maximized
-    metric (value + 1 + excess for a minimized one), since per-victim metrics lie in [0, 1].
-    Undefined objectives (no victim with a backdoor) report the worst finite value.
+    ``search.constraint.max_clean_acc_drop`` (:func:`bdx_study.objective.feasible`, the
+    selection rule's own test) is infeasible and is pushed behind every feasible one: value - 1 -
+    excess for a maximized metric (value + 1 + excess for a minimized one), since per-victim
+    metrics lie in [0, 1]. Undefined objectives (no victim with a backdoor) report the worst
+    finite value.
     """
     obj = spec.search.objective
     sign = 1.0 if obj.mode == "max" else -1.0
@@ -53,7 +55,8 @@ def objective_value(spec: StudySpec, aggregates: dict[str, float]) -> tuple[floa
     if not math.isfinite(value):
         return -sign * 2.0, False
     limit = spec.search.constraint.max_clean_acc_drop
-    drop = aggregates.get("worst/selection_clean_acc_drop", 0.0)
-    if limit is not None and drop > limit:
-        return value - sign * (1.0 + (drop - limit)), False
+    drop = aggregates.get("worst/selection_clean_acc_drop", math.nan)  # unmeasured: infeasible, as the board says
+    if limit is not None and not feasible(drop, limit):
+        excess = drop - limit if math.isfinite(drop) else 1.0
+        return value - sign * (1.0 + excess), False
     return value, True

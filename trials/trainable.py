@@ -8,8 +8,10 @@ import json
 import math
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import pyarrow as pa
 import ray
@@ -17,14 +19,15 @@ import torch
 from ray import tune
 
 from bdx_study._io import write_json_atomic
-from bdx_study.archs import Classifier
 from bdx_study.attacks import Attack
 from bdx_study.data import Splits
 from bdx_study.detectors import DetectorFamily, create_detector
-from bdx_study.metrics import HEADLINE, aggregate
+from bdx_study.metrics import HEADLINE
+from bdx_study.objective import aggregate
+from bdx_study.plugins import load_plugins
 from bdx_study.protocol import Part, ProtocolConfig, scoring_parts
 from bdx_study.schema import scores_table, victim_columns
-from bdx_study.stages import DetectorRun, StageStore, run_detector
+from bdx_study.stages import DetectorRun, LoadedVictim, StageStore, run_detector
 from bdx_study.tables import SCORES_OF, StudyTables
 from bdx_study.training import pick_device
 from bdx_study.victims import VictimCache, VictimConfig, VictimRecord
@@ -32,56 +35,65 @@ from bdx_study.victims import VictimCache, VictimConfig, VictimRecord
 from .context import StudyContext, objective_value, objective_values
 from .plots import plot_trial
 
-# Victims, splits, scored inputs and the stage store are kept per worker process: Ray reuses
-# trial actors, so a study loads each victim once per worker.
-_MODELS: dict[tuple[str, str, str], Classifier] = {}
-_ATTACKS: dict[tuple[str, str], Attack] = {}
-_SPLITS: dict[str, Splits] = {}
-_PARTS: dict[tuple[str, str], list[Part]] = {}
-_STORES: dict[str, StageStore] = {}
+T = TypeVar("T")
 
 
-def _victim_record(cache_root: str, config: VictimConfig) -> VictimRecord:
-    record = VictimCache(cache_root).load(config)
-    if record is None:
-        raise RuntimeError(f"victim {config.name} is missing or corrupt in {cache_root}; relaunch to retrain it")
-    return record
+class WorkerCache:
+    """What a worker process keeps between trials (Ray reuses trial actors, so a study loads each
+    victim once per worker): victims' models and attacks, data splits, scored inputs and stage
+    stores.
+
+    One dict, keyed ``(kind, *identity)``: the kind of value, then the identity of what it is
+    built from (a victim cache's folder and a victim's key, a data config, a protocol's clean
+    set), as strings."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, ...], Any] = {}
+
+    def _get(self, key: tuple[str, ...], build: Callable[[], T]) -> T:
+        if key not in self._entries:
+            self._entries[key] = build()
+        return cast("T", self._entries[key])
+
+    def clear(self, kind: str | None = None) -> None:
+        """Forget every entry (of ``kind``: model, attack, splits, parts, stage_store)."""
+        for key in [k for k in self._entries if kind is None or k[0] == kind]:
+            del self._entries[key]
+
+    def splits(self, config: VictimConfig) -> Splits:
+        return self._get(
+            ("splits", config.dataset, config.data.model_dump_json()), lambda: config.data.splits(config.dataset)
+        )
+
+    def _record(self, cache_root: Path, config: VictimConfig) -> VictimRecord:
+        record = VictimCache(cache_root).load(config)
+        if record is None:
+            raise RuntimeError(f"victim {config.name} is missing or corrupt in {cache_root}; relaunch to retrain it")
+        return record
+
+    def attack(self, cache_root: Path, config: VictimConfig) -> Attack:
+        """The victim's attack as trained (generators, optimized triggers, encoders loaded)."""
+        key = ("attack", str(cache_root), config.key)
+        return self._get(key, lambda: self._record(cache_root, config).load_attack())
+
+    def victim(self, cache_root: Path, config: VictimConfig, device: torch.device) -> LoadedVictim:
+        """The victim as trained: its model on ``device``, its attack and its splits."""
+        key = ("model", str(cache_root), config.key, str(device))
+        model = self._get(key, lambda: self._record(cache_root, config).load_model(device))
+        return LoadedVictim(
+            config.key, model, self.splits(config), self.attack(cache_root, config), config.data.layout()
+        )
+
+    def parts(self, cache_root: Path, config: VictimConfig, protocol: ProtocolConfig) -> list[Part]:
+        """The inputs a trial scores on the victim under ``protocol`` (they depend on its clean set)."""
+        key = ("parts", config.key, config.data.model_dump_json(), json.dumps(protocol.clean_set_identity()))
+        return self._get(key, lambda: scoring_parts(self.splits(config), self.attack(cache_root, config), protocol))
+
+    def stage_store(self, root: Path | None) -> StageStore:
+        return self._get(("stage_store", str(root) if root is not None else ""), lambda: StageStore(root))
 
 
-def _victim_model(cache_root: str, config: VictimConfig, device: str) -> Classifier:
-    key = (cache_root, config.key, device)
-    if key not in _MODELS:
-        _MODELS[key] = _victim_record(cache_root, config).load_model(device)
-    return _MODELS[key]
-
-
-def _victim_attack(cache_root: str, config: VictimConfig) -> Attack:
-    """The victim's attack as trained (generators, optimized triggers, encoders loaded)."""
-    key = (cache_root, config.key)
-    if key not in _ATTACKS:
-        _ATTACKS[key] = _victim_record(cache_root, config).load_attack()
-    return _ATTACKS[key]
-
-
-def _splits(config: VictimConfig) -> Splits:
-    key = config.dataset + config.data.model_dump_json()
-    if key not in _SPLITS:
-        _SPLITS[key] = config.data.splits(config.dataset)
-    return _SPLITS[key]
-
-
-def _parts(cache_root: str, config: VictimConfig, protocol: ProtocolConfig) -> list[Part]:
-    key = (config.key + config.data.model_dump_json(), json.dumps(protocol.clean_set_identity()))
-    if key not in _PARTS:
-        _PARTS[key] = scoring_parts(_splits(config), _victim_attack(cache_root, config), protocol)
-    return _PARTS[key]
-
-
-def stage_store(ctx: StudyContext) -> StageStore:
-    root = str(ctx.stage_cache) if ctx.stage_cache is not None else ""
-    if root not in _STORES:
-        _STORES[root] = StageStore(ctx.stage_cache)
-    return _STORES[root]
+CACHE = WorkerCache()  # one per worker process
 
 
 @dataclass
@@ -101,21 +113,12 @@ def run_family(
     ctx: StudyContext, family: DetectorFamily, protocol: ProtocolConfig, *, device: torch.device
 ) -> TrialResult:
     """A family with fixed parameters, under ``protocol``, on every victim of the study."""
-    store = stage_store(ctx)
+    store = CACHE.stage_store(ctx.stage_cache)
     runs = []
     for victim in ctx.victims:
-        run = run_detector(
-            store,
-            family,
-            protocol,
-            victim_key=victim.key,
-            model=_victim_model(str(ctx.victim_cache), victim, str(device)),
-            splits=_splits(victim),
-            attack=_victim_attack(str(ctx.victim_cache), victim),
-            layout=victim.data.layout(),
-            device=device,
-            parts=_parts(str(ctx.victim_cache), victim, protocol),
-        )
+        loaded = CACHE.victim(ctx.victim_cache, victim, device)
+        parts = CACHE.parts(ctx.victim_cache, victim, protocol)
+        run = run_detector(store, family, protocol, loaded, device=device, parts=parts)
         runs.append((victim, run))
     return TrialResult(family, protocol, runs)
 
@@ -212,6 +215,8 @@ def execute_heldout(ctx: StudyContext, trial_row: dict[str, Any]) -> str:
 
 
 def _device(ctx: StudyContext) -> torch.device:
+    """Set a worker up for a trial (the study's plugins imported, its threads) and pick its device."""
+    load_plugins(ctx.spec.study.plugins)
     torch.set_num_threads(max(1, math.floor(ctx.spec.resources.cpu)))
     return pick_device(prefer_gpu=ctx.spec.resources.gpu > 0)
 

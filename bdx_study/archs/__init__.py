@@ -1,10 +1,9 @@
 """Architectures (a registry with per-entry metadata): every model takes [0, 1] pixel inputs
-and normalizes inside (:class:`Classifier`); every entry declares the input shapes it accepts
-and BaDExpert's reference starting values for it.
+and normalizes inside (:class:`Classifier`); every entry declares the input shapes it accepts.
 
-The registry and the metadata are torch-free (:mod:`bdx_study.archs._base`, the built-ins
-declared in :mod:`bdx_study.archs._catalog`); the models (:class:`Classifier`,
-:func:`create_model`, :func:`penultimate_layer`, :data:`BodyFactory`) are imported with torch on
+The registry, the metadata and the :data:`BodyFactory` type are torch-free
+(:mod:`bdx_study.archs._base`, the built-ins declared in :mod:`bdx_study.archs._catalog`); the
+models (:class:`Classifier`, :func:`create_model`, :func:`penultimate_layer`) are imported with torch on
 first use of one of those names, and each implementation module on the first build of one of
 its architectures.
 """
@@ -17,9 +16,8 @@ from bdx_study._lazy import lazy_exports
 from bdx_study.archs import _catalog  # noqa: F401  (declares the built-in architectures)
 from bdx_study.archs._base import (
     ARCHITECTURES,
-    RESNET18_REFERENCE,
     ArchSpec,
-    BadExpertDefaults,
+    BodyFactory,
     architecture_spec,
     check_input_shape,
     declare_architecture,
@@ -29,10 +27,10 @@ from bdx_study.archs._base import (
 )
 
 if TYPE_CHECKING:
-    from bdx_study.archs._model import BodyFactory, Classifier, create_model, penultimate_layer
+    from bdx_study.archs._model import Classifier, create_model, penultimate_layer
 
 # Names served by the torch layer, imported on first access (PEP 562).
-_TORCH_NAMES = frozenset({"BodyFactory", "Classifier", "create_model", "penultimate_layer"})
+_TORCH_NAMES = frozenset({"Classifier", "create_model", "penultimate_layer"})
 
 
 # the torch names on first use; the model modules too (``bdx_study.archs.resnet``)
@@ -45,9 +43,7 @@ __getattr__ = lazy_exports(
 
 __all__ = [
     "ARCHITECTURES",
-    "RESNET18_REFERENCE",
     "ArchSpec",
-    "BadExpertDefaults",
     "BodyFactory",
     "Classifier",
     "architecture_spec",

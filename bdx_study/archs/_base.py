@@ -2,7 +2,7 @@
 timm's default_cfgs) and the input-shape check.
 
 Built-in architectures are *declared* (:mod:`bdx_study.archs._catalog`: name, accepted input
-shapes, BaDExpert defaults, description; no torch) and their implementation modules attach only
+shapes, description; no torch) and their implementation modules attach only
 the body factory (:func:`register_body`), imported on the first :attr:`ArchSpec.build`.
 :func:`register_architecture` registers a user architecture (factory and metadata) at once.
 The models themselves (:class:`~bdx_study.archs.Classifier`, ``create_model``) live in
@@ -19,25 +19,10 @@ from typing import TYPE_CHECKING
 from bdx_study._registry import Registry
 
 if TYPE_CHECKING:
-    from bdx_study.archs._model import BodyFactory
+    from torch import nn
 
 Shape = tuple[int, int, int]  # (C, H, W)
-
-
-@dataclass(frozen=True)
-class BadExpertDefaults:
-    """BaDExpert's reference starting values for an architecture (../shared/reference/badexpert.md);
-    names as in DefenseConfig. ``source`` says where they come from."""
-
-    unlearn_lr: float  # Adam lr of the backdoor expert B
-    ensemble_alpha: float  # ensemble weight alpha
-    ensemble_beta: float  # ensemble weight beta
-    unlearn_early_stop_acc: float  # stop B once its held-out clean accuracy falls below this
-    source: str
-
-
-# The paper's ResNet-18 / CIFAR-10 values: the fallback where the paper gives none.
-RESNET18_REFERENCE = BadExpertDefaults(1e-4, 2.0, 0.5, 0.2, "paper, ResNet-18 on CIFAR-10")
+BodyFactory = Callable[[int, int, tuple[int, int]], "nn.Module"]  # (in_channels, classes, (H, W)) -> logits net
 
 
 @dataclass(frozen=True)
@@ -49,7 +34,6 @@ class ArchSpec:
 
     name: str
     input_shapes: tuple[Shape, ...]  # every (C, H, W) it accepts; anything else is refused
-    badexpert: BadExpertDefaults
     description: str
     factory: BodyFactory | None = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -84,12 +68,11 @@ def declare_architecture(
     module: str,
     *,
     input_shapes: Sequence[Sequence[int]],
-    badexpert: BadExpertDefaults = RESNET18_REFERENCE,
     description: str,
 ) -> ArchSpec:
     """Declare architecture ``name`` with its metadata; ``module`` (imported on first use)
     attaches the body factory with :func:`register_body`. Returns the declared spec."""
-    spec = ArchSpec(name, _shapes(input_shapes), badexpert, _one_line(description))
+    spec = ArchSpec(name, _shapes(input_shapes), _one_line(description))
     ARCHITECTURES.declare(name, module, spec)
     return spec
 
@@ -112,17 +95,16 @@ def register_architecture(
     name: str,
     *,
     input_shapes: Sequence[Sequence[int]],
-    badexpert: BadExpertDefaults = RESNET18_REFERENCE,
     description: str | None = None,
 ) -> Callable[[BodyFactory], BodyFactory]:
-    """Decorator: register a body factory with the shapes it accepts and its BaDExpert defaults
-    (the description, when not given, is the factory's docstring)."""
+    """Decorator: register a body factory with the shapes it accepts (the description, when not
+    given, is the factory's docstring)."""
 
     def deco(fn: BodyFactory) -> BodyFactory:
         if name in ARCHITECTURES:  # declared names too: their module would register them again
             raise ValueError(f"architecture {name!r} is registered twice")
         doc = _one_line(fn.__doc__ or "") if description is None else _one_line(description)
-        ARCHITECTURES.register(name)(ArchSpec(name, _shapes(input_shapes), badexpert, doc, factory=fn))
+        ARCHITECTURES.register(name)(ArchSpec(name, _shapes(input_shapes), doc, factory=fn))
         return fn
 
     return deco

@@ -7,14 +7,12 @@ exports and detectors never handle normalization separately.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from bdx_study.archs._base import architecture_spec, check_input_shape
-
-BodyFactory = Callable[[int, int, tuple[int, int]], nn.Module]  # (in_channels, classes, (H, W)) -> logits net
 
 
 class Classifier(nn.Module):

@@ -1,6 +1,6 @@
 """ResNet-18 and PreAct-ResNet-18, CIFAR variants (3x3 stem, no max-pool), as in the backdoor
-toolbox and BackdoorBench; torchvision has no CIFAR-stem ResNet. Their metadata (shapes, BaDExpert
-values, descriptions) is declared in :mod:`bdx_study.archs._catalog`."""
+toolbox and BackdoorBench; torchvision has no CIFAR-stem ResNet. Their metadata (shapes,
+descriptions) is declared in :mod:`bdx_study.archs._catalog`."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Architectures whose definitions come from torchvision (the field's), with the stems adapted
-to small inputs where the backdoor literature adapts them. Their metadata (shapes, BaDExpert values,
+to small inputs where the backdoor literature adapts them. Their metadata (shapes,
 descriptions) is declared in :mod:`bdx_study.archs._catalog`.
 
 torchvision is imported inside each builder: importing ``torchvision.models`` costs about a

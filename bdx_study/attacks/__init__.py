@@ -1,51 +1,50 @@
 """Backdoor attacks (a registry), per ../shared/reference/attacks.md; the contract is in
-:mod:`bdx_study.attacks._base`. One module per attack or attack family registers itself:
+:mod:`bdx_study.attacks._base`. One module per attack or attack family holds its parameter
+model, its recipe and its Attack class, registered with ``@register_attack(name)``:
 
-- patches: ``badnet``, ``badnet_all2all``, ``trojan``, ``tact`` (:mod:`.patch`);
+- patches: ``none``, ``badnet``, ``badnet_all2all``, ``trojan``, ``tact`` (:mod:`.patch`);
 - blends: ``blend``, ``adaptive_blend`` (:mod:`.blend`), ``adaptive_patch`` (:mod:`.adaptive_patch`);
 - clean-label: ``sig``, ``clean_label`` (:mod:`.clean_label`);
 - warping: ``wanet`` (:mod:`.wanet`); frequency: ``lf``, ``ftrojan`` (:mod:`.frequency`);
 - generator-based: ``issba`` (:mod:`.issba`), ``dynamic`` (:mod:`.dynamic`);
 - training-controlled: ``bpp`` (:mod:`.bpp`), ``trojannn`` (:mod:`.trojannn`), ``dynamic``.
 
-Importing this package does not import torch: the built-ins are declared (name, module, Params
-model) in :mod:`._registry` and their module is imported on the first ``ATTACKS.get(name)``;
-each attack's params, checks and identity are in its torch-free recipe module, :mod:`.recipes`.
-So :func:`attack_params`, :func:`check_attack`, :func:`check_attack_data` and
-:func:`attack_identity` (what ``bdx-study validate`` and the victim keys need) run without
-torch, and the torch names below are loaded on first use.
+Importing this package imports every public module in it (a new attack is one new file) and no
+torch: the attack modules use torch inside their methods only, and their networks live in
+private helper modules (``_nets``, ``_surrogate``) imported when an attack trains. So
+:func:`attack_params`, :func:`check_attack`, :func:`check_attack_data` and
+:func:`attack_identity` (what ``bdx-study validate`` and the victim keys need) run without torch.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib
+import pkgutil
 
-from bdx_study._lazy import lazy_exports
+from bdx_study.attacks._base import (
+    Attack,
+    AttackContext,
+    AttackParams,
+    AttackRecipe,
+    CoverParams,
+    HookBatch,
+    PoisonedSet,
+    TrainingControlledAttack,
+    TrainingHook,
+)
 from bdx_study.attacks._registry import (
     ATTACKS,
-    BUILTIN_ATTACKS,
     attack_identity,
     attack_params,
     check_attack,
     check_attack_data,
+    create_attack,
     list_attacks,
     register_attack,
     user_attack,
 )
-from bdx_study.attacks.recipes import AttackParams, CoverParams
-
-if TYPE_CHECKING:
-    from bdx_study.attacks._base import (
-        Attack,
-        AttackContext,
-        HookBatch,
-        PoisonedSet,
-        TrainingControlledAttack,
-        TrainingHook,
-        create_attack,
-    )
-    from bdx_study.attacks._store import ArtifactStore
-    from bdx_study.attacks._triggers import patch_blend
+from bdx_study.attacks._store import ArtifactStore
+from bdx_study.attacks._triggers import patch_blend
 
 __all__ = [
     "ATTACKS",
@@ -53,6 +52,7 @@ __all__ = [
     "Attack",
     "AttackContext",
     "AttackParams",
+    "AttackRecipe",
     "CoverParams",
     "HookBatch",
     "PoisonedSet",
@@ -69,23 +69,6 @@ __all__ = [
     "user_attack",
 ]
 
-_LAZY = {  # name -> the module that defines it (they import torch)
-    **dict.fromkeys(
-        [
-            "Attack",
-            "AttackContext",
-            "HookBatch",
-            "PoisonedSet",
-            "TrainingControlledAttack",
-            "TrainingHook",
-            "create_attack",
-        ],
-        "bdx_study.attacks._base",
-    ),
-    "ArtifactStore": "bdx_study.attacks._store",
-    "patch_blend": "bdx_study.attacks._triggers",
-}
-
-
-# the torch names on first use; the attack modules too (``bdx_study.attacks.patch``)
-__getattr__ = lazy_exports(__name__, _LAZY, submodules={module for module, _ in BUILTIN_ATTACKS.values()})
+for _module in pkgutil.iter_modules(__path__):  # the built-ins register themselves on import
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")

@@ -1,14 +1,25 @@
 """The attack contract (per ../shared/reference/attacks.md), in pixel space [0, 1], images (N, C, H, W).
 
+An attack is one module of :mod:`bdx_study.attacks` (or of a user's package) holding three
+things: a parameter model (a subclass of :class:`AttackParams`), its recipe (a subclass of
+:class:`AttackRecipe`, named by ``Params.Recipe``) and the :class:`Attack` subclass registered
+with ``@register_attack(name)``. This module imports no torch (the tensors' methods import it on
+first use), so an attack module that follows suit is importable without torch: that is how
+``bdx-study validate`` reads names, parameters, checks and identities in well under a second.
+
+An attack's **recipe** is everything about one attack instance that is known without building
+its trigger: the params with every default the input shape decides resolved (poison and cover
+rates, patch sizes and positions, amplitudes), and every check that the shape, the classes or
+the training labels must pass. :class:`Attack` builds its recipe first and its tensors from it;
+``check_attack`` and ``check_attack_data`` build the recipe alone. Each check has this one home.
+
 An attack instance is a trigger fixed by (input shape, params, seed). A victim's training uses
 it in this order (``bdx_study.victims.train_victim``):
 
 1. ``create_attack(name, params, input_shape, num_classes, seed)``: unknown params, a trigger
-   larger than the image or a target outside the classes fail here (ValueError);
+   larger than the image or a target outside the classes fail here (ValueError), in the recipe;
 2. ``check_data(train)``: data that cannot carry the attack fails here (e.g. a clean-label
-   target class with fewer images than the poison count). These checks (and ``identity``)
-   are the attack's torch-free recipe's (:mod:`bdx_study.attacks.recipes`): the attack
-   builds its recipe first, ``check_attack`` / ``check_attack_data`` build it alone;
+   target class with fewer images than the poison count): the recipe's ``check_data``;
 3. ``prepare(train, context)``: fits what the trigger needs before training (a surrogate and
    its PGD, a steganography encoder, a mask generator); most attacks need nothing;
 4. ``poison(train)``: the fixed poisoned training set: which indices carry the trigger
@@ -20,26 +31,43 @@ it in this order (``bdx_study.victims.train_victim``):
 7. ``apply_trigger(x)`` (test time), ``counts_toward_asr(y)`` and ``attack_label(y)``: which
    evaluation inputs count toward attack success, and the label that counts as success.
 
+``register_attack`` checks the class against this contract and raises one TypeError naming the
+class and everything it lacks. Every attack (a user's too): a concrete subclass of
+:class:`Attack` (``apply_trigger`` implemented), ``Params`` a subclass of :class:`AttackParams`,
+reference rate tables with a 32 entry (the rate for every input size the table does not name),
+and ``quick_params``, when given, valid ``Params``. A built-in (a module of this package) also
+needs its own ``Params`` model (its recipe is what ``validate`` checks without torch), a
+docstring whose "Adaptation:" paragraph says how the reference recipe was carried to 16x16,
+28x28 and 32x32 inputs, and, if it trains something (overrides ``prepare`` or
+``training_hook``), ``quick_params`` (``{}`` when there is no budget to shrink). A user's attack
+may keep its checks in its own constructor and ``check_data`` instead of its recipe: validation
+then builds it, with torch.
+
 Every trigger is generated from a seed; no third-party images or models are used.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
-import torch
-from torch import Tensor, nn
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
-from bdx_study.attacks._registry import ATTACKS, list_attacks, register_attack
-from bdx_study.attacks._store import ArtifactStore
-from bdx_study.attacks.recipes._base import AttackParams, AttackRecipe, CoverParams, by_side
-from bdx_study.data import ImageData
+from bdx_study._lazy import LazyModule
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+
+    from bdx_study.attacks._store import ArtifactStore
+    from bdx_study.data import ImageData
+else:
+    torch = LazyModule("torch")
 
 __all__ = [
-    "ATTACKS",
     "Attack",
     "AttackContext",
     "AttackParams",
@@ -51,13 +79,168 @@ __all__ = [
     "TrainingHook",
     "batch_counts",
     "by_side",
+    "check_placement",
     "class_indices",
-    "create_attack",
+    "corner_positions",
+    "count_classes",
     "draw",
-    "list_attacks",
-    "register_attack",
+    "scaled",
     "seeded_init",
 ]
+
+# ------------------------------------------------------------------------------ recipes (no tensors)
+
+
+def by_side(table: Mapping[int, float], side: int) -> float:
+    """A per-input-size reference value: the entry for this side, else the 32x32 one."""
+    return table.get(side, table[32])
+
+
+def scaled(n32: int, side: int, minimum: int = 1) -> int:
+    """A length given for 32x32 inputs, scaled to ``side`` (rounded, at least ``minimum``)."""
+    return max(minimum, round(n32 * side / 32))
+
+
+def check_placement(shape: tuple[int, int, int], size: tuple[int, int], top: int, left: int) -> None:
+    """Raise ValueError unless a ``size`` (h, w) patch at (top, left) lies inside a ``shape`` image."""
+    _, h, w = shape
+    ph, pw = size
+    if top < 0 or left < 0 or top + ph > h or left + pw > w:
+        raise ValueError(f"a {ph}x{pw} patch at ({top}, {left}) does not fit a {h}x{w} image")
+
+
+def corner_positions(shape: tuple[int, int, int], size: int, margin: int = 0) -> list[tuple[int, int]]:
+    """(top, left) of four ``size`` x ``size`` patches ``margin`` pixels from each corner: top
+    left, top right, bottom left, bottom right (the toolbox's badnet_patch4)."""
+    _, h, w = shape
+    lo, hi_r, hi_c = margin, h - margin - size, w - margin - size
+    return [(lo, lo), (lo, hi_c), (hi_r, lo), (hi_r, hi_c)]
+
+
+def count_classes(labels: np.ndarray, classes: Sequence[int] | int) -> int:
+    """How many of ``labels`` are in ``classes``."""
+    return int(np.isin(labels, [classes] if isinstance(classes, int) else list(classes)).sum())
+
+
+class AttackRecipe:
+    """One attack instance as far as it is known without tensors (see the module docstring).
+
+    Built from (name, params, input shape, classes): checks the target, resolves the rates
+    (``null`` = the reference table's entry for the input side), then calls :meth:`resolve`,
+    where each attack resolves and checks its own parameters. :meth:`check_data` checks a
+    training set given as its image shape and labels; :meth:`identity` is the attack's part of
+    the victim key. Errors are ValueErrors naming the attack.
+    """
+
+    params: AttackParams
+
+    def __init__(
+        self,
+        name: str,
+        params: AttackParams,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        *,
+        reference_rates: Mapping[int, float] | None = None,
+        reference_cover_rates: Mapping[int, float] | None = None,
+    ) -> None:
+        self.name = name
+        self.params = params
+        if params.target >= num_classes:
+            raise self.fail(f"target {params.target} must be < num_classes {num_classes}")
+        c, h, w = input_shape
+        self.input_shape: tuple[int, int, int] = (int(c), int(h), int(w))
+        self.num_classes = num_classes
+        rates = type(params).reference_rates if reference_rates is None else reference_rates
+        covers = type(params).reference_cover_rates if reference_cover_rates is None else reference_cover_rates
+        side = self.input_shape[1]
+        rate = params.poison_rate
+        self.poison_rate: float = by_side(rates, side) if rate is None else rate
+        cover = getattr(params, "cover_rate", None)
+        self.cover_rate: float = by_side(covers, side) if cover is None else cover
+        self.resolve()
+
+    def fail(self, message: str) -> ValueError:
+        return ValueError(f"attack {self.name!r}: {message}")
+
+    def resolve(self) -> None:
+        """Resolve this attack's shape-dependent defaults and check them (``raise self.fail(...)``)."""
+
+    def seed_for(self, victim_seed: int) -> int:
+        """The trigger and poison-index seed: the params' own, else the victim's."""
+        return victim_seed if self.params.seed is None else self.params.seed
+
+    def identity(self, victim_seed: int) -> dict[str, Any]:
+        """Everything that fixes this attack's trigger and poisoning once the shape is known:
+        the params with defaults resolved (part of the victim key). Attacks add what else
+        they resolve."""
+        d = self.params.model_dump(mode="json")
+        d.update(poison_rate=self.poison_rate, seed=self.seed_for(victim_seed))
+        if "cover_rate" in d:
+            d["cover_rate"] = self.cover_rate
+        return d
+
+    def check_data(self, shape: Sequence[int], labels: np.ndarray) -> None:
+        """Raise ValueError if a training set of images ``shape`` (C, H, W) and int ``labels`` (N,)
+        cannot carry this attack (e.g. too few images of a class the recipe draws from). Data
+        poisoning with uniform indices fits any data."""
+        got = tuple(int(s) for s in shape)
+        if got != self.input_shape:
+            raise self.fail(f"built for inputs {self.input_shape}, got training images {got}")
+
+
+class AttackParams(BaseModel):
+    """Parameters shared by every attack; subclasses add their trigger's parameters.
+
+    ``reference_rates`` / ``reference_cover_rates`` map the input side (16, 28, 32; others use
+    32) to the attack's default poison / cover rate; ``Recipe`` resolves and checks the params
+    for an input shape."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    reference_rates: ClassVar[Mapping[int, float]] = {16: 0.05, 28: 0.01, 32: 0.003}
+    reference_cover_rates: ClassVar[Mapping[int, float]] = {32: 0.0}
+    Recipe: ClassVar[type[AttackRecipe]] = AttackRecipe
+
+    poison_rate: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="fraction of the whole training set poisoned (training-controlled attacks: of every "
+        "training batch); null = the attack's reference rate for the input size",
+    )
+    target: int = Field(0, ge=0, description="target class of the all-to-one backdoor")
+    seed: int | None = Field(None, description="trigger and poison-index seed; null = the victim's seed")
+
+    def recipe(
+        self,
+        name: str,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        *,
+        reference_rates: Mapping[int, float] | None = None,
+        reference_cover_rates: Mapping[int, float] | None = None,
+    ) -> AttackRecipe:
+        """This attack's recipe for ``input_shape`` (raises ValueError on what cannot work);
+        the tables default to this model's."""
+        return self.Recipe(
+            name,
+            self,
+            input_shape,
+            num_classes,
+            reference_rates=reference_rates,
+            reference_cover_rates=reference_cover_rates,
+        )
+
+
+class CoverParams(AttackParams):
+    """Attacks with cover (regularization) samples: triggered, but keeping their true labels."""
+
+    cover_rate: float | None = Field(
+        None, ge=0.0, lt=1.0, description="fraction of the training set used as cover samples; null = reference"
+    )
+
+
+# ------------------------------------------------------------------------------ the attack (tensors)
 
 
 def _empty_index() -> Tensor:
@@ -77,7 +260,7 @@ class AttackContext:
     train in memory every time) and the device to train on."""
 
     store: ArtifactStore | None = None
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
 class HookBatch(NamedTuple):
@@ -124,11 +307,14 @@ class Attack(ABC):
 
     Class attributes describe the recipe: ``Params``, the parameter model, whose ``Recipe``
     resolves the params' defaults for the input shape and holds every check of shape, classes
-    and training data (torch-free, see :mod:`bdx_study.attacks.recipes`); ``reference_rates`` /
-    ``reference_cover_rates`` map the input side (16, 28, 32; others use 32) to the default
-    poison / cover rate (read from ``Params`` unless the class sets its own);
-    ``random_trigger`` says whether a different seed gives a different trigger;
-    ``controls_training`` whether the attack trains through a :class:`TrainingHook`.
+    and training data (torch-free); ``reference_rates`` / ``reference_cover_rates`` map the
+    input side (16, 28, 32; others use 32) to the default poison / cover rate (read from
+    ``Params`` unless the class sets its own); ``random_trigger`` says whether a different seed
+    gives a different trigger; ``controls_training`` whether the attack trains through a
+    :class:`TrainingHook`; ``quick_params`` (None: not given) are params that shrink what the
+    attack trains (steps, epochs) to a few iterations, the trigger's recipe otherwise unchanged:
+    what the contract tests build it with. What ``register_attack`` requires of a class is in
+    the module docstring.
     """
 
     Params: ClassVar[type[AttackParams]] = AttackParams
@@ -136,16 +322,18 @@ class Attack(ABC):
     reference_cover_rates: ClassVar[Mapping[int, float]] = AttackParams.reference_cover_rates
     random_trigger: ClassVar[bool] = False
     controls_training: ClassVar[bool] = False
+    quick_params: ClassVar[Mapping[str, Any] | None] = None
     name: ClassVar[str] = ""
     recipe: AttackRecipe
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A class that sets ``Params`` takes its reference tables from it (unless it sets its own)."""
         super().__init_subclass__(**kwargs)
-        if "Params" in cls.__dict__:
+        params = cls.__dict__.get("Params")
+        if isinstance(params, type) and issubclass(params, AttackParams):  # else register_attack refuses it
             for table in ("reference_rates", "reference_cover_rates"):
                 if table not in cls.__dict__:
-                    setattr(cls, table, getattr(cls.Params, table))
+                    setattr(cls, table, getattr(params, table))
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:
         self.recipe = params.recipe(
@@ -265,14 +453,6 @@ class Attack(ABC):
         return torch.full_like(y, self.target)
 
 
-def create_attack(
-    name: str, params: dict[str, Any], input_shape: tuple[int, int, int], num_classes: int, seed: int
-) -> Attack:
-    """Build attack ``name``; ``params`` are validated by its Params model (unknown keys fail)."""
-    cls = ATTACKS.get(name)
-    return cls(cls.Params.model_validate(params), input_shape, num_classes, seed)
-
-
 def class_indices(y: Tensor, classes: list[int] | int) -> Tensor:
     """Indices of samples whose label is in ``classes``."""
     cls = torch.tensor([classes] if isinstance(classes, int) else classes, dtype=y.dtype)
@@ -284,7 +464,7 @@ def draw(pool: Tensor, k: int, gen: torch.Generator) -> Tensor:
     return pool[torch.randperm(len(pool), generator=gen)[:k]].sort().values
 
 
-def seeded_init(module_factory: Any, seed: int) -> Any:
+def seeded_init(module_factory: Callable[[], Any], seed: int) -> Any:
     """Build a module with weights drawn from ``seed`` without touching the global RNG state."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

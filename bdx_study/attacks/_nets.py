@@ -1,8 +1,10 @@
-"""Small image-to-image and image-to-vector networks the generator-based attacks train."""
+"""Small image-to-image and image-to-vector networks the generator-based attacks train (imported
+when an attack builds them: the attack modules themselves import no torch)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -56,3 +58,25 @@ class Decoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)  # type: ignore[no-any-return]
+
+
+class SecretEncoder(nn.Module):
+    """(image, secret bits) -> residual in [-amplitude, amplitude]: the secret goes through a
+    dense layer to a (4, H/4, W/4) map, is upsampled to H x W, concatenated with the image and
+    fed to a small U-Net (plus a 1x1 path from the secret map alone) whose output is squashed by
+    amplitude * tanh."""
+
+    def __init__(self, shape: tuple[int, int, int], bits: int, width: int, amplitude: float) -> None:
+        super().__init__()
+        c, h, w = shape
+        self.hw = (h, w)
+        self.amplitude = amplitude
+        self.dense = nn.Linear(bits, 4 * (h // 4) * (w // 4))
+        self.unet = UNetLite(c + 4, c, width)
+        self.direct = nn.Conv2d(4, c, 1)  # a secret-only path: the decoder has a signal from the first step
+
+    def forward(self, x: Tensor, secret: Tensor) -> Tensor:
+        h, w = self.hw
+        s = self.dense(secret * 2 - 1).view(-1, 4, h // 4, w // 4)
+        s = F.interpolate(s, size=(h, w), mode="nearest").expand(x.shape[0], -1, -1, -1)
+        return self.amplitude * torch.tanh(self.unet(torch.cat([x, s], dim=1)) + self.direct(s))

@@ -1,82 +1,78 @@
-"""The attack registry and the torch-free checks of an attack against an input shape and a
-training set (what ``bdx-study validate`` runs).
+"""The attack registry, what it checks of a class at registration, and the torch-free checks of
+an attack against an input shape and a training set (what ``bdx-study validate`` runs).
 
-The built-in attacks are declared here with their implementation module and their Params
-model: their names and parameters are known without importing torch, and the module (which
-registers the Attack class with :func:`register_attack`) is imported on the first
-``ATTACKS.get(name)``.
+Every attack module registers its class with :func:`register_attack`; the package imports its
+built-in modules (every public module of :mod:`bdx_study.attacks`) when it is imported, and
+they import no torch, so the registry is complete without it. A class that breaks the contract
+(:mod:`bdx_study.attacks._base`) is refused here, with one TypeError listing what it lacks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from bdx_study._registry import Registry
-from bdx_study.attacks.recipes._base import AttackParams, AttackRecipe
-from bdx_study.attacks.recipes.adaptive_patch import AdaptivePatchParams
-from bdx_study.attacks.recipes.blend import AdaptiveBlendParams, BlendParams
-from bdx_study.attacks.recipes.bpp import BppParams
-from bdx_study.attacks.recipes.clean_label import CleanLabelParams, SIGParams
-from bdx_study.attacks.recipes.dynamic import DynamicParams
-from bdx_study.attacks.recipes.frequency import FTrojanParams, LFParams
-from bdx_study.attacks.recipes.issba import ISSBAParams
-from bdx_study.attacks.recipes.patch import (
-    BadNetAllToAllParams,
-    BadNetParams,
-    NoAttackParams,
-    TaCTParams,
-    TrojanParams,
-)
-from bdx_study.attacks.recipes.trojannn import TrojanNNParams
-from bdx_study.attacks.recipes.wanet import WaNetParams
-
-if TYPE_CHECKING:
-    from bdx_study.attacks._base import Attack
+from bdx_study.attacks._base import Attack, AttackParams, AttackRecipe
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")
 
-BUILTIN_ATTACKS: dict[str, tuple[str, type[AttackParams]]] = {  # name -> (module, Params)
-    "none": ("patch", NoAttackParams),
-    "badnet": ("patch", BadNetParams),
-    "badnet_all2all": ("patch", BadNetAllToAllParams),
-    "trojan": ("patch", TrojanParams),
-    "tact": ("patch", TaCTParams),
-    "blend": ("blend", BlendParams),
-    "adaptive_blend": ("blend", AdaptiveBlendParams),
-    "adaptive_patch": ("adaptive_patch", AdaptivePatchParams),
-    "sig": ("clean_label", SIGParams),
-    "clean_label": ("clean_label", CleanLabelParams),
-    "wanet": ("wanet", WaNetParams),
-    "lf": ("frequency", LFParams),
-    "ftrojan": ("frequency", FTrojanParams),
-    "issba": ("issba", ISSBAParams),
-    "dynamic": ("dynamic", DynamicParams),
-    "bpp": ("bpp", BppParams),
-    "trojannn": ("trojannn", TrojanNNParams),
-}
-for _name, (_module, _params) in BUILTIN_ATTACKS.items():
-    ATTACKS.declare(_name, f"bdx_study.attacks.{_module}", _params)
+_PACKAGE = __name__.rpartition(".")[0]  # the built-ins' package: bdx_study.attacks
 
 
-def register_attack(name: str) -> Any:
-    """Class decorator: register an Attack subclass under ``name`` (and set its ``name``)."""
+def _built_in(cls: type) -> bool:
+    return cls.__module__.rpartition(".")[0] == _PACKAGE
+
+
+def _trains_something(cls: type[Attack]) -> bool:
+    return cls.prepare is not Attack.prepare or cls.training_hook is not Attack.training_hook
+
+
+def contract_gaps(cls: Any) -> list[str]:
+    """What ``cls`` lacks to be registered as an attack (empty: nothing); the rules are in
+    :mod:`bdx_study.attacks._base`'s docstring."""
+    if not (isinstance(cls, type) and issubclass(cls, Attack)):
+        return ["to be a subclass of bdx_study.attacks.Attack"]
+    gaps = []
+    if inspect.isabstract(cls):
+        gaps.append(f"an implementation of {', '.join(sorted(cls.__abstractmethods__))}")
+    params = cls.Params
+    if not (isinstance(params, type) and issubclass(params, AttackParams)):
+        return [*gaps, "Params: a subclass of AttackParams"]
+    for table in ("reference_rates", "reference_cover_rates"):
+        if 32 not in getattr(cls, table):
+            gaps.append(f"{table}[32] (the rate for every input size the table does not name)")
+    if _built_in(cls):
+        if params is AttackParams:
+            gaps.append("Params: its own parameter model, with its recipe (what validation checks without torch)")
+        if "Adaptation:" not in (cls.__doc__ or ""):
+            gaps.append('a docstring with an "Adaptation:" paragraph (the recipe at 16x16, 28x28 and 32x32)')
+        if cls.quick_params is None and _trains_something(cls):
+            gaps.append("quick_params (it trains something: the small budgets the contract tests use, {} if none)")
+    if cls.quick_params is not None:
+        try:
+            params.model_validate(dict(cls.quick_params))
+        except ValidationError as e:
+            errors = ", ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            gaps.append(f"quick_params that {params.__name__} accepts ({errors})")
+    return gaps
+
+
+def register_attack(name: str) -> Callable[[type[Attack]], type[Attack]]:
+    """Class decorator: register an Attack subclass under ``name`` (and set its ``name``).
+    A class that breaks the contract is a TypeError naming it and what it lacks; a name that is
+    registered already is a ValueError."""
 
     def deco(cls: type[Attack]) -> type[Attack]:
-        if ATTACKS.declared_module(name) == cls.__module__:  # a built-in: validation reads its declared Params
-            declared = ATTACKS.spec(name)
-            same_tables = all(
-                getattr(cls, t) is getattr(declared, t) for t in ("reference_rates", "reference_cover_rates")
-            )
-            if cls.Params is not declared or not same_tables:
-                raise TypeError(
-                    f"attack {name!r}: {cls.__name__} must use the Params it is declared with "
-                    f"({declared.__module__}.{declared.__qualname__}) and that model's reference rate tables "
-                    "(what validation resolves defaults from)"
-                )
-        ATTACKS.register(name, cls.__module__)(cls)  # a user's class may not shadow a built-in
+        gaps = contract_gaps(cls)
+        if gaps:
+            what = getattr(cls, "__qualname__", repr(cls))
+            raise TypeError(f"attack {name!r}: {what} lacks " + "; ".join(gaps))
+        ATTACKS.register(name)(cls)
         cls.name = name
         return cls
 
@@ -88,17 +84,26 @@ def list_attacks() -> list[str]:
 
 
 def attack_params(name: str) -> type[AttackParams]:
-    """The Params model of attack ``name``, without importing a built-in's implementation
-    (unknown names raise, listing the known ones)."""
-    spec = ATTACKS.spec(name)
-    return spec if spec is not None else ATTACKS.get(name).Params
+    """The Params model of attack ``name`` (unknown names raise, listing the known ones)."""
+    return ATTACKS.get(name).Params
 
 
 def user_attack(name: str) -> bool:
-    """Whether ``name`` was registered by user code rather than declared: its checks may live in
-    its own class (constructor, ``check_data``) rather than in a recipe."""
-    ATTACKS.require(name)
-    return ATTACKS.declared_module(name) is None
+    """Whether ``name`` was registered by user code rather than built in: its checks may live in
+    its own class (constructor, ``check_data``) rather than in its recipe."""
+    return not _built_in(ATTACKS.get(name))
+
+
+def _params(cls: type[Attack], params: Mapping[str, Any] | AttackParams) -> AttackParams:
+    return cls.Params.model_validate(dict(params) if isinstance(params, Mapping) else params)
+
+
+def create_attack(
+    name: str, params: Mapping[str, Any] | AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int
+) -> Attack:
+    """Build attack ``name``; ``params`` are validated by its Params model (unknown keys fail)."""
+    cls = ATTACKS.get(name)
+    return cls(_params(cls, params), input_shape, num_classes, seed)
 
 
 def attack_recipe(
@@ -107,12 +112,8 @@ def attack_recipe(
     """The recipe ``create_attack(name, params, input_shape, num_classes, seed)`` builds its
     attack from: the same validation of ``params`` (a pydantic ValidationError) and the same
     checks (ValueError), torch-free."""
-    model = attack_params(name)
-    p = model.model_validate(dict(params) if isinstance(params, Mapping) else params)
-    if not user_attack(name):  # a built-in's class uses its Params' tables (register_attack checks)
-        return p.recipe(name, input_shape, num_classes)
-    cls = ATTACKS.get(name)  # a user's Attack may set its own tables
-    return p.recipe(
+    cls = ATTACKS.get(name)
+    return _params(cls, params).recipe(
         name,
         input_shape,
         num_classes,
@@ -133,13 +134,7 @@ def check_attack(
     not fit the input, ...): a built-in's recipe, without torch; a user's attack is built, as
     its checks may be in its constructor."""
     if user_attack(name):
-        cls = ATTACKS.get(name)  # the user's class imported torch already
-        cls(
-            cls.Params.model_validate(dict(params) if isinstance(params, Mapping) else params),
-            input_shape,
-            num_classes,
-            seed,
-        )
+        create_attack(name, params, input_shape, num_classes, seed)
         return
     attack_recipe(name, params, input_shape, num_classes)
 
@@ -155,12 +150,9 @@ def attack_identity(
     part of the victim key (the params with defaults resolved), torch-free for the built-ins.
     Raises what :func:`check_attack` raises."""
     recipe = attack_recipe(name, params, input_shape, num_classes)
-    if user_attack(name):  # a built-in's identity is its recipe's, loaded or not
-        from bdx_study.attacks._base import Attack  # loaded with the user's class
-
-        cls = ATTACKS.get(name)
-        if cls.identity is not Attack.identity:  # a user's attack that adds to its identity
-            return cls(recipe.params, input_shape, num_classes, seed).identity()
+    cls = ATTACKS.get(name)
+    if user_attack(name) and cls.identity is not Attack.identity:  # a user's attack that adds to its identity
+        return cls(recipe.params, input_shape, num_classes, seed).identity()
     return recipe.identity(seed)
 
 

@@ -14,12 +14,12 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-from safetensors.torch import load_file, save_file
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from bdx_study._io import sha256_file, sha256_json
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 class ArtifactStore:
@@ -36,6 +36,8 @@ class ArtifactStore:
             return None
         if sha256_file(tensors) != json.loads(meta.read_text()).get("sha256"):
             return None
+        from safetensors.torch import load_file  # torch: only once an attack trains
+
         return load_file(tensors)
 
     def get_or_build(
@@ -47,6 +49,8 @@ class ArtifactStore:
         if found is not None:
             return found, False
         tensors = build()
+        from safetensors.torch import save_file
+
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{kind}.", dir=self.root))
         tmp.chmod(0o755)

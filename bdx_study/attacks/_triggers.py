@@ -4,12 +4,18 @@ device choice (results follow the inputs' device)."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from bdx_study._lazy import LazyModule
+from bdx_study.attacks._base import check_placement, corner_positions
 
-from bdx_study.attacks.recipes._base import check_placement, corner_positions
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+    from torch import Tensor
+else:
+    torch = LazyModule("torch")
+    F = LazyModule("torch.nn.functional")
 
 
 def patch_blend(x: Tensor, trigger: Tensor, mask: Tensor, alpha: float | Tensor) -> Tensor:

@@ -1,21 +1,54 @@
-"""BppAttack (Wang et al., CVPR'22): colour-depth squeezing with dithering, trained with negatives.
-Its params are in :mod:`bdx_study.attacks.recipes.bpp`."""
+"""BppAttack (Wang et al., CVPR'22): colour-depth squeezing with dithering, trained with negatives."""
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
+from pydantic import Field
+
+from bdx_study._lazy import LazyModule
 from bdx_study.attacks._base import (
     AttackParams,
+    AttackRecipe,
+    CoverParams,
     HookBatch,
     TrainingControlledAttack,
     TrainingHook,
     batch_counts,
-    register_attack,
 )
+from bdx_study.attacks._registry import register_attack
 from bdx_study.attacks._triggers import dither_quantize, quantize
-from bdx_study.attacks.recipes.bpp import BppParams, BppRecipe
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = LazyModule("torch")
+
+
+class BppRecipe(AttackRecipe):
+    """The squeezing levels (``null``: 8 on RGB, 4 on grey)."""
+
+    params: BppParams
+
+    def resolve(self) -> None:
+        super().resolve()
+        q = self.params.squeeze_num
+        self.levels: int = (8 if self.input_shape[0] == 3 else 4) if q is None else q
+
+    def identity(self, victim_seed: int) -> dict[str, Any]:
+        return {**super().identity(victim_seed), "squeeze_num": self.levels}
+
+
+class BppParams(CoverParams):
+    reference_rates = {32: 0.1}
+    reference_cover_rates = {32: 0.1}
+    Recipe = BppRecipe
+
+    squeeze_num: int | None = Field(
+        None, ge=2, le=256, description="levels per channel after squeezing; null = 8 (RGB, toolbox), 4 (grey)"
+    )
+    dither: bool = Field(True, description="Floyd-Steinberg dithering (toolbox: on; BackdoorBench: off)")
 
 
 class _BppHook(TrainingHook):
@@ -53,6 +86,7 @@ class Bpp(TrainingControlledAttack):
     neg_ratio; the toolbox uses 0.2 / 0.2) at every size."""
 
     Params = BppParams
+    quick_params = {}  # its hook trains nothing of its own
     recipe: BppRecipe
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:

@@ -3,24 +3,57 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from pydantic import Field
 
+from bdx_study._lazy import LazyModule
 from bdx_study.attacks._base import (
     AttackContext,
     AttackParams,
+    AttackRecipe,
+    CoverParams,
     HookBatch,
     TrainingControlledAttack,
     TrainingHook,
     batch_counts,
-    register_attack,
     seeded_init,
 )
-from bdx_study.attacks._nets import UNetLite
-from bdx_study.attacks.recipes.dynamic import DynamicParams
-from bdx_study.data import ImageData
+from bdx_study.attacks._registry import register_attack
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+    from torch import Tensor, nn
+
+    from bdx_study.data import ImageData
+else:
+    torch = LazyModule("torch")
+    F = LazyModule("torch.nn.functional")
+
+
+class DynamicRecipe(AttackRecipe):
+    """The generators are two-level U-Nets: H and W divisible by 4."""
+
+    def resolve(self) -> None:
+        super().resolve()
+        _, h, w = self.input_shape
+        if h % 4 or w % 4:
+            raise self.fail(f"the generators need H and W divisible by 4, got {h}x{w}")
+
+
+class DynamicParams(CoverParams):
+    reference_rates = {32: 0.1}
+    reference_cover_rates = {32: 0.2}
+    Recipe = DynamicRecipe
+
+    lambda_div: float = Field(1.0, ge=0.0, description="weight of the diversity loss (BackdoorBench: 1)")
+    lambda_norm: float = Field(100.0, ge=0.0, description="weight of the mask-density loss (BackdoorBench: 100)")
+    mask_density: float = Field(0.032, gt=0.0, le=1.0, description="target mean of the mask (BackdoorBench: 0.032)")
+    mask_steps: int = Field(200, ge=1, description="Adam steps pretraining the mask generator (batch 64)")
+    generator_lr: float = Field(0.01, gt=0.0, description="Adam lr of both generators (BackdoorBench: 0.01)")
+    width: int = Field(16, ge=4, description="channels of the generators' first level")
+
 
 EPS = 1e-7
 
@@ -114,10 +147,13 @@ class InputAware(TrainingControlledAttack):
     cross_ratio 2) at every size."""
 
     Params = DynamicParams
+    quick_params = {"mask_steps": 2, "width": 4}
     random_trigger = True
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:
         super().__init__(params, input_shape, num_classes, seed)  # the recipe checks H, W divisible by 4
+        from bdx_study.attacks._nets import UNetLite
+
         p: DynamicParams = params  # type: ignore[assignment]
         c = self.input_shape[0]
         self.pattern_gen: nn.Module = seeded_init(lambda: UNetLite(c, c, p.width), self.seed * 1000 + 5)

@@ -1,41 +1,52 @@
 """ISSBA-style sample-specific invisible triggers (Li et al., ICCV'21), from a small
-StegaStamp-like encoder trained in the project once per training set and cached like a victim."""
+StegaStamp-like encoder (:class:`~bdx_study.attacks._nets.SecretEncoder`) trained in the project
+once per training set and cached like a victim."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from pydantic import Field
 
-from bdx_study.attacks._base import Attack, AttackContext, AttackParams, register_attack, seeded_init
-from bdx_study.attacks._nets import Decoder, UNetLite
-from bdx_study.attacks._surrogate import data_fingerprint
-from bdx_study.attacks.recipes.issba import ISSBAParams
-from bdx_study.data import ImageData
+from bdx_study._lazy import LazyModule
+from bdx_study.attacks._base import Attack, AttackContext, AttackParams, AttackRecipe, seeded_init
+from bdx_study.attacks._registry import register_attack
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+    from torch import Tensor
+
+    from bdx_study.attacks._nets import SecretEncoder
+    from bdx_study.data import ImageData
+else:
+    torch = LazyModule("torch")
+    F = LazyModule("torch.nn.functional")
 
 
-class SecretEncoder(nn.Module):
-    """(image, secret bits) -> residual in [-amplitude, amplitude]: the secret goes through a
-    dense layer to a (4, H/4, W/4) map, is upsampled to H x W, concatenated with the image and
-    fed to a small U-Net (plus a 1x1 path from the secret map alone) whose output is squashed by
-    amplitude * tanh."""
+class ISSBARecipe(AttackRecipe):
+    """The encoder's secret map is H/4 x W/4: H and W divisible by 4."""
 
-    def __init__(self, shape: tuple[int, int, int], bits: int, width: int, amplitude: float) -> None:
-        super().__init__()
-        c, h, w = shape
-        self.hw = (h, w)
-        self.amplitude = amplitude
-        self.dense = nn.Linear(bits, 4 * (h // 4) * (w // 4))
-        self.unet = UNetLite(c + 4, c, width)
-        self.direct = nn.Conv2d(4, c, 1)  # a secret-only path: the decoder has a signal from the first step
+    def resolve(self) -> None:
+        super().resolve()
+        _, h, w = self.input_shape
+        if h % 4 or w % 4:
+            raise self.fail(f"the encoder needs H and W divisible by 4, got {h}x{w}")
 
-    def forward(self, x: Tensor, secret: Tensor) -> Tensor:
-        h, w = self.hw
-        s = self.dense(secret * 2 - 1).view(-1, 4, h // 4, w // 4)
-        s = F.interpolate(s, size=(h, w), mode="nearest").expand(x.shape[0], -1, -1, -1)
-        return self.amplitude * torch.tanh(self.unet(torch.cat([x, s], dim=1)) + self.direct(s))
+
+class ISSBAParams(AttackParams):
+    reference_rates = {16: 0.05, 28: 0.02, 32: 0.02}
+    Recipe = ISSBARecipe
+
+    secret_bits: int = Field(20, ge=1, description="length of the embedded secret (toolbox: 20)")
+    encoder_steps: int = Field(1500, ge=1, description="training steps of the encoder (batch 64)")
+    encoder_width: int = Field(16, ge=4, description="channels of the encoder's first level")
+    amplitude: float = Field(0.05, gt=0.0, le=1.0, description="bound on the residual, [0, 1] units (~13/255)")
+    image_weight: float = Field(
+        0.0, ge=0.0, description="weight of the residual's mean square in the encoder loss (0: the bound alone)"
+    )
+    encoder_seed: int = Field(0, description="seed of the encoder (shared by victims of any seed)")
 
 
 def train_encoder(
@@ -54,6 +65,8 @@ def train_encoder(
     + image_weight (ramped up over the first half) * mean(r^2), the residual bounded by
     ``amplitude``; the decoder sees uniform noise of one grey level so the code survives uint8
     storage. Returns (the encoder's state, the decoder's bit accuracy on the last 10 batches)."""
+    from bdx_study.attacks._nets import Decoder, SecretEncoder
+
     gen = torch.Generator().manual_seed(seed)
     enc = seeded_init(lambda: SecretEncoder(shape, bits, width, amplitude), seed).to(device)
     dec = seeded_init(lambda: Decoder(shape[0], bits), seed + 1).to(device)
@@ -94,6 +107,7 @@ class ISSBA(Attack):
     Rates: 0.02 (32x32, toolbox; 28x28), 0.05 (16x16)."""
 
     Params = ISSBAParams
+    quick_params = {"encoder_steps": 3, "encoder_width": 4}
     random_trigger = True
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:
@@ -125,11 +139,15 @@ class ISSBA(Attack):
         if context.store is None:
             state = build()
         else:
+            from bdx_study.attacks._surrogate import data_fingerprint
+
             state, _ = context.store.get_or_build("issba_encoder", {**recipe, "data": data_fingerprint(train)}, build)
         self._load_encoder(state)
         self.prepared = True
 
     def _load_encoder(self, state: Mapping[str, Tensor]) -> None:
+        from bdx_study.attacks._nets import SecretEncoder
+
         p: ISSBAParams = self.params  # type: ignore[assignment]
         enc = SecretEncoder(self.input_shape, p.secret_bits, p.encoder_width, p.amplitude)
         self.bit_accuracy = float(state["_bit_accuracy"]) if "_bit_accuracy" in state else float("nan")

@@ -3,21 +3,57 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor, nn
+from pydantic import Field
 
-from bdx_study.archs import penultimate_layer
+from bdx_study._lazy import LazyModule
 from bdx_study.attacks._base import (
     AttackParams,
+    AttackRecipe,
     HookBatch,
     TrainingControlledAttack,
     TrainingHook,
     batch_counts,
-    register_attack,
 )
+from bdx_study.attacks._registry import register_attack
 from bdx_study.attacks._triggers import patch_blend, place
-from bdx_study.attacks.recipes.trojannn import TrojanNNParams, TrojanNNRecipe
+from bdx_study.attacks.patch import trojan_size
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+else:
+    torch = LazyModule("torch")
+
+
+class TrojanNNRecipe(AttackRecipe):
+    """The trigger square at the trojan square's place (``null`` side: H / 4, at least 2;
+    ``null`` margin: 3 H / 32), which must fit the input."""
+
+    params: TrojanNNParams
+
+    def resolve(self) -> None:
+        super().resolve()
+        p = self.params
+        _, h, w = self.input_shape
+        s, m = trojan_size(h, p.patch_size, p.margin)
+        if s + m > min(h, w):
+            raise self.fail(f"patch_size {s} + margin {m} exceeds the {h}x{w} input")
+        self.side, self.top, self.left = s, h - m - s, w - m - s
+
+
+class TrojanNNParams(AttackParams):
+    reference_rates = {32: 0.1}
+    Recipe = TrojanNNRecipe
+
+    neurons: int = Field(2, ge=1, description="penultimate neurons the trigger is optimized for (paper: 2)")
+    activation_target: float = Field(100.0, gt=0.0, description="value the selected |activations| are pushed to")
+    trigger_steps: int = Field(1000, ge=1, description="Adam steps of the trigger (toolbox: 1,000 at lr 0.1)")
+    trigger_lr: float = Field(0.1, gt=0.0, description="Adam lr of the trigger, cosine-annealed")
+    retrain_epochs: int = Field(1, ge=1, description="last epochs of victim training spent retraining (toolbox: 1)")
+    patch_size: int | None = Field(None, ge=1, description="side of the trigger square; null = H / 4 (8 at 32x32)")
+    margin: int | None = Field(None, ge=0, description="pixels from the bottom-right corner; null = 3 H / 32")
 
 
 def select_neurons(head: nn.Linear, k: int) -> Tensor:
@@ -31,6 +67,8 @@ def optimize_trigger(
     """Pixels inside ``mask`` on an all-zero image, parameterised as (tanh(a) + 1) / 2 and
     optimized with Adam (cosine-annealed lr) so that the selected penultimate |activations| reach
     ``value`` (sum of squared errors). Returns the trigger (C, H, W), zero outside the mask."""
+    from bdx_study.archs import penultimate_layer
+
     head = penultimate_layer(model)
     captured: list[Tensor] = []
     handle = head.register_forward_hook(lambda _m, inp, _out: captured.append(inp[0]))
@@ -99,6 +137,7 @@ class TrojanNN(TrainingControlledAttack):
     starts from seeded a ~ N(0, 1), so the trigger depends on the seed and the clean model."""
 
     Params = TrojanNNParams
+    quick_params = {"trigger_steps": 3}
     random_trigger = True
     recipe: TrojanNNRecipe
 
@@ -111,6 +150,8 @@ class TrojanNN(TrainingControlledAttack):
 
     def fit_trigger(self, model: nn.Module) -> None:
         """Optimize the trigger against ``model`` (its current weights; the model is unchanged)."""
+        from bdx_study.archs import penultimate_layer
+
         p: TrojanNNParams = self.params  # type: ignore[assignment]
         device = next(model.parameters()).device
         neurons = select_neurons(penultimate_layer(model), p.neurons)

@@ -1,15 +1,58 @@
-"""WaNet (Nguyen & Tran, ICLR'21): an imperceptible warping field, with noise-mode cover samples.
-Its params and checks are in :mod:`bdx_study.attacks.recipes.wanet`."""
+"""WaNet (Nguyen & Tran, ICLR'21): an imperceptible warping field, with noise-mode cover samples."""
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Literal
 
-from bdx_study.attacks._base import Attack, AttackParams, HookBatch, PoisonedSet, TrainingHook, register_attack
+from pydantic import Field
+
+from bdx_study._lazy import LazyModule
+from bdx_study.attacks._base import (
+    Attack,
+    AttackParams,
+    AttackRecipe,
+    CoverParams,
+    HookBatch,
+    PoisonedSet,
+    TrainingHook,
+)
+from bdx_study.attacks._registry import register_attack
 from bdx_study.attacks._triggers import wanet_grid, wanet_noise_grid, warp
-from bdx_study.attacks.recipes.wanet import WaNetParams
-from bdx_study.data import ImageData
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from bdx_study.data import ImageData
+else:
+    torch = LazyModule("torch")
+
+
+class WaNetRecipe(AttackRecipe):
+    """The control grid must not exceed the input."""
+
+    params: WaNetParams
+
+    def resolve(self) -> None:
+        super().resolve()
+        _, h, w = self.input_shape
+        if self.params.k > min(h, w):
+            raise self.fail(f"control grid k {self.params.k} exceeds the {h}x{w} input")
+
+
+class WaNetParams(CoverParams):
+    reference_rates = {16: 0.1, 28: 0.1, 32: 0.05}
+    reference_cover_rates = {16: 0.2, 28: 0.2, 32: 0.1}
+    Recipe = WaNetRecipe
+
+    k: int = Field(4, ge=2, description="side of the random control grid (toolbox: 4)")
+    strength: float = Field(0.5, gt=0.0, description="warping strength s (toolbox: 0.5)")
+    grid_rescale: float = Field(1.0, gt=0.0, description="grid rescale factor (toolbox: 1)")
+    cover_noise: Literal["per_batch", "fixed"] = Field(
+        "per_batch",
+        description="noise-mode covers: a fresh random perturbation every time a cover image is trained on "
+        "(original WaNet, through the training hook), or one perturbation drawn once (the toolbox's poisoned set)",
+    )
 
 
 class _NoiseModeHook(TrainingHook):
@@ -43,6 +86,7 @@ class WaNet(Attack):
     28x28 (at 0.05 / 0.1 a 5-epoch Fashion-MNIST victim reached 57%) and 16x16."""
 
     Params = WaNetParams
+    quick_params = {}  # its hook only re-draws cover noise
     random_trigger = True
 
     def __init__(self, params: AttackParams, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from bdx_study._lazy import lazy_exports
+from bdx_study.data import digits  # noqa: F401  (registers the digits dataset)
 from bdx_study.data._core import (
     DATASETS,
     Arrays,
@@ -25,7 +26,6 @@ from bdx_study.data._core import (
     DatasetInfo,
     Loader,
     SplitIndices,
-    _register,
     check_arrays,
     dataset_info,
     list_datasets,
@@ -37,7 +37,6 @@ from bdx_study.data._core import (
 )
 from bdx_study.data._images import read_image, read_images
 from bdx_study.data.cifar import CIFAR10_BINARY_MD5, CIFAR10_BINARY_URL, read_cifar_binary
-from bdx_study.data.digits import _load_digits
 from bdx_study.data.gtsrb import GTSRB_CLASSES
 from bdx_study.data.idx import FASHION_MNIST_SYSTEM_ROOT, read_idx
 from bdx_study.data.image_folder import IMAGE_EXTENSIONS, register_image_folder
@@ -89,8 +88,6 @@ __all__ = [
     "SplitIndices",
     "Splits",
     "_load_cached",
-    "_load_digits",
-    "_register",
     "augment_batch",
     "check_arrays",
     "check_loaded",

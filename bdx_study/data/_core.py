@@ -23,14 +23,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
 from bdx_study._registry import Registry
-
-if TYPE_CHECKING:
-    from bdx_study.data._tensors import ImageData
 
 
 class DataError(ValueError):
@@ -61,8 +58,19 @@ class Arrays(NamedTuple):
     labels: np.ndarray
 
 
-# (root, download) -> (train, test); a loader may also return ImageData (torch), converted on load.
-Loader = Callable[[Path | None, bool], "tuple[Arrays, Arrays] | tuple[ImageData, ImageData]"]
+class TensorPortion(Protocol):
+    """What a loader may return instead of :class:`Arrays`: an :class:`~bdx_study.data.ImageData`
+    (torch), read through its ``pixels`` and ``y`` and converted on load without copying."""
+
+    @property
+    def pixels(self) -> Any: ...
+
+    @property
+    def y(self) -> Any: ...
+
+
+# (root, download) -> (train, test)
+Loader = Callable[[Path | None, bool], "tuple[Arrays, Arrays] | tuple[TensorPortion, TensorPortion]"]
 DATASETS: Registry[tuple[DatasetInfo, Loader]] = Registry("dataset")
 
 
@@ -75,9 +83,6 @@ def register_dataset(info: DatasetInfo) -> Callable[[Loader], Loader]:
         return fn
 
     return deco
-
-
-_register = register_dataset  # the name used before the package split
 
 
 def dataset_info(name: str) -> DatasetInfo:

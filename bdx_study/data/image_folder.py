@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from bdx_study.data._core import Arrays, DataError, DatasetInfo, Loader, register_dataset
-from bdx_study.data._images import read_images
+from bdx_study.data._images import IMAGE_EXTENSIONS, image_files, read_images
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -43,7 +42,7 @@ def list_image_folder(
         raise DataError(f"dataset {name!r}: {folder} has classes {found}, but train/ has {classes}")
     files, labels = [], []
     for i, cls in enumerate(found):
-        imgs = sorted(p for p in (folder / cls).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        imgs = image_files(folder / cls)
         files += imgs
         labels += [i] * len(imgs)
     if not files:

@@ -12,12 +12,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor, nn
+from bdx_study._lazy import LazyModule
 
-LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+else:  # importable without torch: TED's module (read by validation) imports this one
+    torch, nn = LazyModule("torch"), LazyModule("torch.nn")
+
+LAYER_TYPES = ("Conv1d", "Conv2d", "Conv3d", "Linear")  # the torch.nn classes whose outputs are recorded
 ACTIVATION_BATCH = 128  # inputs whose activations are held at once (ResNet-18 on 32x32: ~0.3 GB)
 
 # (model, batch key, activations) of the model_pass block in progress, if any
@@ -41,7 +46,8 @@ def hooked_layers(model: nn.Module) -> Iterator[dict[str, Tensor]]:
 
         return fn
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+    types = tuple(getattr(nn, t) for t in LAYER_TYPES)
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, types)]
     try:
         yield acts
     finally:
@@ -49,16 +55,17 @@ def hooked_layers(model: nn.Module) -> Iterator[dict[str, Tensor]]:
             h.remove()
 
 
-@torch.no_grad()
 def _forward(model: nn.Module, x: Tensor, device: torch.device, record: bool) -> tuple[Tensor, list[Tensor]]:
-    """(logits, activations if ``record``) of ``model`` on ``x``, in eval() mode (restored)."""
+    """(logits, activations if ``record``) of ``model`` on ``x``, in eval() mode (restored), without
+    gradients."""
     was_training = model.training
     model.eval()
     try:
-        if not record:
-            return model(x.to(device)), []
-        with hooked_layers(model) as acts:
-            logits = model(x.to(device))
+        with torch.no_grad():
+            if not record:
+                return model(x.to(device)), []
+            with hooked_layers(model) as acts:
+                logits = model(x.to(device))
         if not acts:
             raise ValueError(f"the model ({type(model).__name__}) has no conv or linear layer to read activations of")
         return logits, list(acts.values())

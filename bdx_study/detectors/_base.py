@@ -5,10 +5,16 @@ classifier M and the defender's clean data into one continuous score per input, 
 suspicious. The shared evaluation protocol (:mod:`bdx_study.protocol`) calibrates the threshold
 and computes every metric, the same way for every family.
 
-A family is split into **components** (BaDExpert's backdoor expert and auxiliary model; STRIP's
-entropies); each parameter says which components it changes. Parameter models, and how they key
-the stage cache, are in ``params.py`` (:class:`DetectorParams`, :func:`fit_param`), which imports
-no torch; this module does.
+A family is split into **components**: the parts of it that are fitted (BaDExpert's backdoor
+expert and its auxiliary model) or that produce per-input outputs worth keeping (STRIP's
+entropies). Each parameter says which components it changes (:func:`fit_param`); the others only
+change how the components' outputs are combined into a score. The stage cache
+(:mod:`bdx_study.stages`) fits each component once per distinct set of the parameters it
+depends on (:meth:`DetectorParams.component_params`, its stage key) and keeps its outputs on the
+scored inputs, so scoring-only knobs cost tensor arithmetic only.
+
+This module imports no torch (``bdx-study validate`` checks study files against the families'
+parameter models without it): torch types appear in annotations only.
 
 The life of a component, called in this order:
 
@@ -24,20 +30,76 @@ The life of a component, called in this order:
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
 
-import torch
-from torch import Tensor, nn
+from pydantic import Field
 
-from bdx_study.data import DatasetInfo, ImageData
-
-from .params import MAIN, DetectorParams
+from bdx_study._config import RowModel
 
 if TYPE_CHECKING:
+    import torch
     from matplotlib.axes import Axes
+    from torch import Tensor, nn
+
+    from bdx_study.data import DatasetInfo, ImageData
+
+FIT_KEY = "fit"  # json_schema_extra key: the components a parameter changes
+KEYED_IF_SET = "keyed_if_set"  # json_schema_extra key: the stage key leaves the default out
+
+
+def fit_param(components: str | tuple[str, ...], default: Any, *, keyed_if_set: bool = False, **kwargs: Any) -> Any:
+    """A parameter that changes the fitted state or the outputs of ``components``.
+
+    ``keyed_if_set``: the parameter joins the components' stage key only when it is not at its
+    default. For parameters added after stage keys were in use (e.g. ``precision``): the default
+    reproduces the old behaviour, so the stages cached before the parameter existed stay valid."""
+    names = (components,) if isinstance(components, str) else tuple(components)
+    extra: dict[str, Any] = {FIT_KEY: list(names), **({KEYED_IF_SET: True} if keyed_if_set else {})}
+    return Field(default, json_schema_extra=extra, **kwargs)
+
+
+class DetectorParams(RowModel):
+    """Parameters shared by every family; subclasses add their own, each with a reason."""
+
+    seed: int = Field(0, description="seed of the detector's random choices (finetuning order, augmentation, pools)")
+
+    @classmethod
+    def component_fields(cls, component: str) -> list[str]:
+        """The parameters that change ``component``'s fit or outputs (the seed always does)."""
+        out = ["seed"]
+        for name, f in cls.model_fields.items():
+            extra = f.json_schema_extra
+            if isinstance(extra, dict) and component in (extra.get(FIT_KEY) or []):  # type: ignore[operator]
+                out.append(name)
+        return out
+
+    def component_params(self, component: str) -> dict[str, Any]:
+        """JSON-ready values of :meth:`component_fields` (what keys a cached component), less the
+        ``keyed_if_set`` ones left at their defaults."""
+        dumped = self.model_dump(mode="json")
+        out = {}
+        for k in self.component_fields(component):
+            f = type(self).model_fields[k]
+            extra = f.json_schema_extra
+            if isinstance(extra, dict) and extra.get(KEYED_IF_SET) and getattr(self, k) == f.default:
+                continue
+            out[k] = dumped[k]
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+
+# Inputs of each kind (clean, triggered) in ``FitContext.probe``: 128 give an accuracy to about
+# +-4 points; the whole selection split (thousands of inputs on Fashion-MNIST) made B's unlearning
+# curve cost more than the fit it describes.
+PROBE_INPUTS = 128
+
+MAIN = "main"  # the component of a single-component family (DetectorFamily.components' default)
 
 
 @dataclass
@@ -58,7 +120,7 @@ class FitContext:
     info: DatasetInfo  # shape, classes and training augmentation of the dataset
     device: torch.device
     # Diagnostics only, never to decide anything: clean and triggered selection inputs (labels =
-    # true class / attack label; params.PROBE_INPUTS of each) on which a family may record curves,
+    # true class / attack label; PROBE_INPUTS of each) on which a family may record curves,
     # e.g. B's unlearning curve.
     probe: tuple[ImageData, ImageData] | None = None
 

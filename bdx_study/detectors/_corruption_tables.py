@@ -1,6 +1,6 @@
 """The corruption types of TeCo's torch backend and their severity tables, without torch.
 
-Data only: the parameter models (``params.py``) check corruption names against
+Data only: TeCo's parameter model (``teco.py``) checks corruption names against
 :func:`corruption_names` without importing torch; ``_corruptions.py`` implements one function
 per name (and checks, on import, that it implements exactly these, in this order). The two
 tables are described there.

@@ -17,22 +17,125 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
-from torch import Tensor, nn
+from pydantic import Field, model_validator
 
-from bdx_study.data import DatasetInfo, ImageData
-from bdx_study.training import fit, predict_proba
+from bdx_study._config import Precision
+from bdx_study._lazy import LazyModule
 
-from . import register_detector
-from ._base import DetectorFamily, DetectorParams, FitContext, Fitted
-from .params import AUX, EXPERT, BaDExpertParams, ScoreKind
+from ._base import PROBE_INPUTS, DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
+from ._registry import register_detector
 
 if TYPE_CHECKING:
+    import torch
     from matplotlib.axes import Axes
+    from torch import Tensor, nn
+
+    from bdx_study.data import DatasetInfo, ImageData
+else:
+    torch = LazyModule("torch")
+
+
+EXPERT, AUX = "expert", "auxiliary"
+ScoreKind = Literal["ensemble", "expert", "auxiliary"]
+
+
+class BaDExpertParams(DetectorParams):
+    """BaDExpert's hyperparameters. Defaults: the paper's CIFAR-10 ResNet-18 values."""
+
+    unlearn_lr: float = fit_param(EXPERT, 1e-4, gt=0, le=10, description="Adam lr of the backdoor expert (paper: 1e-4)")
+    unlearn_epochs: int = fit_param(EXPERT, 1, ge=1, description="epochs of mislabeled finetuning (paper: 1)")
+    unlearn_steps: int | None = fit_param(
+        EXPERT,
+        None,
+        ge=1,
+        description="cap on the expert's optimizer steps (ends finetuning early); null = epochs only",
+    )
+    unlearn_batch_size: int = fit_param(
+        EXPERT, 128, ge=1, description="batch size of the expert's finetuning (paper: 128)"
+    )
+    unlearn_early_stop_acc: float | None = fit_param(
+        EXPERT, None, gt=0, le=1, description="stop B once its held-out clean accuracy < this (paper: 0.2); null = off"
+    )
+    unlearn_early_stop_every: Literal["step", "epoch"] = fit_param(
+        EXPERT, "step", description="when the early stop is checked: after every step, or per epoch (the reference)"
+    )
+    unlearn_milestones: tuple[int, ...] = fit_param(
+        EXPERT, (), description="epochs after which B's lr x0.1 (the reference: [1] for ResNet-18 when epochs > 1)"
+    )
+    unlearn_lr_mode: Literal["fixed", "calibrated"] = fit_param(
+        EXPERT,
+        "fixed",
+        description="fixed: unlearn_lr; calibrated: the smallest lr in unlearn_lr_range whose B falls to "
+        "unlearn_target_acc on held-out clean data (a line search, no per-architecture lr)",
+    )
+    unlearn_lr_range: tuple[float, float] = fit_param(
+        EXPERT, (1e-5, 1e-2), description="calibrated mode: the lrs searched (13 log-spaced points, bisected)"
+    )
+    unlearn_target_acc: float | None = fit_param(
+        EXPERT,
+        None,
+        gt=0,
+        le=1,
+        description="calibrated mode: held-out clean accuracy B must fall to; null = 2 / classes (0.2 on 10: the "
+        "paper's early-stop bound)",
+    )
+    unlearn_curve_points: int = fit_param(
+        EXPERT,
+        0,
+        keyed_if_set=True,
+        ge=0,
+        le=1000,
+        description=f"B's unlearning curve, a diagnostic: its clean accuracy and attack success on {PROBE_INPUTS} "
+        f"clean and {PROBE_INPUTS} triggered selection inputs at the start, the end and every 1/N of its steps "
+        "(logged per trial, plotted by analyze); 0 = off (on, it costs about a fifth of B's fit on the quickstart)",
+    )
+    aux_lr: float = fit_param(AUX, 0.1, gt=0, le=10, description="first SGD lr of M' (paper: 0.1, deliberately large)")
+    aux_epochs: int = fit_param(AUX, 10, ge=1, description="epochs of the auxiliary model's finetuning (paper: 10)")
+    aux_milestones: tuple[int, ...] = fit_param(AUX, (2, 4, 6, 8), description="epochs at which the auxiliary lr x0.1")
+    aux_batch_size: int = fit_param(AUX, 64, ge=1, description="batch size of the auxiliary finetuning (paper: 64)")
+    aux_momentum: float = fit_param(AUX, 0.9, ge=0, lt=1, description="Nesterov momentum of the auxiliary SGD")
+    aux_weight_decay: float = fit_param(AUX, 1e-4, ge=0, le=1, description="weight decay of the auxiliary SGD")
+    augment: bool = fit_param(
+        (EXPERT, AUX), True, description="training augmentation while finetuning B and M' (paper: on)"
+    )
+    # How the finetuning arithmetic of B and the auxiliary model runs (see TrainingConfig: two independent knobs).
+    # Both change the fitted weights, so they key both components' stages, but only when set:
+    # stages cached before these parameters existed were fitted in fp32, contiguous layout.
+    precision: Precision = fit_param(
+        (EXPERT, AUX),
+        "fp32",
+        keyed_if_set=True,
+        description="finetuning of B and M': fp32, or bf16 (forward pass and loss under bf16 autocast)",
+    )
+    channels_last: bool = fit_param(
+        (EXPERT, AUX),
+        False,
+        keyed_if_set=True,
+        description="finetuning of B and M': weights and batches in channels_last layout",
+    )
+    score_kind: ScoreKind = Field("ensemble", description="which score flags inputs (paper: ensemble)")
+    ensemble_alpha: float = Field(2.0, gt=0, le=1e6, description="ensemble weight alpha (paper: 2 for ResNet-18)")
+    ensemble_beta: float = Field(0.5, gt=0, le=1, description="ensemble weight beta (paper: 0.5 for ResNet-18)")
+
+    @model_validator(mode="after")
+    def _lr_range(self) -> BaDExpertParams:
+        lo, hi = self.unlearn_lr_range
+        if not 0 < lo < hi <= 10:
+            raise ValueError(f"unlearn_lr_range must be 0 < low < high <= 10, got {list(self.unlearn_lr_range)}")
+        return self
+
+    @model_validator(mode="after")
+    def _milestones_sorted(self) -> BaDExpertParams:
+        for name in ("aux_milestones", "unlearn_milestones"):
+            m = list(getattr(self, name))
+            if m != sorted(set(m)) or any(e < 1 for e in m):
+                raise ValueError(f"{name} must be increasing epochs >= 1, got {m}")
+        return self
+
 
 SCORE_EPS = 1e-8
 
@@ -69,6 +172,48 @@ def _in_pred(probs: Tensor, pred: Tensor) -> Tensor:
 CALIBRATION_GRID = 13  # lrs of the self-calibrating expert's range (x1.78 apart over 3 decades): ~4 fits
 
 
+def _accuracy(net: nn.Module, data: ImageData, device: torch.device) -> float:
+    """Share of ``data`` that ``net`` classifies as labelled (nan when empty)."""
+    from bdx_study.training import predict_proba
+
+    if not len(data):
+        return float("nan")
+    return float((predict_proba(net, data.x, device=device).argmax(1) == data.y).float().mean())
+
+
+class _UnlearningCurve:
+    """B's accuracy on the clean and triggered probe inputs at the steps it is recorded at (a
+    diagnostic only; nothing recorded without a probe)."""
+
+    def __init__(self, expert: nn.Module, probe: tuple[ImageData, ImageData] | None, device: torch.device) -> None:
+        self.expert, self.probe, self.device = expert, probe, device
+        self.points: dict[str, list[float]] = {"step": [], "clean_acc": [], "attack_success": []}
+
+    def record(self, step: int) -> None:
+        from bdx_study.training import predict_proba
+
+        if self.probe is None:
+            return
+        clean, triggered = self.probe  # both parts in one forward pass
+        x, y = torch.cat([clean.x, triggered.x]), torch.cat([clean.y, triggered.y])
+        right = predict_proba(self.expert, x, device=self.device).argmax(1) == y
+        self.points["step"].append(float(step))
+        for name, r in (("clean_acc", right[: len(clean)]), ("attack_success", right[len(clean) :])):
+            self.points[name].append(float(r.float().mean()) if len(r) else float("nan"))
+
+
+def _early_stop(
+    expert: nn.Module, p: BaDExpertParams, holdout: ImageData | None, device: torch.device, per_epoch: int
+) -> Callable[[int], bool]:
+    """After ``taken`` steps: whether B's held-out clean accuracy is below ``unlearn_early_stop_acc``,
+    checked every step or at the end of every epoch (never without a bound or held-out data)."""
+    bound = p.unlearn_early_stop_acc
+    if bound is None or holdout is None or not len(holdout):
+        return lambda taken: False
+    check_every = per_epoch if p.unlearn_early_stop_every == "epoch" else 1
+    return lambda taken: taken % check_every == 0 and _accuracy(expert, holdout, device) < bound
+
+
 def finetune_expert(
     model: nn.Module,
     finetune: ImageData,
@@ -85,45 +230,27 @@ def finetune_expert(
     ``lr`` (default: unlearn_lr). Returns (B, steps, its unlearning curve). The curve records B's
     accuracy on the clean and triggered ``probe`` inputs (a diagnostic only) at up to
     ``unlearn_curve_points`` steps (none when 0); it never decides anything."""
+    from bdx_study.data import ImageData
+    from bdx_study.training import fit
+
     expert = copy.deepcopy(model).to(device)
     opt = torch.optim.Adam(expert.parameters(), lr=p.unlearn_lr if lr is None else lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(p.unlearn_milestones), 0.1) if p.unlearn_milestones else None
-    gen = torch.Generator().manual_seed(p.seed)
     per_epoch = math.ceil(len(finetune) / p.unlearn_batch_size)
     total = min(p.unlearn_epochs * per_epoch, p.unlearn_steps or 10**12)
     every = max(1, math.ceil(total / max(1, p.unlearn_curve_points)))
-    curve: dict[str, list[float]] = {"step": [], "clean_acc": [], "attack_success": []}
-
-    def hits(data: ImageData) -> float:
-        if not len(data):
-            return float("nan")
-        return float((predict_proba(expert, data.x, device=device).argmax(1) == data.y).float().mean())
-
-    def record(step: int) -> None:
-        if probe is not None and p.unlearn_curve_points:  # both parts in one forward pass
-            clean, triggered = probe
-            right = predict_proba(expert, torch.cat([clean.x, triggered.x]), device=device).argmax(1) == torch.cat(
-                [clean.y, triggered.y]
-            )
-            curve["step"].append(float(step))
-            for name, r in (("clean_acc", right[: len(clean)]), ("attack_success", right[len(clean) :])):
-                curve[name].append(float(r.float().mean()) if len(r) else float("nan"))
-
-    early = p.unlearn_early_stop_acc is not None and holdout is not None and len(holdout)
-    check_every = per_epoch if p.unlearn_early_stop_every == "epoch" else 1
+    curve = _UnlearningCurve(expert, probe if p.unlearn_curve_points else None, device)
+    stop_after = _early_stop(expert, p, holdout, device, per_epoch)
     taken = 0
 
     def after_step() -> bool:
         nonlocal taken
         taken += 1
         if taken % every == 0 or taken == total:
-            record(taken)
-        if not early or taken % check_every:
-            return False
-        assert holdout is not None and p.unlearn_early_stop_acc is not None
-        return hits(holdout) < p.unlearn_early_stop_acc
+            curve.record(taken)
+        return stop_after(taken)
 
-    record(0)
+    curve.record(0)
     steps = fit(
         expert,
         ImageData(finetune.x, shifted_labels(finetune.y, num_classes)),
@@ -131,7 +258,7 @@ def finetune_expert(
         epochs=p.unlearn_epochs,
         max_steps=p.unlearn_steps,
         batch_size=p.unlearn_batch_size,
-        gen=gen,
+        gen=torch.Generator().manual_seed(p.seed),
         augment=augment,
         scheduler=sched,
         stop=after_step,
@@ -139,9 +266,9 @@ def finetune_expert(
         precision=p.precision,
         channels_last=p.channels_last,
     )
-    if curve["step"] and curve["step"][-1] != steps:
-        record(steps)
-    return expert.eval(), steps, curve
+    if curve.points["step"] and curve.points["step"][-1] != steps:
+        curve.record(steps)
+    return expert.eval(), steps, curve.points
 
 
 def calibrated_expert(
@@ -170,8 +297,7 @@ def calibrated_expert(
             b, steps, curve = finetune_expert(
                 model, finetune, p, num_classes, augment=augment, holdout=None, device=device, probe=probe, lr=grid[i]
             )
-            acc = float((predict_proba(b, holdout.x, device=device).argmax(1) == holdout.y).float().mean())
-            tried[i] = (b, steps, curve, acc)
+            tried[i] = (b, steps, curve, _accuracy(b, holdout, device))
         return tried[i][3]
 
     left, right = 0, len(grid) - 1
@@ -200,6 +326,8 @@ def finetune_auxiliary(
     model: nn.Module, finetune: ImageData, p: BaDExpertParams, *, augment: DatasetInfo | None, device: torch.device
 ) -> nn.Module:
     """The auxiliary model M': a copy of ``model`` finetuned on correct labels with SGD Nesterov."""
+    from bdx_study.training import fit
+
     aux = copy.deepcopy(model).to(device)
     opt = torch.optim.SGD(
         aux.parameters(),
@@ -280,6 +408,8 @@ class BaDExpert(DetectorFamily[BaDExpertParams]):
     def features(
         self, component: str, fitted: Fitted, model: nn.Module, x: Tensor, pred: Tensor, device: torch.device
     ) -> dict[str, Tensor]:
+        from bdx_study.training import predict_proba
+
         probs = predict_proba(self._network(component, fitted, model, device), x, device=device)
         return {"expert_probs" if component == EXPERT else "aux_probs": probs}
 

@@ -34,13 +34,28 @@ protocol's calibrated quantile (the toolbox uses mean - 1 std of clean mask norm
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor, nn
+from bdx_study._lazy import LazyModule
 
-from . import register_detector
-from ._base import DetectorFamily, FitContext, Fitted
-from .params import MAIN, CognitiveDistillationParams
+from ._base import MAIN, DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
+from ._registry import register_detector
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+else:
+    torch = LazyModule("torch")
+
+
+class CognitiveDistillationParams(DetectorParams):
+    cd_steps: int = fit_param(MAIN, 100, ge=1, le=10_000, description="Adam steps of each mask (paper: 100)")
+    cd_lr: float = fit_param(MAIN, 0.1, gt=0, le=10, description="Adam lr on the tanh-parameterised mask (paper: 0.1)")
+    cd_gamma: float = fit_param(MAIN, 0.01, ge=0, le=100, description="weight of the mask's L1 norm (paper: 0.01)")
+    cd_beta: float = fit_param(
+        MAIN, 1.0, ge=0, le=1000, description="weight of the mask's total variation (paper: 1; BackdoorBench: 10)"
+    )
+
 
 ADAM_BETAS = (0.1, 0.1)  # the paper's and both toolboxes' (fast-moving moments)
 CHUNK = 256  # inputs optimised together (memory bound; scores do not depend on it)

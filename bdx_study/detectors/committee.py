@@ -56,15 +56,110 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
-from torch import Tensor, nn
+from pydantic import Field, field_validator, model_validator
 
-from . import DETECTORS, create_detector, register_detector
-from ._base import DetectorFamily, FitContext, Fitted
-from .params import COMMITTEE, MIN_REFERENCE, CommitteeParams, DetectorParams
+from bdx_study._lazy import LazyModule
+
+from ._base import DetectorFamily, DetectorParams, FitContext, Fitted
+from ._registry import DETECTORS, create_detector, detector_params, register_detector
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+else:
+    torch = LazyModule("torch")
+
+
+COMMITTEE = "committee"
+MIN_REFERENCE = 10  # clean reference images a member's scale needs, at the fewest
+CombineRule = Literal["min_p", "fisher", "stouffer"]
+
+
+class CommitteeParams(DetectorParams):
+    """A committee of registered families (``committee.py`` documents the scale and the rules).
+    Members are keyed by family name; each member's parameters are that family's own (validated
+    by its Params), less ``seed``: every member takes the committee's seed, so a refit reseeds
+    them all and a committee shares fitted components with its members' own trials."""
+
+    members: dict[str, dict[str, Any]] = Field(
+        min_length=2,
+        description="member families and their parameters ({family: {param: value}}; {} = the family's defaults)",
+    )
+    combine: CombineRule = Field(
+        "min_p",
+        description="min_p: the most suspicious member decides (weighted Bonferroni); fisher: sum of weighted "
+        "-log p (pools evidence); stouffer: weighted sum of normal quantiles",
+    )
+    weights: dict[str, float] | None = Field(
+        None,
+        description="members' weights (>= 0, not all 0; a member not named weighs 1; normalized to sum 1); "
+        "null = equal weights",
+    )
+    reference_fraction: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="share of the correctly classified calibration images that put each member's score on its "
+        "clean scale; the threshold is calibrated on the rest (disjoint, so its FPR guarantee holds)",
+    )
+
+    @field_validator("members", mode="before")
+    @classmethod
+    def _names_to_members(cls, v: Any) -> Any:
+        """``[badexpert, ted]``: members at their defaults; a name listed twice is refused."""
+        if not isinstance(v, list):
+            return v
+        if not all(isinstance(n, str) for n in v):
+            raise ValueError("members: a list of family names, or a mapping {family: {param: value}}")
+        repeated = sorted({str(n) for n in v if v.count(n) > 1})
+        if repeated:
+            raise ValueError(f"member(s) {', '.join(repeated)} listed twice; a committee has each family once")
+        return {n: {} for n in v}
+
+    @field_validator("members")
+    @classmethod
+    def _members(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for name, params in v.items():
+            DETECTORS.require(name)  # unknown: lists the known families
+            if issubclass(detector_params(name), CommitteeParams):
+                raise ValueError(f"member {name!r}: a committee cannot be a member of a committee")
+            if not isinstance(params, dict):
+                raise ValueError(f"member {name!r}: its parameters must be a mapping, got {type(params).__name__}")
+            if "seed" in params:
+                raise ValueError(f"member {name!r}: set `seed` on the committee; every member takes the committee's")
+            model = detector_params(name).model_validate(params)
+            out[name] = model.model_dump(mode="json", exclude={"seed"})
+        return out
+
+    @model_validator(mode="after")
+    def _weights(self) -> CommitteeParams:
+        if self.weights is None:
+            return self
+        unknown = sorted(set(self.weights) - set(self.members))
+        if unknown:
+            raise ValueError(f"weights name {unknown}, which are not members; members: {', '.join(self.members)}")
+        negative = {k: w for k, w in self.weights.items() if not w >= 0}
+        if negative:
+            raise ValueError(f"weights must be >= 0, got {negative}")
+        if not any(self.weights.get(m, 1.0) > 0 for m in self.members):
+            raise ValueError("weights are all zero: at least one member needs a positive weight")
+        return self
+
+    def member_weights(self) -> dict[str, float]:
+        """Every member's weight, normalized to sum 1 (a member left out of ``weights`` weighs 1)."""
+        given = self.weights
+        raw = {m: 1.0 if given is None else given.get(m, 1.0) for m in self.members}
+        total = sum(raw.values())
+        return {m: w / total for m, w in raw.items()}
+
+    def member_params(self, name: str) -> DetectorParams:
+        """Member ``name``'s parameter model, with the committee's seed."""
+        return detector_params(name).model_validate({**self.members[name], "seed": self.seed})
+
 
 TAIL_SHARE = 0.1  # share of the reference scores whose mean excess sets an exponential tail's scale
 TAIL_MIN = 5  # ... at least this many

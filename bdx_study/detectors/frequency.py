@@ -48,43 +48,61 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Literal
 
-import torch
-from torch import Tensor, nn
+from pydantic import Field, field_validator
 
-from bdx_study.data import DatasetInfo, augment_batch
+from bdx_study._lazy import LazyModule
 
-from . import register_detector
-from ._base import DetectorFamily, DetectorParams, FitContext, Fitted
-from .params import ALL_TRIGGERS as ALL_TRIGGERS
-from .params import MAIN, FrequencyParams
+from ._base import MAIN, DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
+from ._registry import register_detector
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+
+    from bdx_study.data import DatasetInfo
+
+    from ._frequency_net import DctNet
+else:
+    torch = LazyModule("torch")
+
+
+SyntheticTrigger = Literal["solid_patch", "noise_patch", "gaussian_noise", "shadow", "image_blend", "smooth"]
+ALL_TRIGGERS: tuple[SyntheticTrigger, ...] = (
+    "solid_patch",
+    "noise_patch",
+    "gaussian_noise",
+    "shadow",
+    "image_blend",
+    "smooth",
+)
+
+
+class FrequencyParams(DetectorParams):
+    freq_triggers: tuple[SyntheticTrigger, ...] = fit_param(
+        MAIN, ALL_TRIGGERS, min_length=1, description="synthetic trigger kinds the CNN learns from (see the docs)"
+    )
+    freq_epochs: int = fit_param(MAIN, 30, ge=1, le=10_000, description="epochs over the clean + synthetic pairs")
+    freq_lr: float = fit_param(MAIN, 1e-3, gt=0, le=1, description="Adam learning rate of the DCT classifier")
+    freq_batch_size: int = fit_param(MAIN, 64, ge=2, description="batch size (paper: 64)")
+    freq_width: int = fit_param(
+        MAIN, 16, ge=1, le=256, description="channels of the first stage (x1, x2, x4; paper 32; 16 fits a CPU)"
+    )
+    freq_score: Literal["prob_diff", "logit"] = Field(
+        "prob_diff", description="prob_diff: p(poison) - p(clean) (paper); logit: same ranking, never saturates"
+    )
+
+    @field_validator("freq_triggers")
+    @classmethod
+    def _distinct(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"freq_triggers lists a kind twice: {list(v)}")
+        return v
+
 
 STD_FLOOR = 0.01  # floor of the per-coefficient DCT standard deviation (about 2.5 grey levels)
 WEIGHT_DECAY = 1e-4  # the paper's L2 regularisation of every conv
-
-
-# ------------------------------------------------------------------------------------ DCT
-
-
-def dct_matrix(n: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """The orthonormal DCT-II matrix D (n, n): y = D x; its inverse is D^T."""
-    k = torch.arange(n, dtype=torch.float64)[:, None]
-    i = torch.arange(n, dtype=torch.float64)[None, :]
-    d = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
-    d[0] /= math.sqrt(2.0)
-    return d.to(dtype)
-
-
-def dct2(x: Tensor) -> Tensor:
-    """Orthonormal 2-D DCT-II over the last two dimensions (per channel)."""
-    dh, dw = dct_matrix(x.shape[-2], x.dtype).to(x.device), dct_matrix(x.shape[-1], x.dtype).to(x.device)
-    return dh @ x @ dw.T
-
-
-def idct2(y: Tensor) -> Tensor:
-    """Inverse of :func:`dct2`."""
-    dh, dw = dct_matrix(y.shape[-2], y.dtype).to(y.device), dct_matrix(y.shape[-1], y.dtype).to(y.device)
-    return dh.T @ y @ dw
 
 
 # ------------------------------------------------------------------------------------ synthetic triggers
@@ -163,43 +181,16 @@ def synthetic_triggers(
     return out.clamp(0.0, 1.0), kind
 
 
-# ------------------------------------------------------------------------------------ the network
-
-
-class DctNet(nn.Module):
-    """The paper's 6-conv binary CNN on standardized per-channel DCT coefficients of a pixel-space
-    image in [0, 1]; outputs 2 logits (clean, poison)."""
-
-    def __init__(self, input_shape: tuple[int, int, int], width: int) -> None:
-        super().__init__()
-        c, h, w = input_shape
-        self.register_buffer("dct_mean", torch.zeros(c, h, w))
-        self.register_buffer("dct_std", torch.ones(c, h, w))
-        layers: list[nn.Module] = []
-        cin = c
-        for mult, drop in ((1, 0.2), (2, 0.3), (4, 0.4)):
-            cout = width * mult
-            for i in range(2):
-                layers += [nn.Conv2d(cin if i == 0 else cout, cout, 3, padding=1), nn.ELU(), nn.BatchNorm2d(cout)]
-            layers += [nn.MaxPool2d(2), nn.Dropout(drop)]
-            cin = cout
-            h, w = h // 2, w // 2
-        if h < 1 or w < 1:
-            raise ValueError(f"frequency: inputs of {input_shape[1]}x{input_shape[2]} px are too small (>= 8 px)")
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(cin * h * w, 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        z = (dct2(x) - self.get_buffer("dct_mean")) / self.get_buffer("dct_std")
-        return self.head(self.features(z).flatten(1))  # type: ignore[no-any-return]
-
-
 def train_dct_net(
     clean: Tensor, info: DatasetInfo, p: FrequencyParams, device: torch.device
 ) -> tuple[DctNet, dict[str, float]]:
     """Train a :class:`DctNet` on ``clean`` images vs their synthetic-trigger copies (see module
     docs), at least 2 of them; deterministic given ``p.seed`` (the global RNG state is saved
     and restored around it)."""
+    from bdx_study.data import augment_batch
+
+    from ._frequency_net import DctNet, dct2
+
     gen = torch.Generator().manual_seed(p.seed)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -210,7 +201,7 @@ def train_dct_net(
         net.get_buffer("dct_std").copy_(coeffs.std(0).clamp_min(STD_FLOOR).float())
         net = net.to(device)
         opt = torch.optim.Adam(net.parameters(), lr=p.freq_lr, weight_decay=WEIGHT_DECAY)
-        loss_fn = nn.CrossEntropyLoss()
+        loss_fn = torch.nn.CrossEntropyLoss()
         n, correct, seen, loss_sum = len(clean), 0, 0, 0.0
         for _ in range(p.freq_epochs):
             net.train()
@@ -267,17 +258,19 @@ class Frequency(DetectorFamily[FrequencyParams]):
     def _network(self, fitted: Fitted, device: torch.device) -> DctNet:
         """The classifier rebuilt from its state (once per fitted state)."""
         if self._net is None or self._net[0] is not fitted:
+            from ._frequency_net import DctNet
+
             net = DctNet(tuple(fitted.tensors["dct_mean"].shape), self.params.freq_width)  # type: ignore[arg-type]
             net.load_state_dict(fitted.tensors)
             self._net = (fitted, net.to(device).eval())
         return self._net[1]
 
-    @torch.no_grad()
     def features(
         self, component: str, fitted: Fitted, model: nn.Module, x: Tensor, pred: Tensor, device: torch.device
     ) -> dict[str, Tensor]:
-        net = self._network(fitted, device)
-        out = [net(x[i : i + 512].to(device)).double().cpu() for i in range(0, len(x), 512)]
+        with torch.no_grad():
+            net = self._network(fitted, device)
+            out = [net(x[i : i + 512].to(device)).double().cpu() for i in range(0, len(x), 512)]
         logits = torch.cat(out) if out else torch.empty(0, 2, dtype=torch.float64)
         return {"freq_logit": logits[:, 1] - logits[:, 0]}
 

@@ -45,15 +45,28 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor, nn
+from bdx_study._lazy import LazyModule
 
-from bdx_study.training import predict_proba
+from ._base import MAIN, DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
+from ._registry import register_detector
 
-from . import register_detector
-from ._base import DetectorFamily, DetectorParams, FitContext, Fitted
-from .params import MAIN, IbdPscParams
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+else:
+    torch, nn = LazyModule("torch"), LazyModule("torch.nn")
+
+
+class IbdPscParams(DetectorParams):
+    psc_num_models: int = fit_param(MAIN, 5, ge=1, le=64, description="amplified copies of M averaged (paper: n = 5)")
+    psc_xi: float = fit_param(
+        MAIN, 0.6, gt=0, lt=1, description="clean error the first scaled copy must exceed; picks k (paper: 0.6)"
+    )
+    psc_bn_scale: float = fit_param(
+        MAIN, 1.5, gt=1, le=100, description="factor on the selected BN layers' weight and bias (paper: 1.5)"
+    )
 
 
 def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -105,6 +118,8 @@ class IbdPsc(DetectorFamily[IbdPscParams]):
         self._copies: tuple[Fitted, list[nn.Module]] | None = None  # (state, the amplified copies)
 
     def fit(self, component: str, ctx: FitContext) -> Fitted:
+        from bdx_study.training import predict_proba
+
         num = len(bn_layers(ctx.model))
         if num == 0:
             raise ValueError(
@@ -134,6 +149,8 @@ class IbdPsc(DetectorFamily[IbdPscParams]):
     def features(
         self, component: str, fitted: Fitted, model: nn.Module, x: Tensor, pred: Tensor, device: torch.device
     ) -> dict[str, Tensor]:
+        from bdx_study.training import predict_proba
+
         idx = pred.long()[:, None]
         conf = [predict_proba(net, x, device=device).gather(1, idx) for net in self._amplified(fitted, model, device)]
         return {"psc_conf": torch.cat(conf, 1)}  # (N, n): each copy's probability of M's class

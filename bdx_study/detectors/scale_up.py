@@ -19,21 +19,44 @@ neither AUROC nor what a calibrated threshold flags, so it is not offered separa
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Literal
 
-import torch
-from torch import Tensor, nn
+from pydantic import Field, field_validator
 
-from bdx_study.training import predict_proba
+from bdx_study._lazy import LazyModule
 
-from . import register_detector
-from ._base import DetectorFamily, FitContext, Fitted
-from .params import MAIN, ScaleUpParams
+from ._base import MAIN, DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
+from ._registry import register_detector
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+else:
+    torch = LazyModule("torch")
+
+
+class ScaleUpParams(DetectorParams):
+    scales: tuple[float, ...] = fit_param(
+        MAIN, (3.0, 5.0, 7.0, 9.0, 11.0), min_length=1, max_length=64, description="pixel multipliers (paper: 3..11)"
+    )
+    standardize: Literal["none", "class"] = Field(
+        "none", description="none: raw SPC; class: standardized by clean per-class SPC stats (data-limited variant)"
+    )
+
+    @field_validator("scales")
+    @classmethod
+    def _above_one(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 1.0 < s <= 1e3 for s in v):
+            raise ValueError(f"every scale must be in (1, 1000], got {list(v)}")
+        return v
 
 
 def scaled_consistency(
     model: nn.Module, x: Tensor, pred: Tensor, scales: tuple[float, ...], device: torch.device
 ) -> Tensor:
     """SPC: the share of ``scales`` for which argmax M(clip(n x, 0, 1)) == ``pred``."""
+    from bdx_study.training import predict_proba
+
     agree = torch.zeros(len(x))
     for s in scales:
         agree += (predict_proba(model, (x * s).clamp(0.0, 1.0), device=device).argmax(1) == pred).float()
@@ -52,6 +75,8 @@ class ScaleUp(DetectorFamily[ScaleUpParams]):
 
     def fit(self, component: str, ctx: FitContext) -> Fitted:
         """Clean per-class SPC statistics (used only by ``standardize: class``)."""
+        from bdx_study.training import predict_proba
+
         x = ctx.clean.x
         pred = predict_proba(ctx.model, x, device=ctx.device).argmax(1)
         spc = scaled_consistency(ctx.model, x, pred, self.params.scales, ctx.device)

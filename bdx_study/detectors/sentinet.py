@@ -42,18 +42,35 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 
-from bdx_study.training import predict_proba
+from bdx_study._lazy import LazyModule
 
-from . import register_detector
-from ._base import DetectorFamily, FitContext, Fitted
-from .params import MAIN, SentiNetParams
+from ._base import MAIN, DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
+from ._registry import register_detector
 
 if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
     from matplotlib.axes import Axes
+    from torch import Tensor, nn
+else:
+    torch, nn, F = LazyModule("torch"), LazyModule("torch.nn"), LazyModule("torch.nn.functional")
+
+
+class SentiNetParams(DetectorParams):
+    sentinet_num_images: int = fit_param(
+        MAIN, 100, ge=2, le=4096, description="clean images the salient region is pasted onto (N; toolbox: 100)"
+    )
+    sentinet_mask_fraction: float = fit_param(
+        MAIN, 0.15, gt=0, lt=1, description="share of pixels in the Grad-CAM mask (paper and toolbox: top 15%)"
+    )
+    sentinet_fit_size: int = fit_param(
+        MAIN, 400, ge=3, description="clean finetune inputs the boundary is fitted on, at most (toolbox: 400)"
+    )
+    sentinet_bin_width: float = fit_param(
+        MAIN, 0.02, gt=0, le=0.5, description="avgconf bin width of the upper envelope (toolbox: 0.02)"
+    )
+
 
 COMPOSITES_PER_CHUNK = 4096  # pasted images built at once (memory bound, not a result knob)
 DISTANCE_GRID = 2049  # points per input of the nearest-point search along the boundary
@@ -103,6 +120,8 @@ def probe(
     """For every input i and pool image j: ``hit[i, j]`` = x_i's masked region pasted onto pool_j
     is predicted ``pred[i]``; ``conf[i, j]`` = top-class confidence of pool_j with that region
     replaced by noise_j. Both (N, len(pool)); 2 N len(pool) forwards."""
+    from bdx_study.training import predict_proba
+
     n, m = len(x), len(pool)
     keep = 1.0 - mask[:, None]  # (n, 1, 1, H, W)
     pasted = pool[None] * keep + x[:, None] * mask[:, None]
@@ -202,6 +221,8 @@ class SentiNet(DetectorFamily[SentiNetParams]):
 
     def fit(self, component: str, ctx: FitContext) -> Fitted:
         """Draw the pool and its inert noise, probe clean finetune inputs, fit the boundary."""
+        from bdx_study.training import predict_proba
+
         clean, n = ctx.clean, self.params.sentinet_num_images
         if len(clean) < 3:
             raise ValueError(f"sentinet needs at least 3 clean finetune images, got {len(clean)}")

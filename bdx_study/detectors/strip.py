@@ -14,15 +14,26 @@ Cost: N forward passes per input.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Literal
 
-import torch
-from torch import Tensor, nn
+from bdx_study._lazy import LazyModule
 
-from bdx_study.training import predict_proba
+from ._base import MAIN, DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
+from ._registry import register_detector
 
-from . import register_detector
-from ._base import DetectorFamily, FitContext, Fitted
-from .params import MAIN, StripParams
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+else:
+    torch = LazyModule("torch")
+
+
+class StripParams(DetectorParams):
+    num_images: int = fit_param(MAIN, 64, ge=1, le=1024, description="clean images superimposed on each input (N)")
+    superimpose: Literal["blend", "add"] = fit_param(
+        MAIN, "blend", description="blend: (1-w) x + w c (TrojanZoo, ART); add: clip(x + w c) (backdoor-toolbox)"
+    )
+    weight: float = fit_param(MAIN, 0.5, gt=0, le=1, description="weight w of the clean image (blend 0.5, add 1.0)")
 
 
 def superimpose(x: Tensor, pool: Tensor, mode: str, weight: float) -> Tensor:
@@ -63,6 +74,8 @@ class Strip(DetectorFamily[StripParams]):
     def features(
         self, component: str, fitted: Fitted, model: nn.Module, x: Tensor, pred: Tensor, device: torch.device
     ) -> dict[str, Tensor]:
+        from bdx_study.training import predict_proba
+
         pool = fitted.tensors["pool"].to(device)
         n = len(pool)
         chunk = max(1, 4096 // n)

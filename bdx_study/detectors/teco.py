@@ -59,18 +59,79 @@ corruptions themselves; an input stops being corrupted by a type once its label 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
-from torch import Tensor, nn
+from pydantic import model_validator
 
-from bdx_study.training import predict_proba
+from bdx_study._lazy import LazyModule
 
-from . import register_detector
-from ._base import DetectorFamily, FitContext, Fitted
-from ._corruption_tables import SEVERITIES
-from ._corruptions import CORRUPTIONS, applicable, corrupt, draw_batch, input_seeds
-from .params import LIBRARY_DEFAULT, MAIN, TecoParams
+from ._base import MAIN, DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
+from ._corruption_tables import SEVERITIES, corruption_names
+from ._registry import register_detector
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+else:
+    torch = LazyModule("torch")
+
+
+# The imagecorruptions package's corruption types (its own order); the torch backend's: corruption_names().
+LIBRARY_CORRUPTIONS = (
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "glass_blur",
+    "motion_blur",
+    "zoom_blur",
+    "snow",
+    "frost",
+    "fog",
+    "brightness",
+    "contrast",
+    "elastic_transform",
+    "pixelate",
+    "jpeg_compression",
+    "speckle_noise",
+    "gaussian_blur",
+    "spatter",
+    "saturate",
+)
+LIBRARY_DEFAULT = LIBRARY_CORRUPTIONS[:15]  # the ImageNet-C benchmark set ("common")
+
+
+class TecoParams(DetectorParams):
+    teco_corruptions: tuple[str, ...] | None = fit_param(
+        MAIN,
+        None,
+        min_length=2,
+        max_length=32,
+        description="corruption types; null = all that apply to the input shape (see the module docs)",
+    )
+    teco_backend: Literal["torch", "imagecorruptions"] = fit_param(
+        MAIN, "torch", description="torch: ours, any size, batched; imagecorruptions: the reference package, >= 32x32"
+    )
+    teco_severity_table: Literal["imagenet_c", "cifar10_c"] = fit_param(
+        MAIN,
+        "imagenet_c",
+        description="severity settings: imagenet_c as the peers apply them to CIFAR-10; cifar10_c milder (torch only)",
+    )
+
+    @model_validator(mode="after")
+    def _known_names(self) -> TecoParams:
+        known = corruption_names() if self.teco_backend == "torch" else list(LIBRARY_CORRUPTIONS)
+        names = self.teco_corruptions or ()
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"unknown {self.teco_backend} corruptions {unknown}; known: {', '.join(known)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"teco_corruptions lists a corruption twice: {list(names)}")
+        if self.teco_backend == "imagecorruptions" and self.teco_severity_table != "imagenet_c":
+            raise ValueError("the imagecorruptions package has only its own (imagenet_c) severity table")
+        return self
+
 
 NEVER = float(SEVERITIES + 1)  # first-change severity of a label that never changes
 LIBRARY_REQUIREMENT = "imagecorruptions-imaug>=1.1.5"
@@ -80,6 +141,8 @@ LIBRARY_MIN_SIZE = 32  # the imagecorruptions package refuses smaller images
 def resolve_corruptions(p: TecoParams, input_shape: tuple[int, int, int]) -> list[str]:
     """The corruption types to use on inputs of ``input_shape`` (C, H, W); ValueError if a listed
     one cannot apply."""
+    from ._corruptions import applicable
+
     c, h, w = input_shape
     if p.teco_backend == "imagecorruptions":
         if min(h, w) < LIBRARY_MIN_SIZE:
@@ -147,6 +210,8 @@ class Teco(DetectorFamily[TecoParams]):
         return Fitted({}, {"corruptions": resolve_corruptions(self.params, ctx.info.input_shape)})
 
     def _corrupt(self, x: Tensor, name: str, severity: int, draws: Tensor | None, seeds: list[int]) -> Tensor:
+        from ._corruptions import corrupt
+
         if self.params.teco_backend == "torch":
             return corrupt(x, name, severity, draws, self.params.teco_severity_table)
         return corrupt_library(x, name, severity, seeds)
@@ -156,6 +221,10 @@ class Teco(DetectorFamily[TecoParams]):
     ) -> Tensor:
         """First-change severities (N, K). An input leaves a corruption type's loop at its first
         change (later severities cannot change its score); every call corrupts original images."""
+        from bdx_study.training import predict_proba
+
+        from ._corruptions import CORRUPTIONS, draw_batch, input_seeds
+
         first = torch.full((len(x), len(names)), NEVER)
         xd = x.to(device)
         for k, name in enumerate(names):

@@ -41,17 +41,38 @@ outputs) rather than chosen per network, and the outlier model is our own PCA in
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Literal
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from pydantic import Field
 
-from bdx_study.training import predict_proba
+from bdx_study._lazy import LazyModule
 
-from . import register_detector
 from ._activations import ACTIVATION_BATCH, layer_activations
-from ._base import DetectorFamily, DetectorParams, FitContext, Fitted
-from .params import MAIN, TedParams
+from ._base import MAIN, DetectorFamily, DetectorParams, FitContext, Fitted, fit_param
+from ._registry import register_detector
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+    from torch import Tensor, nn
+else:
+    torch, F = LazyModule("torch"), LazyModule("torch.nn.functional")
+
+
+class TedParams(DetectorParams):
+    ted_pool_per_class: int = fit_param(
+        MAIN, 20, ge=2, le=1000, description="clean pool images per class, from the finetune part of D_c (paper: ~20)"
+    )
+    ted_distance: Literal["euclidean", "cosine"] = fit_param(
+        MAIN, "euclidean", description="distance between flattened activations of one layer"
+    )
+    ted_pca_variance: float = fit_param(
+        MAIN, 0.95, gt=0, lt=1, description="share of the pool's rank variance the reconstruction keeps"
+    )
+    ted_outlier_score: Literal["reconstruction", "mahalanobis"] = Field(
+        "reconstruction", description="reconstruction: PCA residual (the authors'); mahalanobis: whitened norm"
+    )
+
 
 RANK_STD_FLOOR = 1.0  # ranks are integers: never standardize by less than one rank
 VARIANCE_FLOOR = 1e-2  # of a standardized principal component, for the whitened (Mahalanobis) score
@@ -156,6 +177,8 @@ class Ted(DetectorFamily[TedParams]):
         self._pool: tuple[Fitted, list[Tensor]] | None = None  # (state, the pool's activations)
 
     def fit(self, component: str, ctx: FitContext) -> Fitted:
+        from bdx_study.training import predict_proba
+
         clean = ctx.clean
         pred = predict_proba(ctx.model, clean.x, device=ctx.device).argmax(1)
         idx = choose_pool(clean.y, pred, self.params.ted_pool_per_class, ctx.info.num_classes, self.params.seed)
