@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bdx_study.metrics import LOWER_IS_BETTER
+from bdx_study.objective import worst_op
 
 from .recipe import Recipe
 
@@ -33,6 +33,7 @@ class ShippedStudy:
     input_shape: Shape  # of its first dataset
     architectures: tuple[str, ...]
     families: tuple[str, ...]  # the detector families it tunes
+    attacks: tuple[str, ...]  # the attacks of its victims
     what: str  # its study.description
     searches_clean_set_size: bool  # it studies the protocol's |D_c| (ablations, the paper's figures)
 
@@ -48,7 +49,8 @@ class ShippedStudy:
         architectures = tuple(dict.fromkeys(v.architecture for v in victims))
         what = spec.study.description or spec.study.name
         searches_size = any("clean_set_size" in spec.searched(f) for f in spec.families)
-        return cls(path.name, datasets, (c, h, w), architectures, tuple(spec.families), what, searches_size)
+        attacks = tuple(dict.fromkeys(v.attack.name for v in victims))
+        return cls(path.name, datasets, (c, h, w), architectures, tuple(spec.families), attacks, what, searches_size)
 
 
 FRONT_DOOR = "quickstart.yaml"  # the study a user runs first: preferred among equally near ones
@@ -182,10 +184,18 @@ def check_domain(
     if attack is not None and attack not in (dom.attacks or []):
         out.append(
             f"attack {attack}: the recipe (study {study}) was validated on attack(s) "
-            f"{_fmt_list(dom.attacks or [])} only; add {{name: {attack}}} to victims.attacks of its study, or "
-            "run search_spaces/zoo.yaml (every attack, on Fashion-MNIST)"
+            f"{_fmt_list(dom.attacks or [])} only; add {{name: {attack}}} to victims.attacks of its study"
+            + _study_with(attack)
         )
     return out
+
+
+def _study_with(attack: str) -> str:
+    """', or run search_spaces/<file> (<what>)': the first shipped study whose victims carry ``attack``."""
+    for s in shipped_studies():
+        if attack in s.attacks:
+            return f", or run search_spaces/{s.file} ({s.what})"
+    return ""
 
 
 def unseen_triggers(recipe: Recipe, detector: str | None = None) -> str:
@@ -210,8 +220,8 @@ def unseen_triggers(recipe: Recipe, detector: str | None = None) -> str:
     if not figures:
         return head + f" (the recipe has no held-out-attack evidence for {family}: its study had one attack)"
     metric = figures[0][2]  # e.g. worst_auroc_correct_only
-    lower_is_better = metric.split("_", 1)[1] in LOWER_IS_BETTER
-    value, attack, _, strict = (max if lower_is_better else min)(figures)
+    weakest = max if worst_op(metric.split("_", 1)[1]) == "max" else min
+    value, attack, _, strict = weakest(figures)
     how = "strictly held out" if strict else "held out, not strictly: the search saw it"
     return head + f"; {family}'s weakest held-out attack: {attack}, {metric} {value:.3f} ({how})"
 

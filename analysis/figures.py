@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from bdx_study._io import atomic_path
+from bdx_study.objective import mean, worst
 from bdx_study.selection import select
 from bdx_study.space import StudySpec
 
@@ -72,8 +73,8 @@ def auroc_vs_clean_set(trials: pd.DataFrame, spec: StudySpec, family: str = "bad
                 "clean_set_size": int(size),
                 "trial_id": pick.trial_id,
                 "configs_of_this_size": int(rows["trial_id"].nunique()),
-                f"worst_{obj.metric}": float(vals.min()),
-                f"mean_{obj.metric}": float(vals.mean()),
+                f"worst_{obj.metric}": worst(vals.to_numpy(), obj.metric),
+                f"mean_{obj.metric}": mean(vals.to_numpy()),
                 f"max_{obj.metric}": float(vals.max()),
             }
         )

@@ -253,9 +253,12 @@ def prepare_fit(
     family = create_detector(family_name, params)
     if not 0 < heldout_fraction < 1:
         raise FitError(f"--heldout-fraction {heldout_fraction}: expected a fraction in (0, 1), e.g. 0.2")
-    model = load_model(weights, architecture, input_shape, num_classes, mean, std)
-    data = load_clean(clean, input_shape, num_classes)
-    data_warnings = check_classes(data, num_classes, clean)
+    try:  # the library's readers of user files: their refusals are fit's, to a caller catching FitError
+        model = load_model(weights, architecture, input_shape, num_classes, mean, std)
+        data = load_clean(clean, input_shape, num_classes)
+        data_warnings = check_classes(data, num_classes, clean)
+    except UserFileError as e:
+        raise FitError(str(e)) from None
     plan = plan_split(len(data), protocol, heldout_fraction, clean, family.reference_fraction)
     accuracy = float((predict_proba(model, data.x).argmax(1) == data.y).float().mean())
     _check_learned(accuracy, num_classes, data, model, clean)

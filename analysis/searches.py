@@ -17,7 +17,7 @@ import pandas as pd
 from bdx_study._config import flatten
 from bdx_study._io import atomic_path
 from bdx_study.metrics import HIGHER_IS_BETTER
-from bdx_study.objective import over_victims
+from bdx_study.objective import FEASIBILITY_TOLERANCE, over_victims
 from bdx_study.protocol import ProtocolConfig
 from bdx_study.space import Objective, StudySpec
 
@@ -46,7 +46,8 @@ def _trials(rows_f: pd.DataFrame, spec: StudySpec, family: str) -> list[Any]:
         drops = rows["selection_clean_acc_drop"].dropna().to_numpy() if "selection_clean_acc_drop" in rows else []
         constraints = None
         if limit is not None and len(drops):
-            constraints = {"selection_clean_acc_drop": float(np.max(drops)) - limit}
+            # Optuna: feasible when <= 0, with the selection rule's own tolerance (objective.feasible)
+            constraints = {"selection_clean_acc_drop": float(np.max(drops)) - limit - FEASIBILITY_TOLERANCE}
         attrs: dict[str, Any] = {"trial_id": str(tid), "feasible": bool(first["feasible"])}
         for _, r in rows.iterrows():
             attrs[f"selection/{r['victim_name']}/{metric}"] = _none_if_nan(r.get(f"selection_{metric}"))

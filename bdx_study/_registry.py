@@ -5,14 +5,13 @@ error that lists the known ones.
 
 Entries come two ways:
 
-- ``register(name)``: a decorator that stores the object now (user code, and the families'
-  implementation modules);
+- ``register(name)``: a decorator that stores the object now (attacks, detector families and
+  datasets, whose modules import no torch at import time, and user code);
 - ``declare(name, module, spec)``: the name is known (listed, ``in``), but its implementation
   module is imported only on the first :meth:`Registry.get`, and that module's own
-  ``register(name)`` fills the entry. ``spec`` is what can be known without importing it (a
-  family's torch-free parameter model, say), read with :meth:`Registry.spec`. This keeps
-  ``bdx-study validate`` free of torch: checking a study file needs names and specs, never
-  an implementation.
+  ``register(name)`` fills the entry. ``spec`` is what can be known without importing it, read
+  with :meth:`Registry.spec`: the architecture catalog uses it (a network module imports torch),
+  so that ``bdx-study validate`` stays free of torch.
 """
 
 from __future__ import annotations

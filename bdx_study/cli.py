@@ -429,7 +429,7 @@ def _add_study_readers(sub: Any) -> None:
 
     sp = sub.add_parser("export", help="write a detector bundle (a family's robust defaults) for one victim model")
     _space_arg(sp)
-    sp.add_argument("--detector", help="detector family (default: the recipe's default_detector, BaDExpert if present)")
+    sp.add_argument("--detector", help="detector family (default: the recipe's default_detector)")
     sp.add_argument("--victim", help="victim name or id (default: the first backdoored victim)")
     sp.add_argument("--recipe", help="recipe file (default: the study's recipe.yaml)")
     sp.add_argument("--out", help="bundle folder (default: <study>/detector, or <study>/detector-NAME with --detector)")

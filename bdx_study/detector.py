@@ -560,6 +560,10 @@ def _checked_manifest(root: Path, mpath: Path) -> dict[str, Any]:
     except ValidationError as e:
         raise BundleError(f"{mpath}: {_one_line(e)}; refusing the bundle") from None
     if manifest["detector"] not in DETECTORS:
+        from bdx_study.plugins import load_entry_points
+
+        load_entry_points()  # an installed plugin's family
+    if manifest["detector"] not in DETECTORS:
         raise BundleError(
             f"{mpath}: detector family {manifest['detector']!r} is not known to this installation; known: "
             f"{', '.join(DETECTORS.names())} (a family of your own: import the module that registers it first, "

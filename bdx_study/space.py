@@ -59,6 +59,7 @@ from bdx_study.data import DATASETS
 from bdx_study.detectors import DETECTORS, DetectorParams, detector_params
 from bdx_study.detectors.committee import CommitteeParams
 from bdx_study.metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER, min_calibration
+from bdx_study.objective import Aggregate
 from bdx_study.plugins import MODULE_NAME, PluginError, load_entry_points, load_plugins
 
 if TYPE_CHECKING:
@@ -253,7 +254,7 @@ class VictimGrid(StrictModel):
 
 class Objective(StrictModel):
     metric: str = Field("auroc_correct_only", description="a per-victim metric name")
-    aggregate: Literal["worst", "mean"] = Field("worst", description="across victims")
+    aggregate: Aggregate = Field("worst", description="across victims")
 
     @field_validator("metric")
     @classmethod

@@ -25,13 +25,13 @@ from bdx_study.data import (
     DatasetInfo,
     ImageData,
     Splits,
-    _load_cached,
     load_arrays,
     load_splits,
     randperm,
     register_dataset,
     split_indices,
 )
+from bdx_study.data._tensors import _load_cached
 from bdx_study.data.digits import _digits_arrays, _resize_bilinear
 
 # ------------------------------------------------------------------------------------- randperm

@@ -80,6 +80,17 @@ def test_each_way_outside_is_named() -> None:
     for expected in ("dataset fashion_mnist", "input shape 1x28x28", "7 classes", "attack wanet", "badnet, blend"):
         assert expected in text, expected
     assert "search_spaces/zoo.yaml" in warnings[0]  # Fashion-MNIST 28x28: the zoo study
+    # the attack warning names a shipped study whose victims carry wanet (read from its file)
+    (attack_warning,) = [w for w in warnings if w.startswith("attack wanet")]
+    suggested = attack_warning.split("or run search_spaces/")[1].split(" ")[0]
+    assert "wanet" in next(s for s in shipped_studies() if s.file == suggested).attacks
+    assert not [
+        w
+        for w in check_domain(
+            QUICKSTART_LIKE, architecture="small_cnn", input_shape=(1, 16, 16), num_classes=10, attack="no_such_attack"
+        )
+        if "or run" in w
+    ]
 
 
 @pytest.mark.parametrize(

@@ -41,11 +41,10 @@ from bdx_study.data.gtsrb import GTSRB_CLASSES
 from bdx_study.data.idx import FASHION_MNIST_SYSTEM_ROOT, read_idx
 from bdx_study.data.image_folder import IMAGE_EXTENSIONS, register_image_folder
 
-if TYPE_CHECKING:
-    from bdx_study.data._tensors import (
+if TYPE_CHECKING:  # re-exported for type checkers; at run time __getattr__ serves _TORCH_NAMES
+    from bdx_study.data._tensors import (  # noqa: F401  (exported through __all__'s _TORCH_NAMES)
         ImageData,
         Splits,
-        _load_cached,
         augment_batch,
         check_loaded,
         defender_split,
@@ -55,18 +54,15 @@ if TYPE_CHECKING:
     )
 
 # Names served by the torch layer, imported on first access (PEP 562).
-_TORCH_NAMES = frozenset(
-    {
-        "ImageData",
-        "Splits",
-        "_load_cached",
-        "augment_batch",
-        "check_loaded",
-        "defender_split",
-        "load_splits",
-        "load_test_portion",
-        "to_uint8",
-    }
+_TORCH_NAMES = (
+    "ImageData",
+    "Splits",
+    "augment_batch",
+    "check_loaded",
+    "defender_split",
+    "load_splits",
+    "load_test_portion",
+    "to_uint8",
 )
 
 
@@ -83,20 +79,12 @@ __all__ = [
     "Arrays",
     "DataError",
     "DatasetInfo",
-    "ImageData",
     "Loader",
     "SplitIndices",
-    "Splits",
-    "_load_cached",
-    "augment_batch",
     "check_arrays",
-    "check_loaded",
     "dataset_info",
-    "defender_split",
     "list_datasets",
     "load_arrays",
-    "load_splits",
-    "load_test_portion",
     "randperm",
     "read_cifar_binary",
     "read_idx",
@@ -106,5 +94,5 @@ __all__ = [
     "register_image_folder",
     "resolve_root",
     "split_indices",
-    "to_uint8",
+    *_TORCH_NAMES,
 ]
