@@ -21,7 +21,7 @@ from pydantic import Field, field_validator
 from bdx_study._config import Precision, RowModel, StrictModel
 from bdx_study.archs import ARCHITECTURES, check_input_shape
 from bdx_study.attacks import ATTACKS, attack_identity, check_attack
-from bdx_study.data import DATASETS, DataError, dataset_info, load_arrays, resolve_root, split_indices
+from bdx_study.data import DATASETS, DataError, dataset_info, load_labels, resolve_root, split_indices
 from bdx_study.metrics import conformal_threshold, fit_threshold
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ class DataConfig(StrictModel):
     def train_labels(self, dataset: str) -> np.ndarray:
         """The labels of the victim's training split, cut as :meth:`splits` cuts it, without torch
         (what ``validate`` checks attacks on; no pixels are copied)."""
-        train, test = load_arrays(dataset, resolve_root(self.root), self.download)
+        train, test = load_labels(dataset, resolve_root(self.root), self.download)
         rows = split_indices(dataset, len(train.labels), len(test.labels), **self._cut()).train
         return train.labels if rows is None else train.labels[rows]
 

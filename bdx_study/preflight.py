@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from bdx_study.attacks import check_attack_data, user_attack
-from bdx_study.data import Arrays, DataError, dataset_info, load_arrays, resolve_root
+from bdx_study.data import DataError, Labels, dataset_info, load_labels, resolve_root
 from bdx_study.space import SpaceError, StudySpec
 
 
@@ -31,12 +31,13 @@ def check_storage(spec: StudySpec, source: str) -> None:
 
 def check_data(spec: StudySpec, source: str) -> None:
     """Every dataset is readable and holds the splits the study asks for, and every attack can
-    be carried by its victim's training split. Reads the files as arrays: no torch."""
+    be carried by its victim's training split. Reads labels and image shapes (no pixels where the
+    dataset has a label reader: :func:`~bdx_study.data.load_labels`): no torch."""
     d = spec.data
-    loaded: dict[str, tuple[Arrays, Arrays]] = {}
+    loaded: dict[str, tuple[Labels, Labels]] = {}
     for ds in spec.victims.datasets:
         try:
-            loaded[ds] = load_arrays(ds, resolve_root(d.root), d.download)
+            loaded[ds] = load_labels(ds, resolve_root(d.root), d.download)
         except (DataError, OSError) as e:
             raise SpaceError(f"{source}: data (dataset {ds!r}): {e}") from None
         train, test = loaded[ds]
@@ -73,7 +74,7 @@ def check_data(spec: StudySpec, source: str) -> None:
             if v.dataset not in labels:
                 labels[v.dataset] = d.train_labels(v.dataset)
             info = dataset_info(v.dataset)
-            shape = loaded[v.dataset][0].pixels.shape[1:]
+            shape = loaded[v.dataset][0].shape[1:]
             check_attack_data(
                 v.attack.name, v.attack.params, info.input_shape, info.num_classes, shape, labels[v.dataset]
             )

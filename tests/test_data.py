@@ -18,6 +18,8 @@ from bdx_study.data import (
     augment_batch,
     dataset_info,
     defender_split,
+    load_arrays,
+    load_labels,
     load_splits,
     read_cifar_binary,
     read_idx,
@@ -92,6 +94,31 @@ def test_read_idx_plain_and_gz(tmp_path: Path) -> None:
     assert gzipped.suffix == ".gz"
     np.testing.assert_array_equal(read_idx(plain), arr)
     np.testing.assert_array_equal(read_idx(gzipped), arr)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_labels_without_pixels_agree_with_the_full_read(tmp_path: Path, gz: bool) -> None:
+    """validate's reader (labels and image shapes from the headers) gives what the full loader
+    gives, and refuses an image file whose size disagrees with its header, as the full read does."""
+    arrays = _write_idx_dataset(tmp_path / "d", 30, 20, gz)
+    root = (tmp_path / "d").resolve()
+    for full, quick in zip(load_arrays("mnist", root, False), load_labels("mnist", root, False), strict=True):
+        assert quick.shape == full.pixels.shape
+        np.testing.assert_array_equal(quick.labels, full.labels)
+    assert load_labels("mnist", root, False)[0].shape == (30, 1, 28, 28)
+    np.testing.assert_array_equal(load_labels("mnist", root, False)[1].labels, arrays["t10k-labels-idx1-ubyte"])
+    cut = tmp_path / "cut"
+    _write_idx_dataset(cut, 30, 20, gz)
+    images = next(cut.glob("train-images-idx3-ubyte*"))
+    if gz:  # a gzip member of fewer images: its trailer records the size it really holds
+        with gzip.open(images, "wb") as f:
+            f.write(_idx_bytes(np.zeros((30, 28, 28), np.uint8))[: -28 * 28])
+    else:
+        images.write_bytes(images.read_bytes()[:-5])
+    with pytest.raises(DataError, match=r"declares shape \[30, 28, 28\]"):
+        load_labels("mnist", cut.resolve(), False)
+    with pytest.raises(DataError, match="expected 23520 values"):
+        load_arrays("mnist", cut.resolve(), False)
 
 
 def test_read_idx_rejects_bad_files(tmp_path: Path) -> None:

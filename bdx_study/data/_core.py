@@ -144,6 +144,47 @@ def load_arrays(name: str, root: Path | None, download: bool) -> tuple[Arrays, A
     return train, test
 
 
+class Labels(NamedTuple):
+    """One portion as the checks that need no pixels see it (``validate``): the image array's
+    shape (N, C, H, W) and the labels (N,) int64."""
+
+    shape: tuple[int, int, int, int]
+    labels: np.ndarray
+
+
+# dataset name -> a reader of its labels and image shapes that decodes no pixels (root, download) -> (train, test)
+LabelReader = Callable[[Path | None, bool], "tuple[Labels, Labels]"]
+_LABEL_READERS: dict[str, LabelReader] = {}
+
+
+def register_label_reader(name: str) -> Callable[[LabelReader], LabelReader]:
+    """Decorator: a cheaper reader of dataset ``name`` for :func:`load_labels`: the labels and the
+    image files' shapes from their headers, refusing files whose size disagrees with their
+    header (what the full loader would refuse); datasets without one are read whole."""
+
+    def deco(fn: LabelReader) -> LabelReader:
+        _LABEL_READERS[name] = fn
+        return fn
+
+    return deco
+
+
+@functools.lru_cache(maxsize=4)
+def load_labels(name: str, root: Path | None, download: bool) -> tuple[Labels, Labels]:
+    """The (train, test) labels and image shapes of dataset ``name``, checked against its
+    registered facts like :func:`load_arrays`, without decoding pixels where the dataset has a
+    label reader (Fashion-MNIST's 30 MB of .gz images are most of ``validate``'s time otherwise)."""
+    reader = _LABEL_READERS.get(name)
+    if reader is None:
+        train, test = load_arrays(name, root, download)
+        return Labels(train.pixels.shape, train.labels), Labels(test.pixels.shape, test.labels)
+    portions = reader(root, download)
+    for part, (shape, y) in zip(("train", "test"), portions, strict=True):
+        lo, hi = (int(y.min()), int(y.max())) if len(y) else (None, None)
+        check_portion(name, part, tuple(shape[1:]), lo, hi)
+    return portions
+
+
 # torch's CPU randperm keeps its 32-bit Fisher-Yates below this size (ATen's randperm_cpu).
 _RANDPERM_MAX = (2**32 - 1) // 20
 
