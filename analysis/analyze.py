@@ -27,7 +27,7 @@ from bdx_study.tables import StudyTables, write_table_atomic
 
 from .figures import auroc_vs_clean_set, plot_auroc_vs_clean_set, plot_unlearning_curve
 from .recipe import Recipe
-from .report import plot_comparison, plot_params, render
+from .report import plot_comparison, plot_params, pruning_text, render
 from .robust import RobustDefaults, comparison, load_trials, robust_defaults
 from .searches import param_importances, pareto, plot_importances, plot_pareto, write_optuna_study
 
@@ -56,7 +56,7 @@ def analyze(spec: StudySpec) -> Analysis:
     table = comparison(per_family)
     files = [out, *_write(table, folder, "comparison")]
     files.append(plot_comparison(per_family, _policy_scores(study_dir, per_family), folder / "comparison_roc.png"))
-    text = [render(per_family, spec, table)]
+    text = [render(per_family, spec, table), *filter(None, [pruning_text(trials, spec)])]
     plot = plot_params(trials, spec, spec.search.objective.metric, folder / "objective_vs_params.png")
     files += _importance(trials, spec, folder, text)
     files += _pareto(trials, spec, folder, text)

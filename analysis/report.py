@@ -12,6 +12,7 @@ from bdx_study._config import flatten
 from bdx_study._io import atomic_path
 from bdx_study.metrics import HEADLINE
 from bdx_study.objective import reduction
+from bdx_study.selection import is_pruned
 from bdx_study.space import LogUniform, StudySpec
 
 from .robust import RobustDefaults, family_board, with_flat_params
@@ -95,10 +96,34 @@ def render(per_family: dict[str, RobustDefaults], spec: StudySpec, table: pd.Dat
     return "\n".join(lines)
 
 
+def pruning_text(trials: pd.DataFrame, spec: StudySpec) -> str:
+    """How many trials the study's pruner stopped and what that saved (victim evaluations, and
+    their price at the complete trials' mean seconds per victim)."""
+    from bdx_study.pruning import savings
+
+    kind = spec.pruning.kind
+    s = savings(trials)
+    if not s["pruned"]:
+        return "" if kind == "none" else f"\nPruning ({kind}): no trial was stopped early ({int(s['trials'])} trials)."
+    share = s["skipped"] / (s["skipped"] + s["evaluated"])
+    price = f", about {s['seconds_skipped']:.0f} s of trial time" if np.isfinite(s["seconds_skipped"]) else ""
+    exact = (
+        "exact: none of them could have been picked or refitted"
+        if kind == "exact"
+        else "approximate: a pruned trial might have done well on the victims it skipped"
+    )
+    return (
+        f"\nPruning ({kind}; {exact}): {int(s['pruned'])} of {int(s['trials'])} trials stopped early; "
+        f"{int(s['skipped'])} of {int(s['skipped'] + s['evaluated'])} victim evaluations skipped ({share:.0%}{price}). "
+        "Pruned trials are kept in the tables (rows marked pruned) and are never picked."
+    )
+
+
 def plot_params(df: pd.DataFrame, spec: StudySpec, metric: str, path: Path) -> Path | None:
     """The objective the search optimized (``metric`` aggregated over victims as the search does,
     on the selection split) of each trial against each searched setting, one row per family;
-    infeasible trials (beyond the clean-accuracy constraint) marked apart; log axes labelled."""
+    infeasible trials (beyond the clean-accuracy constraint) and pruned ones (their figure is over
+    the victims they saw) marked apart; log axes labelled."""
     families = [f for f in spec.families if spec.searched(f) and (df["detector"] == f).any()]
     if not families:
         return None
@@ -115,13 +140,21 @@ def plot_params(df: pd.DataFrame, spec: StudySpec, metric: str, path: Path) -> P
     for row, family in zip(axes, families, strict=True):
         rows = with_flat_params(df[df["detector"] == family])
         searched = spec.searched(family)
-        per_trial = rows.groupby("trial_id").agg({**{k: "first" for k in searched}, column: how, "feasible": "first"})
-        ok = per_trial["feasible"].astype(bool)
+        rows = rows.assign(_pruned=is_pruned(rows))
+        agg = {**{k: "first" for k in searched}, column: how, "feasible": "first", "_pruned": "max"}
+        per_trial = rows.groupby("trial_id").agg(agg)
+        pruned = per_trial["_pruned"].astype(bool)
+        ok = per_trial["feasible"].astype(bool) & ~pruned
+        bad = ~per_trial["feasible"].astype(bool) & ~pruned
         for ax, k in zip(row, searched, strict=False):
             x = per_trial[k].astype(str) if per_trial[k].dtype == object else per_trial[k]
             ax.scatter(x[ok], per_trial[column][ok], s=12, label="feasible")
-            if (~ok).any():
-                ax.scatter(x[~ok], per_trial[column][~ok], s=16, marker="x", color="tab:red", label="infeasible")
+            if bad.any():
+                ax.scatter(x[bad], per_trial[column][bad], s=16, marker="x", color="tab:red", label="infeasible")
+            if pruned.any():  # its figure covers only the victims it saw: a bound, not a result
+                label = "pruned (victims seen only)"
+                ax.scatter(x[pruned], per_trial[column][pruned], s=14, marker="v", color="0.6", label=label)
+            if bad.any() or pruned.any():
                 ax.legend(fontsize=6)
             dist = searched[k]
             if isinstance(dist, LogUniform):

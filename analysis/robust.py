@@ -34,7 +34,7 @@ from bdx_study.folds import fold_name, fold_spec
 from bdx_study.metrics import COST_METRICS, HEADLINE, HIGHER_IS_BETTER
 from bdx_study.objective import feasible_rows, mean, over_victims, worst
 from bdx_study.protocol import ProtocolConfig
-from bdx_study.selection import Selection, select
+from bdx_study.selection import Selection, is_pruned, select
 from bdx_study.space import StudySpec
 from bdx_study.tables import StudyTables
 
@@ -145,10 +145,14 @@ def _regrouped_folds(
     """For each victim group (each value of a group column with at least two), the rule re-run on
     the other groups' victims and its pick measured on the group's."""
     tables = StudyTables(study_dir)
-    strict = spec.search.sampler in ("grid", "random")
+    pruned = bool(is_pruned(df).any())
+    strict = spec.search.sampler in ("grid", "random") and not pruned
     why = (
         "candidates drawn without looking at any victim (grid/random search); re-picked without the group"
         if strict
+        else "pruning stopped candidates while it saw every victim, this group included "
+        "(set search.nested_folds for a search per fold)"
+        if pruned and spec.search.sampler == "random"
         else "TPE proposed the candidates while it saw every victim, this group included "
         "(set search.nested_folds for a search per fold)"
     )

@@ -19,6 +19,8 @@ from bdx_study._io import atomic_path
 from bdx_study.metrics import HIGHER_IS_BETTER
 from bdx_study.objective import FEASIBILITY_TOLERANCE, over_victims
 from bdx_study.protocol import ProtocolConfig
+from bdx_study.pruning import intermediate_values
+from bdx_study.selection import is_pruned
 from bdx_study.space import Objective, StudySpec
 
 
@@ -27,8 +29,10 @@ def _trials(rows_f: pd.DataFrame, spec: StudySpec, family: str) -> list[Any]:
     times: params = the searched values; value = the objective on the selection split, as the
     search measured it (not the penalty the search ranks an infeasible trial by); the clean-accuracy
     constraint as Optuna's own (feasible iff <= 0), so infeasible trials show as infeasible; user
-    attributes named by split (``selection/<victim>/<metric>``, ``evaluation/<victim>/<metric>``).
-    A trial whose objective is undefined is FAIL."""
+    attributes named by split (``selection/<victim>/<metric>``, ``evaluation/<victim>/<metric>``);
+    intermediate values = the running objective after each victim (step = victims done), so
+    optuna-dashboard plots each trial's progress over victims. A trial the study's pruner stopped
+    is PRUNED; one whose objective is undefined is FAIL."""
     import optuna
 
     dists = spec.optuna_space(family)
@@ -48,15 +52,21 @@ def _trials(rows_f: pd.DataFrame, spec: StudySpec, family: str) -> list[Any]:
         if limit is not None and len(drops):
             # Optuna: feasible when <= 0, with the selection rule's own tolerance (objective.feasible)
             constraints = {"selection_clean_acc_drop": float(np.max(drops)) - limit - FEASIBILITY_TOLERANCE}
+        pruned = bool(is_pruned(rows).any())
         attrs: dict[str, Any] = {"trial_id": str(tid), "feasible": bool(first["feasible"])}
         for _, r in rows.iterrows():
             attrs[f"selection/{r['victim_name']}/{metric}"] = _none_if_nan(r.get(f"selection_{metric}"))
             attrs[f"evaluation/{r['victim_name']}/{metric}"] = _none_if_nan(r.get(metric))
+        state = optuna.trial.TrialState.COMPLETE if math.isfinite(value) else optuna.trial.TrialState.FAIL
+        if pruned:
+            state = optuna.trial.TrialState.PRUNED
+            attrs["stopped_at"] = str(rows.sort_values("victim_step")["victim_name"].iloc[-1])
         trial = optuna.trial.create_trial(
-            state=optuna.trial.TrialState.COMPLETE if math.isfinite(value) else optuna.trial.TrialState.FAIL,
+            state=state,
             params=params,
             distributions={k: dists[k] for k in params},
-            value=value if math.isfinite(value) else None,
+            value=value if state == optuna.trial.TrialState.COMPLETE else None,
+            intermediate_values=intermediate_values(rows) if "victim_step" in rows.columns else None,
             user_attrs=attrs,
             constraints=constraints,
         )

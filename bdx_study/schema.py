@@ -7,7 +7,8 @@
 - ``scores``: one row per trial x victim x scored input (split, labels, predictions, score, flag
   and each family's extra columns);
 - ``refits`` and ``refit_scores``: the same two tables for refits of the best configs (fresh
-  seeds and fresh draws of D_c), ``refit_of`` naming the trial;
+  seeds and fresh draws of D_c), ``refit_of`` naming the trial; a pruned trial (``search.pruning``)
+  has rows for the victims it evaluated, marked ``pruned``, each with its ``victim_step``;
 - ``victims``: one row per victim (config, clean accuracy, attack success).
 """
 
@@ -26,7 +27,7 @@ from bdx_study.detectors import DETECTORS
 from bdx_study.metrics import COST_METRICS, DETECTION_METRICS
 from bdx_study.protocol import SAMPLE_COLUMNS, ProtocolConfig
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"  # 3: pruning columns (older parts read with them null: not pruned)
 
 VICTIM_FIELDS = [
     pa.field("victim_id", pa.string()),
@@ -112,8 +113,13 @@ def trials_schema() -> pa.Schema:
         pa.field("stages_fitted", pa.int64()),  # components this row fitted (0 = all found in the stage cache)
         pa.field("stage_keys", pa.string()),  # JSON {component: stage cache key}
         pa.field("fit_meta", pa.string()),  # JSON {component: fit metadata}
-        pa.field("objective", pa.float64()),
+        pa.field("objective", pa.float64()),  # the trial's (a pruned trial's: over the victims it saw)
         pa.field("feasible", pa.bool_()),
+        pa.field("pruned", pa.bool_()),  # the trial stopped early (search.pruning): never picked
+        pa.field("victim_step", pa.int64()),  # this victim was the trial's n-th (1 = first evaluated)
+        pa.field("victims_planned", pa.int64()),  # victims the trial would have evaluated
+        pa.field("running_objective", pa.float64()),  # the trial's objective over its first victim_step victims
+        pa.field("pruner_attrs", pa.string()),  # JSON: the Optuna pruner's records of the trial (its rungs)
         pa.field("trial_seconds", pa.float64()),
         pa.field("started_at", pa.float64()),
         pa.field("finished_at", pa.float64()),

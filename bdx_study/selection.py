@@ -26,6 +26,14 @@ class Selection:
     feasible: bool
 
 
+def is_pruned(rows: pd.DataFrame) -> pd.Series:
+    """Per row: whether its trial was pruned (``search.pruning``; rows written before pruning
+    existed were not). A pruned trial is never picked: it did not see every victim."""
+    if "pruned" not in rows.columns:
+        return pd.Series(False, index=rows.index)
+    return rows["pruned"].astype("boolean").fillna(False).astype(bool)
+
+
 def board(
     df: pd.DataFrame,
     metric: str,
@@ -36,7 +44,8 @@ def board(
 ) -> pd.DataFrame:
     """Per trial (``by``): worst and mean of ``prefix + metric`` over the victims where it is
     defined, feasibility from the clean-accuracy drop over *every* victim, and the selection
-    ``score``; sorted best first (feasible before infeasible)."""
+    ``score``; sorted best first (feasible before infeasible). Pruned trials are left out."""
+    df = df[~is_pruned(df)]
     col = prefix + metric
     higher = metric in HIGHER_IS_BETTER
     g = df.dropna(subset=[col]).groupby(by)[col]

@@ -19,7 +19,7 @@ A study file has these sections (unknown keys anywhere are errors):
                ``weights`` and ``reference_fraction``, flattened to ``members.<family>.<param>``
                and ``weights.<family>`` search keys (:func:`flatten_committee`)
     search:    sampler (tpe | random | grid), num_trials (per family, or {family: n}),
-               max_concurrent, seed, objective, constraint
+               max_concurrent, seed, objective, constraint, refit, nested_folds, pruning
     resources: cpu and gpu per trial (fractions allowed), max_failures
 
 Values are checked strictly (``true`` is not a number, ``"3"`` is not an integer, infinities and
@@ -292,6 +292,59 @@ class Refit(StrictModel):
     repeats: int = Field(3, ge=1, le=100, description="refits per config, each with a fresh seed and D_c draw")
 
 
+class ExactPruning(StrictModel):
+    """Stop a trial once its running worst case cannot put it among the configs that matter
+    (the selection rule's best ``k``): never changes the chosen defaults (:mod:`bdx_study.pruning`)."""
+
+    kind: Literal["exact"]
+
+
+class SuccessiveHalvingPruning(StrictModel):
+    """Optuna's SuccessiveHalvingPruner (asynchronous successive halving), victims as the resource."""
+
+    kind: Literal["successive_halving"]
+    min_resource: int = Field(1, ge=1, description="victims a trial evaluates before its first rung")
+    reduction_factor: int = Field(3, ge=2, description="1/reduction_factor of the trials at a rung go on")
+    min_early_stopping_rate: int = Field(0, ge=0)
+    bootstrap_count: int = Field(0, ge=0, description="trials a rung needs before it stops any")
+
+
+class MedianPruning(StrictModel):
+    """Optuna's MedianPruner: stop a trial whose running objective is worse than the median of
+    earlier trials' at the same number of victims."""
+
+    kind: Literal["median"]
+    n_startup_trials: int = Field(5, ge=0, description="finished trials before any is stopped")
+    n_warmup_steps: int = Field(0, ge=0, description="victims a trial always evaluates")
+    interval_steps: int = Field(1, ge=1)
+    n_min_trials: int = Field(1, ge=1)
+
+
+class NoPruning(StrictModel):
+    kind: Literal["none"]
+
+
+def _pruning_tag(v: Any) -> str:
+    kind = v.get("kind") if isinstance(v, dict) else getattr(v, "kind", None)
+    return str(kind) if kind in PRUNING_KINDS else "unknown"
+
+
+class _UnknownPruning(StrictModel):
+    kind: Literal["exact", "successive_halving", "median", "none"]  # always fails, with the allowed names
+
+
+PRUNING_KINDS = ("exact", "successive_halving", "median", "none")
+Pruning = Annotated[
+    Annotated[ExactPruning, Tag("exact")]
+    | Annotated[SuccessiveHalvingPruning, Tag("successive_halving")]
+    | Annotated[MedianPruning, Tag("median")]
+    | Annotated[NoPruning, Tag("none")]
+    | Annotated[_UnknownPruning, Tag("unknown")],
+    Discriminator(_pruning_tag),
+]
+ResolvedPruning = ExactPruning | SuccessiveHalvingPruning | MedianPruning | NoPruning
+
+
 class SearchSection(StrictModel):
     sampler: Literal["tpe", "random", "grid", "nsga2"] = "tpe"
     num_trials: int | dict[str, int] | None = Field(
@@ -310,6 +363,11 @@ class SearchSection(StrictModel):
     nested_folds: list[GroupColumn] = Field(
         default_factory=list,
         description="group columns whose every value gets its own search without it (strictly held out)",
+    )
+    pruning: Pruning | None = Field(
+        None,
+        description="stop hopeless trials early, victims as the resource: {kind: exact | successive_halving | "
+        "median | none, ...}; default exact for a worst-case objective, none otherwise",
     )
 
     @field_validator("num_trials")
@@ -386,6 +444,19 @@ class StudySpec(StrictModel):
     @property
     def num_trials(self) -> int:
         return sum(self.trials_for(f) for f in self.families)
+
+    @property
+    def pruning(self) -> ResolvedPruning:
+        """``search.pruning``, or its default: exact pruning where it is exact (one worst-case
+        objective, a sampler that is not the grid's), none elsewhere."""
+        p = self.search.pruning
+        if p is not None:
+            assert not isinstance(p, _UnknownPruning)
+            return p
+        s = self.search
+        if s.objective.aggregate == "worst" and s.sampler in ("tpe", "random"):
+            return ExactPruning(kind="exact")
+        return NoPruning(kind="none")
 
     def trial_config(self, config: dict[str, Any]) -> tuple[str, DetectorParams, ProtocolConfig]:
         """(family, its parameters, the protocol) of a trial whose sampled values are ``config``
@@ -607,7 +678,9 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     for p in loc:
         if isinstance(p, int):
             parts.append(f"[{p}]")
-        elif p in ("loguniform", "uniform", "int", "choice", "fixed", "unknown") or str(p).startswith("function-"):
+        elif p in ("loguniform", "uniform", "int", "choice", "fixed", "unknown", *PRUNING_KINDS) or str(p).startswith(
+            "function-"
+        ):
             continue  # discriminator tags, not keys
         else:
             parts.append(("." if parts else "") + str(p))
@@ -718,6 +791,7 @@ def _check_values(spec: StudySpec, source: str) -> None:
         problems.append(f"{source}: search.objectives: the nsga2 sampler searches 2 or more objectives jointly")
     if spec.search.objectives and spec.search.sampler != "nsga2":
         problems.append(f"{source}: search.objectives: only the nsga2 sampler searches several objectives")
+    problems += _check_pruning(spec, source)
     for column in spec.search.nested_folds:
         values = spec.group_values(column)
         if len(values) < 2:
@@ -727,6 +801,28 @@ def _check_values(spec: StudySpec, source: str) -> None:
             )
     if problems:
         raise SpaceError("\n".join(dict.fromkeys(problems)))
+
+
+def _check_pruning(spec: StudySpec, source: str) -> list[str]:
+    """Pruning that cannot apply: exact pruning of a mean (it can rise again), any pruning of a
+    grid (every cell of an ablation is wanted) or of a multi-objective search."""
+    p, s = spec.search.pruning, spec.search
+    if p is None or p.kind == "none":
+        return []
+    if s.sampler == "grid":
+        return [
+            f"{source}: search.pruning.kind: {p.kind} with the grid sampler would leave cells of the ablation "
+            "unmeasured; use kind: none (or sampler: tpe | random)"
+        ]
+    if s.sampler == "nsga2":
+        return [f"{source}: search.pruning.kind: {p.kind}: a multi-objective (nsga2) search cannot prune; use none"]
+    if p.kind == "exact" and s.objective.aggregate != "worst":
+        return [
+            f"{source}: search.pruning.kind: exact needs search.objective.aggregate: worst (a running "
+            f"{s.objective.aggregate} can rise again, so stopping would not be exact); use successive_halving, median "
+            "or none"
+        ]
+    return []
 
 
 def _check_clean_set(spec: StudySpec, source: str) -> list[str]:

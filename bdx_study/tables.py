@@ -31,8 +31,11 @@ class TableError(OSError):
     """A Parquet file that cannot be read; the message names it."""
 
 
-def _read(path: Path) -> pa.Table:
+def _read(path: Path, columns: list[str] | None = None) -> pa.Table:
     try:
+        if columns is not None:
+            have = set(pq.read_schema(path).names)
+            return pq.read_table(path, columns=[c for c in columns if c in have])
         return pq.read_table(path)
     except FileNotFoundError:
         raise
@@ -119,12 +122,13 @@ class StudyTables:
                 flush=True,
             )
 
-    def read(self, kind: str) -> pa.Table:
-        """All rows of ``kind`` ('trials' or 'scores') from the part files."""
+    def read(self, kind: str, columns: list[str] | None = None) -> pa.Table:
+        """All rows of ``kind`` ('trials' or 'scores') from the part files (only ``columns``,
+        those of them a part has, when given)."""
         files = sorted((self.root / "parts" / kind).glob("*.parquet"))
         if not files:
             raise FileNotFoundError(f"no {kind} tables under {self.root / 'parts' / kind}")
-        tables = [_read(f) for f in files]
+        tables = [_read(f, columns) for f in files]
         return pa.concat_tables(tables, promote_options="permissive")
 
     def write_victims(self, rows: list[dict[str, Any]]) -> None:

@@ -351,11 +351,29 @@ def _sections(text: str, level: str) -> dict[str, str]:
     return dict(re.findall(rf"^{level} ([^\n]+)\n(.*?)(?=^{level} |^## |\Z)", text, re.M | re.S))
 
 
+def _union_models(annotation: Any) -> list[type[BaseModel]]:
+    """The models a field may hold as one of several (a discriminated union such as
+    search.pruning), private sentinels left out."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _union_models(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [m for a in typing.get_args(annotation) for m in _union_models(a)]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel) and not annotation.__name__.startswith("_"):
+        return [annotation]
+    return []
+
+
 def _leaves(model: type[BaseModel], prefix: str = "") -> set[str]:
     out = set()
     for name, field in model.model_fields.items():
         sub = _model_in(field.annotation)
-        out |= _leaves(sub, f"{prefix}{name}.") if sub is not None else {prefix + name}
+        union = _union_models(field.annotation)
+        if sub is not None:
+            out |= _leaves(sub, f"{prefix}{name}.")
+        elif len(union) > 1:  # each member's keys
+            out |= {leaf for m in union for leaf in _leaves(m, f"{prefix}{name}.")}
+        else:
+            out.add(prefix + name)
     return out
 
 

@@ -25,6 +25,7 @@ from .conftest import tiny_study, write_study
 def test_killed_driver_resumes_without_rerunning(ray_cluster: Any, tmp_path: Path) -> None:
     n = 5
     doc = tiny_study(tmp_path, name="killed", search__num_trials=n, search__max_concurrent=1)
+    doc["victims"]["seeds"] = [0, 1]  # two victims: exact pruning (the default) can stop a trial after one
     path = write_study(tmp_path, doc)
     spec = load_space(path)
     study_dir = spec.storage_root() / "studies" / "killed"
@@ -52,7 +53,7 @@ def test_killed_driver_resumes_without_rerunning(ray_cluster: Any, tmp_path: Pat
     assert 2 <= len(finished) < n
     victims = spec.storage_root() / "victims"
     weights = {p: p.stat().st_mtime_ns for p in victims.glob("*/model.safetensors")}
-    assert len(weights) == 1
+    assert len(weights) == 2
 
     result = launch(spec, source=path, resume=True)
     assert result.num_errors == 0
@@ -64,6 +65,9 @@ def test_killed_driver_resumes_without_rerunning(ray_cluster: Any, tmp_path: Pat
     assert {p: p.stat().st_mtime_ns for p in victims.glob("*/model.safetensors")} == weights  # not retrained
     table = pq.read_table(study_dir / "tables" / "trials.parquet").to_pandas()
     assert not table.duplicated(["trial_id", "victim_id"]).any()
+    # finished and pruned trials alike kept once: a complete trial has both victims, a pruned one fewer
+    for _, rows in table.groupby("trial_id"):
+        assert rows["pruned"].nunique() == 1 and len(rows) == (1 if rows["pruned"].iloc[0] else 2)
     runs = MlflowClient(result.tracking_uri).search_runs(
         [result.experiment_id], filter_string="tags.`bdx.kind` = 'trial'", max_results=100
     )

@@ -128,6 +128,14 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
     return mutate
 
 
+def _both(*mutations: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    def mutate(raw: dict[str, Any]) -> None:
+        for m in mutations:
+            m(raw)
+
+    return mutate
+
+
 # (id, mutation, substrings the message must contain besides the file name)
 BAD_CASES: list[tuple[str, Callable[[dict[str, Any]], None], list[str]]] = [
     ("unknown_top_level_key", _set("serach", {"sampler": "tpe"}), ["serach"]),
@@ -225,6 +233,27 @@ BAD_CASES: list[tuple[str, Callable[[dict[str, Any]], None], list[str]]] = [
     ("grid_with_continuous", _set("search.sampler", "grid"), ["grid sampler", "detectors.badexpert.unlearn_lr"]),
     ("missing_victims", lambda raw: raw.pop("victims"), ["victims"]),
     ("bad_milestones", _set("detectors.badexpert.aux_milestones", [4, 2]), ["detectors.badexpert.aux_milestones"]),
+    ("pruning_unknown_kind", _set("search.pruning", {"kind": "asha"}), ["search.pruning.kind", "'median'", "asha"]),
+    ("pruning_unknown_setting", _set("search.pruning", {"kind": "median", "patience": 2}), ["search.pruning.patience"]),
+    (
+        "pruning_exact_of_a_mean",
+        _both(_set("search.objective", {"aggregate": "mean"}), _set("search.pruning", {"kind": "exact"})),
+        ["search.pruning.kind", "aggregate: worst", "can rise again"],
+    ),
+    (
+        "pruning_a_grid",
+        _both(_set("search.sampler", "grid"), _set("search.pruning", {"kind": "successive_halving"})),
+        ["search.pruning.kind", "grid sampler would leave cells of the ablation unmeasured"],
+    ),
+    (
+        "pruning_multi_objective",
+        _both(
+            _set("search.sampler", "nsga2"),
+            _set("search.objectives", [{"metric": "auroc_correct_only"}, {"metric": "clean_acc_drop"}]),
+            _set("search.pruning", {"kind": "median"}),
+        ),
+        ["search.pruning.kind", "multi-objective"],
+    ),
 ]
 
 

@@ -32,6 +32,7 @@ def study(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[st
         victims__attacks=[{"name": "badnet", "poison_rate": 0.1}, {"name": "none"}],
         search__num_trials=3,
         search__refit={"top_k": 1, "repeats": 2},
+        search__pruning={"kind": "none"},  # these tests read whole trials; pruned ones: test_pruning_study.py
     )
     doc["detectors"]["strip"] = {"num_images": 8}
     doc["detectors"]["scale_up"] = {"scales": [3, 7]}

@@ -169,9 +169,12 @@ def _search(spec: StudySpec, ctx: StudyContext, parent: ParentRun, resume: bool)
 
 def _print_summary(spec: StudySpec, parent: ParentRun, outcome: _Outcome, seconds: float) -> None:
     grid, best = outcome.grid, outcome.best
+    pruned = sum(bool((grid[i].metrics or {}).get("pruned")) for i in range(len(grid)))
     print(
         f"[bdx-study] study {spec.study.name!r} done in {seconds:.0f} s: "
-        f"{grid.num_terminated} trial(s) finished, {grid.num_errors} failed"
+        f"{grid.num_terminated} trial(s) finished"
+        + (f" ({pruned} pruned: stopped early by search.pruning: {spec.pruning.kind})" if pruned else "")
+        + f", {grid.num_errors} failed"
         + (f", {outcome.repaired} run again after their stored result was lost" if outcome.repaired else "")
         + (f"; {outcome.refitted} refit(s)" if outcome.refitted else "")
         + (f"; {outcome.folds} nested fold(s)" if outcome.folds else ""),

@@ -59,6 +59,7 @@ class FamilySearcher(Searcher):
         }
         self._suggested = dict.fromkeys(self._families, 0)
         self._live: dict[str, tuple[str, optuna.trial.Trial | None]] = {}  # trial id -> (family, Optuna trial)
+        self._reported: dict[str, set[int]] = {}  # trial id -> the steps (victims done) Optuna has
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict[str, Any], **spec: Any) -> bool:
         return True  # the spaces come from the study file, not from Tune's param_space
@@ -81,11 +82,27 @@ class FamilySearcher(Searcher):
         self._live[trial_id] = (family, trial)
         return {"detector": family, **trial.params}
 
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        """A trial's report after a victim: its running objective, Optuna's intermediate value
+        at step = victims done (single-objective searches)."""
+        _, trial = self._live.get(trial_id, ("", None))
+        step, value = result.get("victims_done"), result.get(self.metric)
+        if trial is None or self._multi or step is None or value is None or not math.isfinite(float(value)):
+            return
+        steps = self._reported.setdefault(trial_id, set())
+        if int(step) not in steps:  # a trial Tune restarts after a resume reports its first steps again
+            steps.add(int(step))
+            trial.report(float(value), int(step))
+
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         family, trial = self._live.pop(trial_id, ("", None))
+        self._reported.pop(trial_id, None)
         if trial is None:
             return
         result = result or {}
+        if not error and result.get("pruned"):  # stopped early by the study's pruner: a result, not a failure
+            self._studies[family].tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return
         if self._multi:  # one value per objective, reported by the trial as objectives/<i>
             n = len(self._studies[family].directions)
             values = [result.get(f"objectives/{i}") for i in range(n)]
@@ -105,3 +122,4 @@ class FamilySearcher(Searcher):
         # Tune's own experiment snapshot, written by this class in the study's folder.
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))  # noqa: S301
+        self.__dict__.setdefault("_reported", {})  # a snapshot from before per-victim reports

@@ -31,7 +31,7 @@ from bdx_study.tables import StudyTables
 
 PARENT_TAG = "mlflow.parentRunId"
 # Result keys logged as trial metrics besides the "<aggregate>/<metric>" and "<victim>/<metric>" ones.
-TRIAL_SCALARS = ("objective", "feasible", "trial_seconds", "stages_fitted")
+TRIAL_SCALARS = ("objective", "feasible", "trial_seconds", "stages_fitted", "pruned", "victims_done", "victims_planned")
 
 
 def children_filter(parent_run_id: str | None, kind: str | None = None, key: str | None = None) -> str:
@@ -286,9 +286,29 @@ class StudyTracker:
             run_id, status or RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
         )
 
+    def log_progress(self, run_id: str, result: dict[str, Any]) -> None:
+        """A trial's progress over victims: ``running/objective`` at step = victims done (the
+        objective over the victims evaluated so far), and whether the study's pruner stopped it
+        (tag ``bdx.status``: complete | pruned; ``bdx.stopped_at``: the last victim it saw)."""
+        now = int(time.time() * 1000)
+        steps = result.get("progress") or []
+        items = [Metric("running/objective", float(v), now, i) for i, v in enumerate(steps, start=1) if _finite(v)]
+        for i in range(0, len(items), 900):
+            self.client.log_batch(run_id, metrics=items[i : i + 900])
+        if "pruned" not in result:
+            return
+        done, planned = int(result.get("victims_done", 0)), int(result.get("victims_planned", 0))
+        tags = {"bdx.status": "pruned" if result["pruned"] else "complete", "bdx.victims": f"{done}/{planned}"}
+        if result["pruned"]:
+            tags["bdx.stopped_at"] = str(result.get("stopped_at", ""))
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, v)
+
     def log_trial(self, run_id: str, result: dict[str, Any]) -> None:
-        """Metrics and artifacts of a finished trial, then mark its run FINISHED."""
+        """Metrics and artifacts of a finished (or pruned) trial, then mark its run FINISHED: a
+        pruned trial is a result (tagged ``bdx.status: pruned``), not a failure."""
         self.log_metrics(run_id, trial_metrics(result))
+        self.log_progress(run_id, result)
         self.log_curves(run_id, Path(result.get("curves_path", "")))
         self.log_artifact(run_id, Path(result.get("scores_path", "")), "scores")
         self.log_artifact(run_id, Path(result.get("plot_path", "")), "plots")
@@ -469,8 +489,14 @@ class MlflowStudyCallback(tune.Callback):
         if run_id is not None:
             self._safe("logging", self.tracker.log_trial, run_id, result)
         obj = result.get("objective", float("nan"))
+        how = "finished"
+        if result.get("pruned"):
+            how = (
+                f"pruned after {int(result.get('victims_done', 0))}/{int(result.get('victims_planned', 0))} victims "
+                f"({result.get('stopped_at', '')})"
+            )
         print(
-            f"[bdx-study] trial {done}/{self.total} {trial.trial_id} finished: "
+            f"[bdx-study] trial {done}/{self.total} {trial.trial_id} {how}: "
             f"objective {obj:.4f}{'' if result.get('feasible', 1.0) else ' (infeasible)'}; "
             + ", ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items()),
             flush=True,

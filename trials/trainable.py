@@ -9,7 +9,7 @@ import math
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -26,6 +26,7 @@ from bdx_study.metrics import HEADLINE
 from bdx_study.objective import aggregate
 from bdx_study.plugins import load_plugins
 from bdx_study.protocol import Part, ProtocolConfig, scoring_parts
+from bdx_study.pruning import TrialPruner, stored_rows
 from bdx_study.schema import scores_table, victim_columns
 from bdx_study.stages import DetectorRun, LoadedVictim, StageStore, run_detector
 from bdx_study.tables import SCORES_OF, StudyTables
@@ -100,27 +101,69 @@ CACHE = WorkerCache()  # one per worker process
 class TrialResult:
     family: DetectorFamily
     protocol: ProtocolConfig
-    runs: list[tuple[VictimConfig, DetectorRun]]
+    runs: list[tuple[VictimConfig, DetectorRun]]  # the victims evaluated, in the study's order
+    steps: dict[str, int] = field(default_factory=dict)  # victim key -> its position in the trial (1 = first)
+    planned: int = 0  # victims the trial set out to evaluate
+    pruned: bool = False  # stopped early by the study's pruner
+    pruner_attrs: dict[str, Any] = field(default_factory=dict)
+    progress: list[float] = field(default_factory=list)  # the running objective after each step
+
+    @property
+    def stopped_at(self) -> str:
+        """The victim the trial evaluated last."""
+        last = max(self.steps, key=lambda k: self.steps[k], default="")
+        return next((v.name for v, _ in self.runs if v.key == last), "")
 
 
-def run_trial(ctx: StudyContext, config: dict[str, Any], *, device: torch.device) -> TrialResult:
-    """The computation of a trial: the family with ``config`` on every victim of the study."""
+# Called after each victim with (step, the result so far); True stops the trial (pruned).
+AfterVictim = Callable[[int, TrialResult], bool]
+
+
+def run_trial(
+    ctx: StudyContext,
+    config: dict[str, Any],
+    *,
+    device: torch.device,
+    pruner: TrialPruner | None = None,
+    after_victim: AfterVictim | None = None,
+) -> TrialResult:
+    """The computation of a trial: the family with ``config`` on every victim of the study (in
+    ``pruner``'s order, until ``after_victim`` stops it)."""
     name, params, protocol = ctx.spec.trial_config(config)
-    return run_family(ctx, create_detector(name, params), protocol, device=device)
+    order = pruner.order(ctx.victims) if pruner is not None else None
+    return run_family(
+        ctx, create_detector(name, params), protocol, device=device, order=order, after_victim=after_victim
+    )
 
 
 def run_family(
-    ctx: StudyContext, family: DetectorFamily, protocol: ProtocolConfig, *, device: torch.device
+    ctx: StudyContext,
+    family: DetectorFamily,
+    protocol: ProtocolConfig,
+    *,
+    device: torch.device,
+    order: list[int] | None = None,
+    after_victim: AfterVictim | None = None,
 ) -> TrialResult:
-    """A family with fixed parameters, under ``protocol``, on every victim of the study."""
+    """A family with fixed parameters, under ``protocol``, on the study's victims in ``order``
+    (indices; default: the study's order) until ``after_victim`` says stop. The result lists the
+    evaluated victims in the study's order whatever the order they ran in, so its aggregates and
+    rows do not depend on it."""
     store = CACHE.stage_store(ctx.stage_cache)
-    runs = []
-    for victim in ctx.victims:
+    order = list(range(len(ctx.victims))) if order is None else order
+    done: dict[int, DetectorRun] = {}
+    res = TrialResult(family, protocol, [], planned=len(order))
+    for step, i in enumerate(order, start=1):
+        victim = ctx.victims[i]
         loaded = CACHE.victim(ctx.victim_cache, victim, device)
         parts = CACHE.parts(ctx.victim_cache, victim, protocol)
-        run = run_detector(store, family, protocol, loaded, device=device, parts=parts)
-        runs.append((victim, run))
-    return TrialResult(family, protocol, runs)
+        done[i] = run_detector(store, family, protocol, loaded, device=device, parts=parts)
+        res.steps[victim.key] = step
+        res.runs = [(ctx.victims[j], done[j]) for j in sorted(done)]
+        if after_victim is not None and after_victim(step, res):
+            res.pruned = step < len(order)
+            break
+    return res
 
 
 def _node_id() -> str:
@@ -142,10 +185,17 @@ def _rows(ctx: StudyContext, trial_id: str, res: TrialResult, device: torch.devi
         "params": res.family.params.to_json(),
         "node": node,
         "device": str(device),
-        "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
+        "gpu_ids": ",".join(map(str, ray.get_gpu_ids())) if ray.is_initialized() else "",
     }
     rows = []
+    common.update(
+        pruned=res.pruned,
+        victims_planned=res.planned,
+        pruner_attrs=json.dumps(res.pruner_attrs, sort_keys=True) if res.pruner_attrs else None,
+    )
     for victim, run in res.runs:
+        step = res.steps.get(victim.key)
+        running = res.progress[step - 1] if step is not None and step <= len(res.progress) else None
         ev = run.evaluation
         p = res.protocol
         finetune = p.clean_set_size if p.calibration_size is not None else p.clean_set_size - p.calibration_images
@@ -161,6 +211,8 @@ def _rows(ctx: StudyContext, trial_id: str, res: TrialResult, device: torch.devi
                 "stages_fitted": run.fitted_now,
                 "stage_keys": json.dumps(run.stage_keys, sort_keys=True),
                 "fit_meta": json.dumps({c: r.fitted.meta for c, r in run.components.items()}, sort_keys=True),
+                "victim_step": step,
+                "running_objective": running if running is not None and math.isfinite(running) else None,
             }
         )
     return rows
@@ -176,14 +228,41 @@ def trial_aggregates(res: TrialResult) -> dict[str, float]:
     return out
 
 
-def execute_trial(ctx: StudyContext, trial_id: str, config: dict[str, Any]) -> dict[str, Any]:
+def execute_trial(
+    ctx: StudyContext, trial_id: str, config: dict[str, Any], progress: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
     """Run trial ``trial_id`` with ``config`` (the family under ``detector`` and the sampled
-    values; the study's fixed ones come from ``ctx``): write its plot, report and Parquet parts
-    (the trial counts as finished once its trials part exists). Returns the report."""
+    values; the study's fixed ones come from ``ctx``), victim by victim under the study's pruning
+    (``search.pruning``; the study state is the family's trials stored when it starts), passing
+    ``progress`` a report after each victim but the last; write its plot, report and Parquet
+    parts (the trial counts as finished once its trials part exists). Returns the report."""
     start, started_at = time.perf_counter(), time.time()
     device = _device(ctx)
-    res = run_trial(ctx, config, device=device)
+    family = str(config["detector"])
+    metric = ctx.spec.search.objective.metric
+    stored = stored_rows(ctx.study_dir, family, metric) if ctx.spec.pruning.kind != "none" else None
+    pruner = TrialPruner(ctx.spec, family, stored, trial_id)
+
+    def after_victim(step: int, res: TrialResult) -> bool:
+        aggregates = trial_aggregates(res)
+        running, feasible = objective_value(ctx.spec, aggregates) if res.runs else (math.nan, False)
+        res.progress.append(_running(ctx, aggregates, running))
+        stop = pruner.stop(step, res.planned, aggregates, res.progress[-1])
+        res.pruner_attrs = pruner.attrs
+        if progress is not None and step < res.planned and not stop:
+            progress(
+                {"objective": running, "feasible": float(feasible), "victims_done": float(step), "intermediate": 1.0}
+            )
+        return stop
+
+    res = run_trial(ctx, config, device=device, pruner=pruner, after_victim=after_victim)
     return _record(ctx, trial_id, res, device, start, started_at)
+
+
+def _running(ctx: StudyContext, aggregates: dict[str, float], value: float) -> float:
+    """The running objective as pruners see it: NaN while the objective is undefined (no victim
+    with a backdoor yet), not the worst finite value the search records for a whole trial."""
+    return value if math.isfinite(aggregates.get(ctx.spec.search.objective.selection_key, math.nan)) else math.nan
 
 
 def execute_refit(ctx: StudyContext, trial_row: dict[str, Any], index: int) -> str:
@@ -250,6 +329,7 @@ def _record(
         "feasible": float(feasible),
         "trial_seconds": elapsed,
         "stages_fitted": float(sum(run.fitted_now for _, run in res.runs)),
+        **_progress(res, kind),
     }
     report.update(aggregates)
     for i, value in enumerate(objective_values(ctx.spec, aggregates)):
@@ -280,6 +360,21 @@ def _record(
     return report
 
 
+def _progress(res: TrialResult, kind: str) -> dict[str, Any]:
+    """A report's progress over victims: whether the pruner stopped it, victims done and planned,
+    the running objective after each (a search's trials) and the victim it stopped at."""
+    out: dict[str, Any] = {
+        "pruned": float(res.pruned),
+        "victims_done": float(len(res.runs)),
+        "victims_planned": float(res.planned),
+    }
+    if kind == "trials":
+        out["progress"] = [v if math.isfinite(v) else None for v in res.progress]
+        if res.pruned:
+            out["stopped_at"] = res.stopped_at
+    return out
+
+
 def stored_report(ctx: StudyContext, trial_id: str) -> dict[str, Any] | None:
     """The report of a trial that already finished (readable parts and report), else None."""
     report = ctx.study_dir / "artifacts" / trial_id / "report.json"
@@ -292,11 +387,13 @@ def stored_report(ctx: StudyContext, trial_id: str) -> dict[str, Any] | None:
 
 
 def defense_trial(config: dict[str, Any], *, ctx: StudyContext) -> None:
-    """Ray Tune function trainable: one report per trial."""
+    """Ray Tune function trainable: a report after each victim (the running objective; Tune's
+    searcher gives it to Optuna as an intermediate value), then the trial's own (``pruned`` when
+    the study's pruner stopped it)."""
     trial_id = tune.get_context().get_trial_id()
     # A restored study may restart a trial that had already finished (its result was written
     # after Tune's last experiment snapshot): report the stored result instead of re-running.
-    report = stored_report(ctx, trial_id) or execute_trial(ctx, trial_id, config)
+    report = stored_report(ctx, trial_id) or execute_trial(ctx, trial_id, config, progress=tune.report)
     tune.report(report)
 
 

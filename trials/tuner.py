@@ -3,6 +3,7 @@ restores), running it, and reading what it left (interrupted? the best trial).""
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 from typing import Any
@@ -101,10 +102,16 @@ def interrupted(spec: StudySpec, grid: Any) -> bool:
 
 
 def best_trial(spec: StudySpec, grid: Any) -> dict[str, Any]:
-    """The best trial of Tune's run by the objective (selection split): id, objective, feasible."""
-    try:
-        r = grid.get_best_result(metric="objective", mode=spec.search.objective.mode)
-    except RuntimeError:
-        return {}
-    m = r.metrics or {}
-    return {"trial_id": m.get("trial_id"), "objective": m.get("objective"), "feasible": bool(m.get("feasible"))}
+    """The best trial of Tune's run by the objective (selection split): id, objective, feasible.
+    A pruned trial's objective covers only the victims it saw: it is never the best."""
+    sign = 1.0 if spec.search.objective.mode == "max" else -1.0
+    best: dict[str, Any] = {}
+    for i in range(len(grid)):
+        r = grid[i]
+        m = r.metrics or {}
+        value = m.get("objective")
+        if r.error is not None or m.get("pruned") or not isinstance(value, int | float) or not math.isfinite(value):
+            continue
+        if not best or sign * value > sign * best["objective"]:
+            best = {"trial_id": m.get("trial_id"), "objective": value, "feasible": bool(m.get("feasible"))}
+    return best
