@@ -153,25 +153,15 @@ class TrialPruner:
     # -- Optuna's pruners -------------------------------------------------------------------
 
     def _pruner(self) -> optuna.pruners.BasePruner:
+        """Optuna's pruner of ``search.pruning`` (its settings are named as Optuna names them)."""
         import optuna
 
-        from bdx_study.space import MedianPruning, SuccessiveHalvingPruning
-
         p = self.spec.pruning
-        if isinstance(p, SuccessiveHalvingPruning):
-            return optuna.pruners.SuccessiveHalvingPruner(
-                min_resource=p.min_resource,
-                reduction_factor=p.reduction_factor,
-                min_early_stopping_rate=p.min_early_stopping_rate,
-                bootstrap_count=p.bootstrap_count,
-            )
-        assert isinstance(p, MedianPruning)
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=p.n_startup_trials,
-            n_warmup_steps=p.n_warmup_steps,
-            interval_steps=p.interval_steps,
-            n_min_trials=p.n_min_trials,
-        )
+        pruner: dict[str, type[optuna.pruners.BasePruner]] = {
+            "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+            "median": optuna.pruners.MedianPruner,
+        }
+        return pruner[p.kind](**p.model_dump(exclude={"kind"}))
 
     def _study(self) -> tuple[optuna.Study, optuna.trial.Trial]:
         """The family's stored trials as an in-memory Optuna study with this trial's pruner, and
@@ -219,7 +209,7 @@ def intermediate_values(rows: pd.DataFrame) -> dict[int, float]:
     """A trial's running objective after each victim (step = victims done), from its rows."""
     out = {}
     for step, value in zip(rows["victim_step"], rows["running_objective"], strict=True):
-        if step is not None and not pd.isna(step) and value is not None and math.isfinite(float(value)):
+        if pd.notna(step) and pd.notna(value) and math.isfinite(float(value)):
             out[int(step)] = float(value)
     return out
 

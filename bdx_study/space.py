@@ -34,7 +34,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -329,11 +329,14 @@ def _pruning_tag(v: Any) -> str:
     return str(kind) if kind in PRUNING_KINDS else "unknown"
 
 
+PruningKind = Literal["exact", "successive_halving", "median", "none"]
+PRUNING_KINDS: tuple[str, ...] = get_args(PruningKind)
+
+
 class _UnknownPruning(StrictModel):
-    kind: Literal["exact", "successive_halving", "median", "none"]  # always fails, with the allowed names
+    kind: PruningKind  # always fails, with the allowed names
 
 
-PRUNING_KINDS = ("exact", "successive_halving", "median", "none")
 Pruning = Annotated[
     Annotated[ExactPruning, Tag("exact")]
     | Annotated[SuccessiveHalvingPruning, Tag("successive_halving")]

@@ -34,8 +34,8 @@ class TableError(OSError):
 def _read(path: Path, columns: list[str] | None = None) -> pa.Table:
     try:
         if columns is not None:
-            have = set(pq.read_schema(path).names)
-            return pq.read_table(path, columns=[c for c in columns if c in have])
+            part = pq.ParquetFile(path)
+            return part.read(columns=[c for c in columns if c in part.schema_arrow.names])
         return pq.read_table(path)
     except FileNotFoundError:
         raise

@@ -253,7 +253,10 @@ class StudyTracker:
 
     def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
         now = int(time.time() * 1000)
-        items = [Metric(_key(k), float(v), now, 0) for k, v in metrics.items() if _finite(v)]
+        self._log_batches(run_id, [Metric(_key(k), float(v), now, 0) for k, v in metrics.items() if _finite(v)])
+
+    def _log_batches(self, run_id: str, items: list[Metric]) -> None:
+        """``items`` in batches MLflow accepts (at most 1,000 metrics a call)."""
         for i in range(0, len(items), 900):
             self.client.log_batch(run_id, metrics=items[i : i + 900])
 
@@ -273,8 +276,7 @@ class StudyTracker:
                     for step, v in zip(curve["step"], values, strict=True):
                         if _finite(v):
                             items.append(Metric(_key(f"{victim}/{component}_curve/{name}"), float(v), now, int(step)))
-        for i in range(0, len(items), 900):
-            self.client.log_batch(run_id, metrics=items[i : i + 900])
+        self._log_batches(run_id, items)
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         if path.is_file():
@@ -292,9 +294,9 @@ class StudyTracker:
         (tag ``bdx.status``: complete | pruned; ``bdx.stopped_at``: the last victim it saw)."""
         now = int(time.time() * 1000)
         steps = result.get("progress") or []
-        items = [Metric("running/objective", float(v), now, i) for i, v in enumerate(steps, start=1) if _finite(v)]
-        for i in range(0, len(items), 900):
-            self.client.log_batch(run_id, metrics=items[i : i + 900])
+        self._log_batches(
+            run_id, [Metric("running/objective", float(v), now, i) for i, v in enumerate(steps, start=1) if _finite(v)]
+        )
         if "pruned" not in result:
             return
         done, planned = int(result.get("victims_done", 0)), int(result.get("victims_planned", 0))
