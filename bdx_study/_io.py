@@ -8,12 +8,14 @@ file; ``os.rename`` for a folder, which fails if another writer got there first)
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import tempfile
 import threading
@@ -136,3 +138,97 @@ def interrupts_deferred() -> Iterator[None]:
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         if received:
             signal.raise_signal(received[0])
+
+
+# A write that failed for want of space: the errno of an OSError, or the text libraries that wrap
+# it give (safetensors: "No space left on device (os error 28)"; Ray's object store: OutOfDiskError).
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
+
+
+class DiskFullError(OSError):
+    """A filesystem bdx-study writes to is full (or the user's quota is used up). Raised where it
+    happened with what each of the places written holds free, so the driver can say so once,
+    stop the study instead of retrying what cannot succeed, and keep what finished."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(errno.ENOSPC, text)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses Ray's process boundary whole
+        return (DiskFullError, (self.strerror,))
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """Whether ``e``, or an error it wraps (a Ray task's cause, ``raise ... from``), is a full
+    disk."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+            return True
+        if type(e).__name__ == "OutOfDiskError" or any(t in str(e) for t in _DISK_FULL_TEXTS):
+            return True
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return False
+
+
+def disk_full_error(e: BaseException, places: dict[str, Path] | None = None) -> DiskFullError:
+    """The :class:`DiskFullError` raised where the disk filled up (a Ray task's error wraps it),
+    or one made here from ``e``: the file it failed to write, and what its folder and ``places``
+    (where the command writes) hold free."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if type(cur) is DiskFullError:  # not Ray's wrapper of it, whose text is a traceback
+            return cur
+        cur = getattr(cur, "cause", None) or cur.__cause__ or cur.__context__
+    where = getattr(e, "filename", None)
+    places = {**({"its folder": Path(where).parent} if where else {}), **(places or {})}
+    text = f"no space left on device{f' writing {where}' if where else ''} ({type(e).__name__})"
+    return DiskFullError(f"{text}; free space now: {free_space(places)}" if places else text)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def free_space(places: dict[str, Path]) -> str:
+    """What each filesystem among ``places`` (name -> folder) holds free now, least first;
+    places on one filesystem are named together."""
+    by_device: dict[int, tuple[int, int, list[str]]] = {}
+    for name, path in places.items():
+        existing = Path(path)
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        try:
+            device, usage = os.stat(existing).st_dev, shutil.disk_usage(existing)
+        except OSError:
+            continue
+        by_device.setdefault(device, (usage.free, usage.total, []))[2].append(f"{name} {path}")
+    rows = sorted(by_device.values(), key=lambda r: r[0])
+    return "; ".join(f"{', '.join(names)}: {_size(free)} free of {_size(total)}" for free, total, names in rows)
+
+
+@contextlib.contextmanager
+def disk_full_reported(what: str, places: dict[str, Path]) -> Iterator[None]:
+    """Turn a full disk met in the block (whatever library's error carries it) into one
+    :class:`DiskFullError` saying where (``what``, this host) and what ``places`` hold free."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise DiskFullError(
+            f"no space left on device while {what} on {socket.gethostname()} ({type(e).__name__}); "
+            f"free space now (the write needed more): {free_space(places)}"
+        ) from e

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bdx_study._io import special_kind
+from bdx_study._io import disk_full_error, is_disk_full, special_kind
 from bdx_study.plugins import load_plugins
 from bdx_study.space import SpaceError, StudySpec, builtin_space, load_space
 
@@ -548,6 +548,16 @@ def _after_interrupt(args: argparse.Namespace) -> str:
     }.get(args.command, "nothing was written")
 
 
+def _written_places(args: argparse.Namespace) -> dict[str, Path]:
+    """Where the command writes (what a full disk is reported against when the error names no file)."""
+    places = {f"--{flag}": Path(getattr(args, flag)) for flag in ("out", "output") if getattr(args, flag, None)}
+    space = getattr(args, "space", None)
+    if space and not places:
+        with contextlib.suppress(Exception):  # the study file was read once already; a second failure says nothing new
+            places["study storage"] = load_space(space).storage_root()
+    return {name: path.parent if name.startswith("--") else path for name, path in places.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -561,8 +571,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bdx-study: {args.command}: interrupted; {_after_interrupt(args)}", file=sys.stderr)
         return 130
-    except (SpaceError, ValueError, OSError) as e:  # bad input: DataError, BundleError, InputError, TableError, ...
-        print(f"bdx-study: error: {e}", file=sys.stderr)
+    except Exception as e:
+        if is_disk_full(e):  # not bad input: said once, with what each place holds free
+            then = _after_interrupt(args)
+            full = disk_full_error(e, _written_places(args))
+            print(f"bdx-study: {args.command}: {full}; {then} (once there is space)", file=sys.stderr)
+            return 1
+        if not isinstance(e, SpaceError | ValueError | OSError):
+            raise
+        print(f"bdx-study: error: {e}", file=sys.stderr)  # bad input: DataError, BundleError, InputError, ...
         return 2
     return int(rc or 0)
 

@@ -527,3 +527,110 @@ def test_sync_rebuilds_mlflow_when_its_database_was_deleted_or_replaced(ray_clus
         code, out, _ = run_cli("sync", "--space", str(path), cwd=tmp_path)
         assert code == 0 and "logged 0 finished trial(s)" in out, out
         assert _trial_runs(uri, spec.experiment_name) == [[t, "FINISHED"] for t in trials], loss
+
+
+# ------------------------------------------------------------------------------ a full disk
+
+
+def _small_filesystem_works(tmp: Path) -> bool:
+    """Whether this machine lets a test mount a small tmpfs of its own (a user and mount
+    namespace: ``unshare -rm``), the only way to fill a disk without filling the machine's."""
+    probe = tmp / "probe"
+    probe.mkdir(exist_ok=True)
+    try:
+        p = subprocess.run(
+            ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=16k tmpfs {probe}"], capture_output=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return p.returncode == 0
+
+
+def _on_a_full_disk(folder: Path, args: list[str], cwd: Path, size: str = "16k") -> tuple[int, str, str]:
+    """Run the CLI with ``folder`` a tmpfs of ``size`` (its own mount namespace: the mount is
+    gone when the command ends); (exit code, output, what the tmpfs held at the end)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cli = " ".join(f"'{a}'" for a in [sys.executable, "-m", "bdx_study.cli", *args])
+    mount = f"mount -t tmpfs -o size={size} tmpfs '{folder}' || exit 99"
+    script = f"{mount}; {cli}; rc=$?; echo LEFT:; ls -A '{folder}'; exit $rc"
+    p = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 99, p.stderr
+    out, _, left = p.stdout.partition("LEFT:")
+    return p.returncode, out + p.stderr, left.strip()
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_trial_is_reported_once_and_resume_finishes(tmp_path: Path) -> None:
+    """The stage cache's filesystem fills up in mid-trial. The launch says so once, naming the
+    full place and what it holds free (not a lost node, not one traceback per retry), stops the
+    study instead of retrying what cannot succeed, and `launch --resume` on a disk with room
+    finishes it: each trial once in Parquet and MLflow."""
+    if not _small_filesystem_works(tmp_path):
+        pytest.skip("needs `unshare -rm` and a tmpfs mount (user namespaces) to fill a small disk")
+    n = 2
+    path = write_study(tmp_path, tiny_study(tmp_path, name="full", search__num_trials=n, search__max_concurrent=1))
+    spec = load_space(path)
+    stages = spec.storage_root() / "stages"
+    code, out, _ = _on_a_full_disk(stages, ["launch", "--space", str(path)], tmp_path)
+    assert code == 1, out[-3000:]
+    ours = [line for line in out.splitlines() if line.startswith(("bdx-study", "[bdx-study]"))]
+    said = [line for line in ours if "no space left on device" in line]
+    assert len(said) == 1, ours  # once, by bdx-study
+    assert said[0].startswith("bdx-study: launch: no space left on device while running trial "), said
+    assert f"stage cache {stages}: " in said[0] and "free of 16.0 KiB" in said[0], said
+    assert "`bdx-study launch --resume` continues the study" in said[0], said
+    assert not any("retried" in line or "node" in line for line in ours), ours
+    assert out.count("Trial task failed") == 1, "no retry of a trial that cannot succeed"
+    assert not (spec.study_dir / "tables" / "parts" / "trials").exists() or not any(
+        (spec.study_dir / "tables" / "parts" / "trials").glob("*.parquet")
+    )
+
+    code, out, _ = run_cli("launch", "--space", str(path), "--resume", cwd=tmp_path, timeout=600)
+    assert code == 0, out[-3000:]
+    trials = pq.read_table(spec.study_dir / "tables" / "trials.parquet").to_pandas()
+    assert trials["trial_id"].nunique() == n and not trials.duplicated(["trial_id", "victim_id"]).any()
+    ids = json.loads((spec.study_dir / "study.json").read_text())
+    runs = _trial_runs(ids["tracking_uri"], spec.experiment_name)
+    assert sorted(r[0] for r in runs) == sorted(set(trials["trial_id"])), runs
+    assert all(r[1] == "FINISHED" for r in runs), runs
+
+
+def test_a_full_disk_during_fit_leaves_no_bundle(user: dict[str, Path], tmp_path: Path) -> None:
+    """`fit --out` onto a filesystem too small for the bundle: one line saying the disk is full
+    and what it holds free, exit 1, nothing left there (not even a temporary folder)."""
+    if not _small_filesystem_works(tmp_path):
+        pytest.skip("needs `unshare -rm` and a tmpfs mount (user namespaces) to fill a small disk")
+    disk = tmp_path / "small"
+    out = disk / "my-detector"
+    code, log, left = _on_a_full_disk(disk, fit_args(user["tmp"], user["tmp"] / "recipe.yaml", out), tmp_path)
+    assert code == 1, log[-3000:]
+    lines = [line for line in log.splitlines() if "no space left on device" in line]
+    assert len(lines) == 1 and lines[0].startswith("bdx-study: fit: no space left on device"), log[-3000:]
+    assert f"no half-written bundle is left in --out {out}" in lines[0] and "free of 16.0 KiB" in lines[0], lines
+    assert "Traceback" not in log and "launch --resume" not in log, log[-3000:]
+    assert left == "", f"the full disk still holds {left!r}"
+
+
+def test_what_counts_as_a_full_disk(tmp_path: Path) -> None:
+    """A full disk is known by its errno or by the text libraries wrap it in, through any chain
+    of causes; other errors are not one. Its report crosses a process boundary whole."""
+    import errno
+    import pickle
+
+    from bdx_study._io import DiskFullError, disk_full_error, disk_full_reported, is_disk_full
+
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert is_disk_full(RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied")) and not is_disk_full(ValueError("bad"))
+    with pytest.raises(DiskFullError) as got, disk_full_reported("writing a test file", {"scratch": tmp_path}):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+        except OSError as e:
+            raise RuntimeError("a library's wrapper") from e
+    text = str(got.value)
+    assert text.startswith("no space left on device while writing a test file on ") and f"scratch {tmp_path}: " in text
+    assert str(pickle.loads(pickle.dumps(got.value))) == text
+    assert disk_full_error(RuntimeError("wrapped")).__class__ is DiskFullError
+    with pytest.raises(PermissionError), disk_full_reported("writing", {}):
+        raise PermissionError(errno.EACCES, "Permission denied")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,14 @@ class StudyContext:
     @property
     def name(self) -> str:
         return self.spec.study.name
+
+    def places(self) -> dict[str, Path]:
+        """Where the study's trials and tasks write (what a full disk is reported against): the
+        study's folder, the caches and the temporary folder (Ray's spill files and logs)."""
+        out = {"study": self.study_dir, "victim cache": self.victim_cache}
+        if self.stage_cache is not None:
+            out["stage cache"] = self.stage_cache
+        return {**out, "temporary folder": Path(tempfile.gettempdir())}
 
 
 def objective_values(spec: StudySpec, aggregates: dict[str, float]) -> list[float]:

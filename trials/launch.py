@@ -41,7 +41,7 @@ from .nested_folds import run_nested_folds
 from .parent_run import ParentRun, open_parent_run
 from .resume import decide_resume, refuse_resume_elsewhere
 from .tracking import runs_link, ui_command
-from .tuner import best_trial, build_tuner, check_resources, fit, interrupted
+from .tuner import best_trial, build_tuner, check_resources, disk_full, fit, interrupted
 from .victim_stage import prepare_victims
 
 
@@ -153,6 +153,9 @@ def _search(spec: StudySpec, ctx: StudyContext, parent: ParentRun, resume: bool)
     fit_start = time.perf_counter()
     grid = fit(build_tuner(spec, ctx, parent.tracker, resume))
     parent.ids[f"tune_fit_seconds{suffix}"] = time.perf_counter() - fit_start  # Tuner.fit alone
+    full = disk_full(grid)
+    if full is not None:  # a trial met a full disk: Tune's run was stopped and saved (see MlflowStudyCallback)
+        raise full
     if interrupted(spec, grid):  # Tune stopped on SIGINT/SIGTERM and saved its state
         raise KeyboardInterrupt
     after_start = time.perf_counter()

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -25,6 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from bdx_study._io import is_disk_full
 from bdx_study.protocol import ProtocolConfig
 from bdx_study.space import StudySpec
 from bdx_study.tables import StudyTables
@@ -424,6 +427,7 @@ class MlflowStudyCallback(tune.Callback):
         self.completed: set[str] = set()
         self.failures = 0  # MLflow calls that failed (or were skipped) in the current outage
         self.failed_at = 0.0
+        self.stopping = False  # a trial met a full disk: Tune's run is being stopped
 
     def setup(self, *args: Any, **info: Any) -> None:
         """Called when a run starts or resumes: take the current MLflow ids from study.json (a
@@ -431,6 +435,7 @@ class MlflowStudyCallback(tune.Callback):
         self.completed = set()
         self.failures = 0
         self.failed_at = 0.0
+        self.stopping = False
         ids_path = self.study_dir / "study.json"
         if ids_path.is_file():
             ids = json.loads(ids_path.read_text())
@@ -505,8 +510,10 @@ class MlflowStudyCallback(tune.Callback):
         )
 
     def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        if self._stop_on_full_disk(trial):
+            return
         print(
-            f"[bdx-study] trial {trial.trial_id} failed (e.g. its node was lost) and is retried "
+            f"[bdx-study] trial {trial.trial_id} failed ({_trial_error(trial)}) and is retried "
             f"({trial.num_failures} failure(s) so far, at most {self.spec.resources.max_failures})",
             flush=True,
         )
@@ -515,7 +522,42 @@ class MlflowStudyCallback(tune.Callback):
         run_id = self._run_id(trial)
         if run_id is not None:
             self._safe("logging", self.tracker.finish, run_id, False)
-        print(f"[bdx-study] trial {trial.trial_id} failed (see Ray's error above)", flush=True)
+        if not self._stop_on_full_disk(trial):
+            print(f"[bdx-study] trial {trial.trial_id} failed ({_trial_error(trial)}; Ray's report above)", flush=True)
+
+    def _stop_on_full_disk(self, trial: Any) -> bool:
+        """A trial that failed for want of disk space: every other trial would too, and a retry
+        cannot succeed. Stop Tune's run as Ctrl-C does (its state is saved; the trial is run again
+        by ``launch --resume``); the launch reports the full disk, once. Whether it was one."""
+        if not is_disk_full(_pickled_error(trial)):
+            return False
+        if not self.stopping:
+            self.stopping = True
+            handler = signal.getsignal(signal.SIGUSR1)  # Tune's "stop the run" (main thread only)
+            if threading.current_thread() is threading.main_thread() and callable(handler):
+                signal.raise_signal(signal.SIGUSR1)
+        return True
+
+
+def _pickled_error(trial: Any) -> BaseException | None:
+    """The error a trial last failed with, as Tune keeps it (None if it kept none): Tune writes it
+    beside the driver first and copies it to the study's storage later."""
+    import cloudpickle
+
+    try:
+        local = Path(trial.pickled_error_file or "")
+        err = cloudpickle.loads(local.read_bytes()) if local.is_file() else trial.get_pickled_error()
+    except Exception:
+        return None
+    return err if isinstance(err, BaseException) else None
+
+
+def _trial_error(trial: Any) -> str:
+    """What a failed trial last raised, on one line (a lost node reads as Ray's actor error)."""
+    err = _pickled_error(trial)
+    if err is None:
+        return "see Ray's error above"
+    return short_error(getattr(err, "cause", None) or err)
 
 
 def _fmt(v: Any) -> str:

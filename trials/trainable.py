@@ -18,7 +18,7 @@ import ray
 import torch
 from ray import tune
 
-from bdx_study._io import write_json_atomic
+from bdx_study._io import disk_full_reported, write_json_atomic
 from bdx_study.attacks import Attack
 from bdx_study.data import Splits
 from bdx_study.detectors import DetectorFamily, create_detector
@@ -391,10 +391,11 @@ def defense_trial(config: dict[str, Any], *, ctx: StudyContext) -> None:
     searcher gives it to Optuna as an intermediate value), then the trial's own (``pruned`` when
     the study's pruner stopped it)."""
     trial_id = tune.get_context().get_trial_id()
-    # A restored study may restart a trial that had already finished (its result was written
-    # after Tune's last experiment snapshot): report the stored result instead of re-running.
-    report = stored_report(ctx, trial_id) or execute_trial(ctx, trial_id, config, progress=tune.report)
-    tune.report(report)
+    with disk_full_reported(f"running trial {trial_id}", ctx.places()):  # the driver stops the study on it
+        # A restored study may restart a trial that had already finished (its result was written
+        # after Tune's last experiment snapshot): report the stored result instead of re-running.
+        report = stored_report(ctx, trial_id) or execute_trial(ctx, trial_id, config, progress=tune.report)
+        tune.report(report)
 
 
 def bare_trial_seconds(ctx: StudyContext, config: dict[str, Any], device: torch.device | None = None) -> float:

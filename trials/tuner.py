@@ -3,11 +3,13 @@ restores), running it, and reading what it left (interrupted? the best trial).""
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import threading
 from typing import Any
 
+from bdx_study._io import DiskFullError, disk_full_error, disk_full_reported, is_disk_full
 from bdx_study.space import SpaceError, StudySpec
 from bdx_study.tables import StudyTables
 
@@ -36,11 +38,18 @@ def check_resources(spec: StudySpec) -> None:
 
 
 def as_task(spec: StudySpec, fn: Any) -> Any:
-    """``fn`` as a Ray task with a trial's resources and retries (work done outside Tune's trials)."""
+    """``fn(ctx, ...)`` as a Ray task with a trial's resources and retries (work done outside
+    Tune's trials); a full disk it meets comes back as one :class:`DiskFullError`."""
     import ray
 
     res = trial_resources(spec)
-    return ray.remote(fn).options(num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=spec.resources.max_failures)
+
+    @functools.wraps(fn)
+    def task(ctx: StudyContext, *args: Any) -> Any:
+        with disk_full_reported(f"running {fn.__name__.strip('_')}", ctx.places()):
+            return fn(ctx, *args)
+
+    return ray.remote(task).options(num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=spec.resources.max_failures)
 
 
 def build_tuner(
@@ -99,6 +108,15 @@ def fit(tuner: Any) -> Any:
 def interrupted(spec: StudySpec, grid: Any) -> bool:
     """Whether Tune's run ended before every trial ran (it returns normally after SIGINT)."""
     return len(grid) < spec.num_trials or grid.num_terminated + grid.num_errors < len(grid)
+
+
+def disk_full(grid: Any) -> DiskFullError | None:
+    """The full disk a trial of Tune's run last failed on, if one did."""
+    for i in range(len(grid)):
+        err = grid[i].error
+        if err is not None and is_disk_full(err):
+            return disk_full_error(err)
+    return None
 
 
 def best_trial(spec: StudySpec, grid: Any) -> dict[str, Any]:

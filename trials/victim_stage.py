@@ -4,11 +4,14 @@ as Ray tasks (in parallel, on any node) before the defense trials start."""
 from __future__ import annotations
 
 import math
+import tempfile
 import time
+from pathlib import Path
 
 import ray
 import torch
 
+from bdx_study._io import disk_full_error, disk_full_reported, is_disk_full
 from bdx_study.plugins import load_plugins
 from bdx_study.schema import victim_columns
 from bdx_study.space import StudySpec
@@ -22,7 +25,9 @@ def _train_one(
 ) -> tuple[VictimRecord, bool]:
     load_plugins(plugins)  # the study's own attacks, architectures and datasets, before anything is built
     torch.set_num_threads(threads)
-    return VictimCache(cache_root).get_or_train(config, device=pick_device(prefer_gpu=use_gpu))
+    places = {"victim cache": Path(cache_root), "temporary folder": Path(tempfile.gettempdir())}
+    with disk_full_reported(f"training victim {config.name}", places):
+        return VictimCache(cache_root).get_or_train(config, device=pick_device(prefer_gpu=use_gpu))
 
 
 def ensure_victims(
@@ -50,9 +55,11 @@ def ensure_victims(
             try:
                 rec, trained = ray.get(done[0])
             except ray.exceptions.RayTaskError as e:
-                if isinstance(e.cause, VictimError):  # a clear message, not a remote traceback
+                if isinstance(e.cause, VictimError) or is_disk_full(e):  # a clear message, not a remote traceback
                     for ref in pending:
                         ray.cancel(ref, force=True)
+                    if is_disk_full(e):
+                        raise disk_full_error(e) from None
                     raise VictimError(str(e.cause)) from None
                 raise
             records[rec.config.key] = (rec, trained)
