@@ -9,7 +9,7 @@ import datetime
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -24,7 +24,7 @@ from bdx_study.selection import is_pruned
 from bdx_study.space import Objective, StudySpec
 
 
-def _trials(rows_f: pd.DataFrame, spec: StudySpec, family: str) -> list[Any]:
+def optuna_trials(rows_f: pd.DataFrame, spec: StudySpec, family: str) -> list[Any]:
     """One Optuna trial per study trial, in the order they ran, with their real start and end
     times: params = the searched values; value = the objective on the selection split, as the
     search measured it (not the penalty the search ranks an infeasible trial by); the clean-accuracy
@@ -86,6 +86,15 @@ def _when(rows: pd.DataFrame, column: str, pick: Any) -> datetime.datetime | Non
     return datetime.datetime.fromtimestamp(pick(values)) if values else None
 
 
+def study_name(spec: StudySpec, family: str) -> str:
+    """The Optuna study of one family's sweep in ``optuna.db``."""
+    return f"{spec.study.name}-{family}"
+
+
+def direction(spec: StudySpec) -> Literal["maximize", "minimize"]:
+    return "maximize" if spec.search.objective.mode == "max" else "minimize"
+
+
 def _studies(df: pd.DataFrame, spec: StudySpec, storage: str | None = None) -> dict[str, Any]:
     import optuna
 
@@ -95,12 +104,8 @@ def _studies(df: pd.DataFrame, spec: StudySpec, storage: str | None = None) -> d
         rows_f = df[df["detector"] == family]
         if not spec.optuna_space(family) or rows_f.empty:
             continue
-        study = optuna.create_study(
-            study_name=f"{spec.study.name}-{family}",
-            storage=storage,
-            direction="maximize" if spec.search.objective.mode == "max" else "minimize",
-        )
-        study.add_trials(_trials(rows_f, spec, family))
+        study = optuna.create_study(study_name=study_name(spec, family), storage=storage, direction=direction(spec))
+        study.add_trials(optuna_trials(rows_f, spec, family))
         out[family] = study
     return out
 

@@ -634,3 +634,69 @@ def test_what_counts_as_a_full_disk(tmp_path: Path) -> None:
     assert disk_full_error(RuntimeError("wrapped")).__class__ is DiskFullError
     with pytest.raises(PermissionError), disk_full_reported("writing", {}):
         raise PermissionError(errno.EACCES, "Permission denied")
+
+
+# ------------------------------------------------------------------------------ optuna.db while the search runs
+
+WATCH_OPTUNA = """
+import json, sys, time
+from pathlib import Path
+import optuna
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+db, name, stop = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+seen = []
+while not stop.exists():
+    if db.exists():
+        try:
+            trials = optuna.load_study(study_name=name, storage=f"sqlite:///{db}").trials
+        except Exception:
+            trials = None
+        if trials:
+            seen.append([[t.user_attrs.get("trial_id"), t.state.name, sorted(t.intermediate_values)] for t in trials])
+    time.sleep(0.3)
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.slow
+def test_optuna_db_follows_the_running_search(tmp_path: Path) -> None:
+    """While a launch runs, optuna-dashboard (any reader of optuna.db) sees each trial RUNNING
+    once it starts, with the running objective after each victim, then how it ended; at the end
+    the file holds each trial once, as `analyze` rebuilds it."""
+    import optuna
+
+    from bdx_study.analysis.searches import write_optuna_study
+    from bdx_study.tables import StudyTables
+
+    n = 3
+    doc = tiny_study(tmp_path, name="live", search__num_trials=n, search__max_concurrent=1)
+    doc["victims"]["seeds"] = [0, 1]
+    path = write_study(tmp_path, doc)
+    spec = load_space(path)
+    db, stop = spec.study_dir / "optuna.db", tmp_path / "stop"
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", WATCH_OPTUNA, str(db), "live-badexpert", str(stop)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        code, out, _ = run_cli("launch", "--space", str(path), cwd=tmp_path, timeout=600)
+    finally:
+        stop.touch()
+        seen = json.loads(watcher.communicate(timeout=60)[0].strip().splitlines()[-1])
+    assert code == 0, out[-3000:]
+    running = [t for snapshot in seen for t in snapshot if t[1] == "RUNNING"]
+    assert running, "no trial was seen RUNNING while the search ran"
+    assert any(t[2] == [1] for t in running), "a running trial's value after its first victim was not seen"
+
+    live = optuna.load_study(study_name="live-badexpert", storage=f"sqlite:///{db}").trials
+    rows = StudyTables(spec.study_dir).read("trials").to_pandas()
+    assert sorted(t.user_attrs["trial_id"] for t in live) == sorted(set(rows["trial_id"]))  # each once
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in live)
+    rebuilt = write_optuna_study(rows, spec, tmp_path / "rebuilt.db")
+    again = optuna.load_study(study_name="live-badexpert", storage=f"sqlite:///{rebuilt}").trials
+    by_id = {t.user_attrs["trial_id"]: t for t in again}
+    for t in live:  # what analyze would show: value, state, constraint, attributes by split, running values
+        r = by_id[t.user_attrs["trial_id"]]
+        assert (t.state, t.values, t.params) == (r.state, r.values, r.params)
+        assert t.intermediate_values == r.intermediate_values
+        assert t.user_attrs == r.user_attrs and t.system_attrs.get("constraints") == r.system_attrs.get("constraints")
+        assert t.datetime_start <= t.datetime_complete

@@ -14,7 +14,7 @@ Storage layout under ``<study.storage>``:
     studies/<name>/study.yaml      the study file as launched
     studies/<name>/study.json      ids: MLflow tracking URI, experiment and parent run
     studies/<name>/tune/           Ray Tune's experiment state (what --resume restores)
-    studies/<name>/optuna.db       an Optuna study rebuilt from the tables by `bdx-study analyze`
+    studies/<name>/optuna.db       Optuna studies, one per family: written live by the search, rebuilt by analyze
     studies/<name>/tables/         Parquet tables (see bdx_study.tables)
     studies/<name>/artifacts/<trial>/trial.png, report.json
     stages/<victim key>/...        fitted detector components and their outputs (bdx_study.stages)

@@ -32,6 +32,8 @@ from bdx_study.protocol import ProtocolConfig
 from bdx_study.space import StudySpec
 from bdx_study.tables import StudyTables
 
+from .live_optuna import LiveOptuna
+
 PARENT_TAG = "mlflow.parentRunId"
 # Result keys logged as trial metrics besides the "<aggregate>/<metric>" and "<victim>/<metric>" ones.
 TRIAL_SCALARS = ("objective", "feasible", "trial_seconds", "stages_fitted", "pruned", "victims_done", "victims_planned")
@@ -428,6 +430,7 @@ class MlflowStudyCallback(tune.Callback):
         self.failures = 0  # MLflow calls that failed (or were skipped) in the current outage
         self.failed_at = 0.0
         self.stopping = False  # a trial met a full disk: Tune's run is being stopped
+        self.live = LiveOptuna(spec, study_dir) if fold is None else None  # optuna.db as the search runs
 
     def setup(self, *args: Any, **info: Any) -> None:
         """Called when a run starts or resumes: take the current MLflow ids from study.json (a
@@ -436,6 +439,9 @@ class MlflowStudyCallback(tune.Callback):
         self.failures = 0
         self.failed_at = 0.0
         self.stopping = False
+        self.live = getattr(self, "live", None)  # None: a nested fold's search (or a study launched before it)
+        if self.live is not None:
+            self.live.rebuild()  # what the tables hold now; the search adds to it
         ids_path = self.study_dir / "study.json"
         if ids_path.is_file():
             ids = json.loads(ids_path.read_text())
@@ -483,6 +489,15 @@ class MlflowStudyCallback(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._run_id(trial)
+        if self.live is not None:
+            self.live.started(trial.trial_id, trial.config)
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+    ) -> None:
+        step, value = result.get("victims_done"), result.get("objective")
+        if self.live is not None and result.get("intermediate") and _finite(value) and step is not None:
+            self.live.progress(trial.trial_id, int(step), float(value or 0.0))
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.completed.add(trial.trial_id)
@@ -495,6 +510,8 @@ class MlflowStudyCallback(tune.Callback):
         run_id = self._run_id(trial)
         if run_id is not None:
             self._safe("logging", self.tracker.log_trial, run_id, result)
+        if self.live is not None:
+            self.live.finished(trial.trial_id, str(trial.config["detector"]))
         obj = result.get("objective", float("nan"))
         how = "finished"
         if result.get("pruned"):
@@ -522,6 +539,8 @@ class MlflowStudyCallback(tune.Callback):
         run_id = self._run_id(trial)
         if run_id is not None:
             self._safe("logging", self.tracker.finish, run_id, False)
+        if self.live is not None:
+            self.live.failed(trial.trial_id)
         if not self._stop_on_full_disk(trial):
             print(f"[bdx-study] trial {trial.trial_id} failed ({_trial_error(trial)}; Ray's report above)", flush=True)
 
