@@ -13,6 +13,7 @@ until the next launch (the tables keep everything; ``analyze`` rebuilds it).
 from __future__ import annotations
 
 import datetime
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,27 @@ class LiveOptuna:
         self.study_dir = study_dir
         self.ids: dict[str, int] = {}  # bdx trial id -> Optuna trial id (RUNNING ones)
         self.broken = False
+        self._open: tuple[tuple[int, int], Any] | None = None  # (the file's device and inode, its storage)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_open": None}
 
     def _storage(self) -> Any:
+        """The file's storage, opened again when the file was replaced (``analyze`` rebuilds it)."""
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        return optuna.storages.RDBStorage(f"sqlite:///{self.path}")
+        opened = getattr(self, "_open", None)
+        try:
+            st = os.stat(self.path)
+            key: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            key = None
+        if opened is None or key is None or opened[0] != key:
+            storage = optuna.storages.RDBStorage(f"sqlite:///{self.path}")
+            st = os.stat(self.path)
+            opened = self._open = ((st.st_dev, st.st_ino), storage)
+        return opened[1]
 
     def _safe(self, fn: Any, *args: Any) -> None:
         if self.broken:
