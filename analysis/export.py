@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from bdx_study._io import interrupts_deferred
 from bdx_study.data import DatasetInfo
-from bdx_study.detector import save_bundle, update_provenance
+from bdx_study.detector import check_bundle_target, save_bundle, update_provenance
 from bdx_study.detectors import create_detector
 from bdx_study.space import StudySpec
 from bdx_study.stages import LoadedVictim, StageStore, run_detector
@@ -81,6 +81,7 @@ def export_detector(
     metrics)."""
     recipe = Recipe.load(recipe_path or study_dir / "recipe.yaml")
     family_name, entry = recipe.family(detector)
+    check_bundle_target(out, force)  # refused before any fitting, as save_bundle would refuse it after
     check_recipe_current(recipe, spec, study_dir)
     params, protocol = entry.config()
     family = create_detector(family_name, params)

@@ -75,10 +75,16 @@ def per_channel(values: Sequence[float] | None, channels: int, flag: str) -> tup
     if values is None:
         return None
     vals = tuple(float(v) for v in values)
+    shown = " ".join(map(str, values))
     if len(vals) == 1:
         vals = vals * channels
-    if len(vals) != channels or not all(math.isfinite(v) for v in vals):
-        raise FitError(f"{flag} {' '.join(map(str, values))}: expected 1 or {channels} finite value(s)")
+    if len(vals) != channels:
+        either = "1 value" if channels == 1 else f"{channels} values (one per channel) or 1 (used for every channel)"
+        raise FitError(
+            f"{flag} {shown}: {len(values)} values, but --input-shape has {channels} channel(s): give {either}"
+        )
+    if not all(math.isfinite(v) for v in vals):
+        raise FitError(f"{flag} {shown}: every value must be a finite number")
     if flag == "--std" and min(vals) <= 0:
         raise FitError(f"--std {' '.join(map(str, values))}: every value must be > 0")
     return vals
@@ -313,8 +319,9 @@ def _check_learned(accuracy: float, num_classes: int, data: ImageData, model: Cl
     model_mean = model.get_buffer("mean").flatten().tolist()
     raise FitError(
         f"--clean {clean}: the model classifies {accuracy:.1%} of the clean images correctly (chance {chance:.1%}): "
-        f"the labels (class order), the normalization (--mean {' '.join(f'{v:.3g}' for v in model_mean)}; the "
-        f"images' own mean is {' '.join(f'{v:.3g}' for v in data_mean)}) or the architecture do not match the data"
+        f"the labels (class order), the normalization (mean {' '.join(f'{v:.3g}' for v in model_mean)}, from --mean "
+        f"or --weights; the images' own mean is {' '.join(f'{v:.3g}' for v in data_mean)}) or the architecture do not "
+        "match the data"
     )
 
 

@@ -209,6 +209,11 @@ class Recipe(BaseModel):
     def family(self, detector: str | None = None) -> tuple[str, FamilyRecipe]:
         """(family, its entry): ``detector``'s, or the recipe's default detector's."""
         family = detector or self.default_detector
+        if detector is None and family not in self.detectors:
+            raise ValueError(
+                f"{self.path or 'recipe'}: default_detector: {family!r} has no robust defaults under detectors (it "
+                f"has: {', '.join(self.detectors)}); pass --detector with one of them"
+            )
         if family not in self.detectors:
             raise ValueError(
                 f"{self.path or 'recipe'}: no robust defaults for detector {family!r}; the recipe has: "
@@ -260,6 +265,15 @@ class Recipe(BaseModel):
         if not path.exists():
             raise FileNotFoundError(f"{path}: no recipe; run `bdx-study analyze` first")
         raw = read_study_yaml(path, "a recipe", MAX_RECIPE_BYTES)
+        if raw is None:
+            raise SpaceError(f"{path}: an empty file, not a recipe; `bdx-study analyze` writes one (recipe.yaml)")
+        if isinstance(raw, dict) and "victims" in raw:
+            raise SpaceError(
+                f"{path}: a study file, not a recipe; run `bdx-study analyze --space {path}` (after its launch) to "
+                "write its recipe.yaml"
+            )
+        if isinstance(raw, dict) and str(raw.get("format", "")).startswith("bdx-study/"):
+            raise SpaceError(f"{path}: a detector bundle's manifest, not a recipe; give the recipe.yaml analyze wrote")
         if not isinstance(raw, dict) or "detectors" not in raw:
             raise SpaceError(
                 f"{path}: not a recipe of this bdx-study version (no `detectors:`); run `bdx-study analyze`"

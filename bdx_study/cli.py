@@ -67,7 +67,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     ids_path = spec.study_dir / "study.json"
     if not ids_path.is_file():
         raise ValueError(f"{spec.study_dir}: no study there to sync (launch it first)")
-    with study_lock(spec.study_dir, spec.study.name):  # no launch of it may be running
+    with study_lock(spec.study_dir, spec.study.name, "sync"):  # no launch of it may be running
         ids = json.loads(ids_path.read_text())
         tracker = StudyTracker(ids["tracking_uri"], spec.experiment_name, spec.study.name)
         probe_tracking(tracker.uri)
@@ -146,6 +146,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     study_dir = spec.study_dir
     default_out = study_dir / (f"detector-{args.detector}" if args.detector else "detector")
+    if args.out:  # refused before any work, naming the flag (as fit does)
+        from bdx_study.analysis.fit import check_out
+
+        check_out(Path(args.out), args.force)
     bundle, metrics = export_detector(
         spec,
         study_dir,
@@ -175,7 +179,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         run_fit,
     )
 
-    load_plugins(args.plugins)  # a user's family or architecture
+    load_plugins(args.plugins, flag="--plugins")  # a user's family or architecture
     out = Path(args.out)
     check_out(out, args.force)
     shape = parse_input_shape(args.input_shape)
@@ -231,9 +235,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
     import numpy as np
 
     from bdx_study._io import atomic_path
-    from bdx_study.detector import Detector, load_input_array
+    from bdx_study.detector import BundleError, Detector, InputError, load_input_array
 
-    load_plugins(args.plugins)  # a bundle of a user's family needs its module
+    load_plugins(args.plugins, flag="--plugins")  # a bundle of a user's family needs its module
     det = Detector.load(args.detector)
     inputs = Path(args.input)
     out = _output_path(Path(args.output), inputs, Path(args.detector), args.force) if args.output else None
@@ -252,7 +256,13 @@ def cmd_detect(args: argparse.Namespace) -> int:
             f = sys.stdout
         writer = _DetectWriter(f, fmt, det.family.name, det.threshold)
         for i in range(0, max(len(x), 1), DETECT_CHUNK):
-            for j, r in enumerate(det.detect(np.array(x[i : i + DETECT_CHUNK])).records()):
+            chunk = np.array(x[i : i + DETECT_CHUNK])
+            try:
+                records = det.detect(chunk).records()
+            except BundleError as e:  # the inputs do not fit the detector: name the file (and where in it)
+                where = f" (inputs {i}-{i + len(chunk) - 1})" if len(x) > DETECT_CHUNK else ""
+                raise InputError(f"--input {inputs}: {e}{where}") from None
+            for j, r in enumerate(records):
                 writer.write({**r, "index": i + j})
         writer.close()
     if out:
@@ -577,10 +587,17 @@ def main(argv: list[str] | None = None) -> int:
             full = disk_full_error(e, _written_places(args))
             print(f"bdx-study: {args.command}: {full}; {then} (once there is space)", file=sys.stderr)
             return 1
-        if not isinstance(e, SpaceError | ValueError | OSError):
+        if isinstance(e, SpaceError | ValueError | OSError):  # bad input: DataError, BundleError, InputError, ...
+            print("bdx-study: error: " + " ".join(str(e).split()), file=sys.stderr)
+            return 2
+        if os.environ.get("BDX_STUDY_TRACEBACK"):
             raise
-        print(f"bdx-study: error: {e}", file=sys.stderr)  # bad input: DataError, BundleError, InputError, ...
-        return 2
+        print(
+            f"bdx-study: error: {args.command}: unexpected {type(e).__name__}: {' '.join(str(e).split())[:300]} "
+            "(a bug in bdx-study: please report it with the command line; BDX_STUDY_TRACEBACK=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
     return int(rc or 0)
 
 

@@ -103,6 +103,8 @@ def load_input_array(path: str | os.PathLike[str]) -> np.ndarray:
         offset = f.tell()
     if dtype.hasobject or dtype.fields is not None or dtype.kind not in PIXEL_KINDS:
         raise InputError(f"{p}: dtype {dtype} is not numeric pixels; expected uint8 (0-255) or float (0-1)")
+    if len(shape) == 0:
+        raise InputError(f"{p}: a single value (shape ()), not an array of inputs; --input takes (N, C, H, W) images")
     expected = math.prod(shape) * dtype.itemsize
     if expected != size - offset:
         raise InputError(
@@ -325,6 +327,8 @@ def _plain_name(fname: Any) -> bool:
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    if special_kind(folder / "manifest.json") is not None:  # a FIFO would block the read forever
+        return None
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError):
@@ -342,6 +346,13 @@ def check_bundle_target(out: Path, force: bool) -> bool:
     it does not exist, or is an empty folder); refuse anything else, and a bundle without
     ``force``. Writes nothing: ``fit`` asks before any work, :func:`save_bundle` before writing."""
     if not out.exists():
+        parent = out.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise BundleError(f"{out} cannot be created: {parent} is a file, not a folder; choose another place")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise BundleError(f"{out} cannot be created: {parent} is not writable; choose a folder you can write to")
         return False
     if not out.is_dir():
         raise BundleError(f"{out} exists and is not a folder; choose a new or empty folder for the bundle")
@@ -531,12 +542,20 @@ def _checked_manifest(root: Path, mpath: Path) -> dict[str, Any]:
     """The bundle's manifest, refused unless it is readable JSON of this format and version, its
     decision fields match their hash, its fields have the types read below, and its family is
     known to this installation."""
+    written = "a detector bundle is a folder written by `bdx-study export` or `bdx-study fit`"
+    if not root.exists():
+        raise BundleError(f"{root}: no such folder; {written}")
+    if not root.is_dir():
+        raise BundleError(f"{root}: {special_kind(root) or 'a file'}, not a folder; {written}")
+    kind = special_kind(mpath)
+    if kind is not None or mpath.is_dir():
+        raise BundleError(f"{mpath}: {kind or 'a folder'}, not a regular file; refusing the bundle")
     if not mpath.is_file():
-        raise BundleError(f"{root}: no manifest.json; not a detector bundle")
+        raise BundleError(f"{root}: no manifest.json; not a detector bundle ({written})")
     try:
         manifest = json.loads(mpath.read_text())
     except (OSError, ValueError) as e:
-        raise BundleError(f"{mpath}: not readable JSON ({e})") from None
+        raise BundleError(f"{mpath}: not readable JSON ({' '.join(str(e).split())})") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{mpath}: a manifest must be a JSON object, got {type(manifest).__name__}")
     if manifest.get("format") != FORMAT and manifest.get("format") != "bdx-study/badexpert-detector":
@@ -595,7 +614,7 @@ def _tensors(path: Path, dev: torch.device) -> dict[str, torch.Tensor]:
         state = load_file(path, device=str(dev))
     except Exception as e:  # safetensors' own error type for a malformed header or body
         why = f"{type(e).__name__}: {e}"
-        raise BundleError(f"{path}: not a readable safetensors file ({why})") from None
+        raise BundleError(f"{path}: not a readable safetensors file ({' '.join(why.split())})") from None
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise BundleError(f"{path}: non-finite values in {bad[:3]}; refusing the bundle")

@@ -65,11 +65,17 @@ def load_entry_points() -> None:
     _scanned = True
 
 
-def load_plugins(modules: Iterable[str] = ()) -> None:
-    """The installed entry points, then ``modules`` (a study's ``study.plugins``) in order."""
+def load_plugins(modules: Iterable[str] = (), flag: str | None = None) -> None:
+    """The installed entry points, then ``modules`` (a study's ``study.plugins``, or the command
+    line's ``--plugins``: ``flag``, which then prefixes a refusal) in order."""
     load_entry_points()
     for module in modules:
-        import_plugin(module)
+        try:
+            import_plugin(module)
+        except PluginError as e:
+            if flag is None:
+                raise
+            raise PluginError(f"{flag} {module}: {e}") from None
 
 
 __all__ = ["ENTRY_POINT_GROUP", "MODULE_NAME", "PluginError", "import_plugin", "load_entry_points", "load_plugins"]

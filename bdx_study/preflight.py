@@ -12,7 +12,7 @@ import numpy as np
 
 from bdx_study.attacks import check_attack_data, user_attack
 from bdx_study.data import DataError, Labels, dataset_info, load_labels, resolve_root
-from bdx_study.space import SpaceError, StudySpec
+from bdx_study.space import SpaceError, StudySpec, one_line
 
 
 def check_storage(spec: StudySpec, source: str) -> None:
@@ -34,12 +34,20 @@ def check_data(spec: StudySpec, source: str) -> None:
     be carried by its victim's training split. Reads labels and image shapes (no pixels where the
     dataset has a label reader: :func:`~bdx_study.data.load_labels`): no torch."""
     d = spec.data
+    root = resolve_root(d.root)
+    if root is not None and root.exists() and not root.is_dir():
+        raise SpaceError(
+            f"{source}: data.root: {d.root!r} -> {root} is a file, not a folder; give the datasets' folder"
+        )
     loaded: dict[str, tuple[Labels, Labels]] = {}
     for ds in spec.victims.datasets:
         try:
-            loaded[ds] = load_labels(ds, resolve_root(d.root), d.download)
+            loaded[ds] = load_labels(ds, root, d.download)
         except (DataError, OSError) as e:
-            raise SpaceError(f"{source}: data (dataset {ds!r}): {e}") from None
+            why = " ".join(str(e).split()).removeprefix(f"dataset {ds!r}: ")
+            if root is not None and not root.exists():
+                why = f"data.root {root} does not exist; {why}"
+            raise SpaceError(f"{source}: data (dataset {ds!r}): {why}") from None
         train, test = loaded[ds]
         n_test, n_train = len(test.labels), len(train.labels)
         problems = []
@@ -64,7 +72,7 @@ def check_data(spec: StudySpec, source: str) -> None:
         if d.train_size is not None and d.train_size > n_train:
             problems.append(f"data.train_size: {d.train_size} exceeds the {n_train} training images of {ds!r}")
         if problems:
-            raise SpaceError("\n".join(f"{source}: {p}" for p in problems))
+            raise SpaceError(one_line(source, [f"{source}: {p}" for p in problems]))
     labels: dict[str, np.ndarray] = {}  # victims share their training split: cut it once per dataset
     for v in spec.victim_configs():
         try:

@@ -681,24 +681,40 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     for p in loc:
         if isinstance(p, int):
             parts.append(f"[{p}]")
-        elif p in ("loguniform", "uniform", "int", "choice", "fixed", "unknown", *PRUNING_KINDS) or str(p).startswith(
-            "function-"
+        elif p in ("loguniform", "uniform", "int", "choice", "fixed", "unknown", *PRUNING_KINDS) or _UNION_TAG.match(
+            str(p)
         ):
-            continue  # discriminator tags, not keys
+            continue  # discriminator tags and union members (`dict[str,int]`), not keys
         else:
             parts.append(("." if parts else "") + str(p))
     return "".join(parts) or "(top level)"
 
 
+_UNION_TAG = re.compile(r"^(function-|(dict|list|tuple|set|frozenset)\[|(str|float|bool|none)$)")
+MAX_PROBLEMS_SHOWN = 5  # a refusal is one line: the first problems, then how many more
+
+
 def validation_message(source: str, err: ValidationError, prefix: str = "") -> str:
-    lines = []
+    """A pydantic error as lines ``<source>: <key>: <what> (got <value>)``, one per key (a value
+    that fits no member of a union is reported once, for its first member)."""
+    lines: dict[str, str] = {}
     for e in err.errors():
         msg = e["msg"].removeprefix("Value error, ")
         got = e.get("input")
         shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {_short(got)})"
         loc = _format_loc(tuple(e["loc"]))
-        lines.append(f"{source}: {prefix}{loc}: {msg}{shown}")
-    return "\n".join(lines)
+        lines.setdefault(loc, f"{source}: {prefix}{loc}: {msg}{shown}")
+    return "\n".join(lines.values())
+
+
+def one_line(source: str, problems: list[str]) -> str:
+    """Several problems of one file as one line: the file named once, the problems (each
+    ``<source>: <key>: ...``) joined by '; ', at most :data:`MAX_PROBLEMS_SHOWN` of them."""
+    problems = list(dict.fromkeys(p for p in problems if p))
+    head = f"{source}: "
+    shown = [p.removeprefix(head) for p in problems[:MAX_PROBLEMS_SHOWN]]
+    more = len(problems) - len(shown)
+    return head + "; ".join(" ".join(p.split()) for p in shown) + (f" (and {more} more)" if more else "")
 
 
 def _short(value: Any, limit: int = 200) -> str:
@@ -771,7 +787,7 @@ def _check_values(spec: StudySpec, source: str) -> None:
         else:
             problems += _check_section(source, f"detectors.{family}", params, rest, allowed)
     if problems:
-        raise SpaceError("\n".join(problems))
+        raise SpaceError(one_line(source, problems))
 
     n = spec.search.num_trials
     if isinstance(n, dict):
@@ -803,7 +819,7 @@ def _check_values(spec: StudySpec, source: str) -> None:
                 "hold out"
             )
     if problems:
-        raise SpaceError("\n".join(dict.fromkeys(problems)))
+        raise SpaceError(one_line(source, problems))
 
 
 def _check_pruning(spec: StudySpec, source: str) -> list[str]:
@@ -918,10 +934,38 @@ def _load_plugins(raw: dict[str, Any], source: str) -> None:
         raise SpaceError(f"{source}: study.plugins: {e}") from None
 
 
+def _kind_of(raw: Any) -> str:
+    """What a YAML document is, in words (for a refusal)."""
+    if raw is None:
+        return "an empty file"
+    if isinstance(raw, list):
+        return f"a list of {len(raw)} item(s)"
+    if isinstance(raw, str):
+        return f"the text {_short(raw, 60)}"
+    return f"a single value {_short(raw, 60)}"
+
+
+def _other_kind_of_file(raw: dict[str, Any]) -> str | None:
+    """The other bdx-study files a user may hand in by mistake where a study file is asked for."""
+    if "victims" in raw or ("study" in raw and isinstance(raw["study"], dict)):
+        return None
+    if isinstance(raw.get("detectors"), dict) and ("default_detector" in raw or "domain" in raw):
+        return "a recipe (written by `bdx-study analyze`; `fit --recipe` and `export --recipe` read it)"
+    if str(raw.get("format", "")).startswith("bdx-study/"):
+        return "a detector bundle's manifest (`detect --detector` takes the bundle's folder)"
+    return None
+
+
 def parse_space(raw: Any, source: str = "<study>") -> StudySpec:
     """Validate a loaded YAML document; raise SpaceError naming ``source``, key and value."""
     if not isinstance(raw, dict):
-        raise SpaceError(f"{source}: a study file must be a mapping of sections, got {type(raw).__name__}")
+        raise SpaceError(
+            f"{source}: a study file must be a mapping of sections (study:, victims:, detectors:, ...), got "
+            f"{_kind_of(raw)}"
+        )
+    other = _other_kind_of_file(raw)
+    if other:
+        raise SpaceError(f"{source}: {other}, not a study file; give the study file (YAML with study:, victims:, ...)")
     if "defense" in raw:
         raise SpaceError(
             f"{source}: defense: the `defense:` section was replaced by `detectors:` and `protocol:`; put "
@@ -941,7 +985,7 @@ def parse_space(raw: Any, source: str = "<study>") -> StudySpec:
     try:
         spec = StudySpec.model_validate_json(text, strict=True)
     except ValidationError as e:
-        raise SpaceError(validation_message(source, e)) from None
+        raise SpaceError(one_line(source, validation_message(source, e).splitlines())) from None
     _check_values(spec, source)
     try:
         victims = spec.victim_configs()
@@ -1041,8 +1085,8 @@ def read_study_yaml(path: Path, what: str = "a study file", limit: int = MAX_STU
 def load_space(path: str | os.PathLike[str]) -> StudySpec:
     """Read and validate a study file."""
     p = Path(path)
-    if not p.is_file():
-        raise SpaceError(f"{p}: no such study file" + (" (it is a folder)" if p.is_dir() else ""))
+    if not p.exists():
+        raise SpaceError(f"{p}: no such study file")
     spec = parse_space(read_study_yaml(p), str(p))
     # Relative paths are taken from where the user runs the command (trials run elsewhere).
     root = spec.data.root

@@ -127,7 +127,10 @@ class StudyTables:
         those of them a part has, when given)."""
         files = sorted((self.root / "parts" / kind).glob("*.parquet"))
         if not files:
-            raise FileNotFoundError(f"no {kind} tables under {self.root / 'parts' / kind}")
+            raise FileNotFoundError(
+                f"{self.root.parent}: no finished {kind} yet (no {kind} tables under {self.root / 'parts' / kind}); "
+                "run `bdx-study launch --space <study file>` first, or wait for a trial to finish"
+            )
         tables = [_read(f, columns) for f in files]
         return pa.concat_tables(tables, promote_options="permissive")
 

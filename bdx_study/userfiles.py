@@ -38,6 +38,11 @@ class UserFileError(ValueError):
 def read_safetensors(path: Path) -> dict[str, Tensor]:
     """The tensors of a safetensors file; a pickle (torch.save, pickle.dump) or any other format
     is refused before anything is deserialized."""
+    kind = special_kind(path)
+    if kind is not None or path.is_dir():
+        raise UserFileError(
+            f"--weights {path}: {kind or 'a folder'}, not a regular file; give the model's .safetensors file"
+        )
     if not path.is_file():
         raise UserFileError(f"--weights {path}: no such file")
     with open(path, "rb") as f:
@@ -59,9 +64,16 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(path)
+        state = load_file(path)
     except Exception as e:  # safetensors raises its own error type on a damaged file
-        raise UserFileError(f"--weights {path}: a damaged safetensors file ({e})") from None
+        raise UserFileError(f"--weights {path}: a damaged safetensors file ({' '.join(str(e).split())})") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserFileError(
+            f"--weights {path}: {len(bad)} tensor(s) hold NaN or infinite values (first: {', '.join(bad[:3])}); "
+            "the weights are broken (a diverged training run?): give finite weights"
+        )
+    return state
 
 
 def _layers(body: nn.Module, kind: type[nn.Module]) -> list[str]:
@@ -107,6 +119,10 @@ def _check_state(
         )
 
 
+def _floats(values: tuple[float, ...]) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+
+
 def load_model(
     path: Path,
     architecture: str,
@@ -133,8 +149,8 @@ def load_model(
         held = saved.get(name)
         if held is not None and (len(held) != len(given) or not np.allclose(held, given, atol=1e-4)):
             raise UserFileError(
-                f"--weights {path} was saved with normalization {name} {list(held)}, but --{name} says "
-                f"{list(given)}: drop --mean/--std to use the saved values, or fix them"
+                f"--weights {path} was saved with normalization {name} {_floats(held)}, but --{name} says "
+                f"{_floats(given)}: drop --mean/--std to use the saved values, or fix them"
             )
     try:
         model = create_model(architecture, input_shape, num_classes, mean, std)

@@ -86,7 +86,19 @@ def test_analyze_and_export_refuse_while_a_launch_runs(
     holder.wait()
     assert main(["analyze", "--space", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "being run" not in err and "no trials tables" in err
+    assert "being run" not in err and "no trials tables" in err and "no finished trials yet" in err
+    assert "run `bdx-study launch --space <study file>` first" in err, err
+
+
+def test_sync_while_a_launch_runs_is_not_told_to_resume(
+    running_launch: tuple[Path, subprocess.Popen[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, holder = running_launch
+    (load_space(path).study_dir / "study.json").write_text("{}")  # what a launch writes first
+    assert main(["sync", "--space", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"pid {holder.pid} on" in err, err
+    assert "run `bdx-study sync` once it finishes" in err and "--resume" not in err, err
 
 
 def _store(study_dir: Path, kind: str, *trial_ids: str) -> None:

@@ -16,7 +16,7 @@ from bdx_study.space import SpaceError
 
 
 @contextlib.contextmanager
-def study_lock(study_dir: Path, name: str) -> Iterator[None]:
+def study_lock(study_dir: Path, name: str, command: str = "launch") -> Iterator[None]:
     """Hold the study's lock for the whole launch: a second launch of the same study is refused
     at once. The lock (``flock`` on ``<study>/.lock``) dies with its holder, so a lock left by a
     killed driver is taken over."""
@@ -30,9 +30,13 @@ def study_lock(study_dir: Path, name: str) -> Iterator[None]:
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "holder unknown"
+            then = (
+                "wait for it to finish or stop it, then resume with --resume"
+                if command == "launch"
+                else f"run `bdx-study {command}` once it finishes (the launch logs to MLflow itself meanwhile)"
+            )
             raise SpaceError(
-                f"study {name!r} at {study_dir} is being run by another bdx-study launch ({holder}); wait for it to "
-                "finish or stop it, then resume with --resume"
+                f"study {name!r} at {study_dir} is being run by another bdx-study launch ({holder}); {then}"
             ) from None
         f.seek(0)
         previous = f.read().strip()
