@@ -36,6 +36,7 @@ from bdx_study.tables import StudyTables
 from .cluster import init_ray, stop_orphans
 from .context import StudyContext
 from .followups import repair_lost_trials, run_refits
+from .live_optuna import LiveOptuna
 from .lock import study_lock
 from .nested_folds import run_nested_folds
 from .parent_run import ParentRun, open_parent_run
@@ -166,6 +167,7 @@ def _search(spec: StudySpec, ctx: StudyContext, parent: ParentRun, resume: bool)
     parent.ids[f"after_tune_seconds{suffix}"] = time.perf_counter() - after_start  # repairs, refits, nested folds
     parent.save_ids()
     StudyTables(spec.study_dir).consolidate()
+    LiveOptuna(spec, spec.study_dir).rebuild()  # as analyze writes it: every stored trial, in the order they started
     outcome.best = best_trial(spec, grid)
     return outcome
 
