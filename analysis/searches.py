@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +20,6 @@ from bdx_study._io import atomic_path
 from bdx_study.metrics import HIGHER_IS_BETTER
 from bdx_study.objective import FEASIBILITY_TOLERANCE, over_victims
 from bdx_study.protocol import ProtocolConfig
-from bdx_study.pruning import intermediate_values
 from bdx_study.selection import is_pruned
 from bdx_study.space import Objective, StudySpec
 
@@ -53,28 +53,50 @@ def optuna_trials(rows_f: pd.DataFrame, spec: StudySpec, family: str) -> list[An
             # Optuna: feasible when <= 0, with the selection rule's own tolerance (objective.feasible)
             constraints = {"selection_clean_acc_drop": float(np.max(drops)) - limit - FEASIBILITY_TOLERANCE}
         pruned = bool(is_pruned(rows).any())
+        progress = measured_progress(rows, obj)
         attrs: dict[str, Any] = {"trial_id": str(tid), "feasible": bool(first["feasible"])}
         for _, r in rows.iterrows():
             attrs[f"selection/{r['victim_name']}/{metric}"] = _none_if_nan(r.get(f"selection_{metric}"))
             attrs[f"evaluation/{r['victim_name']}/{metric}"] = _none_if_nan(r.get(metric))
         state = optuna.trial.TrialState.COMPLETE if math.isfinite(value) else optuna.trial.TrialState.FAIL
+        shown: float | None = value if state == optuna.trial.TrialState.COMPLETE else None
         if pruned:
             state = optuna.trial.TrialState.PRUNED
             attrs["stopped_at"] = str(rows.sort_values("victim_step")["victim_name"].iloc[-1])
+            shown = progress[max(progress)] if progress else None  # Optuna's own: a pruned trial's last value
         trial = optuna.trial.create_trial(
             state=state,
             params=params,
             distributions={k: dists[k] for k in params},
-            value=value if state == optuna.trial.TrialState.COMPLETE else None,
-            intermediate_values=intermediate_values(rows) if "victim_step" in rows.columns else None,
+            value=shown,
+            intermediate_values=progress or None,
             user_attrs=attrs,
+            # Optuna's named constraint, and the list optuna-dashboard reads to grey out infeasible trials
             constraints=constraints,
+            system_attrs={"constraints": list(constraints.values())} if constraints else None,
         )
         start, end = _when(rows, "started_at", min), _when(rows, "finished_at", max)
         if start is not None:
             trial.datetime_start = start
             trial.datetime_complete = end if end is not None and end >= start else start
         out.append(trial)
+    return out
+
+
+def measured_progress(rows: pd.DataFrame, obj: Objective) -> dict[int, float]:
+    """A trial's objective as measured over its first n victims (step n = victims done, in the
+    order it evaluated them): the figure its value is, not the penalty the search ranks an
+    infeasible trial by (the pruners' ``running_objective``)."""
+    col = "selection_" + obj.metric
+    if "victim_step" not in rows.columns or col not in rows.columns or rows["victim_step"].isna().any():
+        return {}
+    ordered = rows.sort_values("victim_step")
+    values = ordered[col].to_numpy(dtype=float)
+    out = {}
+    for n, step in enumerate(ordered["victim_step"].to_numpy(dtype=int), start=1):
+        v = over_victims(values[:n], obj.metric, obj.aggregate)
+        if math.isfinite(v):
+            out[int(step)] = float(v)
     return out
 
 
@@ -95,6 +117,13 @@ def direction(spec: StudySpec) -> Literal["maximize", "minimize"]:
     return "maximize" if spec.search.objective.mode == "max" else "minimize"
 
 
+def name_the_objective(study: Any, spec: StudySpec) -> None:
+    """Name the value as the search measured it (optuna-dashboard says "Objective 0" otherwise)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna calls set_metric_names experimental
+        study.set_metric_names([spec.search.objective.selection_key])
+
+
 def _studies(df: pd.DataFrame, spec: StudySpec, storage: str | None = None) -> dict[str, Any]:
     import optuna
 
@@ -105,6 +134,7 @@ def _studies(df: pd.DataFrame, spec: StudySpec, storage: str | None = None) -> d
         if not spec.optuna_space(family) or rows_f.empty:
             continue
         study = optuna.create_study(study_name=study_name(spec, family), storage=storage, direction=direction(spec))
+        name_the_objective(study, spec)
         study.add_trials(optuna_trials(rows_f, spec, family))
         out[family] = study
     return out

@@ -480,9 +480,9 @@ def test_mlflow_views_name_the_winner_nest_refits_and_mark_searched_params(study
     parent = client.get_run(r.parent_run_id)
     best = parent.data.tags["bdx.best_trial"]
     assert best == r.best["trial_id"] and parent.data.tags["bdx.best_trial_run"] == trials[best].info.run_id
-    assert (
-        f"(#/experiments/{r.experiment_id}/runs/{trials[best].info.run_id})" in parent.data.tags["mlflow.note.content"]
-    )
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith(f"Best trial: [{trials[best].info.run_name}](#/experiments/{r.experiment_id}/runs/"), note
+    assert f"(#/experiments/{r.experiment_id}/runs/{trials[best].info.run_id})" in note
     refits = [t for t in runs if t.data.tags.get("bdx.kind") == "refit"]
     from bdx_study.tables import StudyTables
 
@@ -492,16 +492,24 @@ def test_mlflow_views_name_the_winner_nest_refits_and_mark_searched_params(study
         of = t.data.tags["bdx.refit_id"].rsplit("-refit", 1)[0]
         assert t.data.tags["mlflow.parentRunId"] == trials[of].info.run_id  # under its trial, not the study
         assert t.info.status == "FINISHED" and "worst/auroc_correct_only" in t.data.metrics
-    for t in trials.values():
+    key = spec.search.objective.selection_key
+    for tid, t in trials.items():
         family = t.data.tags["bdx.detector"]
+        assert t.info.run_name.startswith(f"{family}-{tid} | {t.data.metrics[key]:.4f}"), t.info.run_name
+        assert ("| infeasible" in t.info.run_name) == (t.data.metrics["feasible"] == 0), t.info.run_name
         assert t.data.tags["bdx.searched"] == ", ".join(sorted(spec.optuna_space(family)))
         assert "Searched:" in t.data.tags["mlflow.note.content"]
     assert trials_searched_unlearn_lr(trials)
     query = urllib.parse.parse_qs(runs_link(r.tracking_uri, r.experiment_id).split("?", 1)[1])
     assert query == {
-        "searchFilter": ["tags.`bdx.kind` = 'trial'"],
+        "searchFilter": ["tags.`bdx.kind` = 'trial' and tags.`bdx.status` = 'complete'"],
         "orderByKey": ["metrics.`objective`"],
         "orderByAsc": ["false"],
+        "workflowType": ["machine_learning"],
+    }
+    listed = client.search_runs([r.experiment_id], query["searchFilter"][0], max_results=200)  # the filter is valid
+    assert {t.data.tags["bdx.trial_id"] for t in listed} == {
+        tid for tid, t in trials.items() if t.data.tags.get("bdx.status") == "complete"
     }
 
 

@@ -113,11 +113,14 @@ class LiveOptuna:
     def _study(self, storage: Any, family: str) -> Any:
         import optuna
 
-        from bdx_study.analysis.searches import direction, study_name
+        from bdx_study.analysis.searches import direction, name_the_objective, study_name
 
         name = study_name(self.spec, family)
         way = direction(self.spec)
-        return optuna.create_study(study_name=name, storage=storage, direction=way, load_if_exists=True)
+        study = optuna.create_study(study_name=name, storage=storage, direction=way, load_if_exists=True)
+        if not study.metric_names:
+            name_the_objective(study, self.spec)
+        return study
 
     def progress(self, trial_id: str, step: int, value: float) -> None:
         """The running objective after ``step`` victims."""

@@ -35,6 +35,7 @@ from bdx_study.tables import StudyTables
 from .live_optuna import LiveOptuna
 
 PARENT_TAG = "mlflow.parentRunId"
+BEST_END = " (by the selection rule; opens the trial's run)\n\n"  # ends the study run's best-trial line
 # Result keys logged as trial metrics besides the "<aggregate>/<metric>" and "<victim>/<metric>" ones.
 TRIAL_SCALARS = ("objective", "feasible", "trial_seconds", "stages_fitted", "pruned", "victims_done", "victims_planned")
 
@@ -108,18 +109,35 @@ def ui_command(uri: str) -> str:
 
 
 def runs_link(uri: str, experiment_id: str, mode: str = "max") -> str:
-    """The MLflow UI's page of the study's trial runs, best objective first (the UI reads the
-    filter and the order from the link)."""
+    """The MLflow UI's page of the study's trials that ran to the end (a pruned trial's objective
+    covers only the victims it saw), best objective first, in the UI's model-training view (MLflow
+    3 opens experiments in its GenAI view). The UI reads the filter, the order and the view from
+    the link, not the columns: each trial run's name carries its objective (:func:`trial_run_name`)."""
     base = "http://127.0.0.1:5000" if uri.startswith("sqlite:") else uri.rstrip("/")
     query = urllib.parse.urlencode(
         {
-            "searchFilter": "tags.`bdx.kind` = 'trial'",
+            "searchFilter": "tags.`bdx.kind` = 'trial' and tags.`bdx.status` = 'complete'",
             "orderByKey": "metrics.`objective`",
             "orderByAsc": "false" if mode == "max" else "true",
+            "workflowType": "machine_learning",
         },
         quote_via=urllib.parse.quote,
     )
     return f"{base}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def trial_run_name(trial_id: str, result: dict[str, Any], selection_key: str) -> str:
+    """A finished trial's run name, with its objective as measured (the UI shows names, not
+    metric columns, unless the user adds them): ``badexpert-1d8ec7a5 | 0.9898``, then
+    ``| infeasible`` or ``| pruned 1/4`` where it applies."""
+    name = f"{result.get('detector', 'trial')}-{trial_id}"
+    value = result.get(selection_key)
+    name += f" | {value:.4f}" if _finite(value) else " | undefined"
+    if result.get("pruned"):
+        name += f" | pruned {int(result.get('victims_done', 0))}/{int(result.get('victims_planned', 0))}"
+    elif not result.get("feasible", 1.0):
+        name += " | infeasible"
+    return name
 
 
 def run_link(experiment_id: str, run_id: str) -> str:
@@ -311,9 +329,12 @@ class StudyTracker:
         for k, v in tags.items():
             self.client.set_tag(run_id, k, v)
 
-    def log_trial(self, run_id: str, result: dict[str, Any]) -> None:
-        """Metrics and artifacts of a finished (or pruned) trial, then mark its run FINISHED: a
-        pruned trial is a result (tagged ``bdx.status: pruned``), not a failure."""
+    def log_trial(self, run_id: str, result: dict[str, Any], name: str | None = None) -> None:
+        """Metrics and artifacts of a finished (or pruned) trial (renamed ``name``, if given), then
+        mark its run FINISHED: a pruned trial is a result (tagged ``bdx.status: pruned``), not a
+        failure."""
+        if name is not None:
+            self.client.update_run(run_id, name=name)
         self.log_metrics(run_id, trial_metrics(result))
         self.log_progress(run_id, result)
         self.log_curves(run_id, Path(result.get("curves_path", "")))
@@ -350,7 +371,7 @@ class StudyTracker:
                 )
             else:
                 run_id = run.info.run_id
-            self.log_trial(run_id, result)
+            self.log_trial(run_id, result, trial_run_name(trial_id, result, spec.search.objective.selection_key))
             logged += 1
         self.sync_refits(tables, study_dir)
         return logged
@@ -381,10 +402,9 @@ class StudyTracker:
         self.client.set_tag(self.parent_run_id, "bdx.best_trial", trial_id)
         self.client.set_tag(self.parent_run_id, "bdx.best_trial_run", run.info.run_id)
         note = self.client.get_run(self.parent_run_id).data.tags.get("mlflow.note.content", "")
-        note = note.split("\n\nBest trial:")[0]
-        self.client.set_tag(
-            self.parent_run_id, "mlflow.note.content", f"{note}\n\nBest trial: [{run.info.run_name}]({link})".lstrip()
-        )
+        note = note.split(BEST_END, 1)[-1] if note.startswith("Best trial:") else note.split("\n\nBest trial:")[0]
+        best = f"Best trial: [{run.info.run_name}]({link})"  # first: seen without scrolling
+        self.client.set_tag(self.parent_run_id, "mlflow.note.content", f"{best}{BEST_END}{note}".rstrip())
 
 
 def trial_params(spec: StudySpec, sampled: dict[str, Any]) -> dict[str, Any]:
@@ -495,7 +515,7 @@ class MlflowStudyCallback(tune.Callback):
     def on_trial_result(
         self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
     ) -> None:
-        step, value = result.get("victims_done"), result.get("objective")
+        step, value = result.get("victims_done"), result.get("measured")  # the objective as measured so far
         if self.live is not None and result.get("intermediate") and _finite(value) and step is not None:
             self.live.progress(trial.trial_id, int(step), float(value or 0.0))
 
@@ -509,7 +529,8 @@ class MlflowStudyCallback(tune.Callback):
         result = trial.last_result or {}
         run_id = self._run_id(trial)
         if run_id is not None:
-            self._safe("logging", self.tracker.log_trial, run_id, result)
+            name = trial_run_name(trial.trial_id, result, self.spec.search.objective.selection_key)
+            self._safe("logging", self.tracker.log_trial, run_id, result, name)
         if self.live is not None:
             self.live.finished(trial.trial_id, str(trial.config["detector"]))
         obj = result.get("objective", float("nan"))

@@ -250,8 +250,16 @@ def execute_trial(
         stop = pruner.stop(step, res.planned, aggregates, res.progress[-1])
         res.pruner_attrs = pruner.attrs
         if progress is not None and step < res.planned and not stop:
+            # unpenalized: what optuna.db shows (the search ranks by ``running``)
+            measured = aggregates.get(ctx.spec.search.objective.selection_key, math.nan)
             progress(
-                {"objective": running, "feasible": float(feasible), "victims_done": float(step), "intermediate": 1.0}
+                {
+                    "objective": running,
+                    "measured": measured,
+                    "feasible": float(feasible),
+                    "victims_done": float(step),
+                    "intermediate": 1.0,
+                }
             )
         return stop
 
