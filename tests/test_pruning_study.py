@@ -92,6 +92,8 @@ def _check_analyze(spec: Any, tmp_path: Path, pruned: pd.DataFrame, capsys: Any)
             else len(pruned[pruned["trial_id"] == t.user_attrs["trial_id"]])
         )
         assert sorted(t.intermediate_values) == list(range(1, seen + 1))
+        if t.state == optuna.trial.TrialState.PRUNED:  # plotted by optuna-dashboard: its last value, as Optuna gives
+            assert t.value == t.intermediate_values[seen]
     recipe = (spec.study_dir / "recipe.yaml").read_text()
     assert not any(tid in recipe for tid in pruned["trial_id"].unique())
 
@@ -108,6 +110,7 @@ def _check_mlflow(spec: Any, pruned: pd.DataFrame) -> None:
         run = by_status[tid]
         rows = pruned[pruned["trial_id"] == tid]
         assert run.data.tags["bdx.victims"] == f"{len(rows)}/{VICTIMS}"
+        assert run.info.run_name.endswith(f" | pruned {len(rows)}/{VICTIMS}"), run.info.run_name
         last = rows.sort_values("victim_step")["victim_name"].iloc[-1]
         assert run.data.tags["bdx.stopped_at"] == last
         history = client.get_metric_history(run.info.run_id, "running/objective")

@@ -422,7 +422,9 @@ def test_optuna_storage_tells_the_truth(study: dict[str, Any], tmp_path: Path) -
     rows = trials[trials.detector == "badexpert"].copy()
 
     def check(storage: str, table: Any, limit: float | None) -> list[Any]:
-        loaded = optuna.load_study(study_name=f"{spec.study.name}-badexpert", storage=storage).trials
+        opened = optuna.load_study(study_name=f"{spec.study.name}-badexpert", storage=storage)
+        assert opened.metric_names == [spec.search.objective.selection_key]  # not "Objective 0"
+        loaded = opened.trials
         assert len(loaded) == table.trial_id.nunique() == 3
         starts = [t.datetime_start for t in loaded]
         assert starts == sorted(starts)  # the order they ran
@@ -433,10 +435,13 @@ def test_optuna_storage_tells_the_truth(study: dict[str, Any], tmp_path: Path) -
             assert t.value == pytest.approx(r.selection_auroc_correct_only.min())  # measured, not penalized
             if limit is None:
                 assert not t.system_attrs  # no constraint in the study: none recorded
-            else:
-                (constraint,) = t.system_attrs.values()
+            else:  # Optuna's named constraint, and the list optuna-dashboard reads
+                (constraint,) = t.system_attrs["constraints"]
                 assert constraint == pytest.approx(r.selection_clean_acc_drop.max() - limit)
+                assert t.system_attrs["constraints:selection_clean_acc_drop"] == constraint
                 assert (constraint <= 0) == bool(r.feasible.iloc[0])
+            last = max(t.intermediate_values)  # the measured running objective: the value, at the end
+            assert t.intermediate_values[last] == pytest.approx(t.value)
             for _, v in r[r.attack == "badnet"].iterrows():
                 key = f"selection/{v.victim_name}/auroc_correct_only"
                 assert t.user_attrs[key] == pytest.approx(v.selection_auroc_correct_only)
@@ -462,7 +467,7 @@ def test_optuna_storage_tells_the_truth(study: dict[str, Any], tmp_path: Path) -
     loaded = check(f"sqlite:///{path}", rows, limit)
     bad = next(t for t in loaded if t.user_attrs["trial_id"] == tid)
     assert bad.state == optuna.trial.TrialState.COMPLETE and bad.value > 0  # the real figure
-    assert next(iter(bad.system_attrs.values())) == pytest.approx(0.2)  # > 0: Optuna's infeasible
+    assert bad.system_attrs["constraints"] == [pytest.approx(0.2)]  # > 0: Optuna's infeasible
 
 
 def test_mlflow_views_name_the_winner_nest_refits_and_mark_searched_params(study: dict[str, Any]) -> None:
