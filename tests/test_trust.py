@@ -712,3 +712,24 @@ def test_optuna_db_follows_the_running_search(tmp_path: Path) -> None:
         assert t.intermediate_values == r.intermediate_values
         assert t.user_attrs == r.user_attrs and t.system_attrs.get("constraints") == r.system_attrs.get("constraints")
         assert t.datetime_start <= t.datetime_complete
+
+
+def test_optuna_db_that_cannot_be_written_never_stops_the_study(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A live optuna.db that cannot be written (its folder is a file) is said once; every later
+    write is skipped, none raises: the tables keep everything and analyze rebuilds the file."""
+    from bdx_study.trials.live_optuna import LiveOptuna
+
+    spec = load_space(write_study(tmp_path, tiny_study(tmp_path)))
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("a file")
+    live = LiveOptuna(spec, blocked)
+    config = {"detector": "badexpert", "unlearn_lr": 3e-4, "aux_lr": 0.05}
+    live.started("t1", config)
+    live.progress("t1", 1, 0.5)
+    live.finished("t1", "badexpert")
+    live.started("t2", config)
+    live.failed("t2")
+    out = capsys.readouterr().out
+    assert out.count("optuna.db is no longer written live") == 1, out

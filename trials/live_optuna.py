@@ -99,7 +99,7 @@ class LiveOptuna:
         if not dists or trial_id in self.ids:
             return
         storage = self._storage()
-        study = self._study(storage, family)
+        study_id = self._study_id(storage, family)
         params = {k: config[k] for k in dists if k in config}
         trial = optuna.trial.create_trial(
             state=optuna.trial.TrialState.RUNNING,
@@ -108,9 +108,10 @@ class LiveOptuna:
             user_attrs={"trial_id": trial_id},
         )
         trial.datetime_start = datetime.datetime.now()
-        self.ids[trial_id] = storage.create_new_trial(study._study_id, template_trial=trial)
+        self.ids[trial_id] = storage.create_new_trial(study_id, template_trial=trial)
 
-    def _study(self, storage: Any, family: str) -> Any:
+    def _study_id(self, storage: Any, family: str) -> int:
+        """The family's study in the file (made, its objective named, if the file has none yet)."""
         import optuna
 
         from bdx_study.analysis.searches import direction, name_the_objective, study_name
@@ -120,7 +121,7 @@ class LiveOptuna:
         study = optuna.create_study(study_name=name, storage=storage, direction=way, load_if_exists=True)
         if not study.metric_names:
             name_the_objective(study, self.spec)
-        return study
+        return int(storage.get_study_id_from_name(name))
 
     def progress(self, trial_id: str, step: int, value: float) -> None:
         """The running objective after ``step`` victims."""
@@ -134,7 +135,8 @@ class LiveOptuna:
 
     def failed(self, trial_id: str) -> None:
         if trial_id in self.ids:
-            self._safe(self._end, self._storage(), self.ids.pop(trial_id), "FAIL", None)
+            oid = self.ids.pop(trial_id)
+            self._safe(lambda: self._end(self._storage(), oid, "FAIL", None))
 
     def _finished(self, trial_id: str, family: str) -> None:
         from bdx_study.analysis.searches import optuna_trials
