@@ -232,3 +232,10 @@ def disk_full_reported(what: str, places: dict[str, Path]) -> Iterator[None]:
             f"no space left on device while {what} on {socket.gethostname()} ({type(e).__name__}); "
             f"free space now (the write needed more): {free_space(places)}"
         ) from e
+
+
+def short_error(e: BaseException, limit: int = 240) -> str:
+    """``Type: first line of the message`` (MLflow's SQL errors run to pages)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."

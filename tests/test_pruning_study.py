@@ -110,7 +110,7 @@ def _check_mlflow(spec: Any, pruned: pd.DataFrame) -> None:
         run = by_status[tid]
         rows = pruned[pruned["trial_id"] == tid]
         assert run.data.tags["bdx.victims"] == f"{len(rows)}/{VICTIMS}"
-        assert run.info.run_name.endswith(f" | pruned {len(rows)}/{VICTIMS}"), run.info.run_name
+        assert f" pruned {len(rows)}/{VICTIMS} badexpert-{tid}" in run.info.run_name, run.info.run_name
         last = rows.sort_values("victim_step")["victim_name"].iloc[-1]
         assert run.data.tags["bdx.stopped_at"] == last
         history = client.get_metric_history(run.info.run_id, "running/objective")

@@ -486,8 +486,9 @@ def test_mlflow_views_name_the_winner_nest_refits_and_mark_searched_params(study
     best = parent.data.tags["bdx.best_trial"]
     assert best == r.best["trial_id"] and parent.data.tags["bdx.best_trial_run"] == trials[best].info.run_id
     note = parent.data.tags["mlflow.note.content"]
-    assert note.startswith(f"Best trial: [{trials[best].info.run_name}](#/experiments/{r.experiment_id}/runs/"), note
-    assert f"(#/experiments/{r.experiment_id}/runs/{trials[best].info.run_id})" in note
+    link = f"#/experiments/{r.experiment_id}/runs/{trials[best].info.run_id}?workflowType=machine_learning"
+    assert note.startswith(f"Best trial: [{trials[best].info.run_name}]({link})"), note
+    assert parent.info.run_name == f"{spec.study.name} | best: {trials[best].info.run_name}"  # the page's title
     refits = [t for t in runs if t.data.tags.get("bdx.kind") == "refit"]
     from bdx_study.tables import StudyTables
 
@@ -500,8 +501,9 @@ def test_mlflow_views_name_the_winner_nest_refits_and_mark_searched_params(study
     key = spec.search.objective.selection_key
     for tid, t in trials.items():
         family = t.data.tags["bdx.detector"]
-        assert t.info.run_name.startswith(f"{family}-{tid} | {t.data.metrics[key]:.4f}"), t.info.run_name
-        assert ("| infeasible" in t.info.run_name) == (t.data.metrics["feasible"] == 0), t.info.run_name
+        assert t.info.run_name.startswith(f"{t.data.metrics[key]:.4f} "), t.info.run_name  # seen first
+        assert t.info.run_name.endswith(f" {family}-{tid}"), t.info.run_name
+        assert (" infeasible " in t.info.run_name) == (t.data.metrics["feasible"] == 0), t.info.run_name
         assert t.data.tags["bdx.searched"] == ", ".join(sorted(spec.optuna_space(family)))
         assert "Searched:" in t.data.tags["mlflow.note.content"]
     assert trials_searched_unlearn_lr(trials)

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bdx_study._io import short_error
 from bdx_study.space import StudySpec
 from bdx_study.tables import StudyTables
 
@@ -60,8 +61,6 @@ class LiveOptuna:
         try:
             fn(*args)
         except Exception as e:
-            from .tracking import short_error
-
             self.broken = True
             print(
                 f"[bdx-study] WARNING: optuna.db is no longer written live ({short_error(e)}); the study goes on, "

@@ -12,13 +12,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from bdx_study._io import write_text_atomic
+from bdx_study._io import short_error, write_text_atomic
 from bdx_study.schema import victim_columns
 from bdx_study.space import SpaceError, StudySpec
 from bdx_study.tables import StudyTables
 from bdx_study.victims import VictimConfig, VictimRecord
 
-from .tracking import StudyTracker, probe_tracking, resolve_tracking_uri, short_error
+from .tracking import StudyTracker, probe_tracking, resolve_tracking_uri
 
 
 def _recorded_ids(spec: StudySpec, ids_path: Path, resume: bool) -> tuple[str, dict[str, Any]]:

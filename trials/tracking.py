@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from bdx_study._io import is_disk_full
+from bdx_study._io import is_disk_full, short_error
 from bdx_study.protocol import ProtocolConfig
 from bdx_study.space import StudySpec
 from bdx_study.tables import StudyTables
@@ -59,13 +59,6 @@ MLFLOW_HTTP_DEFAULTS = {
 OUTAGE_PAUSE_S = 30.0  # after a failed call, MLflow is left alone this long (the study does not wait on it)
 for _k, _v in MLFLOW_HTTP_DEFAULTS.items():
     os.environ.setdefault(_k, _v)
-
-
-def short_error(e: BaseException, limit: int = 240) -> str:
-    """``Type: first line of the message`` (MLflow's SQL errors run to pages)."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def probe_tracking(uri: str, timeout: float = 5.0) -> None:
@@ -127,22 +120,23 @@ def runs_link(uri: str, experiment_id: str, mode: str = "max") -> str:
 
 
 def trial_run_name(trial_id: str, result: dict[str, Any], selection_key: str) -> str:
-    """A finished trial's run name, with its objective as measured (the UI shows names, not
-    metric columns, unless the user adds them): ``badexpert-1d8ec7a5 | 0.9898``, then
-    ``| infeasible`` or ``| pruned 1/4`` where it applies."""
-    name = f"{result.get('detector', 'trial')}-{trial_id}"
+    """A finished trial's run name, its objective as measured first (the UI shows names, cut to
+    their first twenty-odd characters, not metric columns, unless the user adds them), then
+    what kept it from the pick, then the trial: ``0.9898 badexpert-1d8ec7a5``, ``0.9402
+    infeasible badexpert-47fd00cd``, ``0.9212 pruned 1/4 badexpert-33f85de1``."""
     value = result.get(selection_key)
-    name += f" | {value:.4f}" if _finite(value) else " | undefined"
+    parts = [f"{value:.4f}" if _finite(value) else "undefined"]
     if result.get("pruned"):
-        name += f" | pruned {int(result.get('victims_done', 0))}/{int(result.get('victims_planned', 0))}"
+        parts.append(f"pruned {int(result.get('victims_done', 0))}/{int(result.get('victims_planned', 0))}")
     elif not result.get("feasible", 1.0):
-        name += " | infeasible"
-    return name
+        parts.append("infeasible")
+    return " ".join([*parts, f"{result.get('detector', 'trial')}-{trial_id}"])
 
 
 def run_link(experiment_id: str, run_id: str) -> str:
-    """A link to one run inside the MLflow UI (relative: it works in run descriptions)."""
-    return f"#/experiments/{experiment_id}/runs/{run_id}"
+    """A link to one run inside the MLflow UI (relative: it works in run descriptions), in the
+    model-training view."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def _key(k: str) -> str:
@@ -403,8 +397,10 @@ class StudyTracker:
         self.client.set_tag(self.parent_run_id, "bdx.best_trial_run", run.info.run_id)
         note = self.client.get_run(self.parent_run_id).data.tags.get("mlflow.note.content", "")
         note = note.split(BEST_END, 1)[-1] if note.startswith("Best trial:") else note.split("\n\nBest trial:")[0]
-        best = f"Best trial: [{run.info.run_name}]({link})"  # first: seen without scrolling
+        best = f"Best trial: [{run.info.run_name}]({link})"  # first in the description
         self.client.set_tag(self.parent_run_id, "mlflow.note.content", f"{best}{BEST_END}{note}".rstrip())
+        # MLflow shows a run's description below its tags: the page's title says it at once
+        self.client.update_run(self.parent_run_id, name=f"{self.study} | best: {run.info.run_name}")
 
 
 def trial_params(spec: StudySpec, sampled: dict[str, Any]) -> dict[str, Any]:
@@ -540,9 +536,12 @@ class MlflowStudyCallback(tune.Callback):
                 f"pruned after {int(result.get('victims_done', 0))}/{int(result.get('victims_planned', 0))} victims "
                 f"({result.get('stopped_at', '')})"
             )
+        measured = result.get(self.spec.search.objective.selection_key, obj)  # as measured, not the penalty
+        said = f"objective {obj:.4f}"
+        if not result.get("feasible", 1.0):
+            said = f"objective {measured:.4f} (infeasible: the search ranks it at {obj:.4f})"
         print(
-            f"[bdx-study] trial {done}/{self.total} {trial.trial_id} {how}: "
-            f"objective {obj:.4f}{'' if result.get('feasible', 1.0) else ' (infeasible)'}; "
+            f"[bdx-study] trial {done}/{self.total} {trial.trial_id} {how}: {said}; "
             + ", ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items()),
             flush=True,
         )
