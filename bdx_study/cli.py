@@ -568,6 +568,31 @@ def _written_places(args: argparse.Namespace) -> dict[str, Path]:
     return {name: path.parent if name.startswith("--") else path for name, path in places.items()}
 
 
+def _one_line(e: BaseException) -> str:
+    """An error's message on one line; a Ray task's error by its cause (its own text is the
+    remote traceback)."""
+    cause = getattr(e, "cause", None)
+    if type(e).__name__.startswith("RayTaskError") and isinstance(cause, BaseException):
+        e = cause
+    return " ".join(str(e).split())
+
+
+def _keep_traceback(e: BaseException) -> str:
+    """Where the traceback of an unexpected error was kept (a file, so no one reruns a long
+    command to see it)."""
+    import tempfile
+    import traceback
+
+    try:
+        fd, path = tempfile.mkstemp(prefix="bdx-study-error-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(traceback.format_exception(e)))
+    except OSError:
+        traceback.print_exception(e)
+        return "printed above"
+    return f"kept in {path}"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -588,13 +613,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bdx-study: {args.command}: {full}; {then} (once there is space)", file=sys.stderr)
             return 1
         if isinstance(e, SpaceError | ValueError | OSError):  # bad input: DataError, BundleError, InputError, ...
-            print("bdx-study: error: " + " ".join(str(e).split()), file=sys.stderr)
+            print(f"bdx-study: error: {_one_line(e)}", file=sys.stderr)
             return 2
         if os.environ.get("BDX_STUDY_TRACEBACK"):
             raise
         print(
-            f"bdx-study: error: {args.command}: unexpected {type(e).__name__}: {' '.join(str(e).split())[:300]} "
-            "(a bug in bdx-study: please report it with the command line; BDX_STUDY_TRACEBACK=1 shows the traceback)",
+            f"bdx-study: error: {args.command}: unexpected {type(e).__name__}: {_one_line(e)[:300]} (a bug in "
+            f"bdx-study: please report it with the command line and the traceback, {_keep_traceback(e)})",
             file=sys.stderr,
         )
         return 1

@@ -262,3 +262,25 @@ def test_inputs_that_do_not_fit_the_detector_name_the_input_file(files: dict[str
         np.save(tmp / name, x)
         err = _refusal(capsys, "detect", "--detector", str(files["bundle"]), "--input", str(tmp / name))
         assert err.startswith(f"--input {tmp / name}: ") and says in err, err
+
+
+def test_an_unexpected_error_is_one_line_with_its_traceback_kept(
+    files: dict[str, Path], capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug (an error that is not a refusal) is said on one line, exit 1, with its traceback kept
+    in a file; BDX_STUDY_TRACEBACK=1 raises it instead."""
+    import bdx_study.cli as cli
+
+    def broken(args: Any) -> int:
+        raise RuntimeError("something\nwent wrong")
+
+    monkeypatch.setattr(cli, "cmd_validate", broken)
+    assert main(["validate", "--space", str(files["study"])]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "validate: unexpected RuntimeError: something went wrong (a bug" in err, err
+    kept = Path(err.split("kept in ")[1].split(")")[0])
+    assert "RuntimeError: something" in kept.read_text() and "broken" in kept.read_text()
+    kept.unlink()
+    monkeypatch.setenv("BDX_STUDY_TRACEBACK", "1")
+    with pytest.raises(RuntimeError):
+        main(["validate", "--space", str(files["study"])])
