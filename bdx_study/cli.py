@@ -352,7 +352,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     if result.experiment_id:
         from bdx_study.trials.tracking import runs_link, ui_command
 
-        link = runs_link(result.tracking_uri, result.experiment_id, spec.search.objective.mode)
+        link = runs_link(result.tracking_uri, result.experiment_id, spec.search.objective.mode, spec.study.name)
         print(f"  {ui_command(result.tracking_uri)}   # then open {link}")
     return 0
 

@@ -507,16 +507,20 @@ def test_mlflow_views_name_the_winner_nest_refits_and_mark_searched_params(study
         assert t.data.tags["bdx.searched"] == ", ".join(sorted(spec.optuna_space(family)))
         assert "Searched:" in t.data.tags["mlflow.note.content"]
     assert trials_searched_unlearn_lr(trials)
-    query = urllib.parse.parse_qs(runs_link(r.tracking_uri, r.experiment_id).split("?", 1)[1])
+    query = urllib.parse.parse_qs(runs_link(r.tracking_uri, r.experiment_id, "max", spec.study.name).split("?", 1)[1])
     assert query == {
-        "searchFilter": ["tags.`bdx.kind` = 'trial' and tags.`bdx.status` = 'complete'"],
+        "searchFilter": [
+            "tags.`bdx.kind` = 'trial' and tags.`bdx.status` = 'complete' and tags.`bdx.fold` IS NULL and "
+            f"tags.`bdx.study` = '{spec.study.name}'"
+        ],
         "orderByKey": ["metrics.`objective`"],
         "orderByAsc": ["false"],
         "workflowType": ["machine_learning"],
     }
     listed = client.search_runs([r.experiment_id], query["searchFilter"][0], max_results=200)  # the filter is valid
+    own = {tid for tid, t in trials.items() if "bdx.fold" not in t.data.tags}  # not a nested fold's search
     assert {t.data.tags["bdx.trial_id"] for t in listed} == {
-        tid for tid, t in trials.items() if t.data.tags.get("bdx.status") == "complete"
+        tid for tid in own if trials[tid].data.tags.get("bdx.status") == "complete"
     }
 
 

@@ -195,5 +195,5 @@ def _print_summary(spec: StudySpec, parent: ParentRun, outcome: _Outcome, second
     print(f"[bdx-study] tables: {spec.study_dir / 'tables'}", flush=True)
     tracker = parent.tracker
     if parent.ok and tracker.experiment_id:
-        link = runs_link(tracker.uri, tracker.experiment_id, spec.search.objective.mode)
+        link = runs_link(tracker.uri, tracker.experiment_id, spec.search.objective.mode, spec.study.name)
         print(f"[bdx-study] MLflow: {ui_command(tracker.uri)}  then open {link}", flush=True)

@@ -101,15 +101,19 @@ def ui_command(uri: str) -> str:
     return f"open {uri}"
 
 
-def runs_link(uri: str, experiment_id: str, mode: str = "max") -> str:
+def runs_link(uri: str, experiment_id: str, mode: str = "max", study: str | None = None) -> str:
     """The MLflow UI's page of the study's trials that ran to the end (a pruned trial's objective
-    covers only the victims it saw), best objective first, in the UI's model-training view (MLflow
-    3 opens experiments in its GenAI view). The UI reads the filter, the order and the view from
-    the link, not the columns: each trial run's name carries its objective (:func:`trial_run_name`)."""
+    covers only the victims it saw; a nested fold's trials searched a subset of the victims), best
+    objective first, in the UI's model-training view (MLflow 3 opens experiments in its GenAI
+    view). The UI reads the filter, the order and the view from the link, not the columns: each
+    trial run's name carries its objective (:func:`trial_run_name`)."""
     base = "http://127.0.0.1:5000" if uri.startswith("sqlite:") else uri.rstrip("/")
+    flt = "tags.`bdx.kind` = 'trial' and tags.`bdx.status` = 'complete' and tags.`bdx.fold` IS NULL"
+    if study is not None:
+        flt += f" and tags.`bdx.study` = '{study}'"  # study names are [A-Za-z0-9._-]: no quoting needed
     query = urllib.parse.urlencode(
         {
-            "searchFilter": "tags.`bdx.kind` = 'trial' and tags.`bdx.status` = 'complete'",
+            "searchFilter": flt,
             "orderByKey": "metrics.`objective`",
             "orderByAsc": "false" if mode == "max" else "true",
             "workflowType": "machine_learning",
