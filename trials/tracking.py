@@ -392,7 +392,8 @@ class StudyTracker:
         return logged
 
     def name_the_best(self, trial_id: str) -> None:
-        """Tag the study's run with its best trial and link to that trial's run in its description."""
+        """Name the study's best trial on its run: tags, a link first in its description, and the
+        run's name (``<study> | best: <trial run name>``, the page's title)."""
         run = self._children("trial").get(trial_id)
         if run is None or self.parent_run_id is None:
             return
