@@ -161,31 +161,33 @@ class DiskFullError(OSError):
         return (DiskFullError, (self.strerror,))
 
 
-def is_disk_full(e: BaseException | None) -> bool:
-    """Whether ``e``, or an error it wraps (a Ray task's cause, ``raise ... from``), is a full
-    disk."""
+def _causes(e: BaseException | None) -> Iterator[BaseException]:
+    """``e`` and the errors it wraps (a Ray task's ``cause``, ``raise ... from``, the context)."""
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
-            return True
-        if type(e).__name__ == "OutOfDiskError" or any(t in str(e) for t in _DISK_FULL_TEXTS):
-            return True
+        yield e
         e = getattr(e, "cause", None) or e.__cause__ or e.__context__
-    return False
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """Whether ``e``, or an error it wraps, is a full disk."""
+    return any(
+        (isinstance(c, OSError) and c.errno in _DISK_FULL_ERRNOS)
+        or type(c).__name__ == "OutOfDiskError"
+        or any(t in str(c) for t in _DISK_FULL_TEXTS)
+        for c in _causes(e)
+    )
 
 
 def disk_full_error(e: BaseException, places: dict[str, Path] | None = None) -> DiskFullError:
     """The :class:`DiskFullError` raised where the disk filled up (a Ray task's error wraps it),
     or one made here from ``e``: the file it failed to write, and what its folder and ``places``
     (where the command writes) hold free."""
-    seen: set[int] = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if type(cur) is DiskFullError:  # not Ray's wrapper of it, whose text is a traceback
-            return cur
-        cur = getattr(cur, "cause", None) or cur.__cause__ or cur.__context__
+    # exactly DiskFullError, not Ray's wrapper of it (whose text is the remote traceback)
+    found = next((c for c in _causes(e) if type(c) is DiskFullError), None)
+    if found is not None:
+        return found
     where = getattr(e, "filename", None)
     places = {**({"its folder": Path(where).parent} if where else {}), **(places or {})}
     text = f"no space left on device{f' writing {where}' if where else ''} ({type(e).__name__})"

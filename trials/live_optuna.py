@@ -140,12 +140,13 @@ class LiveOptuna:
     def _finished(self, trial_id: str, family: str) -> None:
         from bdx_study.analysis.searches import optuna_trials
 
-        tables = StudyTables(self.study_dir)
         storage, oid = self._storage(), self.ids.pop(trial_id)
-        if trial_id not in tables.finished_trials():
+        try:  # this trial's rows only (every part of the study would be read again at each trial's end)
+            rows = StudyTables(self.study_dir).read_part("trials", trial_id)
+        except OSError:  # not stored (FileNotFoundError) or unreadable (TableError)
             self._end(storage, oid, "FAIL", None)
             return
-        built = optuna_trials(tables.read_part("trials", trial_id).to_pandas(), self.spec, family)[0]
+        built = optuna_trials(rows.to_pandas(), self.spec, family)[0]
         for key, value in built.user_attrs.items():
             storage.set_trial_user_attr(oid, key, value)
         for key, value in built.system_attrs.items():  # Optuna's constraints live here

@@ -552,10 +552,11 @@ class MlflowStudyCallback(tune.Callback):
         )
 
     def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        if self._stop_on_full_disk(trial):
+        err = _pickled_error(trial)
+        if self._stop_on_full_disk(err):
             return
         print(
-            f"[bdx-study] trial {trial.trial_id} failed ({_trial_error(trial)}) and is retried "
+            f"[bdx-study] trial {trial.trial_id} failed ({_said(err)}) and is retried "
             f"({trial.num_failures} failure(s) so far, at most {self.spec.resources.max_failures})",
             flush=True,
         )
@@ -566,14 +567,16 @@ class MlflowStudyCallback(tune.Callback):
             self._safe("logging", self.tracker.finish, run_id, False)
         if self.live is not None:
             self.live.failed(trial.trial_id)
-        if not self._stop_on_full_disk(trial):
-            print(f"[bdx-study] trial {trial.trial_id} failed ({_trial_error(trial)}; Ray's report above)", flush=True)
+        err = _pickled_error(trial)
+        if not self._stop_on_full_disk(err):
+            print(f"[bdx-study] trial {trial.trial_id} failed ({_said(err)}; Ray's report above)", flush=True)
 
-    def _stop_on_full_disk(self, trial: Any) -> bool:
-        """A trial that failed for want of disk space: every other trial would too, and a retry
-        cannot succeed. Stop Tune's run as Ctrl-C does (its state is saved; the trial is run again
-        by ``launch --resume``); the launch reports the full disk, once. Whether it was one."""
-        if not is_disk_full(_pickled_error(trial)):
+    def _stop_on_full_disk(self, err: BaseException | None) -> bool:
+        """A trial that failed (with ``err``) for want of disk space: every other trial would too,
+        and a retry cannot succeed. Stop Tune's run as Ctrl-C does (its state is saved; the trial
+        is run again by ``launch --resume``); the launch reports the full disk, once. Whether it
+        was one."""
+        if not is_disk_full(err):
             return False
         if not self.stopping:
             self.stopping = True
@@ -596,9 +599,8 @@ def _pickled_error(trial: Any) -> BaseException | None:
     return err if isinstance(err, BaseException) else None
 
 
-def _trial_error(trial: Any) -> str:
+def _said(err: BaseException | None) -> str:
     """What a failed trial last raised, on one line (a lost node reads as Ray's actor error)."""
-    err = _pickled_error(trial)
     if err is None:
         return "see Ray's error above"
     return short_error(getattr(err, "cause", None) or err)
